@@ -1,0 +1,121 @@
+"""The seam between a call and a text-to-speech engine.
+
+Two small protocols:
+
+* :class:`TTSService` is process-wide: it owns what is expensive to make (a loaded voice model, a
+  pooled HTTP client) and hands each call its own :class:`TTSProvider` with :meth:`TTSService.open`.
+* :class:`TTSProvider` is per call: it streams the audio of one text at a time, says what format the
+  bytes are in, can drop work in flight (barge-in), and is closed when the call ends. Closing a
+  provider never closes the service that made it.
+
+Contract of :meth:`TTSProvider.stream`: an async iterator of non-empty ``bytes`` chunks in
+``audio_format``; chunk boundaries are arbitrary (odd sizes, a 16-bit sample split across two
+chunks, a WAV header split across chunks are all legal). The first chunk is yielded as soon as the
+engine has it. Closing the iterator early (``aclose()``, or cancelling the task iterating it) stops
+the engine's work for that text. Failures raise :class:`TTSError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+from callspeak.audio.format import AudioFormat
+
+__all__ = ["TTSAuthError", "TTSError", "TTSProvider", "TTSService"]
+
+
+class TTSError(Exception):
+    """A text-to-speech engine failed for one text.
+
+    ``retryable`` says whether the same request may succeed if sent again (429, 5xx, timeouts, a
+    stall, a cut connection); ``request_id`` is the engine's id for the request when it gave one.
+    """
+
+    def __init__(
+        self,
+        provider: str,
+        message: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        parts = [f"{self.provider}: {self.message}"]
+        if self.status is not None:
+            parts.append(f"status={self.status}")
+        if self.code:
+            parts.append(f"code={self.code}")
+        if self.request_id:
+            parts.append(f"request_id={self.request_id}")
+        return " ".join(parts)
+
+
+class TTSAuthError(TTSError):
+    """Credentials were refused (401/403): retrying cannot help; the operator must fix a setting."""
+
+    def __init__(self, provider: str, message: str, **kwargs: object) -> None:
+        kwargs.pop("retryable", None)
+        super().__init__(provider, message, retryable=False, **kwargs)  # type: ignore[arg-type]
+
+
+@runtime_checkable
+class TTSProvider(Protocol):
+    """One call's voice. See the module docstring for the streaming contract."""
+
+    @property
+    def name(self) -> str:
+        """Short engine name for logs and metrics, e.g. ``"piper"`` or ``"deepgram"``."""
+        ...
+
+    @property
+    def audio_format(self) -> AudioFormat:
+        """The format of every chunk :meth:`stream` yields."""
+        ...
+
+    def stream(self, text: str) -> AsyncIterator[bytes]:
+        """Stream the audio of ``text``, first bytes first."""
+        ...
+
+    async def clear(self) -> None:
+        """Drop any text and audio in flight (the caller barged in). A no-op where nothing is."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what this call holds. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class TTSService(Protocol):
+    """A process-wide engine that makes per-call providers."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def healthy(self) -> bool:
+        """False once the engine reported a failure an operator must fix (e.g. bad credentials)."""
+        ...
+
+    async def start(self) -> None:
+        """Load models / open pools. Called once before the first :meth:`open`."""
+        ...
+
+    def open(self) -> TTSProvider:
+        """A provider for one call."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything. Idempotent."""
+        ...
