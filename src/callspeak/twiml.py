@@ -1,0 +1,181 @@
+"""TwiML that connects a call to callspeak, and the public URLs it points at.
+
+Pure functions: no I/O, no configuration lookups. The XML is built with the ``twilio`` package's
+``VoiceResponse`` so escaping is the library's, and every input Twilio would silently mangle or
+reject at call time is refused here with a :class:`TwiMLError` that says how to fix it.
+
+Twilio references:
+https://www.twilio.com/docs/voice/twiml/stream and https://www.twilio.com/docs/voice/twiml/connect
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+from urllib.parse import urlsplit
+
+from twilio.twiml.voice_response import Connect, Parameter, Stream, VoiceResponse
+
+__all__ = [
+    "MAX_PARAMETER_LENGTH",
+    "TwiMLError",
+    "connect_stream_twiml",
+    "stream_url_from_public",
+    "webhook_url_from_public",
+]
+
+MAX_PARAMETER_LENGTH: Final = 500
+"""Twilio's limit: a ``<Parameter>``'s name plus value must be shorter than this (characters)."""
+
+_CALLBACK_METHODS: Final = frozenset({"GET", "POST"})
+
+
+class TwiMLError(ValueError):
+    """TwiML, or a URL meant for it, that Twilio would reject or silently change."""
+
+
+def connect_stream_twiml(
+    stream_url: str,
+    *,
+    say: str | None = None,
+    parameters: Mapping[str, str] | None = None,
+    stream_name: str | None = None,
+    status_callback: str | None = None,
+    status_callback_method: str = "POST",
+) -> str:
+    """Return TwiML that (optionally) says ``say``, then opens a bidirectional Media Stream.
+
+    Shape (no XML declaration; attributes in the library's sorted order)::
+
+        <Response>[<Say>say</Say>]<Connect><Stream url="wss://…" [name=…]
+            [statusCallback=… statusCallbackMethod=…]>[<Parameter name=… value=…/>…]
+        </Stream></Connect></Response>
+
+    ``<Connect>`` (not ``<Start>``) is what makes the stream bidirectional: with ``<Start>`` Twilio
+    only forks the caller's audio and ignores media sent back. The call stays inside ``<Connect>``
+    while the WebSocket is open; TwiML after ``</Connect>`` runs only once the server closes the
+    socket, so this document ends there and the server hangs up (REST) or closes when done.
+
+    ``parameters`` (written in mapping order) arrive in the ``start`` message's
+    ``customParameters``; they are the only way to pass per-call data, as Twilio refuses a stream
+    URL with a query string.
+    ``statusCallbackMethod`` is written only when ``status_callback`` is given.
+
+    Raises :class:`TwiMLError` for: a ``stream_url`` that is not ``wss://host/…`` or that has a
+    query string or fragment; an empty parameter name; a parameter whose name and value together are
+    :data:`MAX_PARAMETER_LENGTH` characters or more; a ``status_callback`` that is not an absolute
+    ``http(s)`` URL; a ``status_callback_method`` other than GET or POST.
+    """
+    _check_stream_url(stream_url)
+    params = dict(parameters or {})
+    for name, value in params.items():
+        _check_parameter(name, value)
+    method = status_callback_method.upper()
+    if status_callback is not None:
+        _check_callback_url(status_callback)
+        if method not in _CALLBACK_METHODS:
+            raise TwiMLError(
+                f"status_callback_method must be GET or POST, not {status_callback_method!r}"
+            )
+
+    response = VoiceResponse()
+    if say is not None:
+        response.say(say)
+    stream = Stream(
+        url=stream_url,
+        name=stream_name,
+        status_callback=status_callback,
+        status_callback_method=method if status_callback is not None else None,
+    )
+    for name, value in params.items():
+        stream.append(Parameter(name=name, value=value))
+    connect = Connect()
+    connect.append(stream)
+    response.append(connect)
+    xml: str = response.to_xml(xml_declaration=False)
+    return xml
+
+
+def stream_url_from_public(public_url: str, path: str = "/twilio") -> str:
+    """Map the server's public base URL to the Media Stream URL for ``<Stream url=…>``.
+
+    ``https://host[:port][/prefix]`` becomes ``wss://host[:port][/prefix]/twilio``. ``http://``
+    becomes ``ws://``, which is only useful against a local Twilio emulator: real Twilio refuses
+    ``ws://`` (error 31922) and :func:`connect_stream_twiml` refuses it too.
+
+    Raises :class:`TwiMLError` if ``public_url`` is not an absolute http(s) URL, or if it or
+    ``path`` carries a query string or fragment (Twilio would strip or refuse it).
+    """
+    if "?" in path or "#" in path:
+        raise TwiMLError(
+            f"stream path {path!r} has a query string or fragment; Twilio refuses those on "
+            "<Stream url>, pass per-call data as <Parameter> instead"
+        )
+    base = _check_public_url(public_url)
+    scheme = urlsplit(base).scheme  # lower-cased; same length as what the user typed
+    return ("wss" if scheme == "https" else "ws") + base[len(scheme) :] + _normalise_path(path)
+
+
+def webhook_url_from_public(public_url: str, path: str) -> str:
+    """Join the server's public base URL and a webhook path: ``https://host[/prefix]/voice``.
+
+    ``path`` may carry a query string (Twilio signs the URL including it); ``public_url`` may not.
+    Raises :class:`TwiMLError` if ``public_url`` is not an absolute http(s) URL without a query
+    string or fragment.
+    """
+    return _check_public_url(public_url) + _normalise_path(path)
+
+
+def _check_public_url(public_url: str) -> str:
+    """Return ``public_url`` without a trailing slash, or raise :class:`TwiMLError`."""
+    parts = urlsplit(public_url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise TwiMLError(
+            f"public URL {public_url!r} must be an absolute https:// URL such as "
+            "https://example.ngrok.app (http:// only for a local emulator)"
+        )
+    if "?" in public_url or "#" in public_url:
+        raise TwiMLError(
+            f"public URL {public_url!r} must not have a query string or fragment; "
+            "give only scheme, host, optional port and optional path prefix"
+        )
+    return public_url.rstrip("/")
+
+
+def _normalise_path(path: str) -> str:
+    return path if path.startswith("/") else "/" + path
+
+
+def _check_stream_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme != "wss" or not parts.hostname:
+        raise TwiMLError(
+            f"stream URL {url!r} must start with wss:// and name a host: Twilio only opens "
+            "secure WebSockets for <Stream> (use stream_url_from_public with an https:// "
+            "public URL)"
+        )
+    if "?" in url or "#" in url:
+        raise TwiMLError(
+            f"stream URL {url!r} has a query string or fragment, which Twilio strips or "
+            "refuses; pass per-call data in `parameters` (<Parameter>) instead"
+        )
+
+
+def _check_parameter(name: str, value: str) -> None:
+    if not name:
+        raise TwiMLError("<Parameter> names must not be empty")
+    if len(name) + len(value) >= MAX_PARAMETER_LENGTH:
+        raise TwiMLError(
+            f"<Parameter> {name!r}: name plus value is {len(name) + len(value)} characters, "
+            f"Twilio allows fewer than {MAX_PARAMETER_LENGTH}; pass an id and look the data "
+            "up server-side instead"
+        )
+
+
+def _check_callback_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise TwiMLError(
+            f"status_callback {url!r} must be an absolute http(s) URL Twilio can reach "
+            "(use webhook_url_from_public)"
+        )

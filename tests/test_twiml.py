@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from callspeak.twiml import (
+    MAX_PARAMETER_LENGTH,
+    TwiMLError,
+    connect_stream_twiml,
+    stream_url_from_public,
+    webhook_url_from_public,
+)
+
+
+def test_typical_twiml_is_exact() -> None:
+    xml = connect_stream_twiml(
+        "wss://callspeak.example.com/twilio",
+        say="Connecting you now.",
+        parameters={"call_token": "abc123", "voice": "joe"},
+        stream_name="callspeak",
+        status_callback="https://callspeak.example.com/stream-status",
+    )
+    assert xml == (
+        "<Response>"
+        "<Say>Connecting you now.</Say>"
+        "<Connect>"
+        '<Stream name="callspeak" statusCallback="https://callspeak.example.com/stream-status" '
+        'statusCallbackMethod="POST" url="wss://callspeak.example.com/twilio">'
+        '<Parameter name="call_token" value="abc123" />'
+        '<Parameter name="voice" value="joe" />'
+        "</Stream>"
+        "</Connect>"
+        "</Response>"
+    )
+
+
+def test_minimal_twiml_has_only_connect_and_stream() -> None:
+    xml = connect_stream_twiml("wss://h.example/twilio")
+    assert xml == '<Response><Connect><Stream url="wss://h.example/twilio" /></Connect></Response>'
+
+
+def test_status_callback_method_is_written_only_with_a_callback() -> None:
+    assert "statusCallbackMethod" not in connect_stream_twiml(
+        "wss://h.example/twilio", status_callback_method="GET"
+    )
+    xml = connect_stream_twiml(
+        "wss://h.example/twilio",
+        status_callback="https://h.example/cb",
+        status_callback_method="get",
+    )
+    assert 'statusCallbackMethod="GET"' in xml
+
+
+def test_parameters_and_say_are_escaped_and_round_trip() -> None:
+    nasty = "a & b < c > d \" e ' f\nline"
+    xml = connect_stream_twiml(
+        "wss://h.example/twilio", say="Tom & <Jerry>", parameters={'p&<"': nasty}
+    )
+    assert "&amp;" in xml and "&lt;" in xml and "&quot;" in xml
+    root = ET.fromstring(xml)
+    assert root.findtext("Say") == "Tom & <Jerry>"
+    param = root.find("Connect/Stream/Parameter")
+    assert param is not None
+    assert param.attrib == {"name": 'p&<"', "value": nasty}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ws://h.example/twilio",
+        "https://h.example/twilio",
+        "http://h.example/twilio",
+        "wss:///twilio",
+        "h.example/twilio",
+    ],
+)
+def test_refuses_non_wss_stream_urls(url: str) -> None:
+    with pytest.raises(TwiMLError, match="wss://"):
+        connect_stream_twiml(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["wss://h.example/twilio?call=1", "wss://h.example/twilio?", "wss://h.example/t#x"]
+)
+def test_refuses_query_string_or_fragment_and_points_to_parameters(url: str) -> None:
+    with pytest.raises(TwiMLError, match="parameters"):
+        connect_stream_twiml(url)
+
+
+def test_parameter_length_limit_is_name_plus_value_under_500() -> None:
+    name = "n"
+    ok = "v" * (MAX_PARAMETER_LENGTH - len(name) - 1)
+    connect_stream_twiml("wss://h.example/twilio", parameters={name: ok})
+    with pytest.raises(TwiMLError, match="fewer than 500"):
+        connect_stream_twiml("wss://h.example/twilio", parameters={name: ok + "v"})
+
+
+def test_refuses_empty_parameter_name() -> None:
+    with pytest.raises(TwiMLError, match="must not be empty"):
+        connect_stream_twiml("wss://h.example/twilio", parameters={"": "x"})
+
+
+def test_refuses_bad_status_callback() -> None:
+    with pytest.raises(TwiMLError, match="status_callback"):
+        connect_stream_twiml("wss://h.example/twilio", status_callback="/relative")
+    with pytest.raises(TwiMLError, match="GET or POST"):
+        connect_stream_twiml(
+            "wss://h.example/twilio",
+            status_callback="https://h.example/cb",
+            status_callback_method="PUT",
+        )
+
+
+@pytest.mark.parametrize(
+    ("public", "expected"),
+    [
+        ("https://h.example", "wss://h.example/twilio"),
+        ("https://h.example/", "wss://h.example/twilio"),
+        ("https://h.example:8443", "wss://h.example:8443/twilio"),
+        ("https://h.example/prefix/", "wss://h.example/prefix/twilio"),
+        ("http://127.0.0.1:8000", "ws://127.0.0.1:8000/twilio"),
+    ],
+)
+def test_stream_url_from_public(public: str, expected: str) -> None:
+    assert stream_url_from_public(public) == expected
+
+
+def test_stream_url_custom_path_and_result_is_accepted_by_twiml() -> None:
+    url = stream_url_from_public("https://h.example", "media")
+    assert url == "wss://h.example/media"
+    connect_stream_twiml(url)
+
+
+@pytest.mark.parametrize(
+    "public", ["https://h.example?x=1", "https://h.example/#f", "ftp://h.example", "h.example"]
+)
+def test_public_url_refusals(public: str) -> None:
+    with pytest.raises(TwiMLError):
+        stream_url_from_public(public)
+    with pytest.raises(TwiMLError):
+        webhook_url_from_public(public, "/voice")
+
+
+def test_stream_path_with_query_is_refused() -> None:
+    with pytest.raises(TwiMLError, match="Parameter"):
+        stream_url_from_public("https://h.example", "/twilio?x=1")
+
+
+def test_webhook_url_from_public() -> None:
+    assert webhook_url_from_public("https://h.example", "/voice") == "https://h.example/voice"
+    assert webhook_url_from_public("https://h.example:8443/p/", "voice") == (
+        "https://h.example:8443/p/voice"
+    )
+    # Twilio signs the query string of a callback URL, so a path may carry one.
+    assert webhook_url_from_public("https://h.example", "/status?c=1") == (
+        "https://h.example/status?c=1"
+    )
