@@ -83,8 +83,13 @@ class TTSProvider(Protocol):
         """The format of every chunk :meth:`stream` yields."""
         ...
 
-    def stream(self, text: str) -> AsyncIterator[bytes]:
-        """Stream the audio of ``text``, first bytes first."""
+    def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
+        """Stream the audio of ``text``, first bytes first.
+
+        ``continuation`` says the caller is already hearing speech that this text continues: an
+        engine that schedules work (the local voice does) should put it ahead of new calls'
+        first words, so the call already speaking never runs dry. Engines may ignore it.
+        """
         ...
 
     async def clear(self) -> None:

@@ -1,0 +1,78 @@
+"""Settings, from environment variables (``CALLSPEAK_*``) and ``callspeak serve`` flags.
+
+Flags win over environment variables, which win over defaults. Credentials keep the names their
+vendors use: ``DEEPGRAM_API_KEY``, ``TWILIO_ACCOUNT_SID``, ``TWILIO_AUTH_TOKEN``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_GREETING", "Settings", "TTSChoice"]
+
+DEFAULT_GREETING = "Hello, how are you today?"
+
+TTSChoice = Literal["auto", "piper", "deepgram", "deepgram-ws"]
+
+
+class Settings(BaseSettings):
+    """Everything a callspeak server can be told. See the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CALLSPEAK_", extra="forbid", populate_by_name=True, frozen=True
+    )
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(5000, ge=0, le=65535, description="Port to listen on (0 picks one).")
+    public_url: str | None = Field(
+        None,
+        description="The URL Twilio reaches this server at, e.g. https://example.ngrok.app. "
+        "TwiML and signature checks are built from it, never from request headers.",
+    )
+    greeting: str = Field(DEFAULT_GREETING, description="Spoken when a call starts without 'say'.")
+    notice: str | None = Field(None, description="Optional <Say> text played before connecting.")
+    tts: TTSChoice = Field(
+        "auto",
+        description="Voice engine; auto = deepgram when DEEPGRAM_API_KEY is set, else piper.",
+    )
+    piper_model: str | None = Field(None, description="Path to a Piper .onnx voice (default: joe).")
+    synth_workers: int = Field(0, ge=0, description="Synthesis threads; 0 = one per CPU core.")
+    deepgram_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("deepgram_api_key", "DEEPGRAM_API_KEY")
+    )
+    deepgram_model: str = Field("aura-2-thalia-en", description="Deepgram Aura model.")
+    deepgram_url: str = Field("https://api.deepgram.com", description="Deepgram REST base URL.")
+    deepgram_ws_url: str = Field("wss://api.deepgram.com", description="Deepgram WebSocket base.")
+    max_lead_ms: int = Field(
+        1000, ge=40, le=60_000, description="How far audio may run ahead of the caller's playback."
+    )
+    max_message_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest WebSocket message accepted from Twilio."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("public_url must start with https:// (or http:// for local tests)")
+        if "?" in value or "#" in value:
+            raise ValueError("public_url must not carry a query string or fragment")
+        return value.rstrip("/")
+
+    @field_validator("deepgram_url", "deepgram_ws_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    def resolved_tts(self) -> Literal["piper", "deepgram", "deepgram-ws"]:
+        """The engine ``auto`` stands for, given the credentials present."""
+        if self.tts != "auto":
+            return self.tts
+        return "deepgram" if self.deepgram_api_key else "piper"

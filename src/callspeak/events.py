@@ -1,0 +1,51 @@
+"""Events a call reports to applications: what started, what the caller heard, what they pressed.
+
+Every event carries the call's ids and a wall-clock timestamp (seconds since the epoch), so a
+consumer can order and correlate them across calls. Types:
+
+``call.started`` · ``speech.started`` (first audio of an utterance sent) · ``speech.heard`` (one
+sentence fully played, from its mark) · ``speech.done`` (every sentence of an utterance played) ·
+``speech.interrupted`` (cleared: heard and unheard text) · ``speech.failed`` · ``dtmf`` ·
+``call.stopped``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["CallEventRecord", "EventListener", "EventType"]
+
+EventType = Literal[
+    "call.started",
+    "speech.started",
+    "speech.heard",
+    "speech.done",
+    "speech.interrupted",
+    "speech.failed",
+    "dtmf",
+    "call.stopped",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CallEventRecord:
+    type: EventType
+    call_sid: str
+    stream_sid: str
+    timestamp: float
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "callSid": self.call_sid,
+            "streamSid": self.stream_sid,
+            "timestamp": self.timestamp,
+            **dict(self.data),
+        }
+
+
+#: Called on the event loop for each event; must not block (hand work to a task or a queue).
+EventListener = Callable[[CallEventRecord], None]

@@ -1,0 +1,508 @@
+"""One live call: the Media Stream socket loop, speech queue, pacing and marks.
+
+:class:`CallSession` owns every task of a call. ``run()`` reads Twilio's messages until ``stop``
+or the socket closes; a speaker task speaks queued utterances one at a time. For each utterance a
+producer streams audio from the TTS provider sentence by sentence into a bounded frame queue
+(synthesis of the next sentence overlaps playback of this one), and the sender drains that queue
+to Twilio in 20 ms frames, paced so that the audio sent runs at most ``max_lead`` seconds ahead of
+the caller's playback, with a mark after each sentence. When ``run()`` returns, every task of the
+call has been cancelled and awaited and the provider closed.
+
+I/O is injected: a :class:`Transport` (one WebSocket), a :class:`~callspeak.tts.base.TTSProvider`,
+a :class:`~callspeak.clock.Clock`. Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from callspeak.audio.convert import TwilioAudioConverter
+from callspeak.audio.format import FRAME_SECONDS
+from callspeak.call_state import (
+    CallState,
+    DigitPressed,
+    MarkFlushed,
+    MarkPlayed,
+    MediaReceived,
+    Phase,
+    Rejected,
+    Started,
+    Stopped,
+    StreamConnected,
+)
+from callspeak.clock import Clock, MonotonicClock
+from callspeak.events import CallEventRecord, EventListener, EventType
+from callspeak.metrics import Metrics
+from callspeak.pacing import Pacer
+from callspeak.protocol import (
+    Dtmf,
+    Media,
+    Start,
+    StreamSid,
+    encode_clear,
+    encode_mark,
+    encode_media,
+)
+from callspeak.speech import SpeechStatus, Utterance, mark_name, parse_mark_name
+from callspeak.tts.base import TTSError, TTSProvider
+from callspeak.tts.sentences import split_sentences
+
+__all__ = ["CallSession", "SessionClosed", "SpeechQueueFull", "Transport", "TransportClosed"]
+
+log = logging.getLogger("callspeak.call")
+
+#: Frames a producer may run ahead of the sender (10 s of audio): bounds memory per call.
+FRAME_BUFFER = 500
+#: Utterances that may wait behind the one being spoken.
+MAX_QUEUED_UTTERANCES = 32
+
+
+class Transport(Protocol):
+    """One Media Streams WebSocket, as the session sees it."""
+
+    async def receive(self) -> str | bytes | None:
+        """The next message (text or binary), or None once the peer has closed."""
+        ...
+
+    async def send(self, text: str) -> None:
+        """Send one text message. Raises if the socket is closed."""
+        ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the socket (idempotent)."""
+        ...
+
+
+class TransportClosed(ConnectionError):
+    """The media socket closed under a send; the receive loop will end the call."""
+
+
+class SpeechQueueFull(RuntimeError):
+    """Too many utterances are waiting in this call."""
+
+
+class SessionClosed(RuntimeError):
+    """The call has ended; it cannot speak any more."""
+
+
+_END_OF_UTTERANCE = -1
+_FAILED = -2
+
+
+class CallSession:
+    def __init__(
+        self,
+        transport: Transport,
+        provider: TTSProvider,
+        *,
+        greeting: str | None,
+        max_lead: float = 1.0,
+        max_message_bytes: int = 64 * 1024,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+        on_event: EventListener | None = None,
+    ) -> None:
+        self._transport = transport
+        self._provider = provider
+        self._greeting = greeting
+        self._clock = clock or MonotonicClock()
+        self._metrics = metrics or Metrics()
+        self._max_message_bytes = max_message_bytes
+        self._pacer = Pacer(max_lead)
+        self._state = CallState()
+        self._listeners: list[EventListener] = [on_event] if on_event else []
+        self._queue: asyncio.Queue[Utterance] = asyncio.Queue(MAX_QUEUED_UTTERANCES)
+        self._utterances: dict[int, Utterance] = {}
+        self._next_id = 0
+        self._generation = 0
+        self._current: Utterance | None = None
+        self._current_task: asyncio.Task[None] | None = None
+        self._speaker: asyncio.Task[None] | None = None
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+        self._started = asyncio.Event()
+        self.media_listeners: list[Callable[[Media], None]] = []
+        self.dtmf_listeners: list[Callable[[Dtmf], None]] = []
+        self.rejected = 0
+        self.frames_sent = 0
+
+    # -- what applications see -------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        return self._state.phase
+
+    @property
+    def start(self) -> Start | None:
+        return self._state.start
+
+    @property
+    def call_sid(self) -> str:
+        return self._state.start.call_sid if self._state.start else ""
+
+    @property
+    def stream_sid(self) -> str:
+        return self._state.start.stream_sid if self._state.start else ""
+
+    @property
+    def speaking(self) -> Utterance | None:
+        return self._current
+
+    @property
+    def utterances(self) -> list[Utterance]:
+        return list(self._utterances.values())
+
+    def add_listener(self, listener: EventListener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: EventListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    async def wait_started(self) -> Start:
+        await self._started.wait()
+        assert self._state.start is not None
+        return self._state.start
+
+    def say(self, text: str, *, interruptible: bool = True) -> Utterance:
+        """Queue ``text`` to be spoken after what is already queued; returns its record.
+
+        Raises :class:`SessionClosed` after the call ended, :class:`SpeechQueueFull` when
+        ``MAX_QUEUED_UTTERANCES`` are waiting, ``ValueError`` for text with nothing to say.
+        """
+        if self._closed or self._state.phase is Phase.STOPPED:
+            raise SessionClosed("the call has ended")
+        sentences = tuple(split_sentences(text))
+        if not sentences:
+            raise ValueError("nothing to say: the text is empty")
+        self._next_id += 1
+        utterance = Utterance(
+            self._next_id, text, sentences, interruptible, requested_at=self._clock.now()
+        )
+        try:
+            self._queue.put_nowait(utterance)
+        except asyncio.QueueFull:
+            raise SpeechQueueFull(
+                f"{MAX_QUEUED_UTTERANCES} utterances are already waiting in this call"
+            ) from None
+        self._utterances[utterance.id] = utterance
+        return utterance
+
+    async def clear(self, *, only_interruptible: bool = False) -> list[Utterance]:
+        """Stop speech now: drop queued text, cancel synthesis, send ``clear``.
+
+        With ``only_interruptible`` (barge-in), nothing happens while a non-interruptible utterance
+        is playing, and queued non-interruptible ones stay queued. Returns the utterances stopped.
+        """
+        current = self._current
+        if only_interruptible and current is not None and not current.interruptible:
+            return []
+        stopped: list[Utterance] = []
+        kept: list[Utterance] = []
+        while not self._queue.empty():
+            queued = self._queue.get_nowait()
+            if only_interruptible and not queued.interruptible:
+                kept.append(queued)
+            else:
+                stopped.append(queued)
+        if current is not None:
+            stopped.insert(0, current)
+            task = self._current_task
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._state.start is None or self._closed:
+            for queued in kept:
+                self._queue.put_nowait(queued)
+            for utterance in stopped:
+                utterance.finish(SpeechStatus.CANCELLED)
+            return stopped
+        now = self._clock.now()
+        self._state.cleared()
+        self._generation += 1
+        self._pacer.reset()
+        with contextlib.suppress(Exception):
+            await self._send(encode_clear(StreamSid(self.stream_sid)))
+        # Kept (non-interruptible) utterances go back only now, so none of their audio can be
+        # sent before the clear and be dropped by it.
+        for queued in kept:
+            self._queue.put_nowait(queued)
+        with contextlib.suppress(TTSError):
+            await self._provider.clear()
+        for utterance in stopped:
+            record = utterance.interrupt(now)
+            self._emit(
+                "speech.interrupted",
+                utterance=utterance.id,
+                text=utterance.text,
+                **record.to_dict(),
+            )
+        return stopped
+
+    async def hangup(self, *, after_speech: bool = False, grace: float = 30.0) -> None:
+        """Close the media stream; with ``after_speech``, once queued speech has been heard
+        (waiting at most ``grace`` seconds)."""
+        if after_speech:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    for utterance in list(self._utterances.values()):
+                        await utterance.wait()
+        self._closed = True
+        await self._transport.close(1000, "hangup")
+
+    # -- the socket loop -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the call until ``stop`` or the socket closes; then release everything."""
+        try:
+            while True:
+                message = await self._transport.receive()
+                if message is None:
+                    break
+                if not await self._handle_message(message):
+                    break
+        finally:
+            await self._shutdown()
+
+    async def _handle_message(self, message: str | bytes) -> bool:
+        if isinstance(message, bytes):
+            self._reject("binary frame (Twilio sends text frames only)", None)
+            return True
+        if len(message) > self._max_message_bytes:
+            self._reject(
+                f"message of {len(message)} bytes over the {self._max_message_bytes}-byte limit",
+                None,
+            )
+            return True
+        event = self._state.receive_text(message)
+        if isinstance(event, MediaReceived):
+            for media_listener in self.media_listeners:
+                media_listener(event.media)
+        elif isinstance(event, MarkPlayed):
+            self._on_mark(event.name, played=True)
+        elif isinstance(event, MarkFlushed):
+            self._on_mark(event.name, played=False)
+        elif isinstance(event, Started):
+            self._on_start(event.start)
+        elif isinstance(event, DigitPressed):
+            self._emit("dtmf", digit=event.dtmf.digit)
+            for dtmf_listener in self.dtmf_listeners:
+                dtmf_listener(event.dtmf)
+        elif isinstance(event, Rejected):
+            self._reject(event.reason, event.event)
+        elif isinstance(event, Stopped):
+            log.info("stream stopped by Twilio", extra=self._ids())
+            return False
+        else:
+            assert isinstance(event, StreamConnected)
+        return True
+
+    def _on_start(self, start: Start) -> None:
+        self._metrics.calls_started.inc()
+        log.info(
+            "stream started: tracks=%s format=%s/%d parameters=%s",
+            ",".join(start.tracks),
+            start.media_format.encoding,
+            start.media_format.sample_rate,
+            sorted(start.custom_parameters),
+            extra=self._ids(),
+        )
+        self._speaker = asyncio.create_task(self._speak_loop(), name=f"speaker-{start.call_sid}")
+        self._emit("call.started", parameters=dict(start.custom_parameters))
+        self._started.set()
+        text = start.custom_parameters.get("say") or self._greeting
+        if text and text.strip():
+            try:
+                self.say(text)
+            except ValueError as exc:
+                log.warning("not speaking the opening text: %s", exc, extra=self._ids())
+
+    def _reject(self, reason: str, event: str | None) -> None:
+        self.rejected += 1
+        kind = reason.split(":")[0].split(" (")[0][:60]
+        self._metrics.protocol_errors.labels(kind if event is None else event).inc()
+        log.warning("ignored inbound message: %s", reason, extra=self._ids())
+
+    def _on_mark(self, name: str, *, played: bool) -> None:
+        parsed = parse_mark_name(name)
+        if parsed is None:
+            return
+        _, utterance_id, index = parsed
+        utterance = self._utterances.get(utterance_id)
+        if utterance is None or not played or utterance.status.final:
+            return
+        sentence = utterance.sentences[index]
+        if index + 1 < len(utterance.sentences):
+            # The next sentence starts playing now, unless its audio is late.
+            utterance.play_starts[index + 1] = self._clock.now()
+        self._emit("speech.heard", utterance=utterance_id, sentence=index, text=sentence)
+        if utterance.sentence_heard(index):
+            self._emit("speech.done", utterance=utterance_id, text=utterance.text)
+            self._forget(utterance)
+
+    # -- speaking ----------------------------------------------------------------------------
+
+    async def _speak_loop(self) -> None:
+        while True:
+            utterance = await self._queue.get()
+            if utterance.status.final:
+                continue
+            self._current = utterance
+            task = asyncio.create_task(self._speak(utterance))
+            self._current_task = task
+            try:
+                await asyncio.wait({task})
+            finally:
+                if not task.done():  # the speaker itself is being cancelled
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                self._current_task = None
+                if self._current is utterance:
+                    self._current = None
+            if task.cancelled():
+                continue
+            exc = task.exception()
+            if isinstance(exc, TransportClosed):
+                utterance.finish(SpeechStatus.CANCELLED, error="the call ended")
+            elif exc is not None:
+                log.error("speaking utterance %d failed: %r", utterance.id, exc, extra=self._ids())
+                utterance.finish(SpeechStatus.FAILED, error=str(exc))
+                self._emit("speech.failed", utterance=utterance.id, error=str(exc))
+
+    async def _speak(self, utterance: Utterance) -> None:
+        utterance.status = SpeechStatus.SPEAKING
+        frames: asyncio.Queue[tuple[int, bytes | None]] = asyncio.Queue(FRAME_BUFFER)
+        producer = asyncio.create_task(self._produce(utterance, frames))
+        try:
+            await self._send_frames(utterance, frames)
+        finally:
+            if not producer.done():
+                producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
+
+    async def _produce(
+        self, utterance: Utterance, frames: asyncio.Queue[tuple[int, bytes | None]]
+    ) -> None:
+        """Stream each sentence's audio into ``frames``; (index, None) closes a sentence."""
+        try:
+            for index, sentence in enumerate(utterance.sentences):
+                converter = TwilioAudioConverter(self._provider.audio_format)
+                # Later sentences, and any text while the caller still hears audio, continue
+                # speech in progress: the engine should not let them wait behind new calls.
+                continuation = index > 0 or self._pacer.lead(self._clock.now()) > 0
+                stream = self._provider.stream(sentence, continuation=continuation)
+                try:
+                    async for chunk in stream:
+                        for frame in converter.push(chunk):
+                            await frames.put((index, frame))
+                finally:
+                    await _aclose(stream)
+                for frame in converter.flush():
+                    await frames.put((index, frame))
+                await frames.put((index, None))
+        except TTSError as exc:
+            self._metrics.tts_errors.labels(exc.provider, type(exc).__name__).inc()
+            log.error("text-to-speech failed: %s", exc, extra=self._ids())
+            utterance.error = str(exc)
+            await frames.put((_FAILED, None))
+            return
+        await frames.put((_END_OF_UTTERANCE, None))
+
+    async def _send_frames(
+        self, utterance: Utterance, frames: asyncio.Queue[tuple[int, bytes | None]]
+    ) -> None:
+        stream_sid = StreamSid(self.stream_sid)
+        clock, pacer = self._clock, self._pacer
+        while True:
+            index, frame = await frames.get()
+            if frame is None:
+                if index == _END_OF_UTTERANCE:
+                    return
+                if index == _FAILED:
+                    raise RuntimeError(utterance.error or "text-to-speech failed")
+                name = mark_name(self._generation, utterance.id, index)
+                self._state.mark_sent(name)
+                await self._send(encode_mark(stream_sid, name))
+                continue
+            now = clock.now()
+            wait = pacer.delay(now, FRAME_SECONDS)
+            if wait > 0:
+                await clock.sleep(wait)
+                now = clock.now()
+            if utterance.play_starts[index] is None:
+                utterance.play_starts[index] = now + pacer.lead(now)
+            await self._send(encode_media(stream_sid, frame))
+            pacer.sent(now, FRAME_SECONDS)
+            utterance.sent_seconds[index] += FRAME_SECONDS
+            self.frames_sent += 1
+            self._metrics.frames_sent.inc()
+            if utterance.first_audio_at is None:
+                utterance.first_audio_at = now
+                latency = now - utterance.requested_at
+                self._metrics.first_audio.observe(latency)
+                log.info(
+                    "first audio of utterance %d after %.0f ms",
+                    utterance.id,
+                    latency * 1000,
+                    extra=self._ids(),
+                )
+                self._emit(
+                    "speech.started",
+                    utterance=utterance.id,
+                    text=utterance.text,
+                    firstAudioMs=round(latency * 1000, 1),
+                )
+
+    async def _send(self, text: str) -> None:
+        async with self._send_lock:
+            await self._transport.send(text)
+
+    # -- ending ------------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        self._closed = True
+        speaker, self._speaker = self._speaker, None
+        if speaker is not None:
+            speaker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await speaker
+        for utterance in self._utterances.values():
+            utterance.finish(SpeechStatus.CANCELLED)
+        await self._provider.aclose()
+        if self._state.start is not None:
+            self._emit("call.stopped", framesSent=self.frames_sent, rejected=self.rejected)
+        log.info(
+            "call ended: %d frames sent, %d bad messages ignored",
+            self.frames_sent,
+            self.rejected,
+            extra=self._ids(),
+        )
+
+    def _forget(self, utterance: Utterance) -> None:
+        # Finished utterances are dropped so a long call does not grow without bound.
+        self._utterances.pop(utterance.id, None)
+
+    def _emit(self, kind: EventType, **data: Any) -> None:
+        record = CallEventRecord(kind, self.call_sid, self.stream_sid, time.time(), data)
+        for listener in list(self._listeners):
+            try:
+                listener(record)
+            except Exception:  # a broken listener must not break the call
+                log.exception("event listener failed", extra=self._ids())
+
+    def _ids(self) -> dict[str, str]:
+        return {"call_sid": self.call_sid or "-", "stream_sid": self.stream_sid or "-"}
+
+
+async def _aclose(stream: object) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -1,0 +1,137 @@
+"""What a call was asked to say, and what the caller heard of it (pure bookkeeping).
+
+An :class:`Utterance` is one ``say``: its text split into sentences. Each sentence's audio is
+followed by a mark; the mark's echo is the only evidence that the sentence was *heard*. The
+record below is built from those echoes and from ``clear``: sentences fully heard, the sentence
+cut (with roughly how many seconds of it played, estimated from when its audio started playing),
+and sentences never played.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["HeardRecord", "SpeechStatus", "Utterance", "mark_name", "parse_mark_name"]
+
+
+class SpeechStatus(enum.Enum):
+    QUEUED = "queued"
+    SPEAKING = "speaking"
+    PLAYED = "played"
+    INTERRUPTED = "interrupted"
+    CANCELLED = "cancelled"  # cleared before any of it was sent
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self not in (SpeechStatus.QUEUED, SpeechStatus.SPEAKING)
+
+
+def mark_name(generation: int, utterance_id: int, sentence: int) -> str:
+    """``g{generation}.u{utterance}.s{sentence}``: unique within a call, readable in logs."""
+    return f"g{generation}.u{utterance_id}.s{sentence}"
+
+
+def parse_mark_name(name: str) -> tuple[int, int, int] | None:
+    """Inverse of :func:`mark_name`; None for a name this module did not make."""
+    parts = name.split(".")
+    if len(parts) != 3 or [p[:1] for p in parts] != ["g", "u", "s"]:
+        return None
+    try:
+        return int(parts[0][1:]), int(parts[1][1:]), int(parts[2][1:])
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class HeardRecord:
+    heard: tuple[str, ...]
+    cut: str | None
+    cut_seconds: float | None
+    unheard: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "heard": list(self.heard),
+            "cut": self.cut,
+            "cutSeconds": None if self.cut_seconds is None else round(self.cut_seconds, 3),
+            "unheard": list(self.unheard),
+        }
+
+
+@dataclass(eq=False)
+class Utterance:
+    """One ``say``. ``id`` is unique within the call; ``sentences`` are spoken in order."""
+
+    id: int
+    text: str
+    sentences: tuple[str, ...]
+    interruptible: bool
+    requested_at: float
+    status: SpeechStatus = SpeechStatus.QUEUED
+    first_audio_at: float | None = None
+    #: Per sentence: seconds of audio sent, and when its playback is estimated to start.
+    sent_seconds: list[float] = field(default_factory=list)
+    play_starts: list[float | None] = field(default_factory=list)
+    heard_count: int = 0
+    record: HeardRecord | None = None
+    error: str | None = None
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.sent_seconds = [0.0] * len(self.sentences)
+        self.play_starts = [None] * len(self.sentences)
+
+    async def wait(self) -> SpeechStatus:
+        """Wait until the utterance is played, interrupted, cancelled or failed."""
+        await self._done.wait()
+        return self.status
+
+    def sentence_heard(self, index: int) -> bool:
+        """Record a played mark; True when that completes the utterance."""
+        self.heard_count = max(self.heard_count, index + 1)
+        if self.heard_count >= len(self.sentences) and not self.status.final:
+            self.finish(SpeechStatus.PLAYED)
+            return True
+        return False
+
+    def interrupt(self, now: float) -> HeardRecord:
+        """Close the record at a ``clear`` sent at ``now``."""
+        heard = self.sentences[: self.heard_count]
+        rest = self.sentences[self.heard_count :]
+        cut: str | None = None
+        cut_seconds: float | None = None
+        if rest and self.status is SpeechStatus.SPEAKING:
+            start = self.play_starts[self.heard_count]
+            if start is not None and start < now:
+                cut = rest[0]
+                cut_seconds = min(now - start, self.sent_seconds[self.heard_count])
+                rest = rest[1:]
+        self.record = HeardRecord(heard, cut, cut_seconds, rest)
+        started = self.status is SpeechStatus.SPEAKING
+        self.finish(SpeechStatus.INTERRUPTED if started else SpeechStatus.CANCELLED)
+        return self.record
+
+    def finish(self, status: SpeechStatus, error: str | None = None) -> None:
+        if self.status.final:
+            return
+        self.status = status
+        self.error = error
+        if self.record is None:
+            heard = self.sentences[: self.heard_count]
+            self.record = HeardRecord(heard, None, None, self.sentences[self.heard_count :])
+        self._done.set()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "text": self.text,
+            "status": self.status.value,
+            "interruptible": self.interruptible,
+            "sentences": list(self.sentences),
+            **({"record": self.record.to_dict()} if self.record else {}),
+            **({"error": self.error} if self.error else {}),
+        }

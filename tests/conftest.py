@@ -1,0 +1,40 @@
+"""Shared fixtures: one Piper voice per test run (loading it takes ~0.5 s), servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from callspeak.config import Settings
+from callspeak.server import create_app
+from callspeak.testing.asgi_server import serve_asgi
+from callspeak.tts.piper import PiperService
+
+
+@pytest.fixture(scope="session")
+def piper() -> Iterator[PiperService]:
+    """The real offline voice, started once and shared (apps do not close injected services)."""
+    service = PiperService()
+    asyncio.run(service.start())
+    yield service
+    asyncio.run(service.aclose())
+
+
+class RunningServer:
+    def __init__(self, base_url: str, app: object) -> None:
+        self.base_url = base_url
+        self.ws_url = base_url.replace("http", "ws", 1) + "/twilio"
+        self.app = app
+
+    @property
+    def state(self):  # type: ignore[no-untyped-def]
+        return self.app.state.callspeak  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def piper_server(piper: PiperService) -> AsyncIterator[RunningServer]:
+    app = create_app(Settings(), tts=piper)
+    async with serve_asgi(app, ws_max_size=1024 * 1024, ws_per_message_deflate=False) as url:
+        yield RunningServer(url, app)

@@ -1,0 +1,112 @@
+"""Shared in-memory fakes: a recording transport, a scripted TTS provider, a manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
+from callspeak.protocol import OutboundMessage, parse_outbound
+from callspeak.tts.base import TTSError
+
+
+class FakeTransport:
+    """A Media Streams socket in memory: tests push inbound text, read what the session sent."""
+
+    def __init__(self) -> None:
+        self.inbound: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self.sent: list[str] = []
+        self.closed: tuple[int, str] | None = None
+        self.sent_event = asyncio.Event()
+
+    def push(self, message: str | bytes | None) -> None:
+        self.inbound.put_nowait(message)
+
+    async def receive(self) -> str | bytes | None:
+        if self.closed is not None:
+            return None
+        return await self.inbound.get()
+
+    async def send(self, text: str) -> None:
+        if self.closed is not None:
+            from callspeak.session import TransportClosed
+
+            raise TransportClosed("closed")
+        self.sent.append(text)
+        self.sent_event.set()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self.closed is None:
+            self.closed = (code, reason)
+            self.inbound.put_nowait(None)
+
+    def messages(self) -> list[OutboundMessage]:
+        return [parse_outbound(text) for text in self.sent]
+
+    async def wait_for(self, predicate: Callable[[list[OutboundMessage]], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not predicate(self.messages()):
+                self.sent_event.clear()
+                await self.sent_event.wait()
+
+
+def tone_for(text: str, seconds_per_char: float = 0.01) -> bytes:
+    """Deterministic non-silent μ-law 'speech' for a text: distinct bytes per text."""
+    n = max(160, int(len(text) * seconds_per_char * 8000))
+    seed = sum(map(ord, text)) % 50
+    return bytes((0x10 + seed + (i % 37)) & 0x7F for i in range(n))
+
+
+class FakeProvider:
+    """A TTS provider that yields :func:`tone_for` in chunks, optionally slowly or failing."""
+
+    def __init__(
+        self,
+        *,
+        chunk: int = 333,
+        delay: float = 0.0,
+        first_delay: float = 0.0,
+        fail_on: str | None = None,
+        audio_format: AudioFormat = TWILIO_FORMAT,
+    ) -> None:
+        self.chunk = chunk
+        self.delay = delay
+        self.first_delay = first_delay
+        self.fail_on = fail_on
+        self._format = audio_format
+        self.texts: list[str] = []
+        self.continuations: list[bool] = []
+        self.cleared = 0
+        self.closed = False
+        self.cancelled = 0
+
+    @property
+    def name(self) -> str:
+        return "fake"
+
+    @property
+    def audio_format(self) -> AudioFormat:
+        return self._format
+
+    async def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
+        self.texts.append(text)
+        self.continuations.append(continuation)
+        if self.fail_on is not None and self.fail_on in text:
+            raise TTSError("fake", f"refused {text!r}", retryable=False)
+        audio = tone_for(text)
+        try:
+            if self.first_delay:
+                await asyncio.sleep(self.first_delay)
+            for i in range(0, len(audio), self.chunk):
+                if self.delay and i:
+                    await asyncio.sleep(self.delay)
+                yield audio[i : i + self.chunk]
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def clear(self) -> None:
+        self.cleared += 1
+
+    async def aclose(self) -> None:
+        self.closed = True

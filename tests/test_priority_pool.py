@@ -1,0 +1,56 @@
+"""The synthesis pool runs urgent jobs first and skips abandoned ones."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from callspeak.tts.priority_pool import PriorityPool
+
+
+async def test_lower_priority_value_runs_first_ties_in_order() -> None:
+    pool = PriorityPool(1)
+    gate = threading.Event()
+    order: list[str] = []
+    try:
+        blocker = asyncio.ensure_future(pool.run(gate.wait))  # occupies the only worker
+        await asyncio.sleep(0.05)
+        jobs = [
+            asyncio.ensure_future(pool.run(lambda n=name: order.append(n), priority=p))
+            for name, p in [("first-a", 1.0), ("cont", 0.0), ("first-b", 1.0)]
+        ]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(blocker, *jobs)
+        assert order == ["cont", "first-a", "first-b"]
+    finally:
+        pool.shutdown()
+
+
+async def test_cancelled_job_is_skipped_and_errors_propagate() -> None:
+    pool = PriorityPool(1)
+    gate = threading.Event()
+    ran: list[str] = []
+    try:
+        blocker = asyncio.ensure_future(pool.run(gate.wait))
+        await asyncio.sleep(0.05)
+        doomed = asyncio.ensure_future(pool.run(lambda: ran.append("doomed")))
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        gate.set()
+        await blocker
+        with pytest.raises(ZeroDivisionError):
+            await pool.run(lambda: 1 / 0)
+        assert await pool.run(lambda: 42) == 42
+        assert ran == []
+    finally:
+        pool.shutdown()
+    with pytest.raises(RuntimeError):
+        await pool.run(lambda: 1)
+
+
+def test_needs_a_worker() -> None:
+    with pytest.raises(ValueError):
+        PriorityPool(0)

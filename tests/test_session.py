@@ -1,0 +1,239 @@
+"""CallSession with an in-memory transport and a scripted provider."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from callspeak.events import CallEventRecord
+from callspeak.metrics import Metrics
+from callspeak.protocol import (
+    AccountSid,
+    CallSid,
+    Clear,
+    Connected,
+    Mark,
+    Media,
+    MediaFormat,
+    OutboundMark,
+    OutboundMedia,
+    Start,
+    Stop,
+    StreamSid,
+)
+from callspeak.session import CallSession, SessionClosed, SpeechQueueFull
+from callspeak.speech import SpeechStatus
+from tests.fakes import FakeProvider, FakeTransport, tone_for
+
+SID = StreamSid("MZtest")
+
+
+def start_json(**params: str) -> str:
+    return Start(
+        1,
+        SID,
+        AccountSid("AC1"),
+        CallSid("CAtest"),
+        ("inbound",),
+        params,
+        MediaFormat("audio/x-mulaw", 8000, 1),
+    ).to_json()
+
+
+def echo(name: str, seq: int = 10) -> str:
+    return Mark(seq, SID, name).to_json()
+
+
+class Harness:
+    def __init__(self, provider: FakeProvider | None = None, **kwargs: object) -> None:
+        self.transport = FakeTransport()
+        self.provider = provider or FakeProvider()
+        self.events: list[CallEventRecord] = []
+        self.metrics = Metrics()
+        self.session = CallSession(
+            self.transport,
+            self.provider,
+            greeting=kwargs.pop("greeting", "Hello there."),  # type: ignore[arg-type]
+            metrics=self.metrics,
+            on_event=self.events.append,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Harness:
+        self.task = asyncio.create_task(self.session.run())
+        self.transport.push(Connected("Call", "1.0.0").to_json())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        if not self.task.done():
+            self.transport.push(None)
+        async with asyncio.timeout(5):
+            await self.task
+
+    def audio(self) -> bytes:
+        return b"".join(
+            m.payload for m in self.transport.messages() if isinstance(m, OutboundMedia)
+        )
+
+    def marks(self) -> list[str]:
+        return [m.name for m in self.transport.messages() if isinstance(m, OutboundMark)]
+
+    def types(self) -> list[str]:
+        return [e.type for e in self.events]
+
+
+async def test_greeting_is_spoken_as_frames_then_a_mark_and_counts_played_on_echo() -> None:
+    async with Harness() as h:
+        h.transport.push(start_json())
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        media = [m for m in h.transport.messages() if isinstance(m, OutboundMedia)]
+        assert all(len(m.payload) == 160 for m in media)
+        expected = tone_for("Hello there.")
+        assert h.audio()[: len(expected)] == expected  # passthrough, only re-framed
+        assert set(h.audio()[len(expected) :]) <= {0xFF}  # last frame padded with silence
+        assert h.marks() == ["g0.u1.s0"]
+        utterance = h.session.utterances[0]
+        assert utterance.status is SpeechStatus.SPEAKING
+        h.transport.push(echo("g0.u1.s0"))
+        assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.PLAYED
+    assert h.types() == [
+        "call.started",
+        "speech.started",
+        "speech.heard",
+        "speech.done",
+        "call.stopped",
+    ]
+    started = h.events[1]
+    assert started.call_sid == "CAtest" and started.stream_sid == "MZtest"
+    assert h.provider.closed
+
+
+async def test_say_parameter_overrides_greeting_and_sentences_get_their_own_marks() -> None:
+    async with Harness() as h:
+        h.transport.push(start_json(say="Your code is 4 7 1 1. Goodbye!"))
+        await h.transport.wait_for(lambda ms: sum(isinstance(m, OutboundMark) for m in ms) == 2)
+        assert h.provider.texts == ["Your code is 4 7 1 1.", "Goodbye!"]
+        assert h.marks() == ["g0.u1.s0", "g0.u1.s1"]
+
+
+async def test_clear_stops_audio_and_late_echoes_count_as_flushed() -> None:
+    provider = FakeProvider(chunk=160, delay=0.01)
+    async with Harness(provider, max_lead=0.06) as h:
+        h.transport.push(start_json(say="One. Two. Three."))
+        await h.transport.wait_for(lambda ms: sum(isinstance(m, OutboundMark) for m in ms) >= 1)
+        h.transport.push(echo("g0.u1.s0"))
+        await asyncio.sleep(0.05)
+        utterance = h.session.utterances[0]
+        stopped = await h.session.clear()
+        assert stopped == [utterance]
+        sent_at_clear = len(h.transport.sent)
+        assert isinstance(h.transport.messages()[-1], Clear)
+        # Twilio echoes the pending marks after a clear: flushed, not heard.
+        for name in [n for n in h.marks() if n != "g0.u1.s0"]:
+            h.transport.push(echo(name))
+        await asyncio.sleep(0.1)
+        assert len(h.transport.sent) == sent_at_clear  # nothing more of that utterance
+        assert utterance.status is SpeechStatus.INTERRUPTED
+        assert utterance.record is not None
+        assert utterance.record.heard == ("One.",)
+        assert "Three." in utterance.record.unheard
+        assert h.provider.cleared == 1
+        interrupted = [e for e in h.events if e.type == "speech.interrupted"]
+        assert interrupted and interrupted[0].data["heard"] == ["One."]
+        assert [e for e in h.events if e.type == "speech.heard"][0].data["text"] == "One."
+        # The call goes on: a new utterance speaks with a new generation of marks.
+        h.session.say("After.")
+        await h.transport.wait_for(lambda ms: isinstance(ms[-1], OutboundMark))
+        assert h.marks()[-1] == "g1.u2.s0"
+
+
+async def test_pacing_keeps_lead_bounded() -> None:
+    provider = FakeProvider(chunk=8000)  # everything at once: 1 s of audio per chunk
+    async with Harness(provider, max_lead=0.1, greeting="x" * 60) as h:
+        h.transport.push(start_json())
+        await asyncio.sleep(0.3)
+        frames = sum(isinstance(m, OutboundMedia) for m in h.transport.messages())
+        # 0.1 s burst + ~0.3 s of real-time pacing = ~20 frames; far below the 0.6 s produced.
+        assert 10 <= frames <= 26
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"\x00\x01binary",
+        "{not json",
+        '{"event":"bogus","streamSid":"MZtest"}',
+        Media(3, StreamSid("MZforeign"), "inbound", 1, 0, b"\xff").to_json(),
+        '{"event":"media","streamSid":"MZtest","media":{"payload":"@@@"}}',
+        "x" * 70_000,
+    ],
+)
+async def test_bad_input_is_counted_and_the_call_goes_on(bad: str | bytes) -> None:
+    async with Harness() as h:
+        h.transport.push(bad)  # before start too
+        h.transport.push(Media(2, SID, "inbound", 1, 0, b"\xff").to_json())  # media before start
+        h.transport.push(start_json())
+        h.transport.push(bad)
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        assert h.session.rejected == 3
+        assert h.metrics.registry.get_sample_value("callspeak_calls_started_total") == 1
+
+
+async def test_stop_ends_the_call_cancels_synthesis_and_refuses_more_speech() -> None:
+    provider = FakeProvider(chunk=160, delay=0.05)
+    async with Harness(provider, greeting="a long greeting " * 10) as h:
+        h.transport.push(start_json())
+        await h.transport.wait_for(lambda ms: len(ms) >= 2)
+        h.transport.push(Stop(9, SID, AccountSid("AC1"), CallSid("CAtest")).to_json())
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+    assert provider.cancelled == 1 and provider.closed
+    assert h.session.utterances[0].status is SpeechStatus.CANCELLED
+    with pytest.raises(SessionClosed):
+        h.session.say("too late")
+
+
+async def test_tts_failure_is_reported_and_the_next_utterance_still_speaks() -> None:
+    async with Harness(FakeProvider(fail_on="boom"), greeting="boom") as h:
+        h.transport.push(start_json())
+        first = h.session.utterances[0] if h.session.utterances else None
+        await asyncio.sleep(0.05)
+        first = h.session.utterances[0]
+        assert await asyncio.wait_for(first.wait(), 5) is SpeechStatus.FAILED
+        assert "refused" in (first.error or "")
+        second = h.session.say("fine")
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        assert second.status is SpeechStatus.SPEAKING
+    assert "speech.failed" in h.types()
+    assert (
+        h.metrics.registry.get_sample_value(
+            "callspeak_tts_errors_total", {"provider": "fake", "kind": "TTSError"}
+        )
+        == 1
+    )
+
+
+async def test_say_validates_input_and_bounds_the_queue() -> None:
+    async with Harness(FakeProvider(first_delay=1.0), greeting=None) as h:
+        h.transport.push(start_json())
+        await h.session.wait_started()
+        with pytest.raises(ValueError):
+            h.session.say("   ")
+        with pytest.raises(SpeechQueueFull):
+            for _ in range(100):
+                h.session.say("again")
+
+
+async def test_hangup_after_speech_waits_for_the_last_mark() -> None:
+    async with Harness() as h:
+        h.transport.push(start_json())
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        hangup = asyncio.create_task(h.session.hangup(after_speech=True, grace=5))
+        await asyncio.sleep(0.05)
+        assert not hangup.done() and h.transport.closed is None
+        h.transport.push(echo("g0.u1.s0"))
+        await asyncio.wait_for(hangup, 5)
+        assert h.transport.closed == (1000, "hangup")
