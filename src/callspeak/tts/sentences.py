@@ -1,0 +1,110 @@
+"""Split text into sentences, and pack sentences into size-limited chunks.
+
+Pure functions, no I/O. TTS clients use :func:`chunk_text` to respect per-request character limits
+(Deepgram Aura takes at most 2000 characters per request or ``Speak`` message); other modules use
+:func:`split_sentences` to place one playback mark per sentence.
+
+Splitting is heuristic, tuned for what a voice bot says: a sentence ends at ``.``, ``!``, ``?`` or
+``…`` (optionally followed by closing quotes/brackets) when whitespace or the end of the text
+follows. Common abbreviations (``Dr.``, ``e.g.``, ``U.S.``), initials and decimals (``3.14``, which
+has no whitespace after the point) do not end a sentence.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["DEFAULT_CHUNK_LIMIT", "chunk_text", "split_sentences"]
+
+#: Deepgram's documented per-request (and per-``Speak``) character limit.
+DEFAULT_CHUNK_LIMIT = 2000
+
+# Sentence-final punctuation, then optional closers, then whitespace or end of text.
+_END = re.compile(r"(?:[.!?]+|…+|\.\.\.)[\"'”’)\]]*(?=\s|$)")
+# Words that end in a period without ending a sentence (compared lower-case, without the period).
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st mt vs etc inc ltd co corp dept no nos fig approx est "
+    "jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri sat sun "
+    "ave blvd rd gen col capt lt sgt rev hon".split()
+)
+# "e.g.", "i.e.", "U.S.", "a.m.": letters each followed by a period; or a single initial "J."
+_DOTTED = re.compile(r"(?:[A-Za-z]\.){2,}$|^[A-Z]\.$")
+_CLAUSE = re.compile(r"(?<=[,;:])\s+")
+
+
+def _is_abbreviation(text: str, end: int) -> bool:
+    """True when the period ending at ``text[end - 1]`` belongs to an abbreviation."""
+    if text[end - 1] != ".":
+        return False
+    start = end - 1
+    while start > 0 and not text[start - 1].isspace():
+        start -= 1
+    word = text[start:end].lstrip("\"'“‘([")
+    if word.count(".") == 1 and word[:-1].lower() in _ABBREVIATIONS:
+        return True
+    return bool(_DOTTED.search(word))
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of ``text``, stripped, punctuation kept, empties dropped.
+
+    ``"Hi Dr. Smith. It's 3.14 today!"`` gives ``["Hi Dr. Smith.", "It's 3.14 today!"]``. Text
+    without sentence-final punctuation is one sentence.
+    """
+    sentences: list[str] = []
+    start = 0
+    for match in _END.finditer(text):
+        if match.group(0) == "." and _is_abbreviation(text, match.end()):
+            continue
+        sentences.append(text[start : match.end()])
+        start = match.end()
+    sentences.append(text[start:])
+    return [s.strip() for s in sentences if s.strip()]
+
+
+def _split_words(text: str, limit: int) -> list[str]:
+    """Whole words packed to ``limit``; a single word longer than ``limit`` is cut."""
+    pieces: list[str] = []
+    for word in text.split():
+        pieces.extend(word[i : i + limit] for i in range(0, len(word), limit))
+    return _pack(pieces, limit)
+
+
+def _split_long(sentence: str, limit: int) -> list[str]:
+    """Pieces of one over-long sentence: at clause punctuation first, then at whitespace."""
+    pieces: list[str] = []
+    for clause in _CLAUSE.split(sentence):
+        pieces.extend([clause] if len(clause) <= limit else _split_words(clause, limit))
+    return _pack(pieces, limit)
+
+
+def _pack(pieces: list[str], limit: int) -> list[str]:
+    """Join consecutive pieces with single spaces into chunks of at most ``limit`` characters."""
+    chunks: list[str] = []
+    current = ""
+    for piece in pieces:
+        if not current:
+            current = piece
+        elif len(current) + 1 + len(piece) <= limit:
+            current = f"{current} {piece}"
+        else:
+            chunks.append(current)
+            current = piece
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def chunk_text(text: str, limit: int = DEFAULT_CHUNK_LIMIT) -> list[str]:
+    """Whole sentences of ``text`` packed into chunks of at most ``limit`` characters, in order.
+
+    A sentence longer than ``limit`` is split at clause punctuation (``,`` ``;`` ``:``), then at
+    whitespace; a word is cut only when it alone exceeds ``limit``. Whitespace between sentences
+    is normalised to one space. Empty or blank text gives ``[]``.
+    """
+    if limit < 1:
+        raise ValueError(f"chunk limit must be at least 1, got {limit}")
+    pieces: list[str] = []
+    for sentence in split_sentences(text):
+        pieces.extend([sentence] if len(sentence) <= limit else _split_long(sentence, limit))
+    return _pack(pieces, limit)

@@ -1,0 +1,62 @@
+"""Sentence splitting and chunk packing (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from callspeak.tts.sentences import chunk_text, split_sentences
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Hello. How are you? Fine!", ["Hello.", "How are you?", "Fine!"]),
+        ("Call Dr. Smith now. Thanks.", ["Call Dr. Smith now.", "Thanks."]),
+        ("Pi is 3.14 today. Yes.", ["Pi is 3.14 today.", "Yes."]),
+        ("Bring tools, e.g. a hammer. Done.", ["Bring tools, e.g. a hammer.", "Done."]),
+        ("Made in the U.S. by Mrs. Jones.", ["Made in the U.S. by Mrs. Jones."]),
+        ("Wait… what?! No way.", ["Wait…", "what?!", "No way."]),
+        ('He said "stop." Then left.', ['He said "stop."', "Then left."]),
+        ("no punctuation at all", ["no punctuation at all"]),
+        ("  Spaced.   Out.  ", ["Spaced.", "Out."]),
+        ("", []),
+        ("   \n ", []),
+        ("J. R. R. Tolkien wrote it.", ["J. R. R. Tolkien wrote it."]),
+    ],
+)
+def test_split_sentences(text: str, expected: list[str]) -> None:
+    assert split_sentences(text) == expected
+
+
+def test_chunk_packs_whole_sentences_under_the_limit() -> None:
+    text = "One two. Three four. Five six."
+    assert chunk_text(text, 20) == ["One two. Three four.", "Five six."]
+    assert chunk_text(text) == [text]
+
+
+def test_chunk_splits_long_sentence_at_clauses_then_words() -> None:
+    sentence = "alpha beta, gamma delta; epsilon zeta eta theta iota: kappa."
+    chunks = chunk_text(sentence, 24)
+    assert all(len(c) <= 24 for c in chunks)
+    assert chunks[:2] == ["alpha beta, gamma delta;", "epsilon zeta eta theta"]
+    assert " ".join(chunks) == sentence
+    assert all(not c.startswith(" ") and not c.endswith(" ") for c in chunks)
+
+
+def test_chunk_never_cuts_words_unless_one_word_is_too_long() -> None:
+    words = "supercalifragilistic " * 3
+    assert chunk_text(words, 25) == ["supercalifragilistic"] * 3
+    assert chunk_text("x" * 10, 4) == ["xxxx", "xxxx", "xx"]
+
+
+def test_chunk_of_2000_limit_keeps_text() -> None:
+    text = " ".join(f"Sentence number {i} is here." for i in range(300))
+    chunks = chunk_text(text)
+    assert len(chunks) > 1
+    assert all(len(c) <= 2000 for c in chunks)
+    assert " ".join(chunks) == text
+
+
+def test_chunk_rejects_a_useless_limit() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        chunk_text("hi", 0)
