@@ -1,0 +1,394 @@
+"""Deepgram Aura over the TTS WebSocket: one socket per call, one ``Flush`` per utterance.
+
+https://developers.deepgram.com/docs/tts-websocket — client sends ``Speak`` (≤2000 characters),
+``Flush``, ``Clear``, ``Close``; the server answers binary audio, ``Metadata``, ``Flushed``,
+``Cleared`` and ``Warning``, and reports errors as a refused handshake or a close frame.
+
+Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.base`):
+
+* The socket (``encoding=mulaw&sample_rate=8000``) opens lazily on the first ``stream()``.
+* ``stream(text)`` sends the text as ≤2000-character ``Speak`` messages and one ``Flush``, then
+  yields audio until ``Flushed``. No audio and no ``Flushed`` for ``receive_timeout`` s → the
+  socket is dropped and a retryable :class:`TTSError` ("stalled") raised; a close mid-utterance
+  raises a retryable :class:`TTSError` naming the close code and reason.
+* Stale audio never leaks into the next utterance: ``clear()`` — and closing a ``stream()`` before
+  ``Flushed`` — sends ``Clear``; the next ``stream()`` first discards everything up to
+  ``Cleared`` (or replaces the socket if ``Cleared`` does not come). ``clear()`` during an active
+  ``stream()`` also ends that stream quietly.
+* A handshake refused with 401/403 raises :class:`TTSAuthError`, marks the service unhealthy and
+  is never retried (no reconnect loop on bad credentials). Other connect failures are retried
+  ``max_reconnects`` times with exponential backoff, then raise a retryable :class:`TTSError`.
+* Flush limit (20 per 60 s): flushes are counted per provider in a sliding window. When a 21st
+  would be sent, ``stream()`` *waits* for the window to free a slot if that takes at most
+  ``flush_wait`` s, else raises a retryable ``TTSError(code="FLUSH_LIMIT")`` at once so the caller
+  can fall back (e.g. to REST). Merging is left to callers: speak a whole reply in one ``stream()``.
+* A socket older than ``max_connection_age`` (55 min; Deepgram allows 60) is closed and replaced
+  before the next utterance, never during one.
+
+Thin client on ``websockets`` rather than ``deepgram-sdk``: four messages do not justify an SDK
+whose async socket layer is built on the deprecated ``websockets.legacy``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlencode
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
+
+from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
+from callspeak.tts.base import TTSAuthError, TTSError
+from callspeak.tts.deepgram_errors import parse_error
+from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text
+
+__all__ = ["FLUSH_LIMIT", "FLUSH_WINDOW", "DeepgramWebSocketProvider", "DeepgramWebSocketService"]
+
+logger = logging.getLogger(__name__)
+
+_NAME = "deepgram-ws"
+FLUSH_LIMIT = 20
+FLUSH_WINDOW = 60.0
+_FLUSH = json.dumps({"type": "Flush"})
+_CLEAR = json.dumps({"type": "Clear"})
+_CLOSE = json.dumps({"type": "Close"})
+
+Connect = Callable[..., Awaitable[ClientConnection]]
+
+
+class DeepgramWebSocketService:
+    """Process-wide settings and health for Deepgram TTS WebSockets; sockets belong to providers.
+
+    ``connect`` replaces :func:`websockets.asyncio.client.connect` (same call shape); ``clock``
+    and ``sleep`` drive the flush window, socket age and backoff.
+    """
+
+    name = _NAME
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        model: str = "aura-2-thalia-en",
+        ws_url: str = "wss://api.deepgram.com",
+        receive_timeout: float = 5.0,
+        max_reconnects: int = 3,
+        backoff: float = 0.2,
+        connect: Connect | None = None,
+        connect_timeout: float = 5.0,
+        flush_wait: float = 3.0,
+        max_connection_age: float = 55 * 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        query = urlencode({"model": model, "encoding": "mulaw", "sample_rate": "8000"})
+        self.url = f"{ws_url.rstrip('/')}/v1/speak?{query}"
+        self.headers = {"Authorization": f"Token {api_key}"}
+        self.receive_timeout, self.connect_timeout = receive_timeout, connect_timeout
+        self.max_reconnects, self.backoff, self.flush_wait = max_reconnects, backoff, flush_wait
+        self.max_connection_age, self.clock, self.sleep = max_connection_age, clock, sleep
+        self.connect: Connect = connect if connect is not None else _default_connect
+        self.auth_error: TTSAuthError | None = None
+        self._providers: weakref.WeakSet[DeepgramWebSocketProvider] = weakref.WeakSet()
+
+    @property
+    def healthy(self) -> bool:
+        return self.auth_error is None
+
+    def mark_unhealthy(self, error: TTSAuthError) -> None:
+        """Remember refused credentials: every later connect fails fast with ``error``."""
+        self.auth_error = error
+
+    async def start(self) -> None:
+        """Nothing to warm up: sockets open per call, on first use."""
+
+    def open(self) -> DeepgramWebSocketProvider:
+        provider = DeepgramWebSocketProvider(self)
+        self._providers.add(provider)
+        return provider
+
+    async def aclose(self) -> None:
+        """Close every provider still open. Idempotent."""
+        for provider in list(self._providers):
+            await provider.aclose()
+
+
+async def _default_connect(url: str, **kwargs: Any) -> ClientConnection:
+    return await connect(url, **kwargs)
+
+
+class DeepgramWebSocketProvider:
+    """One call's Deepgram voice over one WebSocket. See the module docstring for the contract."""
+
+    name = _NAME
+    audio_format: AudioFormat = TWILIO_FORMAT
+
+    def __init__(self, service: DeepgramWebSocketService) -> None:
+        self._svc = service
+        self._ws: ClientConnection | None = None
+        self._opened_at = 0.0
+        self._flushes: deque[float] = deque()
+        self._pending_clears = 0  # Clears sent whose Cleared has not been read yet
+        self._in_utterance = False  # Flush sent, Flushed not read, not cleared
+        self._streaming = False
+        self._interrupted = False  # clear()/aclose() asked the active stream to stop
+        self._deadline: asyncio.Timeout | None = None  # the recv in flight
+        self._closed = False
+        self.request_id: str | None = None  #: from the current socket's Metadata
+
+    async def stream(self, text: str) -> AsyncIterator[bytes]:
+        """Audio of ``text`` until ``Flushed``. One active stream per provider."""
+        chunks = chunk_text(text, DEFAULT_CHUNK_LIMIT)
+        if not chunks:
+            return
+        if self._streaming:
+            raise RuntimeError("DeepgramWebSocketProvider streams one text at a time")
+        self._check_open()
+        self._streaming, self._interrupted = True, False
+        try:
+            ws = await self._prepare()
+            await self._respect_flush_limit()
+            if self._interrupted:
+                return
+            ws = await self._send_utterance(ws, chunks)
+            async for audio in self._receive(ws):
+                yield audio
+        finally:
+            self._streaming = False
+            if self._in_utterance and not self._closed:
+                await self._send_clear()  # abandoned mid-utterance: stop it, drain later
+
+    async def clear(self) -> None:
+        """Drop the utterance in flight; its audio is discarded up to ``Cleared`` before the next
+        ``stream()`` starts. Returns without waiting for ``Cleared``. No-op when idle."""
+        if self._closed:
+            return
+        if self._streaming:
+            self._interrupt()
+        if self._in_utterance:
+            await self._send_clear()
+
+    async def aclose(self) -> None:
+        """Send ``Close``, close the socket and end any active stream. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._interrupt()
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._bounded(ws.send(_CLOSE))
+            await self._shut(ws)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TTSError(_NAME, "provider is closed", retryable=False)
+
+    def _interrupt(self) -> None:
+        self._interrupted = True
+        if self._deadline is not None:
+            with contextlib.suppress(RuntimeError):  # already expiring or exited
+                self._deadline.reschedule(asyncio.get_running_loop().time())
+
+    def _error(self, message: str, **kwargs: Any) -> TTSError:
+        if self._closed:
+            return TTSError(_NAME, "provider closed while streaming", retryable=False)
+        return TTSError(_NAME, message, retryable=True, request_id=self.request_id, **kwargs)
+
+    async def _bounded(self, awaitable: Awaitable[Any]) -> None:
+        async with asyncio.timeout(self._svc.receive_timeout):
+            await awaitable
+
+    async def _shut(self, ws: ClientConnection) -> None:
+        """Close ``ws`` politely if it answers quickly, else abort the transport."""
+        try:
+            async with asyncio.timeout(min(1.0, self._svc.receive_timeout)):
+                await ws.close()
+        except (TimeoutError, OSError):
+            ws.transport.abort()
+
+    async def _drop(self) -> None:
+        ws, self._ws = self._ws, None
+        self._in_utterance, self._pending_clears = False, 0
+        if ws is not None:
+            await self._shut(ws)
+
+    async def _recv(self, ws: ClientConnection, when: float) -> str | bytes:
+        async with asyncio.timeout_at(when) as self._deadline:
+            try:
+                return await ws.recv()
+            finally:
+                self._deadline = None
+
+    async def _send_clear(self) -> None:
+        ws = self._ws
+        self._in_utterance = False
+        if ws is None:
+            return
+        try:
+            await self._bounded(ws.send(_CLEAR))
+            self._pending_clears += 1
+        except (ConnectionClosed, TimeoutError):
+            await self._drop()
+
+    # -- connection ----------------------------------------------------------------------
+    async def _connect(self) -> ClientConnection:
+        svc = self._svc
+        for attempt in range(svc.max_reconnects + 1):
+            if svc.auth_error is not None:
+                raise svc.auth_error
+            self._check_open()
+            if attempt:
+                await svc.sleep(svc.backoff * 2 ** (attempt - 1))
+            try:
+                ws = await svc.connect(
+                    svc.url, additional_headers=svc.headers, open_timeout=svc.connect_timeout
+                )
+            except InvalidStatus as exc:
+                res = exc.response
+                error = parse_error(
+                    res.status_code, bytes(res.body or b""), res.headers, provider=_NAME
+                )
+                if isinstance(error, TTSAuthError):
+                    svc.mark_unhealthy(error)
+                    raise error from None
+                if not error.retryable:
+                    raise error from None
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                error = TTSError(_NAME, f"cannot connect: {exc!r}", retryable=True)
+            else:
+                self._ws, self._opened_at, self.request_id = ws, svc.clock(), None
+                self._in_utterance, self._pending_clears = False, 0
+                return ws
+            logger.warning("deepgram-ws connect attempt %d failed: %s", attempt + 1, error)
+        raise TTSError(
+            _NAME,
+            f"could not connect after {svc.max_reconnects + 1} attempts: {error.message}",
+            retryable=True,
+            status=error.status,
+            code=error.code,
+            request_id=error.request_id,
+        )
+
+    async def _prepare(self) -> ClientConnection:
+        """An open socket with no stale audio queued on it."""
+        ws = self._ws
+        if ws is not None and ws.state is not State.OPEN:
+            logger.info("deepgram-ws socket closed between utterances; reconnecting")
+            await self._drop()
+        elif ws is not None and self._svc.clock() - self._opened_at >= self._svc.max_connection_age:
+            logger.info("deepgram-ws socket near its 60-minute limit; replacing it")
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
+                await self._bounded(ws.send(_CLOSE))
+            await self._drop()
+        ws = self._ws or await self._connect()
+        when = asyncio.get_running_loop().time() + self._svc.receive_timeout
+        while self._pending_clears:
+            try:
+                message = await self._recv(ws, when)
+            except (TimeoutError, ConnectionClosed):
+                self._check_open()
+                logger.warning("deepgram-ws: no Cleared in time; replacing the socket")
+                await self._drop()
+                return await self._connect()
+            if isinstance(message, str) and self._handle_event(message) == "Cleared":
+                self._pending_clears -= 1
+        return ws
+
+    async def _respect_flush_limit(self) -> None:
+        clock, svc = self._svc.clock, self._svc
+        while self._flushes and clock() - self._flushes[0] >= FLUSH_WINDOW:
+            self._flushes.popleft()
+        if len(self._flushes) < FLUSH_LIMIT:
+            return
+        wait = self._flushes[0] + FLUSH_WINDOW - clock()
+        if wait > svc.flush_wait:
+            raise TTSError(
+                _NAME,
+                f"flush limit: {FLUSH_LIMIT} per {FLUSH_WINDOW:g} s used;"
+                f" next slot in {wait:.1f} s",
+                retryable=True,
+                code="FLUSH_LIMIT",
+            )
+        logger.info("deepgram-ws flush limit reached; waiting %.2f s", wait)
+        await svc.sleep(wait)
+        self._flushes.popleft()
+
+    async def _send_utterance(self, ws: ClientConnection, chunks: list[str]) -> ClientConnection:
+        """Speak each chunk, then Flush; reconnect once if the socket turns out to be closed."""
+        for retry in (False, True):
+            try:
+                async with asyncio.timeout(self._svc.receive_timeout):
+                    for chunk in chunks:
+                        await ws.send(json.dumps({"type": "Speak", "text": chunk}))
+                    await ws.send(_FLUSH)
+            except ConnectionClosed:
+                await self._drop()
+                if retry:
+                    raise self._error("socket closed while sending text") from None
+                ws = await self._connect()
+                continue
+            except TimeoutError:
+                await self._drop()
+                raise self._error("stalled while sending text") from None
+            self._flushes.append(self._svc.clock())
+            self._in_utterance = True
+            break
+        return ws
+
+    # -- receiving -----------------------------------------------------------------------
+    async def _receive(self, ws: ClientConnection) -> AsyncIterator[bytes]:
+        loop, timeout = asyncio.get_running_loop(), self._svc.receive_timeout
+        when = loop.time() + timeout
+        while not self._interrupted:
+            try:
+                message = await self._recv(ws, when)
+            except TimeoutError:
+                if self._interrupted:
+                    break
+                await self._drop()
+                raise self._error(f"stalled: no audio and no Flushed for {timeout:g} s") from None
+            except ConnectionClosed as exc:
+                await self._drop()
+                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
+                raise self._error(
+                    f"socket closed mid-utterance: code {code} {reason!r}", code=str(code)
+                ) from None
+            if isinstance(message, bytes):
+                if message:
+                    when = loop.time() + timeout
+                    yield message
+            elif self._handle_event(message) == "Flushed":
+                self._in_utterance = False
+                return
+        if self._closed:
+            raise self._error("closed")
+
+    def _handle_event(self, raw: str) -> str | None:
+        """Log a JSON server message and return its ``type``."""
+        try:
+            event = json.loads(raw)
+            kind = event.get("type")
+        except (ValueError, AttributeError):
+            logger.warning("deepgram-ws: unparseable message %.200r", raw)
+            return None
+        if kind == "Metadata":
+            self.request_id = event.get("request_id")
+            logger.debug("deepgram-ws metadata: %s", event)
+        elif kind == "Warning":
+            logger.warning(
+                "deepgram-ws warning %s: %s", event.get("code"), event.get("description")
+            )
+        elif kind not in ("Flushed", "Cleared"):
+            logger.debug("deepgram-ws: unhandled message %s", event)
+        return kind if isinstance(kind, str) else None

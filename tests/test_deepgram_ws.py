@@ -1,0 +1,267 @@
+"""DeepgramWebSocketService / Provider against the fake Deepgram on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from callspeak.testing.asgi_server import serve_asgi
+from callspeak.testing.fake_deepgram import FakeDeepgram
+from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService
+from callspeak.tts.deepgram_ws import DeepgramWebSocketService
+
+LONG = "A long sentence that keeps on talking for a good while, so we can interrupt it."
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake() -> FakeDeepgram:
+    return FakeDeepgram(first_byte_delay=0.0)
+
+
+@pytest.fixture
+async def ws_url(fake: FakeDeepgram) -> AsyncIterator[str]:
+    async with serve_asgi(fake.app) as url:
+        yield url.replace("http://", "ws://")
+
+
+def make(ws_url: str, key: str = "test-key", **kw: Any) -> DeepgramWebSocketService:
+    kw.setdefault("receive_timeout", 0.5)
+    kw.setdefault("backoff", 0.01)
+    return DeepgramWebSocketService(key, ws_url=ws_url, **kw)
+
+
+async def collect(it: AsyncIterator[bytes]) -> bytes:
+    async with asyncio.timeout(5):
+        return b"".join([chunk async for chunk in it])
+
+
+async def test_utterances_share_one_socket(ws_url: str, fake: FakeDeepgram) -> None:
+    service = make(ws_url)
+    provider = service.open()
+    assert isinstance(service, TTSService) and isinstance(provider, TTSProvider)
+    assert fake.ws_connections == 0  # lazy
+    assert await collect(provider.stream("Hello there.")) == fake.audio_for("Hello there.")
+    assert await collect(provider.stream("Second one.")) == fake.audio_for("Second one.")
+    assert fake.ws_connections == 1 and provider.request_id
+    assert fake.requests[0].query == {
+        "model": "aura-2-thalia-en",
+        "encoding": "mulaw",
+        "sample_rate": "8000",
+    }
+    assert fake.requests[0].headers["authorization"] == "Token test-key"
+    kinds = [m["type"] for m in fake.ws_messages]
+    assert kinds == ["Speak", "Flush", "Speak", "Flush"]
+    await provider.aclose()
+    await provider.aclose()
+    assert fake.ws_messages[-1] == {"type": "Close"}
+    with pytest.raises(TTSError, match="closed"):
+        await collect(provider.stream("Again."))
+
+
+async def test_long_text_is_several_speaks_one_flush(ws_url: str, fake: FakeDeepgram) -> None:
+    provider = make(ws_url).open()
+    text = " ".join(f"Sentence {i} is here." for i in range(150))  # ~3000 chars
+    audio = await collect(provider.stream(text))
+    speaks = [m["text"] for m in fake.ws_messages if m["type"] == "Speak"]
+    assert len(speaks) == 2 and all(len(s) <= 2000 for s in speaks)
+    assert [m["type"] for m in fake.ws_messages].count("Flush") == 1
+    assert audio == fake.audio_for("".join(speaks))
+    await provider.aclose()
+
+
+async def test_clear_then_next_utterance_has_no_stale_audio(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    fake.bytes_per_second = 16000
+    provider = make(ws_url).open()
+    stream = provider.stream(LONG)
+    assert await anext(stream)
+    await provider.clear()
+    with pytest.raises(StopAsyncIteration):  # the cleared stream ends quietly
+        await anext(stream)
+    fake.bytes_per_second = None
+    assert await collect(provider.stream("Fresh.")) == fake.audio_for("Fresh.")
+    kinds = [m["type"] for m in fake.ws_messages]
+    assert kinds == ["Speak", "Flush", "Clear", "Speak", "Flush"]
+    await provider.aclose()
+
+
+async def test_clear_from_another_task(ws_url: str, fake: FakeDeepgram) -> None:
+    fake.bytes_per_second = 16000
+    provider = make(ws_url).open()
+    first = asyncio.Event()
+
+    async def speak() -> bytes:
+        audio = bytearray()
+        async for chunk in provider.stream(LONG):
+            audio += chunk
+            first.set()
+        return bytes(audio)
+
+    task = asyncio.create_task(speak())
+    async with asyncio.timeout(2):
+        await first.wait()
+    await provider.clear()
+    async with asyncio.timeout(2):
+        partial = await task
+    assert 0 < len(partial) < len(fake.audio_for(LONG))
+    fake.bytes_per_second = None
+    assert await collect(provider.stream("Next.")) == fake.audio_for("Next.")
+    await provider.aclose()
+
+
+async def test_abandoned_stream_does_not_leak_into_next(ws_url: str, fake: FakeDeepgram) -> None:
+    fake.bytes_per_second = 16000
+    provider = make(ws_url).open()
+    stream = provider.stream(LONG)
+    assert await anext(stream)
+    await stream.aclose()
+    fake.bytes_per_second = None
+    assert await collect(provider.stream("After.")) == fake.audio_for("After.")
+    assert fake.ws_connections == 1
+    await provider.aclose()
+
+
+async def test_stall_raises_then_recovers(ws_url: str, fake: FakeDeepgram) -> None:
+    fake.ws_stall()
+    provider = make(ws_url, receive_timeout=0.2).open()
+    with pytest.raises(TTSError, match="stalled") as info:
+        await collect(provider.stream("Hi."))
+    assert info.value.retryable
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    assert fake.ws_connections == 2
+    await provider.aclose()
+
+
+async def test_abrupt_close_mid_utterance(ws_url: str, fake: FakeDeepgram) -> None:
+    fake.ws_close_after(480, 1011, "internal boom")
+    provider = make(ws_url).open()
+    received = 0
+    with pytest.raises(TTSError, match="1011") as info:
+        async with asyncio.timeout(5):
+            async for chunk in provider.stream("Hello there."):
+                received += len(chunk)
+    assert received == 480 and info.value.retryable
+    assert "internal boom" in str(info.value) and info.value.code == "1011"
+    assert await collect(provider.stream("Again.")) == fake.audio_for("Again.")
+    await provider.aclose()
+
+
+async def test_bad_key_never_reconnects(ws_url: str, fake: FakeDeepgram) -> None:
+    service = make(ws_url, key="wrong", max_reconnects=5)
+    provider = service.open()
+    with pytest.raises(TTSAuthError) as info:
+        await collect(provider.stream("Hi."))
+    assert info.value.status == 401 and info.value.code == "INVALID_AUTH"
+    assert "DEEPGRAM_API_KEY" in str(info.value) and info.value.request_id
+    assert not service.healthy and fake.ws_connections == 1
+    with pytest.raises(TTSAuthError):
+        await collect(service.open().stream("Hi."))
+    assert fake.ws_connections == 1
+
+
+async def test_handshake_failures_retry_with_backoff(ws_url: str, fake: FakeDeepgram) -> None:
+    fake.refuse_ws(503, count=2)
+    provider = make(ws_url, max_reconnects=3).open()
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    assert fake.ws_connections == 3
+    await provider.aclose()
+
+    fake.refuse_ws(429, count=None)
+    provider = make(ws_url, max_reconnects=2).open()
+    with pytest.raises(TTSError, match="after 3 attempts") as info:
+        await collect(provider.stream("Hi."))
+    assert info.value.retryable and info.value.status == 429
+    assert fake.ws_connections == 6
+
+
+async def test_reconnects_after_server_close_between_utterances(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    fake.ws_close_after_flushed(1001, "going away")
+    provider = make(ws_url).open()
+    assert await collect(provider.stream("One.")) == fake.audio_for("One.")
+    await asyncio.sleep(0.05)  # let the close frame arrive
+    assert await collect(provider.stream("Two.")) == fake.audio_for("Two.")
+    assert fake.ws_connections == 2
+    await provider.aclose()
+
+
+async def test_reconnects_when_close_races_the_next_speak(ws_url: str, fake: FakeDeepgram) -> None:
+    fake.ws_close_after_flushed(1001, "going away")
+    provider = make(ws_url).open()
+    await collect(provider.stream("One."))
+    assert await collect(provider.stream("Two.")) == fake.audio_for("Two.")  # no sleep
+    assert fake.ws_connections == 2
+    await provider.aclose()
+
+
+async def test_flush_limit_waits_or_fails_fast(ws_url: str, fake: FakeDeepgram) -> None:
+    clock = Clock()
+    fake.clock = clock
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    provider = make(ws_url, clock=clock, sleep=sleep, flush_wait=0.5).open()
+    for _ in range(20):
+        await collect(provider.stream("a"))
+    with pytest.raises(TTSError, match="flush limit") as info:
+        await collect(provider.stream("b"))
+    assert info.value.retryable and info.value.code == "FLUSH_LIMIT"
+    clock.now += 59.8  # the oldest flush leaves the window in 0.2 s: wait for it
+    assert await collect(provider.stream("c")) == fake.audio_for("c")
+    assert slept == [pytest.approx(0.2)]
+    await provider.aclose()
+
+
+async def test_replaces_old_socket_between_utterances(ws_url: str, fake: FakeDeepgram) -> None:
+    clock = Clock()
+    provider = make(ws_url, clock=clock).open()
+    await collect(provider.stream("One."))
+    clock.now += 56 * 60
+    assert await collect(provider.stream("Two.")) == fake.audio_for("Two.")
+    assert fake.ws_connections == 2
+    await provider.aclose()
+
+
+async def test_warning_is_logged(
+    ws_url: str, fake: FakeDeepgram, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.ws_warn("Too many flushes", "FLUSH_RATE")
+    provider = make(ws_url).open()
+    with caplog.at_level(logging.WARNING, "callspeak.tts.deepgram_ws"):
+        assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    assert "FLUSH_RATE" in caplog.text and "Too many flushes" in caplog.text
+    await provider.aclose()
+
+
+async def test_injected_connect_and_service_aclose(ws_url: str, fake: FakeDeepgram) -> None:
+    calls: list[str] = []
+
+    async def counting_connect(url: str, **kwargs: Any) -> ClientConnection:
+        calls.append(url)
+        return await connect(url, **kwargs)
+
+    service = make(ws_url, connect=counting_connect)
+    provider = service.open()
+    await collect(provider.stream("Hi."))
+    assert len(calls) == 1 and calls[0].startswith(ws_url)
+    await service.aclose()
+    with pytest.raises(TTSError, match="closed"):
+        await collect(provider.stream("Hi."))

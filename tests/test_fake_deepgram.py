@@ -1,0 +1,457 @@
+"""The fake Deepgram server itself, over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from callspeak.testing.asgi_server import serve_asgi
+from callspeak.testing.fake_deepgram import FakeDeepgram, synthesize
+
+AUTH = {"Authorization": "Token test-key"}
+PHONE = {
+    "model": "aura-2-thalia-en",
+    "encoding": "mulaw",
+    "sample_rate": "8000",
+    "container": "none",
+}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake() -> FakeDeepgram:
+    return FakeDeepgram(first_byte_delay=0.0)
+
+
+@pytest.fixture
+async def base(fake: FakeDeepgram) -> AsyncIterator[str]:
+    async with serve_asgi(fake.app) as url:
+        yield url
+
+
+@pytest.fixture
+async def client(base: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=base, timeout=5.0) as c:
+        yield c
+
+
+async def speak(
+    client: httpx.AsyncClient, text: Any = "Hello.", params: dict[str, str] | None = None, **kw: Any
+) -> httpx.Response:
+    kw.setdefault("headers", AUTH)
+    if "content" not in kw:
+        kw["json"] = {"text": text}
+    return await client.post("/v1/speak", params=PHONE if params is None else params, **kw)
+
+
+# -- audio ---------------------------------------------------------------------------------
+def test_synthetic_audio_is_deterministic_speechlike_and_grows_with_text() -> None:
+    short, longer = synthesize("Hi"), synthesize("Hi there")
+    assert len(short) == 2 * 480 and len(longer) == 8 * 480  # 60 ms of 8 kHz μ-law per char
+    assert synthesize("Hi") == short
+    assert len(set(short)) > 20  # not silence (μ-law silence is one repeated byte)
+    assert len(synthesize("Hi", "linear16", 24000)) == 2 * 1440 * 2
+
+
+def test_wav_container_header() -> None:
+    wav = synthesize("Hey", "linear16", 16000, "wav")
+    assert wav[:4] == b"RIFF" and wav[8:16] == b"WAVEfmt "
+    tag, channels, rate = struct.unpack("<HHI", wav[20:28])
+    assert (tag, channels, rate) == (1, 1, 16000)
+    assert wav[36:40] == b"data" and struct.unpack("<I", wav[40:44])[0] == len(wav) - 44
+    assert struct.unpack("<H", synthesize("Hey", "mulaw", 8000, "wav")[20:22])[0] == 7
+    assert struct.unpack("<H", synthesize("Hey", "alaw", 8000, "wav")[20:22])[0] == 6
+
+
+# -- REST validation -------------------------------------------------------------------------
+async def test_auth_refused(client: httpx.AsyncClient) -> None:
+    for headers in ({}, {"Authorization": "Token nope"}, {"Authorization": "test-key"}):
+        response = await speak(client, headers=headers)
+        assert response.status_code == 401
+        body = response.json()
+        assert body["err_code"] == "INVALID_AUTH"
+        assert body["request_id"] == response.headers["dg-request-id"]
+
+
+async def test_bearer_accepted(client: httpx.AsyncClient) -> None:
+    response = await speak(client, headers={"Authorization": "Bearer test-key"})
+    assert response.status_code == 200
+
+
+async def test_model_names(client: httpx.AsyncClient) -> None:
+    for model in ("aura-asteria-en", "aura-2-thalia-en"):
+        response = await speak(client, params={**PHONE, "model": model})
+        assert response.status_code == 200 and response.headers["dg-model-name"] == model
+    for model in ("nova-3", "aura-2-thalia-xx", "aura-3-x-en", "AURA-asteria-en"):
+        response = await speak(client, params={**PHONE, "model": model})
+        assert response.status_code == 400 and response.json()["err_code"] == "Bad Request"
+
+
+INVALID_QUERIES: list[dict[str, str]] = [
+    {"encoding": "wma"},
+    {"encoding": "mp3"},
+    {"sample_rate": "24000"},
+    {"sample_rate": "abc"},
+    {"encoding": "linear16", "sample_rate": "44100"},
+    {"encoding": "alaw", "sample_rate": "48000"},
+    {"container": "ogg"},
+]
+
+
+async def test_invalid_query_parameter(client: httpx.AsyncClient) -> None:
+    for override in INVALID_QUERIES:
+        response = await speak(client, params={**PHONE, **override})
+        assert response.status_code == 400, override
+        assert response.json()["err_code"] == "INVALID_QUERY_PARAMETER"
+
+
+BODY_CASES: list[tuple[dict[str, Any], int, str]] = [
+    (
+        {"content": b"{not json", "headers": {**AUTH, "Content-Type": "application/json"}},
+        400,
+        "PAYLOAD_ERROR",
+    ),
+    ({"text": ""}, 400, "Bad Request"),
+    ({"text": "   "}, 400, "Bad Request"),
+    ({"text": 5}, 400, "Bad Request"),
+    ({"text": "x" * 2001}, 413, "PAYLOAD_TOO_LARGE"),
+    (
+        {"content": b"hello", "headers": {**AUTH, "Content-Type": "text/plain"}},
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+    ),
+]
+
+
+async def test_body_validation(client: httpx.AsyncClient) -> None:
+    for kwargs, status, code in BODY_CASES:
+        response = await speak(client, **kwargs)
+        assert response.status_code == status and response.json()["err_code"] == code, code
+
+
+async def test_2000_chars_accepted(client: httpx.AsyncClient) -> None:
+    response = await speak(client, "a" * 2000)
+    assert response.status_code == 200 and response.headers["dg-char-count"] == "2000"
+
+
+# -- REST success ----------------------------------------------------------------------------
+async def test_streams_odd_chunks_chunked_with_headers(
+    client: httpx.AsyncClient, fake: FakeDeepgram
+) -> None:
+    async with client.stream(
+        "POST", "/v1/speak", params=PHONE, json={"text": "Hello world."}, headers=AUTH
+    ) as r:
+        chunks = [c async for c in r.aiter_raw()]
+    assert r.headers["content-type"] == "audio/basic"
+    assert r.headers["transfer-encoding"] == "chunked" and "content-length" not in r.headers
+    assert r.headers["dg-char-count"] == "12" and r.headers["dg-request-id"]
+    assert b"".join(chunks) == fake.audio_for("Hello world.")
+    assert all(len(c) == 333 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= 333
+    record = fake.requests[-1]
+    assert (record.method, record.path, record.text, record.status) == (
+        "POST",
+        "/v1/speak",
+        "Hello world.",
+        200,
+    )
+    assert record.query == PHONE and record.headers["authorization"] == "Token test-key"
+
+
+async def test_rest_defaults_to_linear16_wav_24k(
+    client: httpx.AsyncClient, fake: FakeDeepgram
+) -> None:
+    response = await speak(client, "Hi", params={})
+    assert response.headers["content-type"] == "audio/wav"
+    assert response.headers["dg-model-name"] == "aura-asteria-en"
+    assert response.content == fake.audio_for("Hi", "linear16", 24000, "wav")
+    assert response.content[:4] == b"RIFF"
+
+
+async def test_first_byte_delay_is_honoured(client: httpx.AsyncClient, fake: FakeDeepgram) -> None:
+    fake.first_byte_delay = 0.3
+    started = time.perf_counter()
+    response = await speak(client)
+    assert response.status_code == 200
+    assert time.perf_counter() - started >= 0.3
+
+
+# -- REST faults -----------------------------------------------------------------------------
+async def test_fail_next_json_plain_count_and_persistent(
+    client: httpx.AsyncClient, fake: FakeDeepgram
+) -> None:
+    fake.fail_next(429, {"err_code": "TOO_MANY_REQUESTS", "err_msg": "slow down"}, count=2)
+    fake.fail_next(500, "internal oops")
+    responses = [await speak(client) for _ in range(4)]
+    assert [r.status_code for r in responses] == [429, 429, 500, 200]
+    assert responses[0].json()["err_code"] == "TOO_MANY_REQUESTS"
+    assert responses[2].text == "internal oops"
+    assert responses[2].headers["content-type"].startswith("text/plain")
+    assert responses[2].headers["dg-request-id"]
+    fake.fail_next(503, {"error_code": "BUSY"}, count=None)
+    assert [(await speak(client)).status_code for _ in range(3)] == [503] * 3
+    fake.clear_faults()
+    assert (await speak(client)).status_code == 200
+
+
+async def test_stall_after_keeps_connection_open(
+    client: httpx.AsyncClient, fake: FakeDeepgram
+) -> None:
+    fake.stall_after(700)
+    received = 0
+    async with client.stream(
+        "POST", "/v1/speak", params=PHONE, json={"text": "Hello there."}, headers=AUTH
+    ) as r:
+        chunks = r.aiter_raw()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.4):
+                async for chunk in chunks:
+                    received += len(chunk)
+    assert received == 700
+
+
+async def test_cut_after_drops_connection(client: httpx.AsyncClient, fake: FakeDeepgram) -> None:
+    fake.cut_after(1000)
+    received = 0
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with client.stream(
+            "POST", "/v1/speak", params=PHONE, json={"text": "Hello there."}, headers=AUTH
+        ) as r:
+            async for chunk in r.aiter_raw():
+                received += len(chunk)
+    assert received == 1000
+    assert (await speak(client)).status_code == 200  # the next request is served normally
+
+
+async def test_paced_stream_takes_real_time(client: httpx.AsyncClient, fake: FakeDeepgram) -> None:
+    fake.bytes_per_second = 16000  # 2x real time for 8 kHz μ-law
+    started = time.perf_counter()
+    response = await speak(client, "Hello world")  # 11 chars = 5280 bytes = 0.33 s at 2x
+    assert len(response.content) == 5280
+    assert time.perf_counter() - started >= 0.3
+
+
+# -- WebSocket -------------------------------------------------------------------------------
+WS_QUERY = "?model=aura-2-thalia-en&encoding=mulaw&sample_rate=8000"
+
+
+async def ws_connect(base: str, query: str = WS_QUERY, key: str = "test-key") -> ClientConnection:
+    url = base.replace("http://", "ws://") + "/v1/speak" + query
+    return await connect(url, additional_headers={"Authorization": f"Token {key}"}, open_timeout=5)
+
+
+async def send(ws: ClientConnection, kind: str, **fields: Any) -> None:
+    await ws.send(json.dumps({"type": kind, **fields}))
+
+
+async def until(ws: ClientConnection, kind: str) -> tuple[bytes, list[dict[str, Any]]]:
+    """Audio and events received up to and including the first event of ``kind``."""
+    audio, events = bytearray(), []
+    async with asyncio.timeout(5):
+        while True:
+            message = await ws.recv()
+            if isinstance(message, bytes):
+                audio += message
+                continue
+            events.append(json.loads(message))
+            if events[-1]["type"] == kind:
+                return bytes(audio), events
+
+
+async def test_ws_metadata_speak_flush(base: str, fake: FakeDeepgram) -> None:
+    ws = await ws_connect(base)
+    metadata = json.loads(await ws.recv())
+    assert metadata["type"] == "Metadata" and metadata["model_name"] == "aura-2-thalia-en"
+    assert {"request_id", "model_version", "model_uuid"} <= metadata.keys()
+    await send(ws, "Speak", text="Hello ")
+    await send(ws, "Speak", text="world.")
+    await send(ws, "Flush")
+    audio, events = await until(ws, "Flushed")
+    assert audio == fake.audio_for("Hello world.")
+    assert events[-1] == {"type": "Flushed", "sequence_id": 0}
+    await send(ws, "Speak", text="Again.")
+    await send(ws, "Flush")
+    audio, events = await until(ws, "Flushed")
+    assert audio == fake.audio_for("Again.") and events[-1]["sequence_id"] == 1
+    await ws.close()
+    assert fake.ws_connections == 1
+    assert [m["type"] for m in fake.ws_messages] == ["Speak", "Speak", "Flush", "Speak", "Flush"]
+
+
+async def test_ws_clear_drops_audio_then_cleared(base: str, fake: FakeDeepgram) -> None:
+    fake.bytes_per_second = 16000
+    ws = await ws_connect(base)
+    await ws.recv()
+    await send(ws, "Speak", text="A long sentence that takes a while to say.")
+    await send(ws, "Flush")
+    first = await ws.recv()
+    assert isinstance(first, bytes)
+    await send(ws, "Clear")
+    stale, events = await until(ws, "Cleared")
+    assert events[-1] == {"type": "Cleared", "sequence_id": 0}
+    assert len(first) + len(stale) < len(
+        fake.audio_for("A long sentence that takes a while to say.")
+    )
+    assert all(e["type"] != "Flushed" for e in events)
+    await send(ws, "Speak", text="Fresh.")
+    await send(ws, "Flush")
+    audio, _ = await until(ws, "Flushed")
+    assert audio == fake.audio_for("Fresh.")  # nothing of the cleared utterance
+    await ws.close()
+
+
+async def test_ws_close_message_flushes_then_closes(base: str, fake: FakeDeepgram) -> None:
+    ws = await ws_connect(base)
+    await ws.recv()
+    await send(ws, "Speak", text="Bye.")
+    await send(ws, "Close")
+    audio = bytearray()
+    with pytest.raises(ConnectionClosed) as info:
+        async with asyncio.timeout(5):
+            while True:
+                message = await ws.recv()
+                audio += message if isinstance(message, bytes) else b""
+    assert bytes(audio) == fake.audio_for("Bye.")
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1000
+
+
+async def test_ws_flush_limit_warns_and_ignores() -> None:
+    clock = Clock()
+    fake = FakeDeepgram(first_byte_delay=0.0, clock=clock)
+    async with serve_asgi(fake.app) as base:
+        ws = await ws_connect(base)
+        await ws.recv()
+        for _ in range(20):
+            await send(ws, "Speak", text="a")
+            await send(ws, "Flush")
+            await until(ws, "Flushed")
+        await send(ws, "Speak", text="b")
+        await send(ws, "Flush")
+        audio, events = await until(ws, "Warning")
+        assert audio == b"" and "limit" in events[-1]["description"].lower()
+        clock.now += 60
+        await send(ws, "Flush")  # the buffered "b" is still there
+        audio, _ = await until(ws, "Flushed")
+        assert audio == fake.audio_for("b")
+        await ws.close()
+
+
+async def test_ws_speak_over_limit_closes(base: str) -> None:
+    ws = await ws_connect(base)
+    await ws.recv()
+    await send(ws, "Speak", text="x" * 2001)
+    with pytest.raises(ConnectionClosed) as info:
+        async with asyncio.timeout(5):
+            await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+async def test_ws_handshake_refused(base: str, fake: FakeDeepgram) -> None:
+    cases = [
+        (WS_QUERY, "wrong", 401),
+        ("?model=nope", "test-key", 400),
+        ("?encoding=mp3", "test-key", 400),
+        ("?container=wav", "test-key", 400),
+    ]
+    for query, key, status in cases:
+        with pytest.raises(InvalidStatus) as info:
+            await ws_connect(base, query, key)
+        response = info.value.response
+        assert response.status_code == status
+        body = json.loads(bytes(response.body or b""))
+        assert body["request_id"] == response.headers["dg-request-id"]
+        assert json.loads(response.headers["dg-error"])["err_code"] == body["err_code"]
+    assert fake.ws_connections == len(cases) and fake.ws_open == 0
+
+
+async def test_ws_defaults_to_linear16_24k(base: str, fake: FakeDeepgram) -> None:
+    ws = await ws_connect(base, "")
+    await ws.recv()
+    await send(ws, "Speak", text="Hi")
+    await send(ws, "Flush")
+    audio, _ = await until(ws, "Flushed")
+    assert audio == fake.audio_for("Hi", "linear16", 24000)
+    await ws.close()
+
+
+async def test_ws_refuse_fault_then_accept(base: str, fake: FakeDeepgram) -> None:
+    fake.refuse_ws(503, {"err_code": "BUSY", "err_msg": "later"})
+    with pytest.raises(InvalidStatus) as info:
+        await ws_connect(base)
+    assert info.value.response.status_code == 503
+    ws = await ws_connect(base)
+    await ws.close()
+    assert fake.ws_connections == 2
+
+
+async def test_ws_close_after_bytes(base: str, fake: FakeDeepgram) -> None:
+    fake.ws_close_after(500, 1011, "boom")
+    ws = await ws_connect(base)
+    await ws.recv()
+    await send(ws, "Speak", text="Hello there.")
+    await send(ws, "Flush")
+    audio = bytearray()
+    with pytest.raises(ConnectionClosed) as info:
+        async with asyncio.timeout(5):
+            while True:
+                message = await ws.recv()
+                audio += message if isinstance(message, bytes) else b""
+    assert len(audio) == 500
+    assert info.value.rcvd is not None and (info.value.rcvd.code, info.value.rcvd.reason) == (
+        1011,
+        "boom",
+    )
+
+
+async def test_ws_close_after_flushed(base: str, fake: FakeDeepgram) -> None:
+    fake.ws_close_after_flushed(1001, "going away")
+    ws = await ws_connect(base)
+    await ws.recv()
+    await send(ws, "Speak", text="Hi.")
+    await send(ws, "Flush")
+    await until(ws, "Flushed")
+    async with asyncio.timeout(5):
+        await ws.wait_closed()
+    assert ws.close_code == 1001
+
+
+async def test_ws_stall_then_clear_recovers(base: str, fake: FakeDeepgram) -> None:
+    fake.ws_stall()
+    ws = await ws_connect(base)
+    await ws.recv()
+    await send(ws, "Speak", text="Hi.")
+    await send(ws, "Flush")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await ws.recv()
+    await send(ws, "Clear")
+    _, events = await until(ws, "Cleared")
+    assert [e["type"] for e in events] == ["Cleared"]
+    await ws.close()
+
+
+async def test_ws_warning_fault(base: str, fake: FakeDeepgram) -> None:
+    fake.ws_warn("flush rate high", "FLUSH_RATE")
+    ws = await ws_connect(base)
+    await ws.recv()
+    await send(ws, "Speak", text="Hi.")
+    await send(ws, "Flush")
+    audio, events = await until(ws, "Flushed")
+    assert events[0] == {"type": "Warning", "description": "flush rate high", "code": "FLUSH_RATE"}
+    assert audio == fake.audio_for("Hi.")
+    await ws.close()
