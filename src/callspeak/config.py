@@ -46,6 +46,17 @@ class Settings(BaseSettings):
     deepgram_model: str = Field("aura-2-thalia-en", description="Deepgram Aura model.")
     deepgram_url: str = Field("https://api.deepgram.com", description="Deepgram REST base URL.")
     deepgram_ws_url: str = Field("wss://api.deepgram.com", description="Deepgram WebSocket base.")
+    deepgram_first_byte_timeout: float = Field(
+        2.0, gt=0, description="Seconds to wait for Deepgram's first audio byte."
+    )
+    deepgram_stall_timeout: float = Field(
+        1.5, gt=0, description="Seconds Deepgram may go silent mid-stream before we give up."
+    )
+    fallback: str = Field(
+        "piper",
+        description="Comma-separated voices to fall back to, in order, when the chosen one "
+        "fails ('none' for none); the pre-rendered apology always comes last.",
+    )
     max_lead_ms: int = Field(
         1000, ge=40, le=60_000, description="How far audio may run ahead of the caller's playback."
     )
@@ -70,6 +81,29 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("fallback")
+    @classmethod
+    def _check_fallback(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        if names == ["none"] or not names:
+            return "none"
+        unknown = [n for n in names if n not in ("piper", "deepgram", "deepgram-ws")]
+        if unknown:
+            raise ValueError(
+                f"unknown fallback voice(s) {unknown}: use piper, deepgram, deepgram-ws"
+            )
+        return ",".join(names)
+
+    def fallback_chain(self) -> list[Literal["piper", "deepgram", "deepgram-ws"]]:
+        """The voices after the chosen one, without repeats or the chosen one itself."""
+        if self.fallback == "none":
+            return []
+        chain: list[Literal["piper", "deepgram", "deepgram-ws"]] = []
+        for name in self.fallback.split(","):
+            if name != self.resolved_tts() and name not in chain:
+                chain.append(name)  # type: ignore[arg-type]
+        return chain
 
     def resolved_tts(self) -> Literal["piper", "deepgram", "deepgram-ws"]:
         """The engine ``auto`` stands for, given the credentials present."""

@@ -49,7 +49,7 @@ from callspeak.protocol import (
     encode_media,
 )
 from callspeak.speech import SpeechStatus, Utterance, mark_name, parse_mark_name
-from callspeak.tts.base import TTSError, TTSProvider
+from callspeak.tts.base import TTSError, TTSProvider, aclose_stream
 from callspeak.tts.sentences import split_sentences
 
 __all__ = ["CallSession", "SessionClosed", "SpeechQueueFull", "Transport", "TransportClosed"]
@@ -404,7 +404,7 @@ class CallSession:
                         for frame in converter.push(chunk):
                             await frames.put((index, frame))
                 finally:
-                    await _aclose(stream)
+                    await aclose_stream(stream)
                 for frame in converter.flush():
                     await frames.put((index, frame))
                 await frames.put((index, None))
@@ -500,9 +500,3 @@ class CallSession:
 
     def _ids(self) -> dict[str, str]:
         return {"call_sid": self.call_sid or "-", "stream_sid": self.stream_sid or "-"}
-
-
-async def _aclose(stream: object) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()

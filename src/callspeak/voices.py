@@ -1,21 +1,62 @@
-"""Choosing the voice engine from the settings."""
+"""Choosing the voice engines from the settings: the chosen one, then its fallbacks."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Literal
 
 from callspeak.config import Settings
 from callspeak.tts.base import TTSService
+from callspeak.tts.fallback import FallbackService
 
-__all__ = ["make_tts_service"]
+__all__ = ["VoiceSetupError", "make_engine", "make_tts_service"]
+
+log = logging.getLogger("callspeak.tts")
 
 
-def make_tts_service(settings: Settings) -> TTSService:
-    """The engine ``settings.tts`` names (``auto``: Deepgram when a key is set, else Piper)."""
-    choice = settings.resolved_tts()
-    if choice == "piper":
+class VoiceSetupError(ValueError):
+    """The settings name a voice that cannot be built (e.g. Deepgram without an API key)."""
+
+
+def make_engine(
+    settings: Settings, name: Literal["piper", "deepgram", "deepgram-ws"]
+) -> TTSService:
+    """One engine, configured from ``settings``."""
+    if name == "piper":
         from callspeak.tts.piper import PiperService
 
         model = Path(settings.piper_model) if settings.piper_model else None
         return PiperService(model, workers=settings.synth_workers or None)
-    raise NotImplementedError(f"voice engine {choice!r} is not available yet")
+    key = settings.deepgram_api_key.get_secret_value() if settings.deepgram_api_key else ""
+    if not key:
+        raise VoiceSetupError(f"the {name} voice needs DEEPGRAM_API_KEY to be set")
+    if name == "deepgram":
+        from callspeak.tts.deepgram_rest import DeepgramRestService
+
+        return DeepgramRestService(
+            key,
+            model=settings.deepgram_model,
+            base_url=settings.deepgram_url,
+            first_byte_timeout=settings.deepgram_first_byte_timeout,
+            stall_timeout=settings.deepgram_stall_timeout,
+        )
+    from callspeak.tts.deepgram_ws import DeepgramWebSocketService
+
+    return DeepgramWebSocketService(
+        key,
+        model=settings.deepgram_model,
+        ws_url=settings.deepgram_ws_url,
+        receive_timeout=settings.deepgram_first_byte_timeout,
+    )
+
+
+def make_tts_service(settings: Settings) -> TTSService:
+    """The chosen engine behind a fallback chain (``CALLSPEAK_FALLBACK``) and the apology."""
+    engines = [make_engine(settings, settings.resolved_tts())]
+    for name in settings.fallback_chain():
+        try:
+            engines.append(make_engine(settings, name))
+        except VoiceSetupError as exc:
+            log.warning("fallback voice %s skipped: %s", name, exc)
+    return FallbackService(engines)

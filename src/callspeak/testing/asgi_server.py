@@ -35,6 +35,8 @@ async def serve_asgi(
     bound_port = sock.getsockname()[1]
     config.setdefault("log_level", "warning")
     config.setdefault("lifespan", "auto")
+    # A stalled test peer must not hold the shutdown for long.
+    config.setdefault("timeout_graceful_shutdown", 2)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=bound_port, **config))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from callspeak.audio.format import AudioFormat
 
-__all__ = ["TTSAuthError", "TTSError", "TTSProvider", "TTSService"]
+__all__ = ["TTSAuthError", "TTSError", "TTSProvider", "TTSService", "aclose_stream"]
 
 
 class TTSError(Exception):
@@ -124,3 +124,10 @@ class TTSService(Protocol):
     async def aclose(self) -> None:
         """Release everything. Idempotent."""
         ...
+
+
+async def aclose_stream(stream: AsyncIterator[bytes]) -> None:
+    """Close an audio stream early (an async generator's ``aclose``), ending the engine's work."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -145,7 +145,7 @@ class DeepgramWebSocketProvider:
         self._closed = False
         self.request_id: str | None = None  #: from the current socket's Metadata
 
-    async def stream(self, text: str) -> AsyncIterator[bytes]:
+    async def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
         """Audio of ``text`` until ``Flushed``. One active stream per provider."""
         chunks = chunk_text(text, DEFAULT_CHUNK_LIMIT)
         if not chunks:

@@ -1,0 +1,180 @@
+"""Failover between voice engines, ending in a pre-rendered apology: a caller never hears silence.
+
+:class:`FallbackService` chains engines, e.g. Deepgram → Piper. For each text (the session asks
+sentence by sentence) its provider tries the engines in order:
+
+* an engine whose service is unhealthy (credentials refused) is skipped;
+* a failure before any audio of the text was yielded, at the start of an utterance, is retried
+  once on the same engine when it is retryable (429, 5xx, timeouts, a stall, a cut);
+* any other failure moves on to the next engine — a text cut mid-stream is spoken again from its
+  start by the next voice (where the cut fell in the text is unknowable), and the rest of that
+  utterance stays on the voice that took over;
+* when every engine has failed, the pre-rendered apology is yielded instead.
+
+Every failure is logged with its cause (status, Deepgram's ``err_code``, request id). Output is
+always Twilio's format; an engine with another format is converted on the way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from importlib import resources
+
+from callspeak.audio.convert import TwilioAudioConverter
+from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
+from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService, aclose_stream
+
+__all__ = ["APOLOGY_TEXT", "FallbackService", "load_apology"]
+
+log = logging.getLogger("callspeak.tts")
+
+APOLOGY_TEXT = "Sorry, I can't speak right now. Please try again later."
+
+
+def load_apology() -> bytes:
+    """The apology, μ-law 8 kHz, rendered with the offline voice by scripts/render_apology.py."""
+    return resources.files("callspeak.data").joinpath("apology.ulaw").read_bytes()
+
+
+class FallbackService:
+    """Engines in order of preference (implements :class:`~callspeak.tts.base.TTSService`)."""
+
+    def __init__(self, services: Sequence[TTSService], *, apology: bytes | None = None) -> None:
+        if not services:
+            raise ValueError("a fallback chain needs at least one engine")
+        self._services = list(services)
+        self._apology = load_apology() if apology is None else apology
+
+    @property
+    def services(self) -> list[TTSService]:
+        return list(self._services)
+
+    @property
+    def name(self) -> str:
+        return " > ".join(service.name for service in self._services)
+
+    @property
+    def healthy(self) -> bool:
+        """The preferred engine is usable (the others are there for bad moments)."""
+        return self._services[0].healthy
+
+    async def start(self) -> None:
+        """Start every engine. A fallback that cannot start is dropped with an error in the log;
+        the preferred engine failing to start is fatal."""
+        await self._services[0].start()
+        usable = [self._services[0]]
+        for service in self._services[1:]:
+            try:
+                await service.start()
+            except Exception as exc:
+                log.error(
+                    "fallback voice %s unavailable, dropped from the chain: %s", service.name, exc
+                )
+                continue
+            usable.append(service)
+        self._services = usable
+
+    async def prerender(self, texts: Sequence[str]) -> None:
+        """Let the preferred engine cache ``texts`` if it keeps a cache (the local voice does)."""
+        prerender = getattr(self._services[0], "prerender", None)
+        if prerender is not None:
+            await prerender(texts)
+
+    def open(self) -> TTSProvider:
+        return _FallbackProvider(
+            [(service, service.open()) for service in self._services], self._apology
+        )
+
+    async def aclose(self) -> None:
+        for service in self._services:
+            await service.aclose()
+
+
+class _FallbackProvider:
+    def __init__(self, chain: list[tuple[TTSService, TTSProvider]], apology: bytes) -> None:
+        self._chain = chain
+        self._apology = apology
+        self._first = 0  # index of the engine the current utterance stays on
+
+    @property
+    def name(self) -> str:
+        return self._chain[self._first][1].name
+
+    @property
+    def audio_format(self) -> AudioFormat:
+        return TWILIO_FORMAT
+
+    async def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
+        if not continuation:
+            self._first = 0  # a new utterance tries the preferred voice again
+        failures: list[TTSError] = []
+        for index in range(self._first, len(self._chain)):
+            service, provider = self._chain[index]
+            if not service.healthy and index < len(self._chain) - 1:
+                continue
+            retry = not continuation
+            while True:
+                yielded = False
+                try:
+                    async for chunk in self._converted(provider, text, continuation):
+                        yielded = True
+                        yield chunk
+                    if index != self._first:
+                        self._first = index
+                    return
+                except TTSError as exc:
+                    failures.append(exc)
+                    again = retry and not yielded and exc.retryable
+                    retry = False
+                    _log_failure(provider.name, exc, yielded=yielded, retrying=again)
+                    if not again:
+                        break
+            # The next engine takes over this text and the rest of the utterance.
+            self._first = min(index + 1, len(self._chain) - 1)
+        causes = "; ".join(str(exc) for exc in failures) or "no engine is healthy"
+        log.error("every voice failed, playing the apology: %s", causes)
+        yield self._apology
+
+    async def _converted(
+        self, provider: TTSProvider, text: str, continuation: bool
+    ) -> AsyncIterator[bytes]:
+        source = provider.audio_format
+        stream = provider.stream(text, continuation=continuation)
+        try:
+            if source == TWILIO_FORMAT:
+                async for chunk in stream:
+                    yield chunk
+                return
+            converter = TwilioAudioConverter(source)
+            async for chunk in stream:
+                frames = converter.push(chunk)
+                if frames:
+                    yield b"".join(frames)
+            tail = converter.flush()
+            if tail:
+                yield b"".join(tail)
+        finally:
+            await aclose_stream(stream)
+
+    async def clear(self) -> None:
+        for _, provider in self._chain:
+            try:
+                await provider.clear()
+            except TTSError as exc:
+                log.warning("clearing %s failed: %s", provider.name, exc)
+
+    async def aclose(self) -> None:
+        for _, provider in self._chain:
+            await provider.aclose()
+
+
+def _log_failure(name: str, exc: TTSError, *, yielded: bool, retrying: bool) -> None:
+    if isinstance(exc, TTSAuthError):
+        what = "refused the credentials"
+    elif yielded:
+        what = "failed mid-stream"
+    else:
+        what = "failed before any audio"
+    then = "retrying once" if retrying else "falling back"
+    log.warning("voice %s %s (%s); %s", name, what, exc, then)

@@ -1,0 +1,247 @@
+"""Failover between voices: every Deepgram failure ends with the caller hearing speech."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+
+from callspeak.config import Settings
+from callspeak.emulator import DialOptions, dial
+from callspeak.server import create_app
+from callspeak.testing.asgi_server import serve_asgi
+from callspeak.testing.fake_deepgram import FakeDeepgram
+from callspeak.tts.base import TTSAuthError, TTSError
+from callspeak.tts.deepgram_rest import DeepgramRestService
+from callspeak.tts.deepgram_ws import DeepgramWebSocketService
+from callspeak.tts.fallback import FallbackService, load_apology
+from tests.fakes import FakeProvider, FakeService, tone_for
+
+KEY = "test-key"
+TEXT = "Your appointment is confirmed."
+
+
+class ScriptedProvider(FakeProvider):
+    """Fails the first ``failures`` streams, optionally after some audio."""
+
+    def __init__(self, errors: list[TTSError], after_bytes: int = 0) -> None:
+        super().__init__(chunk=160)
+        self.errors = list(errors)
+        self.after_bytes = after_bytes
+
+    async def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
+        self.texts.append(text)
+        self.continuations.append(continuation)
+        if self.errors:
+            error = self.errors.pop(0)
+            if self.after_bytes:
+                yield tone_for(text)[: self.after_bytes]
+            raise error
+        yield tone_for(text)
+
+
+class ScriptedService(FakeService):
+    def __init__(self, provider: ScriptedProvider) -> None:
+        super().__init__("primary")
+        self.provider = provider
+
+    def open(self) -> ScriptedProvider:  # type: ignore[override]
+        return self.provider
+
+
+async def collect(service: FallbackService, text: str, continuation: bool = False) -> bytes:
+    provider = service.open()
+    return b"".join([c async for c in provider.stream(text, continuation=continuation)])
+
+
+def retryable(msg: str = "503") -> TTSError:
+    return TTSError("primary", msg, retryable=True, status=503, request_id="req-1")
+
+
+async def test_retryable_failure_before_audio_is_retried_once_on_the_same_voice() -> None:
+    primary = ScriptedProvider([retryable()])
+    chain = FallbackService([ScriptedService(primary), FakeService("backup")], apology=b"sorry")
+    assert await collect(chain, TEXT) == tone_for(TEXT)
+    assert primary.texts == [TEXT, TEXT]
+
+
+async def test_second_failure_falls_back_and_logs_the_cause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    primary = ScriptedProvider([retryable(), retryable()])
+    backup = FakeService("backup")
+    chain = FallbackService([ScriptedService(primary), backup], apology=b"sorry")
+    with caplog.at_level(logging.WARNING, "callspeak.tts"):
+        assert await collect(chain, TEXT) == tone_for(TEXT)
+    assert backup.providers[0].texts == [TEXT]
+    assert "request_id=req-1" in caplog.text and "falling back" in caplog.text
+
+
+async def test_mid_stream_cut_continues_the_utterance_on_the_fallback() -> None:
+    primary = ScriptedProvider([retryable("cut")], after_bytes=400)
+    backup = FakeService("backup")
+    chain = FallbackService([ScriptedService(primary), backup], apology=b"sorry")
+    provider = chain.open()
+    first = b"".join([c async for c in provider.stream("One.")])
+    # What was heard of the cut sentence, then the sentence again on the backup voice.
+    assert first == tone_for("One.")[:400] + tone_for("One.")
+    assert primary.texts == ["One."]  # no retry: audio had already played
+    second = b"".join([c async for c in provider.stream("Two.", continuation=True)])
+    assert second == tone_for("Two.") and backup.providers[0].texts == ["One.", "Two."]
+    assert primary.texts == ["One."]  # the rest of the utterance stayed on the backup
+    third = b"".join([c async for c in provider.stream("Three.")])
+    assert third == tone_for("Three.")
+    assert primary.texts == ["One.", "Three."]  # a new utterance tries the preferred voice
+
+
+async def test_auth_failure_marks_unhealthy_and_everything_failing_plays_the_apology() -> None:
+    auth = TTSAuthError("primary", "bad key")
+    primary = ScriptedProvider([auth])
+    only = ScriptedService(primary)
+    chain = FallbackService([only], apology=b"\x01sorry")
+    assert await collect(chain, TEXT) == b"\x01sorry"
+    assert primary.texts == [TEXT]  # an auth failure is never retried
+    assert load_apology()[:4] != b"RIFF" and len(load_apology()) > 8000
+
+
+# -- against the fake Deepgram, over real sockets, through the server and the emulator ----------
+
+
+async def call_through(
+    fake: FakeDeepgram, *, websocket: bool = False, backup: FakeService | None = None
+) -> tuple[bytes, FakeService | None]:
+    async with serve_asgi(fake.app) as dg_url:
+        if websocket:
+            primary: object = DeepgramWebSocketService(
+                KEY,
+                ws_url=dg_url.replace("http", "ws"),
+                receive_timeout=0.5,
+                max_reconnects=1,
+                backoff=0.01,
+            )
+        else:
+            primary = DeepgramRestService(
+                KEY, base_url=dg_url, first_byte_timeout=0.5, stall_timeout=0.3
+            )
+        engines = [primary] + ([backup] if backup else [])
+        chain = FallbackService(engines, apology=load_apology())  # type: ignore[arg-type]
+        app = create_app(Settings(greeting=TEXT), tts=chain)
+        async with serve_asgi(app) as url:
+            report = await dial(
+                DialOptions(url=url.replace("http", "ws") + "/twilio", quiet_seconds=0.7)
+            )
+        await chain.aclose()
+    return bytes(report.played), backup
+
+
+REST_FAULTS = {
+    "401 invalid auth": lambda f: f.fail_next(
+        401, {"err_code": "INVALID_AUTH", "err_msg": "Invalid credentials.", "request_id": "r401"}
+    ),
+    "403 insufficient permissions": lambda f: f.fail_next(
+        403, {"err_code": "INSUFFICIENT_PERMISSIONS", "err_msg": "no", "request_id": "r403"}
+    ),
+    "429 too many requests": lambda f: f.fail_next(
+        429,
+        {"err_code": "TOO_MANY_REQUESTS", "err_msg": "slow down", "request_id": "r429"},
+        count=2,
+    ),
+    "500 plain text": lambda f: f.fail_next(500, "Internal Server Error", count=2),
+    "503 error_code": lambda f: f.fail_next(
+        503, {"error_code": "SERVICE_UNAVAILABLE", "err_msg": "busy"}, count=2
+    ),
+    "stall before first byte": lambda f: f.stall_after(0, count=2),
+    "stall mid-stream": lambda f: f.stall_after(1000),
+    "cut mid-stream": lambda f: f.cut_after(1000),
+}
+
+CAUSES = {
+    "401 invalid auth": "INVALID_AUTH",
+    "403 insufficient permissions": "INSUFFICIENT_PERMISSIONS",
+    "429 too many requests": "status=429",
+    "500 plain text": "status=500",
+    "503 error_code": "SERVICE_UNAVAILABLE",
+    "stall before first byte": "deepgram",
+    "stall mid-stream": "stall",
+    "cut mid-stream": "deepgram",
+}
+
+
+@pytest.mark.parametrize("fault", list(REST_FAULTS))
+async def test_rest_failure_ends_with_the_fallback_voice(
+    fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01)
+    REST_FAULTS[fault](fake)
+    with caplog.at_level(logging.WARNING, "callspeak.tts"):
+        played, backup = await call_through(fake, backup=FakeService("backup"))
+    assert backup is not None and backup.providers[0].texts == [TEXT]
+    assert played.endswith(tone_for(TEXT)) or tone_for(TEXT) in played
+    assert CAUSES[fault] in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize(
+    "fault",
+    ["refuse 401", "close mid-stream", "stall"],
+)
+async def test_websocket_failure_ends_with_the_fallback_voice(
+    fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01)
+    if fault == "refuse 401":
+        fake.refuse_ws(401, count=None)
+    elif fault == "close mid-stream":
+        fake.ws_close_after(500, 1011, "internal error", count=None)
+    else:
+        fake.ws_stall(count=None)
+    with caplog.at_level(logging.WARNING, "callspeak.tts"):
+        played, backup = await call_through(fake, websocket=True, backup=FakeService("backup"))
+    assert backup is not None and tone_for(TEXT) in played
+    assert "deepgram-ws" in caplog.text and "falling back" in caplog.text
+
+
+async def test_when_every_voice_fails_the_caller_hears_the_apology(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01)
+    fake.fail_next(
+        503,
+        {"err_code": "SERVICE_UNAVAILABLE", "err_msg": "down", "request_id": "r503"},
+        count=None,
+    )
+    with caplog.at_level(logging.WARNING, "callspeak.tts"):
+        played, _ = await call_through(fake)
+    apology = load_apology()
+    assert played.rstrip(b"\xff") == apology.rstrip(b"\xff")
+    assert "every voice failed" in caplog.text and "r503" in caplog.text
+
+
+async def test_healthy_deepgram_streams_bytes_untouched() -> None:
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01, chunk_size=333)
+    played, _ = await call_through(fake)
+    expected = fake.audio_for(TEXT)
+    assert played.rstrip(b"\xff") == expected.rstrip(b"\xff")
+
+
+async def test_refused_credentials_make_health_degraded_and_name_the_setting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import httpx
+
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01)
+    fake.fail_next(401, {"err_code": "INVALID_AUTH", "err_msg": "Invalid credentials."}, count=None)
+    async with serve_asgi(fake.app) as dg_url:
+        chain = FallbackService(
+            [DeepgramRestService("wrong-key", base_url=dg_url), FakeService("backup")]
+        )
+        app = create_app(Settings(greeting=TEXT), tts=chain)
+        async with serve_asgi(app) as url, httpx.AsyncClient(base_url=url) as client:
+            assert (await client.get("/healthz")).json()["status"] == "ok"
+            with caplog.at_level(logging.WARNING, "callspeak.tts"):
+                report = await dial(DialOptions(url=url.replace("http", "ws") + "/twilio"))
+            health = (await client.get("/healthz")).json()
+        await chain.aclose()
+    assert tone_for(TEXT) in bytes(report.played)
+    assert health["status"] == "degraded" and health["voice"] == "deepgram > backup"
+    assert "DEEPGRAM_API_KEY" in caplog.text
