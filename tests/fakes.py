@@ -76,6 +76,7 @@ class FakeProvider:
         self._format = audio_format
         self.texts: list[str] = []
         self.continuations: list[bool] = []
+        self.aheads: list[float] = []
         self.cleared = 0
         self.closed = False
         self.cancelled = 0
@@ -88,9 +89,12 @@ class FakeProvider:
     def audio_format(self) -> AudioFormat:
         return self._format
 
-    async def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
         self.texts.append(text)
         self.continuations.append(continuation)
+        self.aheads.append(ahead)
         if self.fail_on is not None and self.fail_on in text:
             raise TTSError("fake", f"refused {text!r}", retryable=False)
         audio = tone_for(text)

@@ -23,7 +23,7 @@ from callspeak.protocol import (
     StreamSid,
     parse_outbound,
 )
-from callspeak.tts.piper import PiperService
+from callspeak.tts.piper import PiperService, split_first_clause
 from callspeak.tts.sentences import split_sentences
 from tests.conftest import RunningServer
 
@@ -31,8 +31,9 @@ from tests.conftest import RunningServer
 def rendered(piper: PiperService, text: str) -> bytes:
     """What the voice produces for ``text``, sentence by sentence, padded to whole frames."""
     out = b""
-    for sentence in split_sentences(text):
-        audio = piper.render_sentence(sentence)
+    for index, sentence in enumerate(split_sentences(text)):
+        pieces = split_first_clause(sentence) if index == 0 else [sentence]  # as the voice does
+        audio = b"".join(piper.render_sentence(piece) for piece in pieces)
         out += audio + b"\xff" * (-len(audio) % 160)
     return out
 

@@ -30,7 +30,9 @@ class ScriptedProvider(FakeProvider):
         self.errors = list(errors)
         self.after_bytes = after_bytes
 
-    async def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
         self.texts.append(text)
         self.continuations.append(continuation)
         if self.errors:

@@ -19,7 +19,7 @@ async def test_lower_priority_value_runs_first_ties_in_order() -> None:
         await asyncio.sleep(0.05)
         jobs = [
             asyncio.ensure_future(pool.run(lambda n=name: order.append(n), priority=p))
-            for name, p in [("first-a", 1.0), ("cont", 0.0), ("first-b", 1.0)]
+            for name, p in [("first-a", (1.0, 5.0)), ("cont", (0.0, 9.0)), ("first-b", (1.0, 5.0))]
         ]
         await asyncio.sleep(0.05)
         gate.set()

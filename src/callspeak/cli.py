@@ -26,6 +26,7 @@ _SERVE_FLAGS: dict[str, dict[str, Any]] = {
     "tts": {"choices": ["auto", "piper", "deepgram", "deepgram-ws"], "help": "voice engine"},
     "piper-model": {"help": "path to a Piper .onnx voice (default: bundled joe)"},
     "synth-workers": {"type": int, "help": "synthesis threads (0 = one per core)"},
+    "piper-cache-mb": {"type": float, "help": "cache of rendered sentences (0 = none)"},
     "deepgram-model": {"help": "Deepgram Aura model (CALLSPEAK_DEEPGRAM_MODEL)"},
     "deepgram-url": {"help": "Deepgram REST base URL (CALLSPEAK_DEEPGRAM_URL)"},
     "deepgram-ws-url": {"help": "Deepgram WebSocket base URL (CALLSPEAK_DEEPGRAM_WS_URL)"},
@@ -34,6 +35,10 @@ _SERVE_FLAGS: dict[str, dict[str, Any]] = {
     "log-level": {"choices": ["debug", "info", "warning", "error"]},
     "log-format": {"choices": ["text", "json"]},
 }
+
+
+class UsageError(Exception):
+    """A command line that cannot be carried out; main() prints it and exits 2."""
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
@@ -50,7 +55,7 @@ def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise SystemExit(f"callspeak: --param takes name=value, not {pair!r}")
+            raise UsageError(f"--param takes name=value, not {pair!r}")
         params[name] = value
     return params
 
@@ -62,9 +67,9 @@ def _parse_dtmf(items: Sequence[str]) -> list[tuple[float, str]]:
         try:
             when = float(at)
         except ValueError:
-            raise SystemExit(f"callspeak: --dtmf takes SECONDS:DIGITS, not {item!r}") from None
+            raise UsageError(f"--dtmf takes SECONDS:DIGITS, not {item!r}") from None
         if not sep or not digits:
-            raise SystemExit(f"callspeak: --dtmf takes SECONDS:DIGITS, not {item!r}")
+            raise UsageError(f"--dtmf takes SECONDS:DIGITS, not {item!r}")
         out += [(when + 0.1 * i, d) for i, d in enumerate(digits)]
     return out
 
@@ -137,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_demo(args))
     except ValidationError as exc:
         print(f"callspeak: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"callspeak: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     )
     piper_model: str | None = Field(None, description="Path to a Piper .onnx voice (default: joe).")
     synth_workers: int = Field(0, ge=0, description="Synthesis threads; 0 = one per CPU core.")
+    piper_cache_mb: float = Field(
+        8.0, ge=0, description="Memory for rendered sentences of the offline voice (0 = no cache)."
+    )
     deepgram_api_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("deepgram_api_key", "DEEPGRAM_API_KEY")
     )

@@ -363,6 +363,8 @@ class CallSession:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                elif not task.cancelled():
+                    task.exception()  # retrieved here even when the speaker is cancelled below
                 self._current_task = None
                 if self._current is utterance:
                     self._current = None
@@ -395,10 +397,10 @@ class CallSession:
         try:
             for index, sentence in enumerate(utterance.sentences):
                 converter = TwilioAudioConverter(self._provider.audio_format)
-                # Later sentences, and any text while the caller still hears audio, continue
-                # speech in progress: the engine should not let them wait behind new calls.
-                continuation = index > 0 or self._pacer.lead(self._clock.now()) > 0
-                stream = self._provider.stream(sentence, continuation=continuation)
+                # How long the caller can wait for this sentence without a gap: what is sent
+                # and not yet played, plus what is produced and not yet sent.
+                ahead = self._pacer.lead(self._clock.now()) + frames.qsize() * FRAME_SECONDS
+                stream = self._provider.stream(sentence, continuation=index > 0, ahead=ahead)
                 try:
                     async for chunk in stream:
                         for frame in converter.push(chunk):

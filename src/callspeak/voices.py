@@ -27,7 +27,11 @@ def make_engine(
         from callspeak.tts.piper import PiperService
 
         model = Path(settings.piper_model) if settings.piper_model else None
-        return PiperService(model, workers=settings.synth_workers or None)
+        return PiperService(
+            model,
+            workers=settings.synth_workers or None,
+            cache_bytes=int(settings.piper_cache_mb * 1024 * 1024),
+        )
     key = settings.deepgram_api_key.get_secret_value() if settings.deepgram_api_key else ""
     if not key:
         raise VoiceSetupError(f"the {name} voice needs DEEPGRAM_API_KEY to be set")

@@ -83,12 +83,16 @@ class TTSProvider(Protocol):
         """The format of every chunk :meth:`stream` yields."""
         ...
 
-    def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
+    def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
         """Stream the audio of ``text``, first bytes first.
 
-        ``continuation`` says the caller is already hearing speech that this text continues: an
-        engine that schedules work (the local voice does) should put it ahead of new calls'
-        first words, so the call already speaking never runs dry. Engines may ignore it.
+        Scheduling hints, which engines may ignore: ``continuation`` says this text continues an
+        utterance already under way; ``ahead`` is how many seconds of this call's audio are
+        already produced and not yet played — how long the caller can wait for this text without
+        hearing a gap (0: the caller is waiting now). The local voice runs its work earliest
+        deadline first from it.
         """
         ...
 

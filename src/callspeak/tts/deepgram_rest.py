@@ -131,7 +131,9 @@ class DeepgramRestProvider:
         self._closed = False
         self._deadline: asyncio.Timeout | None = None  # the read in flight, so aclose can end it
 
-    async def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
         """Audio of ``text``: one request per ≤2000-character chunk, in order, streamed."""
         for chunk in chunk_text(text, DEFAULT_CHUNK_LIMIT):
             self._check_open()

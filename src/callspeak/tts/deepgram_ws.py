@@ -145,7 +145,9 @@ class DeepgramWebSocketProvider:
         self._closed = False
         self.request_id: str | None = None  #: from the current socket's Metadata
 
-    async def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
         """Audio of ``text`` until ``Flushed``. One active stream per provider."""
         chunks = chunk_text(text, DEFAULT_CHUNK_LIMIT)
         if not chunks:

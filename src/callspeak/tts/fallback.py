@@ -105,7 +105,9 @@ class _FallbackProvider:
     def audio_format(self) -> AudioFormat:
         return TWILIO_FORMAT
 
-    async def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
         if not continuation:
             self._first = 0  # a new utterance tries the preferred voice again
         failures: list[TTSError] = []
@@ -117,7 +119,7 @@ class _FallbackProvider:
             while True:
                 yielded = False
                 try:
-                    async for chunk in self._converted(provider, text, continuation):
+                    async for chunk in self._converted(provider, text, continuation, ahead):
                         yielded = True
                         yield chunk
                     if index != self._first:
@@ -137,10 +139,10 @@ class _FallbackProvider:
         yield self._apology
 
     async def _converted(
-        self, provider: TTSProvider, text: str, continuation: bool
+        self, provider: TTSProvider, text: str, continuation: bool, ahead: float
     ) -> AsyncIterator[bytes]:
         source = provider.audio_format
-        stream = provider.stream(text, continuation=continuation)
+        stream = provider.stream(text, continuation=continuation, ahead=ahead)
         try:
             if source == TWILIO_FORMAT:
                 async for chunk in stream:

@@ -6,9 +6,9 @@ process (:meth:`PiperService.start`); every call shares it. Synthesis runs on a
 worker so that synthesis competes for CPU with other synthesis and not with the loop's sends.
 
 Text is spoken sentence by sentence: the first audio of an utterance is ready as soon as its first
-sentence is synthesised. A *continuation* — a sentence after the first, or text the session marks
-as continuing speech the caller is hearing now — runs before any call's first sentence, so that a
-call that is speaking never runs dry while other calls start (see ``priority_pool``).
+sentence (or, for a long one, its first clause) is synthesised. The shared pool puts speech that
+continues what a caller is hearing before any call's first words (see :func:`priority`), so a call
+that is speaking never runs dry while other calls start.
 
 Rendered sentences are kept in a bounded LRU cache (greetings and menu prompts repeat across
 calls); :meth:`PiperService.prerender` fills it at start-up.
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -30,14 +32,46 @@ from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
 from callspeak.audio.mulaw import float_to_mulaw
 from callspeak.audio.resample import resample_once
 from callspeak.tts.base import TTSError, TTSProvider
-from callspeak.tts.priority_pool import PriorityPool
+from callspeak.tts.priority_pool import Priority, PriorityPool
 from callspeak.tts.sentences import split_sentences
 
-__all__ = ["PiperService", "PiperUnavailable", "bundled_voice_paths"]
+__all__ = ["PiperService", "PiperUnavailable", "bundled_voice_paths", "split_first_clause"]
 
-#: Priorities for the synthesis pool: lower runs first.
-CONTINUATION_PRIORITY = 0.0
-FIRST_SENTENCE_PRIORITY = 1.0
+
+def priority(ahead: float) -> Priority:
+    """Where a piece of speech goes in the shared synthesis queue (lower runs first).
+
+    Two classes, earliest deadline first within each. Speech that continues what a caller is
+    hearing (``ahead`` > 0 seconds of their audio still to play) comes before every caller who is
+    waiting for first words: a call that is speaking must never run dry because others started —
+    under overload it is the new calls' first audio that waits, not the middle of a sentence.
+    """
+    now = time.monotonic()
+    if ahead > 0:
+        return (0.0, now + ahead)
+    return (1.0, now)
+
+
+#: A first sentence at least this long is split at its first clause break (see below).
+CLAUSE_SPLIT_MIN_CHARS = 40
+_CLAUSE_BREAK = re.compile(r"[,;:]\s+")
+
+
+def split_first_clause(sentence: str) -> list[str]:
+    """Split a long sentence after its first clause (``,`` ``;`` ``:``) — or keep it whole.
+
+    Synthesis time grows with length; when nothing is playing yet, the caller waits for all of
+    it. Speaking the first clause as soon as it is ready roughly halves that wait for long
+    openings, at the cost of a slightly longer pause at that comma. Both parts keep at least a
+    few words, so a short lead-in like "Hi," is not spoken on its own.
+    """
+    if len(sentence) < CLAUSE_SPLIT_MIN_CHARS:
+        return [sentence]
+    for match in _CLAUSE_BREAK.finditer(sentence):
+        head, tail = sentence[: match.start() + 1], sentence[match.end() :]
+        if len(head) >= 12 and len(tail) >= 12:
+            return [head, tail]
+    return [sentence]
 
 
 class PiperUnavailable(RuntimeError):
@@ -180,7 +214,7 @@ class PiperService:
         self._cache.put(sentence, mulaw)
         return mulaw
 
-    async def synthesize_sentence(self, sentence: str, *, priority: float) -> bytes:
+    async def synthesize_sentence(self, sentence: str, *, priority: Priority) -> bytes:
         """Render one sentence on the pool; a cache hit returns without queueing."""
         cached = self._cache.get(sentence)
         if cached is not None:
@@ -196,7 +230,7 @@ class PiperService:
         """Render ``texts`` into the cache now, so calls that speak them start at once."""
         for text in texts:
             for sentence in split_sentences(text):
-                await self.synthesize_sentence(sentence, priority=FIRST_SENTENCE_PRIORITY)
+                await self.synthesize_sentence(sentence, priority=priority(0.0))
 
     def open(self) -> TTSProvider:
         return _PiperProvider(self)
@@ -221,12 +255,16 @@ class _PiperProvider:
     def audio_format(self) -> AudioFormat:
         return TWILIO_FORMAT
 
-    async def stream(self, text: str, *, continuation: bool = False) -> AsyncIterator[bytes]:
-        for index, sentence in enumerate(split_sentences(text)):
-            urgent = continuation or index > 0
-            priority = CONTINUATION_PRIORITY if urgent else FIRST_SENTENCE_PRIORITY
-            audio = await self._service.synthesize_sentence(sentence, priority=priority)
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        pieces = split_sentences(text)
+        if ahead <= 0 and pieces:
+            pieces[:1] = split_first_clause(pieces[0])
+        for piece in pieces:
+            audio = await self._service.synthesize_sentence(piece, priority=priority(ahead))
             if audio:
+                ahead += len(audio) / TWILIO_FORMAT.sample_rate
                 yield audio
 
     async def clear(self) -> None:

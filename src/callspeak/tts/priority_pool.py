@@ -21,14 +21,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-__all__ = ["PriorityPool"]
+__all__ = ["Priority", "PriorityPool"]
 
 T = TypeVar("T")
 
 
+#: Lower runs first; compared element by element.
+Priority = tuple[float, float]
+
+
 @dataclass(order=True)
 class _Job(Generic[T]):
-    priority: float
+    priority: Priority
     seq: int
     fn: Callable[[], T] | None = field(compare=False)
     future: asyncio.Future[T] | None = field(compare=False)
@@ -60,7 +64,7 @@ class PriorityPool:
         """Jobs waiting for a worker (an estimate, as with any concurrent queue)."""
         return self._queue.qsize()
 
-    async def run(self, fn: Callable[[], T], *, priority: float = 0.0) -> T:
+    async def run(self, fn: Callable[[], T], *, priority: Priority = (0.0, 0.0)) -> T:
         """Run ``fn`` on a worker, lowest ``priority`` first, and return its result."""
         if self._closed:
             raise RuntimeError("the synthesis pool is shut down")
@@ -76,7 +80,7 @@ class PriorityPool:
         self._closed = True
         for _ in self._threads:
             # Sentinels sort after every real job priority.
-            self._queue.put(_Job(float("inf"), next(self._seq), None, None, None))
+            self._queue.put(_Job((float("inf"), 0.0), next(self._seq), None, None, None))
         for thread in self._threads:
             thread.join(timeout)
 

@@ -1,0 +1,48 @@
+"""Helpers for benchmarks: run `callspeak serve` in its own process, as a user would."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def callspeak_server(env: Mapping[str, str] | None = None, *args: str) -> Iterator[int]:
+    """Start `callspeak serve` on a free port in a child process; yields the port."""
+    port = free_port()
+    full_env = {**os.environ, "CALLSPEAK_PORT": str(port), "CALLSPEAK_LOG_LEVEL": "warning"}
+    full_env.update(env or {})
+    proc = subprocess.Popen([sys.executable, "-m", "callspeak.cli", "serve", *args], env=full_env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("callspeak serve did not start") from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]

@@ -1,0 +1,101 @@
+"""The command line as a user runs it: `callspeak serve` and `callspeak dial` as processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from callspeak.cli import main
+
+CALLSPEAK = [sys.executable, "-m", "callspeak.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[int]:
+    port = free_port()
+    env = {**os.environ, "CALLSPEAK_PORT": str(port), "CALLSPEAK_LOG_LEVEL": "warning"}
+    env.pop("DEEPGRAM_API_KEY", None)
+    proc = subprocess.Popen([*CALLSPEAK, "serve"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"callspeak serve did not start: {proc.stderr}") from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_serve_and_dial_write_a_wav_of_the_sentence(served: int, tmp_path: Path) -> None:
+    out = tmp_path / "out.wav"
+    result = subprocess.run(
+        [
+            *CALLSPEAK,
+            "dial",
+            f"ws://127.0.0.1:{served}/twilio",
+            "--param",
+            "say=Your code is 4 7 1 1",
+            "--wav",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "time to first audio" in result.stdout and "0 warnings" in result.stdout
+    raw = out.read_bytes()
+    assert raw[:4] == b"RIFF" and raw.count(b"RIFF") == 1  # one header: ours, not the voice's
+    with wave.open(str(out)) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (8000, 1, 2)
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), np.int16).astype(np.float64)
+    frames = samples[: len(samples) // 160 * 160].reshape(-1, 160)
+    loud = np.sqrt((frames**2).mean(axis=1)) > 500
+    # About 1.5–2.5 s of speech, not silence-only, and not noise-only either: speech has pauses
+    # between words, so a good share of 20 ms frames is quiet while the voiced ones are loud.
+    assert 1.2 < loud.sum() * 0.02 < 3.0
+    assert 0.1 < loud.mean() < 0.95
+    spectrum = np.abs(np.fft.rfft(samples))
+    freqs = np.fft.rfftfreq(len(samples), 1 / 8000)
+    # Voice energy sits mostly below 1 kHz; white noise would spread evenly to 4 kHz.
+    assert spectrum[freqs < 1000].sum() > spectrum[freqs >= 1000].sum()
+
+
+def test_bad_usage_is_reported_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["dial", "ws://x/twilio", "--param", "novalue"]) == 2
+    assert "--param takes name=value" in capsys.readouterr().err
+    assert main(["serve", "--port", "99999"]) == 2
+    assert "invalid setting" in capsys.readouterr().err
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from callspeak.cli import _build_parser, _settings_from
+
+    monkeypatch.setenv("CALLSPEAK_GREETING", "from env")
+    monkeypatch.setenv("CALLSPEAK_PORT", "6001")
+    args = _build_parser().parse_args(["serve", "--port", "7002"])
+    settings = _settings_from(args)
+    assert settings.greeting == "from env" and settings.port == 7002
