@@ -137,6 +137,9 @@ class PiperService:
         self._cache = _SentenceCache(cache_bytes)
         self._length_scale = length_scale
         self._voice: Any = None
+        self._solo_voice: Any = None
+        self._running = 0
+        self._running_lock = threading.Lock()
         self._syn_config: Any = None
         self._pool: PriorityPool | None = None
         self._sample_rate = 0
@@ -183,17 +186,26 @@ class PiperService:
         for path in (model_path, config_path):
             if not path.is_file():
                 raise PiperUnavailable(f"Piper voice file not found: {path}")
-        options = onnxruntime.SessionOptions()
-        # One thread per session run: parallelism comes from the pool's workers, and ORT's
-        # spinning intra-op threads would otherwise steal the core the event loop needs.
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(
-            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
         with open(config_path, encoding="utf-8") as fh:
             config = PiperConfig.from_dict(json.load(fh))
-        self._voice = PiperVoice(session=session, config=config)
+
+        def session(threads: int) -> Any:
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            # Idle ORT threads must sleep, not spin: the event loop needs that core.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return onnxruntime.InferenceSession(
+                str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+
+        # Two sessions over one model: a lone synthesis uses every core (lowest latency for the
+        # caller waiting on it); when several run at once each takes one thread (best throughput).
+        self._voice = PiperVoice(session=session(1), config=config)
+        cores = os.cpu_count() or 1
+        self._solo_voice = (
+            PiperVoice(session=session(cores), config=config) if cores > 1 else self._voice
+        )
         self._syn_config = SynthesisConfig(length_scale=self._length_scale)
         self._sample_rate = int(config.sample_rate)
 
@@ -204,9 +216,16 @@ class PiperService:
             return cached
         if self._voice is None:
             raise RuntimeError("PiperService.start() was not awaited")
-        pieces = [
-            chunk.audio_float_array for chunk in self._voice.synthesize(sentence, self._syn_config)
-        ]
+        with self._running_lock:
+            self._running += 1
+            voice = self._solo_voice if self._running == 1 else self._voice
+        try:
+            pieces = [
+                chunk.audio_float_array for chunk in voice.synthesize(sentence, self._syn_config)
+            ]
+        finally:
+            with self._running_lock:
+                self._running -= 1
         if not pieces:
             return b""
         audio = np.concatenate(pieces).astype(np.float32, copy=False)

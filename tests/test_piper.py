@@ -1,0 +1,69 @@
+"""The offline voice: real Piper synthesis, its cache, clause splitting and scheduling."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from callspeak.audio.format import TWILIO_FORMAT
+from callspeak.audio.mulaw import decode
+from callspeak.tts.piper import PiperService, PiperUnavailable, priority, split_first_clause
+
+
+async def test_speaks_mulaw_at_8khz_sentence_by_sentence(piper: PiperService) -> None:
+    provider = piper.open()
+    assert provider.audio_format == TWILIO_FORMAT
+    chunks = [c async for c in provider.stream("Good morning. The weather is fine.")]
+    assert len(chunks) == 2  # one chunk per sentence: first audio after the first sentence
+    for chunk in chunks:
+        seconds = len(chunk) / 8000
+        assert 0.4 < seconds < 4.0
+        pcm = decode(np.frombuffer(chunk, np.uint8)).astype(np.float64)
+        assert np.sqrt(np.mean(pcm**2)) > 500
+    await provider.aclose()
+
+
+async def test_rendered_sentences_are_cached_and_prerender_fills_the_cache(
+    piper: PiperService,
+) -> None:
+    await piper.prerender(["A sentence for the cache."])
+    first = piper.render_sentence("A sentence for the cache.")
+    # Piper samples noise, so a fresh synthesis would differ: equality proves the cache served it.
+    assert piper.render_sentence("A sentence for the cache.") == first
+
+
+def test_long_openings_split_after_the_first_clause() -> None:
+    assert split_first_clause("Hello caller number 3, how are you today?") == [
+        "Hello caller number 3,",
+        "how are you today?",
+    ]
+    assert split_first_clause("Hello, how are you today?") == ["Hello, how are you today?"]
+    assert split_first_clause("Hi, this sentence has a lead-in that is far too short.") == [
+        "Hi, this sentence has a lead-in that is far too short."
+    ]
+    long_plain = "This is a long sentence without any clause break inside it at all"
+    assert split_first_clause(long_plain) == [long_plain]
+
+
+def test_speech_in_progress_outranks_new_calls() -> None:
+    speaking, waiting = priority(2.0), priority(0.0)
+    assert speaking < waiting  # continuing a caller's speech before anyone's first words
+    assert priority(0.5) < priority(3.0)  # the sooner needed, the sooner done
+
+
+async def test_missing_voice_files_are_reported_clearly(tmp_path: Path) -> None:
+    service = PiperService(tmp_path / "nope.onnx")
+    with pytest.raises(PiperUnavailable, match=r"voice file not found: .*nope\.onnx"):
+        await service.start()
+    await service.aclose()
+
+
+async def test_concurrent_syntheses_all_complete(piper: PiperService) -> None:
+    texts = [f"Concurrent sentence number {n}." for n in range(4)]
+    results = await asyncio.gather(
+        *(piper.synthesize_sentence(t, priority=priority(0.0)) for t in texts)
+    )
+    assert all(len(r) > 4000 for r in results)
