@@ -17,8 +17,8 @@ demo: $(STAMP)
 	$(BIN)/callspeak demo --wav demo.wav
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench examples scripts
+	$(BIN)/ruff format --check src tests bench examples scripts
 	$(BIN)/mypy
 
 test: lint

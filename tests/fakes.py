@@ -68,7 +68,9 @@ class FakeProvider:
         first_delay: float = 0.0,
         fail_on: str | None = None,
         audio_format: AudioFormat = TWILIO_FORMAT,
+        seconds_per_char: float = 0.01,
     ) -> None:
+        self.seconds_per_char = seconds_per_char
         self.chunk = chunk
         self.delay = delay
         self.first_delay = first_delay
@@ -97,7 +99,7 @@ class FakeProvider:
         self.aheads.append(ahead)
         if self.fail_on is not None and self.fail_on in text:
             raise TTSError("fake", f"refused {text!r}", retryable=False)
-        audio = tone_for(text)
+        audio = tone_for(text, self.seconds_per_char)
         try:
             if self.first_delay:
                 await asyncio.sleep(self.first_delay)

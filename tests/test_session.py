@@ -237,3 +237,42 @@ async def test_hangup_after_speech_waits_for_the_last_mark() -> None:
         h.transport.push(echo("g0.u1.s0"))
         await asyncio.wait_for(hangup, 5)
         assert h.transport.closed == (1000, "hangup")
+
+
+class MarkerDetector:
+    """Barge-in stand-in: 'hears' the caller when a payload starts with 0x00."""
+
+    def feed(self, payload: bytes) -> bool:
+        return payload[:1] == b"\x00"
+
+
+def caller_speaks(seq: int = 20) -> str:
+    return Media(seq, SID, "inbound", seq, seq * 20, b"\x00" * 160).to_json()
+
+
+async def test_barge_in_spares_non_interruptible_speech_and_keeps_it_queued() -> None:
+    provider = FakeProvider(chunk=160, delay=0.01)
+    async with Harness(provider, greeting=None, barge_in=MarkerDetector(), max_lead=0.1) as h:
+        h.transport.push(start_json())
+        await h.session.wait_started()
+        legal = h.session.say("Legal notice. Please listen.", interruptible=False)
+        chat = h.session.say("Some chatter.")
+        after = h.session.say("More legal text.", interruptible=False)
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMedia) for m in ms))
+        h.transport.push(caller_speaks())
+        await asyncio.sleep(0.05)
+        assert not any(isinstance(m, Clear) for m in h.transport.messages())
+        assert legal.status is SpeechStatus.SPEAKING
+        # Once the notice has played, the caller may interrupt the chatter, not what follows it.
+        await h.transport.wait_for(lambda ms: sum(isinstance(m, OutboundMark) for m in ms) >= 2)
+        for name in h.marks():
+            h.transport.push(echo(name))
+        assert await asyncio.wait_for(legal.wait(), 5) is SpeechStatus.PLAYED
+        await h.transport.wait_for(lambda ms: isinstance(ms[-1], OutboundMedia))
+        h.transport.push(caller_speaks(21))
+        assert await asyncio.wait_for(chat.wait(), 5) is SpeechStatus.INTERRUPTED
+        assert after.status in (SpeechStatus.QUEUED, SpeechStatus.SPEAKING)
+        await h.transport.wait_for(lambda ms: h.marks()[-1].endswith("u3.s0"))
+    interrupted = [e for e in h.events if e.type == "speech.interrupted"]
+    assert [e.data["utterance"] for e in interrupted] == [chat.id]
+    assert interrupted[0].data["reason"] == "barge-in"

@@ -31,6 +31,13 @@ _SERVE_FLAGS: dict[str, dict[str, Any]] = {
     "deepgram-url": {"help": "Deepgram REST base URL (CALLSPEAK_DEEPGRAM_URL)"},
     "deepgram-ws-url": {"help": "Deepgram WebSocket base URL (CALLSPEAK_DEEPGRAM_WS_URL)"},
     "max-lead-ms": {"type": int, "help": "how far audio may run ahead of playback"},
+    "barge-in": {
+        "action": argparse.BooleanOptionalAction,
+        "help": "stop interruptible speech when the caller talks (default on)",
+    },
+    "vad-aggressiveness": {"type": int, "help": "voice activity detection, 0..3 (default 2)"},
+    "min-speech-ms": {"type": int, "help": "caller speech that counts as barge-in (default 100)"},
+    "interrupt-digits": {"help": "DTMF digits that stop interruptible speech, e.g. '#'"},
     "max-message-bytes": {"type": int, "help": "largest inbound WebSocket message"},
     "log-level": {"choices": ["debug", "info", "warning", "error"]},
     "log-format": {"choices": ["text", "json"]},
@@ -83,6 +90,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the server (TwiML, media stream, health)")
     _add_serve_flags(serve)
+    serve.add_argument(
+        "--hooks",
+        metavar="MODULE:NAME",
+        help="a CallHooks object scripting calls, e.g. examples.menu:hooks",
+    )
 
     dial = sub.add_parser("dial", help="place an emulated Twilio call against a server")
     dial.add_argument("url", help="the server's media stream URL, e.g. ws://127.0.0.1:5000/twilio")
@@ -160,9 +172,27 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args)
     configure_logging(settings.log_level, settings.log_format)
-    app = create_app(settings)
+    app = create_app(settings, hooks=_load_hooks(args.hooks) if args.hooks else None)
     uvicorn.run(app, **_uvicorn_options(settings))
     return 0
+
+
+def _load_hooks(spec: str) -> Any:
+    import importlib
+
+    from callspeak.hooks import CallHooks
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"--hooks takes MODULE:NAME, not {spec!r}")
+    sys.path.insert(0, ".")  # scripts next to where the user runs the server
+    try:
+        hooks = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"cannot load --hooks {spec}: {exc}") from exc
+    if not isinstance(hooks, CallHooks):
+        raise UsageError(f"--hooks {spec} is a {type(hooks).__name__}, not a CallHooks")
+    return hooks
 
 
 def _uvicorn_options(settings: Settings) -> dict[str, Any]:

@@ -63,6 +63,16 @@ class Settings(BaseSettings):
     max_lead_ms: int = Field(
         1000, ge=40, le=60_000, description="How far audio may run ahead of the caller's playback."
     )
+    barge_in: bool = Field(True, description="Stop interruptible speech when the caller talks.")
+    vad_aggressiveness: int = Field(
+        2, ge=0, le=3, description="WebRTC VAD aggressiveness, 0 (lenient) to 3 (strict)."
+    )
+    min_speech_ms: int = Field(
+        100, ge=20, le=2000, description="Caller speech needed before it counts as barge-in."
+    )
+    interrupt_digits: str = Field(
+        "", description="DTMF digits that stop interruptible speech, e.g. '#' or '0123456789*#'."
+    )
     max_message_bytes: int = Field(
         64 * 1024, ge=1024, description="Largest WebSocket message accepted from Twilio."
     )
@@ -84,6 +94,14 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("interrupt_digits")
+    @classmethod
+    def _check_digits(cls, value: str) -> str:
+        bad = sorted(set(value) - set("0123456789*#ABCD"))
+        if bad:
+            raise ValueError(f"interrupt_digits may hold 0-9 * # A-D only, not {bad}")
+        return value
 
     @field_validator("fallback")
     @classmethod

@@ -5,8 +5,9 @@ consumer can order and correlate them across calls. Types:
 
 ``call.started`` · ``speech.started`` (first audio of an utterance sent) · ``speech.heard`` (one
 sentence fully played, from its mark) · ``speech.done`` (every sentence of an utterance played) ·
-``speech.interrupted`` (cleared: heard and unheard text) · ``speech.failed`` · ``dtmf`` ·
-``call.stopped``.
+``speech.interrupted`` (cleared: heard and unheard text, and why: ``barge-in``, ``dtmf``,
+``clear``) · ``speech.failed`` · ``dtmf`` · ``caller.speaking`` (voice activity started on the
+caller's side) · ``call.stopped``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ EventType = Literal[
     "speech.interrupted",
     "speech.failed",
     "dtmf",
+    "caller.speaking",
     "call.stopped",
 ]
 

@@ -26,8 +26,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from callspeak.bargein import SpeechOnsetDetector
 from callspeak.clock import Clock, MonotonicClock
 from callspeak.config import Settings
+from callspeak.hooks import CallHooks
 from callspeak.metrics import Metrics
 from callspeak.session import CallSession, TransportClosed
 from callspeak.tts.base import TTSService
@@ -87,6 +89,7 @@ class AppState:
     tts: TTSService
     metrics: Metrics
     clock: Clock
+    hooks: CallHooks | None = None
     calls: CallRegistry = field(default_factory=CallRegistry)
 
 
@@ -137,6 +140,7 @@ def create_app(
     tts: TTSService | None = None,
     metrics: Metrics | None = None,
     clock: Clock | None = None,
+    hooks: CallHooks | None = None,
 ) -> Starlette:
     """Build the ASGI app. Its lifespan starts the TTS service; it closes the service only if it
     made it (an injected service belongs to the caller, who may share it between apps)."""
@@ -146,6 +150,7 @@ def create_app(
         tts=tts or make_tts_service(settings),
         metrics=metrics or Metrics(),
         clock=clock or MonotonicClock(),
+        hooks=hooks,
     )
 
     @contextlib.asynccontextmanager
@@ -185,15 +190,29 @@ async def _media_stream(websocket: WebSocket) -> None:
     state = _state(websocket)
     await websocket.accept()
     transport = StarletteTransport(websocket)
+    settings, hooks = state.settings, state.hooks
+    barge_in = (
+        SpeechOnsetDetector(
+            aggressiveness=settings.vad_aggressiveness, min_speech_ms=settings.min_speech_ms
+        )
+        if settings.barge_in
+        else None
+    )
     session = CallSession(
         transport,
         state.tts.open(),
-        greeting=state.settings.greeting,
-        max_lead=state.settings.max_lead_ms / 1000,
-        max_message_bytes=state.settings.max_message_bytes,
+        # An application's on_start handler decides what the call hears first.
+        greeting=None if hooks and hooks.handles_start else settings.greeting,
+        speak_parameter=not (hooks and hooks.handles_start),
+        max_lead=settings.max_lead_ms / 1000,
+        max_message_bytes=settings.max_message_bytes,
         clock=state.clock,
         metrics=state.metrics,
+        barge_in=barge_in,
+        interrupt_digits=settings.interrupt_digits,
     )
+    if hooks is not None:
+        hooks.attach(session)
     state.calls._connections += 1
     state.metrics.calls_active.inc()
     registered = asyncio.create_task(_register_when_started(state.calls, session))

@@ -18,11 +18,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from callspeak.audio.convert import TwilioAudioConverter
 from callspeak.audio.format import FRAME_SECONDS
+from callspeak.bargein import SpeechOnsetDetector
 from callspeak.call_state import (
     CallState,
     DigitPressed,
@@ -101,15 +102,19 @@ class CallSession:
         provider: TTSProvider,
         *,
         greeting: str | None,
+        speak_parameter: bool = True,
         max_lead: float = 1.0,
         max_message_bytes: int = 64 * 1024,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
         on_event: EventListener | None = None,
+        barge_in: SpeechOnsetDetector | None = None,
+        interrupt_digits: str = "",
     ) -> None:
         self._transport = transport
         self._provider = provider
         self._greeting = greeting
+        self._speak_parameter = speak_parameter
         self._clock = clock or MonotonicClock()
         self._metrics = metrics or Metrics()
         self._max_message_bytes = max_message_bytes
@@ -126,6 +131,9 @@ class CallSession:
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._started = asyncio.Event()
+        self._barge_in = barge_in
+        self._interrupt_digits = interrupt_digits
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.media_listeners: list[Callable[[Media], None]] = []
         self.dtmf_listeners: list[Callable[[Dtmf], None]] = []
         self.rejected = 0
@@ -193,30 +201,35 @@ class CallSession:
         self._utterances[utterance.id] = utterance
         return utterance
 
-    async def clear(self, *, only_interruptible: bool = False) -> list[Utterance]:
-        """Stop speech now: drop queued text, cancel synthesis, send ``clear``.
+    async def clear(
+        self, *, only_interruptible: bool = False, reason: str = "clear"
+    ) -> list[Utterance]:
+        """Stop speech now: cancel synthesis, drop queued text, send ``clear``.
 
-        With ``only_interruptible`` (barge-in), nothing happens while a non-interruptible utterance
-        is playing, and queued non-interruptible ones stay queued. Returns the utterances stopped.
+        Stops every utterance not yet finished — the one being synthesised, ones whose audio is
+        still playing in Twilio's buffer (their last mark has not come back), and queued ones.
+        With ``only_interruptible`` (barge-in), nothing happens while a non-interruptible
+        utterance is playing, and queued non-interruptible ones stay queued. ``reason`` is
+        reported in the ``speech.interrupted`` events. Returns the utterances stopped.
         """
-        current = self._current
-        if only_interruptible and current is not None and not current.interruptible:
+        active = [u for u in self._utterances.values() if not u.status.final]
+        if only_interruptible and any(
+            u.status is SpeechStatus.SPEAKING and not u.interruptible for u in active
+        ):
             return []
-        stopped: list[Utterance] = []
+        stopped = [u for u in active if u.interruptible or not only_interruptible]
+        if not stopped:
+            return []
         kept: list[Utterance] = []
         while not self._queue.empty():
             queued = self._queue.get_nowait()
-            if only_interruptible and not queued.interruptible:
+            if queued not in stopped:
                 kept.append(queued)
-            else:
-                stopped.append(queued)
-        if current is not None:
-            stopped.insert(0, current)
-            task = self._current_task
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        task = self._current_task
+        if task is not None and not task.done() and self._current in stopped:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._state.start is None or self._closed:
             for queued in kept:
                 self._queue.put_nowait(queued)
@@ -227,7 +240,7 @@ class CallSession:
         self._state.cleared()
         self._generation += 1
         self._pacer.reset()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(TransportClosed):
             await self._send(encode_clear(StreamSid(self.stream_sid)))
         # Kept (non-interruptible) utterances go back only now, so none of their audio can be
         # sent before the clear and be dropped by it.
@@ -241,8 +254,10 @@ class CallSession:
                 "speech.interrupted",
                 utterance=utterance.id,
                 text=utterance.text,
+                reason=reason,
                 **record.to_dict(),
             )
+            self._forget(utterance)
         return stopped
 
     async def hangup(self, *, after_speech: bool = False, grace: float = 30.0) -> None:
@@ -284,6 +299,8 @@ class CallSession:
         if isinstance(event, MediaReceived):
             for media_listener in self.media_listeners:
                 media_listener(event.media)
+            if self._barge_in is not None and self._barge_in.feed(event.media.payload):
+                await self._on_caller_speech()
         elif isinstance(event, MarkPlayed):
             self._on_mark(event.name, played=True)
         elif isinstance(event, MarkFlushed):
@@ -292,6 +309,8 @@ class CallSession:
             self._on_start(event.start)
         elif isinstance(event, DigitPressed):
             self._emit("dtmf", digit=event.dtmf.digit)
+            if event.dtmf.digit in self._interrupt_digits:
+                await self.clear(only_interruptible=True, reason="dtmf")
             for dtmf_listener in self.dtmf_listeners:
                 dtmf_listener(event.dtmf)
         elif isinstance(event, Rejected):
@@ -316,12 +335,35 @@ class CallSession:
         self._speaker = asyncio.create_task(self._speak_loop(), name=f"speaker-{start.call_sid}")
         self._emit("call.started", parameters=dict(start.custom_parameters))
         self._started.set()
-        text = start.custom_parameters.get("say") or self._greeting
+        said = start.custom_parameters.get("say") if self._speak_parameter else None
+        text = said or self._greeting
         if text and text.strip():
             try:
                 self.say(text)
             except ValueError as exc:
                 log.warning("not speaking the opening text: %s", exc, extra=self._ids())
+
+    async def _on_caller_speech(self) -> None:
+        self._emit("caller.speaking")
+        stopped = await self.clear(only_interruptible=True, reason="barge-in")
+        if stopped:
+            log.info("caller barged in: speech cleared", extra=self._ids())
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> None:
+        """Run ``coro`` as a task owned by this call (cancelled when it ends; errors logged)."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "task %s of the call failed",
+                task.get_name(),
+                exc_info=task.exception(),
+                extra=self._ids(),
+            )
 
     def _reject(self, reason: str, event: str | None) -> None:
         self.rejected += 1
@@ -471,6 +513,10 @@ class CallSession:
 
     async def _shutdown(self) -> None:
         self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         speaker, self._speaker = self._speaker, None
         if speaker is not None:
             speaker.cancel()

@@ -106,7 +106,8 @@ class Utterance:
         cut_seconds: float | None = None
         if rest and self.status is SpeechStatus.SPEAKING:
             start = self.play_starts[self.heard_count]
-            if start is not None and start < now:
+            # Less than a frame of it played: the caller heard none of it.
+            if start is not None and now - start >= 0.02:
                 cut = rest[0]
                 cut_seconds = min(now - start, self.sent_seconds[self.heard_count])
                 rest = rest[1:]

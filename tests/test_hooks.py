@@ -1,0 +1,93 @@
+"""Scripting a call in Python, and the menu example driven by DTMF through the emulator."""
+
+from __future__ import annotations
+
+from examples import menu
+
+from callspeak.config import Settings
+from callspeak.emulator import DialOptions, dial
+from callspeak.hooks import Call, CallHooks
+from callspeak.server import create_app
+from callspeak.testing.asgi_server import serve_asgi
+from callspeak.tts.sentences import split_sentences
+from tests.fakes import FakeService, tone_for
+
+#: Seconds of fake speech per character: about as slow as a real voice.
+PACE = 0.03
+
+
+def spoken(text: str) -> bytes:
+    """What the fake voice sends for ``text``: each sentence's tone, padded to whole frames."""
+    out = b""
+    for sentence in split_sentences(text):
+        audio = tone_for(sentence, PACE)
+        out += audio + b"\xff" * (-len(audio) % 160)
+    return out
+
+
+async def run_call(hooks: CallHooks, settings: Settings, **dial_options: object) -> bytes:
+    app = create_app(settings, tts=FakeService(seconds_per_char=PACE), hooks=hooks)
+    async with serve_asgi(app) as url:
+        report = await dial(
+            DialOptions(url=url.replace("http", "ws") + "/twilio", **dial_options)  # type: ignore[arg-type]
+        )
+    return bytes(report.played)
+
+
+async def test_menu_example_answers_digits_and_repeats_on_star() -> None:
+    played = await run_call(
+        menu.hooks,
+        Settings(greeting="not spoken: the app decides"),
+        dtmf=[(3.2, "2"), (4.0, "*")],
+        quiet_seconds=0.5,
+    )
+    assert tone_for("not spoken: the app decides", PACE) not in played
+    first_menu = spoken(menu.MENU)
+    assert played.startswith(first_menu)  # the whole menu, before the first digit
+    answer = spoken(f"You pressed 2. {menu.ANSWERS['2']}")
+    rest = played[len(first_menu) :]
+    assert rest.startswith(answer[:2400])  # the answer starts; * cleared it partway
+    assert rest.endswith(first_menu)  # and * said the menu again
+
+
+async def test_digit_pressed_mid_menu_stops_it_and_reads_back_the_digit() -> None:
+    played = await run_call(menu.hooks, Settings(), dtmf=[(0.8, "1")], quiet_seconds=0.5)
+    first_sentence = spoken(split_sentences(menu.MENU)[0])
+    answer = spoken(f"You pressed 1. {menu.ANSWERS['1']}")
+    assert played.endswith(answer)
+    menu_heard = played[: len(played) - len(answer)]
+    assert 0 < len(menu_heard) < len(spoken(menu.MENU))  # cut short by the digit
+    assert menu_heard.startswith(first_sentence[: len(menu_heard)])
+
+
+async def test_interrupt_digit_clears_speech_without_any_app() -> None:
+    text = "A long announcement. " * 6
+    app_settings = Settings(greeting=text.strip(), interrupt_digits="#")
+    app = create_app(app_settings, tts=FakeService(seconds_per_char=PACE))
+    async with serve_asgi(app) as url:
+        report = await dial(
+            DialOptions(
+                url=url.replace("http", "ws") + "/twilio", dtmf=[(0.5, "#")], quiet_seconds=0.5
+            )
+        )
+    assert len(report.clears) == 1 and report.clears[0] >= 0.5
+    assert len(report.played) < len(spoken(text))
+
+
+async def test_handlers_get_the_call_and_errors_do_not_end_it() -> None:
+    hooks = CallHooks()
+    seen: list[str] = []
+
+    @hooks.on_start
+    async def broken(call: Call) -> None:
+        seen.append(call.parameters["who"])
+        raise RuntimeError("a bug in the app")
+
+    @hooks.on_start
+    async def greet(call: Call) -> None:
+        utterance = await call.say(f"Hello {call.parameters['who']}.", wait=True)
+        seen.append(utterance.status.value)
+
+    played = await run_call(hooks, Settings(), parameters={"who": "Ada"}, quiet_seconds=0.3)
+    assert seen == ["Ada", "played"]
+    assert played.rstrip(b"\xff") == tone_for("Hello Ada.", PACE)
