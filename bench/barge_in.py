@@ -3,7 +3,8 @@
 `callspeak serve` (offline voice, barge-in on) runs in its own process, speaking a long text;
 each emulated call starts "speaking" (real speech, rendered once by the offline voice) at a random
 moment mid-sentence. Speech onset is the first 20 ms frame of the caller's audio louder than
--50 dBFS (the quietest frame the detector may count); the latency is the time from that frame being sent to `clear` being received.
+-50 dBFS (the quietest frame the detector may count); the latency is the time from that frame
+being sent to `clear` being received.
 
     .venv/bin/python bench/barge_in.py [--trials 20]
 """
