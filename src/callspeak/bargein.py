@@ -3,8 +3,9 @@
 :class:`SpeechOnsetDetector` takes the caller's inbound μ-law audio, in payloads of any size, and
 reports the frame at which caller speech *starts*: ``min_speech_ms`` of voiced 20 ms frames within
 a window two frames longer, as judged by WebRTC's voice activity detector (``webrtcvad-wheels``)
-at the configured aggressiveness (0 = least, 3 = most eager to call audio non-speech). After an onset it stays quiet
-until ``min_silence_ms`` of non-speech has passed, so one utterance of the caller is one onset.
+at the configured aggressiveness (0 = least, 3 = most eager to call audio non-speech). After an
+onset it stays quiet until ``min_silence_ms`` of non-speech has passed, so one utterance of the
+caller is one onset.
 
 Why several frames: a cough or a click is one or two voiced frames; a word is several (the window
 lets an unvoiced consonant inside a word, a dip of a frame or two, not restart the count). A frame
