@@ -105,7 +105,7 @@ class EmulatedCall:
     async def run(self) -> CallReport:
         opts = self.options
         await self._send(Connected(protocol="Call", version="1.0.0").to_json())
-        self._t0 = self._clock.now()
+        self._t0 = self.report.started_at = self._clock.now()
         self._last_server_message = 0.0
         await self._send(
             Start(

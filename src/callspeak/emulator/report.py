@@ -34,6 +34,8 @@ class CallReport:
     call_sid: str
     stream_sid: str
     parameters: dict[str, str] = field(default_factory=dict)
+    #: The emulator's clock reading when ``start`` was sent; other times are relative to it.
+    started_at: float = 0.0
     first_audio_at: float | None = None  # first media message received, seconds since start
     marks: list[MarkRecord] = field(default_factory=list)
     clears: list[float] = field(default_factory=list)

@@ -186,6 +186,7 @@ class _AudioStream(Response):
         self, fake: FakeDeepgram, audio: bytes, headers: dict[str, str], fault: _Fault | None
     ):
         super().__init__(status_code=200, headers=headers)
+        self.text = ""
         # no content-length: the body is chunked, like Deepgram's
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.fake, self.audio, self.fault = fake, audio, fault
@@ -210,6 +211,7 @@ class _AudioStream(Response):
         limit = len(self.audio) if fault is None else min(fault.n_bytes, len(self.audio))
         await fake.sleep(fake.first_byte_delay)
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        fake.first_bytes[self.text] = fake.clock()
         sent = 0
         while sent < limit and not gone.is_set():
             piece = self.audio[sent : min(sent + fake.chunk_size, limit)]
@@ -259,13 +261,20 @@ class FakeDeepgram:
         self.ws_messages: list[dict[str, Any]] = []
         self.ws_connections = 0  #: WebSocket handshakes received, refused ones included
         self.ws_open = 0  #: WebSockets open right now
+        #: When the first audio byte of each text was sent (``clock()``), for latency benches.
+        self.first_bytes: dict[str, float] = {}
         self._faults: deque[_Fault] = deque()
         self.app = Starlette(
             routes=[
                 Route("/v1/speak", self._speak_http, methods=["POST"]),
                 WebSocketRoute("/v1/speak", self._speak_ws),
+                # Not Deepgram's: lets a benchmark in another process read first-byte times.
+                Route("/_fake/first-bytes", self._first_bytes, methods=["GET"]),
             ]
         )
+
+    async def _first_bytes(self, request: Request) -> JSONResponse:
+        return JSONResponse(self.first_bytes)
 
     # -- fault injection ----------------------------------------------------------------
     def fail_next(
@@ -400,7 +409,9 @@ class FakeDeepgram:
             "dg-char-count": str(len(text)),
         }
         audio = synthesize(text, encoding, rate, container)
-        return _AudioStream(self, audio, headers, _take(self._faults, "stall", "cut"))
+        stream = _AudioStream(self, audio, headers, _take(self._faults, "stall", "cut"))
+        stream.text = text
+        return stream
 
     # -- WebSocket --------------------------------------------------------------------------
     async def _speak_ws(self, ws: WebSocket) -> None:
@@ -559,6 +570,7 @@ class _Session:
         closing = fault is not None and fault.kind == "ws_close"
         limit = min(fault.n_bytes, len(audio)) if fault is not None and closing else len(audio)
         await fake.sleep(fake.first_byte_delay)
+        fake.first_bytes[text] = fake.clock()
         sent = 0
         while sent < limit and generation == self.generation:
             piece = audio[sent : min(sent + fake.chunk_size, limit)]
@@ -577,3 +589,29 @@ class _Session:
             await self.ws.close(fault.code, fault.reason)
             return False
         return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve a fake Deepgram on loopback: ``python -m callspeak.testing.fake_deepgram --port N``."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="A fake Deepgram Aura server for tests/benches.")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--api-key", default="test-key")
+    parser.add_argument("--first-byte-delay", type=float, default=0.15)
+    parser.add_argument("--chunk-size", type=int, default=333)
+    parser.add_argument("--bytes-per-second", type=float, default=None)
+    args = parser.parse_args(argv)
+    fake = FakeDeepgram(
+        args.api_key,
+        first_byte_delay=args.first_byte_delay,
+        chunk_size=args.chunk_size,
+        bytes_per_second=args.bytes_per_second,
+    )
+    uvicorn.run(fake.app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
