@@ -1,7 +1,7 @@
 """Deepgram paths: how fast audio from Deepgram reaches the caller, at 1 and 200 calls at once.
 
 Three processes, as deployed: the fake Deepgram (`python -m callspeak.testing.fake_deepgram`,
-150 ms to first byte, 333-byte chunks), `callspeak serve` pointed at it through the base-URL
+150 ms to first byte, 333-byte chunks streamed at 5x real time), `callspeak serve` pointed at it through the base-URL
 settings, and this one, placing emulated Twilio calls. Each call says its own text, so the fake's
 first-byte time for that text can be matched with the call's first media frame. Both are read on
 the machine's monotonic clock, which every process shares.
@@ -32,11 +32,15 @@ from _server import callspeak_server, free_port, percentile  # noqa: E402
 from callspeak.emulator import CallReport, DialOptions, dial  # noqa: E402
 
 
-def start_fake(port: int, first_byte_delay: float) -> subprocess.Popen[bytes]:
+def start_fake(
+    port: int, first_byte_delay: float, bytes_per_second: float | None = None
+) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "callspeak.testing.fake_deepgram",
         "--port", str(port), "--first-byte-delay", str(first_byte_delay),
     ]  # fmt: skip
+    if bytes_per_second:
+        cmd += ["--bytes-per-second", str(bytes_per_second)]
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + 20
     while True:
@@ -69,7 +73,7 @@ async def measure(port: int, fake_port: int, calls: int, rounds: int, label: str
     url = f"ws://127.0.0.1:{port}/twilio"
     await round_of_calls(url, 1, f"warmup-{label}")
     lines = []
-    for n in (1, calls):
+    for n in sorted({1, 50, calls}):
         results: list[tuple[str, CallReport]] = []
         for r in range(rounds if n > 1 else rounds * 5):
             results += await round_of_calls(url, n, f"{label}-{n}-{r}")
@@ -91,9 +95,15 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--first-byte-delay", type=float, default=0.15)
+    parser.add_argument(
+        "--bytes-per-second",
+        type=float,
+        default=40_000,
+        help="the fake's streaming rate (40000 = 5x real time for 8 kHz mu-law; 0 = unpaced)",
+    )
     args = parser.parse_args()
     fake_port = free_port()
-    fake = start_fake(fake_port, args.first_byte_delay)
+    fake = start_fake(fake_port, args.first_byte_delay, args.bytes_per_second or None)
     lines: list[str] = []
     try:
         for tts, label in (("deepgram", "REST"), ("deepgram-ws", "WebSocket")):
