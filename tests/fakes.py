@@ -110,3 +110,30 @@ class FakeProvider:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+class FakeService:
+    """A :class:`~callspeak.tts.base.TTSService` handing out :class:`FakeProvider`s."""
+
+    def __init__(self, name: str = "fake", **provider_options: object) -> None:
+        self._name = name
+        self.provider_options = provider_options
+        self.providers: list[FakeProvider] = []
+        self.started = False
+        self.closed = False
+        self.healthy = True
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def start(self) -> None:
+        self.started = True
+
+    def open(self) -> FakeProvider:
+        provider = FakeProvider(**self.provider_options)  # type: ignore[arg-type]
+        self.providers.append(provider)
+        return provider
+
+    async def aclose(self) -> None:
+        self.closed = True
