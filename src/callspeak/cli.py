@@ -1,4 +1,5 @@
-"""``callspeak`` command line: serve, dial (the Twilio emulator), demo."""
+"""``callspeak`` command line: serve, dial (the Twilio emulator), demo; calls, say, clear and
+hangup (clients of the control API, see ``api_client.py``)."""
 
 from __future__ import annotations
 
@@ -104,7 +105,14 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--wav", default="demo.wav", help="where to write what the caller heard")
     demo.add_argument("--say", help="text to speak instead of the greeting")
     _add_serve_flags(demo, skip={"host", "port", "public-url"})
+    _add_api_commands(sub)
     return parser
+
+
+def _add_api_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from callspeak.api_client import add_api_arguments
+
+    add_api_arguments(sub)
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser, skip: set[str] | None = None) -> None:
@@ -152,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_dial(args))
         if args.command == "demo":
             return asyncio.run(_demo(args))
+        if args.command in ("calls", "say", "clear", "hangup"):
+            from callspeak.api_client import run_api_command
+
+            return run_api_command(args)
     except ValidationError as exc:
         print(f"callspeak: invalid setting: {exc}", file=sys.stderr)
         return 2

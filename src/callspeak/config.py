@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         64 * 1024, ge=1024, description="Largest WebSocket message accepted from Twilio."
     )
+    api_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for the control API (/calls); without one the API serves "
+        "loopback clients only.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 
@@ -125,6 +130,14 @@ class Settings(BaseSettings):
             if name != self.resolved_tts() and name not in chain:
                 chain.append(name)  # type: ignore[arg-type]
         return chain
+
+    @field_validator("api_token")
+    @classmethod
+    def _no_empty_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # CALLSPEAK_API_TOKEN= (set but empty) must not become a token that matches "Bearer ".
+        if value is None or not value.get_secret_value().strip():
+            return None
+        return value
 
     def resolved_tts(self) -> Literal["piper", "deepgram", "deepgram-ws"]:
         """The engine ``auto`` stands for, given the credentials present."""

@@ -9,6 +9,7 @@ their own. Routes:
   ``<Connect><Stream url="wss://PUBLIC/twilio">``. The URL comes from ``CALLSPEAK_PUBLIC_URL``.
 * ``GET /healthz`` — ``{"status": "ok"|"degraded", "voice": …, "calls": n}``.
 * ``GET /metrics`` — Prometheus text format.
+* ``/calls…``, ``/openapi.json``, ``/docs`` — the control API (see ``api.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from callspeak.api import api_routes
 from callspeak.bargein import SpeechOnsetDetector
 from callspeak.clock import Clock, MonotonicClock
 from callspeak.config import Settings
@@ -174,6 +176,7 @@ def create_app(
             Route("/voice", _voice, methods=["POST", "GET"]),
             Route("/healthz", _health),
             Route("/metrics", _metrics),
+            *api_routes(),
         ],
         lifespan=lifespan,
     )

@@ -140,6 +140,8 @@ class CallSession:
         self.dtmf_listeners: list[Callable[[Dtmf], None]] = []
         self.rejected = 0
         self.frames_sent = 0
+        #: Wall-clock time (epoch seconds) the ``start`` message arrived; None before it.
+        self.started_at: float | None = None
 
     # -- what applications see -------------------------------------------------------------
 
@@ -326,6 +328,7 @@ class CallSession:
 
     def _on_start(self, start: Start) -> None:
         self._metrics.calls_started.inc()
+        self.started_at = time.time()
         log.info(
             "stream started: tracks=%s format=%s/%d parameters=%s",
             ",".join(start.tracks),

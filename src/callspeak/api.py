@@ -1,0 +1,395 @@
+"""The control API: list live calls, speak into one, clear it, hang it up, follow its events.
+
+Routes (mounted by :func:`callspeak.server.create_app`; bodies are JSON, see ``api_models.py``;
+the full contract is served at ``GET /openapi.json`` and rendered at ``GET /docs``):
+
+* ``GET /calls`` · ``GET /calls/{callSid}`` · ``GET /calls/{callSid}/utterances/{id}``
+* ``POST /calls/{callSid}/say`` ``{"text", "interruptible"}`` → 202 (``?wait=true``: 200 once
+  played or interrupted, at most :data:`WAIT_LIMIT` seconds, else 202)
+* ``POST /calls/{callSid}/clear`` · ``POST /calls/{callSid}/hangup`` ``{"afterSpeech"}``
+* ``GET /calls/{callSid}/events`` — Server-Sent Events (``api_events.py``)
+
+Access (:func:`check_access`): with ``CALLSPEAK_API_TOKEN`` set, every ``/calls`` request needs
+``Authorization: Bearer <token>`` (401 otherwise), loopback clients included; without a token only
+loopback clients are served (403 otherwise). The spec and docs pages carry no call data and are
+public. Errors are ``{"error": {"code", "message"[, "errors"]}}``: 401 ``unauthorized``,
+403 ``forbidden``, 404 ``unknown_call``/``unknown_utterance``, 409 ``call_ended``,
+413 ``body_too_large``, 422 ``invalid_json``/``invalid_request``/``nothing_to_say``,
+429 ``speech_queue_full``/``too_many_subscribers``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import secrets
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, SecretStr, ValidationError
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from callspeak.api_events import DEFAULT_HEARTBEAT, DEFAULT_QUEUE_LIMIT, EventSubscription
+from callspeak.api_models import (
+    DEFAULT_MAX_TEXT_CHARS,
+    CallList,
+    ClearResponse,
+    HangupRequest,
+    HangupResponse,
+    SayRequest,
+    call_detail,
+    call_summary,
+    utterance_out,
+)
+from callspeak.api_openapi import docs_html, openapi_spec
+from callspeak.session import CallSession, SessionClosed, SpeechQueueFull
+from callspeak.speech import Utterance
+
+if TYPE_CHECKING:  # server.py mounts these routes: a runtime import would be circular
+    from callspeak.server import AppState
+
+__all__ = ["WAIT_LIMIT", "ApiError", "api_routes", "check_access", "is_loopback"]
+
+#: Longest ``?wait=true`` on ``say``, in seconds.
+WAIT_LIMIT = 60.0
+#: Utterances said through the API that ``GET /calls/{sid}`` still shows once finished.
+HISTORY = 20
+#: Event-stream subscribers per call (each holds a queue of up to ``queue_limit`` events).
+MAX_SUBSCRIBERS = 16
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+class ApiError(Exception):
+    """An error response: ``status`` and ``{"error": {"code", "message"[, "errors"]}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.errors = errors
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        detail: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.errors is not None:
+            detail["errors"] = self.errors
+        return JSONResponse({"error": detail}, self.status, headers=self.headers)
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback. Anything else — a name, a Unix
+    socket's missing address — is not loopback: when unsure, ask for a token."""
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def check_access(
+    token: SecretStr | None, authorization: str | None, client_host: str | None
+) -> ApiError | None:
+    """The access rule, as a pure function: None to serve the request, else the error to send.
+
+    With a token configured the request must carry ``Authorization: Bearer <token>`` (compared
+    in constant time), wherever it comes from. Without one, only loopback clients are served:
+    a server exposed for Twilio's webhook must not also hand out control of its calls.
+    """
+    if token is None:
+        if is_loopback(client_host):
+            return None
+        return ApiError(
+            403,
+            "forbidden",
+            f"the control API serves only loopback clients until CALLSPEAK_API_TOKEN is set "
+            f"(this request came from {client_host or 'an unknown address'})",
+        )
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return ApiError(
+            401,
+            "unauthorized",
+            "missing bearer token: send 'Authorization: Bearer <CALLSPEAK_API_TOKEN>'",
+            headers={"WWW-Authenticate": 'Bearer realm="callspeak"'},
+        )
+    # Headers arrive latin-1 decoded; compare raw bytes so any token compares without raising.
+    given = credentials.strip().encode("latin-1", "replace")
+    if not secrets.compare_digest(given, token.get_secret_value().encode()):
+        return ApiError(
+            401,
+            "unauthorized",
+            "invalid bearer token",
+            headers={"WWW-Authenticate": 'Bearer realm="callspeak", error="invalid_token"'},
+        )
+    return None
+
+
+def _max_text_chars(state: AppState) -> int:
+    # ``max_text_chars`` is being added to Settings separately; until then, the default.
+    return int(getattr(state.settings, "max_text_chars", DEFAULT_MAX_TEXT_CHARS))
+
+
+class _ControlApi:
+    """The routes of one app, and the little state they keep beside the sessions."""
+
+    def __init__(self, *, heartbeat: float, queue_limit: int) -> None:
+        self.heartbeat = heartbeat
+        self.queue_limit = queue_limit
+        # Keyed weakly by session so that a call's entries go when the call does.
+        self._history: weakref.WeakKeyDictionary[CallSession, deque[Utterance]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._subscribers: weakref.WeakKeyDictionary[CallSession, int] = weakref.WeakKeyDictionary()
+
+    def routes(self) -> list[BaseRoute]:
+        guarded = self._guarded
+        return [
+            Route("/calls", guarded(self.list_calls), methods=["GET"]),
+            Route("/calls/{call_sid}", guarded(self.get_call), methods=["GET"]),
+            Route(
+                "/calls/{call_sid}/utterances/{utterance_id:int}",
+                guarded(self.get_utterance),
+                methods=["GET"],
+            ),
+            Route("/calls/{call_sid}/say", guarded(self.say), methods=["POST"]),
+            Route("/calls/{call_sid}/clear", guarded(self.clear), methods=["POST"]),
+            Route("/calls/{call_sid}/hangup", guarded(self.hangup), methods=["POST"]),
+            Route("/calls/{call_sid}/events", guarded(self.events), methods=["GET"]),
+            Route("/openapi.json", self.spec, methods=["GET"]),
+            Route("/docs", self.docs, methods=["GET"]),
+        ]
+
+    @staticmethod
+    def _guarded(
+        handler: Callable[[Request, AppState], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            state: AppState = request.app.state.callspeak
+            denied = check_access(
+                state.settings.api_token,
+                request.headers.get("authorization"),
+                request.client.host if request.client else None,
+            )
+            if denied is not None:
+                return denied.response()
+            try:
+                return await handler(request, state)
+            except ApiError as exc:
+                return exc.response()
+
+        return endpoint
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def list_calls(self, request: Request, state: AppState) -> Response:
+        calls = CallList(calls=[call_summary(s) for s in state.calls.all()])
+        return JSONResponse(calls.wire())
+
+    async def get_call(self, request: Request, state: AppState) -> Response:
+        session = _session(request, state)
+        return JSONResponse(call_detail(session, self._recent(session)).wire())
+
+    async def get_utterance(self, request: Request, state: AppState) -> Response:
+        session = _session(request, state)
+        wanted = request.path_params["utterance_id"]
+        for utterance in self._recent(session):
+            if utterance.id == wanted:
+                return JSONResponse(utterance_out(session.call_sid, utterance).wire())
+        raise ApiError(
+            404,
+            "unknown_utterance",
+            f"call {session.call_sid} has no utterance {wanted} (or it is too old to be kept)",
+        )
+
+    def _recent(self, session: CallSession) -> list[Utterance]:
+        by_id = {u.id: u for u in self._history.get(session, ())}
+        by_id.update({u.id: u for u in session.utterances})
+        return [by_id[i] for i in sorted(by_id)][-HISTORY:]
+
+    # -- acting ----------------------------------------------------------------------------
+
+    async def say(self, request: Request, state: AppState) -> Response:
+        session = _session(request, state)
+        wait = _flag(request, "wait")
+        body = await _parse(
+            request, SayRequest, state, context={"max_text_chars": _max_text_chars(state)}
+        )
+        sid = session.call_sid
+        try:
+            utterance = session.say(body.text, interruptible=body.interruptible)
+        except SessionClosed as exc:
+            raise ApiError(409, "call_ended", f"call {sid} has ended: {exc}") from exc
+        except SpeechQueueFull as exc:
+            raise ApiError(
+                429, "speech_queue_full", str(exc), headers={"Retry-After": "1"}
+            ) from exc
+        except ValueError as exc:
+            raise ApiError(422, "nothing_to_say", str(exc)) from exc
+        self._history.setdefault(session, deque(maxlen=HISTORY)).append(utterance)
+        if wait:
+            try:
+                async with asyncio.timeout(WAIT_LIMIT):
+                    await utterance.wait()
+            except TimeoutError:
+                pass  # still going: answered 202 with the status so far
+        out = utterance_out(sid, utterance)
+        return JSONResponse(
+            out.wire(),
+            200 if utterance.status.final else 202,
+            headers={"Location": out.url},
+        )
+
+    async def clear(self, request: Request, state: AppState) -> Response:
+        session = _session(request, state)
+        stopped = await session.clear()
+        sid = session.call_sid
+        body = ClearResponse(call_sid=sid, cleared=[utterance_out(sid, u) for u in stopped])
+        return JSONResponse(body.wire())
+
+    async def hangup(self, request: Request, state: AppState) -> Response:
+        session = _session(request, state)
+        body = await _parse(request, HangupRequest, state, empty_ok=True)
+        # Bounded: ``hangup`` waits for speech at most its 30 s grace.
+        await session.hangup(after_speech=body.after_speech)
+        return JSONResponse(
+            HangupResponse(call_sid=session.call_sid, after_speech=body.after_speech).wire()
+        )
+
+    async def events(self, request: Request, state: AppState) -> Response:
+        session = _session(request, state)
+        count = self._subscribers.get(session, 0)
+        if count >= MAX_SUBSCRIBERS:
+            raise ApiError(
+                429,
+                "too_many_subscribers",
+                f"call {session.call_sid} already has {count} event subscribers",
+            )
+        # Subscribe before answering: once the client has the headers, no event is missed.
+        subscription = EventSubscription(session, limit=self.queue_limit)
+        self._subscribers[session] = count + 1
+        sid = session.call_sid
+
+        def release() -> None:
+            subscription.close()
+            self._subscribers[session] = max(0, self._subscribers.get(session, 1) - 1)
+
+        return _EventStreamResponse(
+            subscription.frames(
+                heartbeat=self.heartbeat, alive=lambda: state.calls.get(sid) is session
+            ),
+            on_close=release,
+        )
+
+    # -- documentation ---------------------------------------------------------------------
+
+    async def spec(self, request: Request) -> Response:
+        state: AppState = request.app.state.callspeak
+        return JSONResponse(openapi_spec(_max_text_chars(state)))
+
+    async def docs(self, request: Request) -> Response:
+        state: AppState = request.app.state.callspeak
+        return HTMLResponse(
+            docs_html(openapi_spec(_max_text_chars(state))),
+            # The page is self-contained; forbid it from loading anything at all.
+            headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
+        )
+
+
+class _EventStreamResponse(StreamingResponse):
+    """A ``text/event-stream`` response that runs ``on_close`` however it ends: finished,
+    cancelled because the client went away, or failed before the first frame."""
+
+    def __init__(self, frames: AsyncIterator[bytes], *, on_close: Callable[[], None]) -> None:
+        super().__init__(
+            frames,
+            media_type="text/event-stream",
+            # No caching, and no buffering in nginx-like proxies: events must arrive as sent.
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _session(request: Request, state: AppState) -> CallSession:
+    call_sid = request.path_params["call_sid"]
+    session = state.calls.get(call_sid)
+    if session is None:
+        raise ApiError(404, "unknown_call", f"no live call {call_sid}")
+    return session
+
+
+def _flag(request: Request, name: str) -> bool:
+    value = request.query_params.get(name, "false").lower()
+    if value in ("true", "1", "yes", ""):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise ApiError(422, "invalid_request", f"?{name}= takes true or false, not {value!r}")
+
+
+async def _parse(
+    request: Request,
+    model: type[_Model],
+    state: AppState,
+    *,
+    context: dict[str, Any] | None = None,
+    empty_ok: bool = False,
+) -> _Model:
+    """Read a JSON body (at most a bound derived from ``max_text_chars``) into ``model``."""
+    limit = max(64 * 1024, 8 * _max_text_chars(state))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "body_too_large", f"request body over {limit} bytes")
+    if empty_ok and not body.strip():
+        body = bytearray(b"{}")
+    try:
+        return model.model_validate_json(bytes(body), context=context)
+    except ValidationError as exc:
+        errors: list[dict[str, Any]] = json.loads(exc.json(include_url=False))
+        bad_json = any(e.get("type") == "json_invalid" for e in errors)
+        raise ApiError(
+            422,
+            "invalid_json" if bad_json else "invalid_request",
+            "the body is not valid JSON"
+            if bad_json
+            else "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors),
+            errors=errors,
+        ) from exc
+
+
+def api_routes(
+    *, heartbeat: float = DEFAULT_HEARTBEAT, queue_limit: int = DEFAULT_QUEUE_LIMIT
+) -> list[BaseRoute]:
+    """The control API's routes, reading ``request.app.state.callspeak`` (an ``AppState``).
+
+    ``heartbeat`` is the seconds of quiet before an event stream sends ``: ping``;
+    ``queue_limit`` how many events a subscriber may fall behind before it is dropped.
+    """
+    return _ControlApi(heartbeat=heartbeat, queue_limit=queue_limit).routes()

@@ -1,0 +1,117 @@
+"""``callspeak calls|say|clear|hangup`` against a real server, and the client's error handling."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from callspeak import cli
+from callspeak.api_client import ApiClient, ApiClientError, default_server
+from tests.test_api import TOKEN, api_server, heard_as, live_call
+
+
+async def run_cli(*argv: str) -> int:
+    # main() is synchronous (it makes one blocking request); keep the event loop free for the
+    # server and the emulated call it talks to.
+    return await asyncio.to_thread(cli.main, list(argv))
+
+
+async def test_calls_say_and_hangup_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    async with api_server() as api, live_call(api) as (session, call):
+        sid, url = session.call_sid, api.base_url
+        assert await run_cli("calls", "--server", url) == 0
+        listed = capsys.readouterr().out
+        assert sid in listed and "streaming" in listed
+        assert await run_cli("say", sid, "Hello from the shell.", "--server", url, "--wait") == 0
+        assert capsys.readouterr().out.strip() == "utterance 1: played (heard 1 of 1 sentences)"
+        assert await run_cli("hangup", sid, "--server", url) == 0
+        assert capsys.readouterr().out.strip() == f"hung up {sid}"
+        report = await call
+    assert report.ended_by == "server"
+    assert bytes(report.played) == heard_as("Hello from the shell.")
+
+
+async def test_clear_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    async with api_server() as api, live_call(api) as (session, _):
+        url = api.base_url
+        args = ("say", session.call_sid, "Words. " * 60, "--server", url)
+        assert await run_cli(*args) == 0
+        assert capsys.readouterr().out.startswith("utterance 1: ")
+        assert await run_cli("clear", session.call_sid, "--server", url) == 0
+        assert capsys.readouterr().out.strip() == f"cleared 1 utterance in {session.call_sid}"
+
+
+async def test_cli_reports_api_errors_with_exit_code_1(capsys: pytest.CaptureFixture[str]) -> None:
+    async with api_server() as api:
+        assert await run_cli("say", "CAnope", "hi", "--server", api.base_url) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == "callspeak say: 404 unknown_call: no live call CAnope"
+
+
+async def test_cli_token_from_flag_or_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CALLSPEAK_API_TOKEN", raising=False)
+    async with api_server(api_token=TOKEN) as api:
+        url = api.base_url
+        assert await run_cli("calls", "--server", url) == 1
+        assert "401 unauthorized: missing bearer token" in capsys.readouterr().err
+        assert await run_cli("calls", "--server", url, "--token", "wrong") == 1
+        assert "401 unauthorized: invalid bearer token" in capsys.readouterr().err
+        assert await run_cli("calls", "--server", url, "--token", TOKEN) == 0
+        assert capsys.readouterr().out.strip() == "no live calls"
+        monkeypatch.setenv("CALLSPEAK_API_TOKEN", TOKEN)
+        assert await run_cli("calls", "--server", url, "--json") == 0
+        assert capsys.readouterr().out.strip() == "[]"
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["say", "CA123"])  # no text
+    assert exited.value.code == 2
+    assert "text" in capsys.readouterr().err
+
+
+def test_unreachable_server_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with ApiClient("http://127.0.0.1:9", transport=httpx.MockTransport(refuse)) as client:
+        with pytest.raises(ApiClientError, match="cannot reach the callspeak server at http://"):
+            client.calls()
+
+
+def test_a_reply_that_is_not_an_api_error_body_is_reported_as_is() -> None:
+    def proxy(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(502, text="<html>Bad Gateway</html>")
+
+    with ApiClient("http://example.test", transport=httpx.MockTransport(proxy)) as client:
+        with pytest.raises(ApiClientError) as raised:
+            client.say("CA1", "hi")
+    assert raised.value.status == 502 and raised.value.code is None
+    assert "502 from http://example.test/calls/CA1/say" in str(raised.value)
+
+
+def test_client_sends_the_token_and_escapes_the_call_sid() -> None:
+    seen: list[httpx.Request] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"callSid": "CA/1", "afterSpeech": True})
+
+    with ApiClient("http://x.test/", token="t0k", transport=httpx.MockTransport(server)) as c:
+        assert c.hangup("CA/1", after_speech=True)["afterSpeech"] is True
+    [request] = seen
+    assert request.url.raw_path == b"/calls/CA%2F1/hangup"
+    assert request.headers["authorization"] == "Bearer t0k"
+    assert request.content == b'{"afterSpeech":true}'
+
+
+def test_default_server() -> None:
+    assert default_server({}) == "http://127.0.0.1:5000"
+    assert default_server({"CALLSPEAK_PORT": "8080"}) == "http://127.0.0.1:8080"
+    assert default_server({"CALLSPEAK_SERVER": "https://a.test", "CALLSPEAK_PORT": "1"}) == (
+        "https://a.test"
+    )
