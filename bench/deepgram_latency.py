@@ -1,10 +1,10 @@
 """Deepgram paths: how fast audio from Deepgram reaches the caller, at 1 and 200 calls at once.
 
-Three processes, as deployed: the fake Deepgram (`python -m callspeak.testing.fake_deepgram`,
-150 ms to first byte, 333-byte chunks streamed at 5x real time), `callspeak serve` pointed at it through the base-URL
-settings, and this one, placing emulated Twilio calls. Each call says its own text, so the fake's
-first-byte time for that text can be matched with the call's first media frame. Both are read on
-the machine's monotonic clock, which every process shares.
+Three processes, as deployed: the fake Deepgram (`python -m callspeak.testing.fake_deepgram`, 150
+ms to first byte, 333-byte chunks streamed at 5x real time), `callspeak serve` pointed at it
+through the base-URL settings, and this one, placing emulated Twilio calls. Each call says its own
+text, so the fake's first-byte time for that text can be matched with the call's first media frame.
+Both are read on the machine's monotonic clock, which every process shares.
 
 Prints, for REST and WebSocket: first byte at the provider → first media frame at the caller
 (our overhead, including loopback and the emulator's own scheduling), and time to first audio
