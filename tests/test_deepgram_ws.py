@@ -38,7 +38,7 @@ async def ws_url(fake: FakeDeepgram) -> AsyncIterator[str]:
 
 
 def make(ws_url: str, key: str = "test-key", **kw: Any) -> DeepgramWebSocketService:
-    kw.setdefault("receive_timeout", 0.5)
+    kw.setdefault("receive_timeout", 3.0)  # generous: CI runs in asyncio debug mode
     kw.setdefault("backoff", 0.01)
     return DeepgramWebSocketService(key, ws_url=ws_url, **kw)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -54,3 +55,14 @@ async def test_cancelled_job_is_skipped_and_errors_propagate() -> None:
 def test_needs_a_worker() -> None:
     with pytest.raises(ValueError):
         PriorityPool(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a POSIX feature")
+async def test_workers_run_below_the_event_loop_priority() -> None:
+    pool = PriorityPool(1, nice=5)
+    try:
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        worker = await pool.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        assert worker == min(19, mine + 5)
+    finally:
+        pool.shutdown()

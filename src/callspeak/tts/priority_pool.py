@@ -6,6 +6,9 @@ caller would hear a gap. Here a job carries a priority; lower runs first, ties i
 A job whose awaiting coroutine was cancelled before a worker took it is skipped, so a hang-up frees
 the CPU it had queued.
 
+Worker threads run at a lower CPU priority (nice +10 on Linux): synthesis competes for the CPU
+with other synthesis, never with the event loop that paces every call's audio.
+
 Contract: :meth:`PriorityPool.run` is awaited on the event loop; the callable runs on a worker
 thread and must not touch the loop. :meth:`PriorityPool.shutdown` stops the workers after the jobs
 they are running (queued jobs are cancelled).
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -42,9 +46,10 @@ class _Job(Generic[T]):
 class PriorityPool:
     """``workers`` threads taking jobs from one priority queue."""
 
-    def __init__(self, workers: int, *, name: str = "callspeak-synth") -> None:
+    def __init__(self, workers: int, *, name: str = "callspeak-synth", nice: int = 10) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
+        self._nice = nice
         self._queue: queue.PriorityQueue[_Job[Any]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._closed = False
@@ -85,6 +90,7 @@ class PriorityPool:
             thread.join(timeout)
 
     def _work(self) -> None:
+        _lower_priority(self._nice)
         while True:
             job = self._queue.get()
             if job.fn is None or job.future is None or job.loop is None:
@@ -110,3 +116,20 @@ def _settle(future: asyncio.Future[T], result: T | None, exc: BaseException | No
         future.set_exception(exc)
     else:
         future.set_result(result)  # type: ignore[arg-type]
+
+
+def _lower_priority(nice: int) -> None:
+    """Make the calling thread (and threads it starts, e.g. ONNX Runtime's) yield the CPU.
+
+    On Linux a thread is a schedulable task with its own nice value, inherited by threads it
+    creates. Synthesis at nice 10 gets the CPU only when the event loop (nice 0) does not want
+    it, so a busy synthesis pool cannot delay a call's 20 ms frames. Lowering priority needs no
+    privilege; where it is not supported it is skipped.
+    """
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except OSError:
+        pass
