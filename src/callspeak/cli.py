@@ -217,6 +217,9 @@ def _uvicorn_options(settings: Settings) -> dict[str, Any]:
         # is logged and ignored; beyond this one uvicorn closes the socket (1009).
         "ws_max_size": max(16 * settings.max_message_bytes, 1024 * 1024),
         "ws_per_message_deflate": False,
+        # Measured in bench/framework_choice.py: the sans-I/O websockets implementation had the
+        # steadiest 20 ms pacing of the uvicorn options.
+        "ws": "websockets-sansio",
     }
 
 
