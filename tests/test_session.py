@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -279,3 +281,55 @@ async def test_barge_in_spares_non_interruptible_speech_and_keeps_it_queued() ->
     interrupted = [e for e in h.events if e.type == "speech.interrupted"]
     assert [e.data["utterance"] for e in interrupted] == [chat.id]
     assert interrupted[0].data["reason"] == "barge-in"
+
+
+def wav_header(data_len: int) -> bytes:
+    import struct
+
+    fmt = struct.pack("<HHIIHH", 7, 1, 8000, 8000, 1, 8)  # μ-law, mono, 8 kHz
+    return (
+        b"RIFF" + struct.pack("<I", 36 + data_len) + b"WAVE"
+        + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+        + b"data" + struct.pack("<I", data_len)
+    )  # fmt: skip
+
+
+class WavHeadedProvider(FakeProvider):
+    """A provider that forgot container=none: every text starts with a WAV header."""
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        audio = tone_for(text)
+        data = wav_header(len(audio)) + audio
+        for i in range(0, len(data), 333):  # odd chunks: the header splits across two
+            yield data[i : i + 333]
+
+
+async def test_wav_headed_odd_chunks_become_clean_frames_without_the_header() -> None:
+    async with Harness(WavHeadedProvider(), greeting="Hello there.") as h:
+        h.transport.push(start_json())
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+    media = [m.payload for m in h.transport.messages() if isinstance(m, OutboundMedia)]
+    assert all(len(p) % 160 == 0 for p in media)
+    audio = b"".join(media)
+    assert b"RIFF" not in audio and b"WAVE" not in audio
+    assert audio.rstrip(b"\xff") == tone_for("Hello there.").rstrip(b"\xff")
+
+
+async def test_log_lines_carry_the_call_ids(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, "callspeak.call"):
+        async with Harness() as h:
+            h.transport.push(start_json())
+            h.transport.push("{broken")
+            await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+    records = [r for r in caplog.records if r.name == "callspeak.call"]
+    assert any("ignored inbound message" in r.getMessage() for r in records)
+    assert all(
+        getattr(r, "call_sid", None) == "CAtest"
+        for r in records
+        if "stream" in r.getMessage() or "ignored" in r.getMessage()
+    )
+    assert all(
+        getattr(r, "stream_sid", None) == "MZtest" for r in records if "ignored" in r.getMessage()
+    )
