@@ -110,3 +110,46 @@ class FakeProvider:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+class FakeService:
+    """A :class:`~callspeak.tts.base.TTSService` handing each call a :class:`FakeProvider`.
+
+    ``provider_options`` go to every provider; ``providers`` keeps them, in the order opened.
+    """
+
+    def __init__(self, **provider_options: object) -> None:
+        self._options = provider_options
+        self.providers: list[FakeProvider] = []
+        self.started = False
+
+    @property
+    def name(self) -> str:
+        return "fake"
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        self.started = True
+
+    def open(self) -> FakeProvider:
+        provider = FakeProvider(**self._options)  # type: ignore[arg-type]
+        self.providers.append(provider)
+        return provider
+
+    async def aclose(self) -> None:
+        self.started = False
+
+
+def spoken(text: str) -> bytes:
+    """What a caller hears from a :class:`FakeProvider` for ``text``: each sentence's tone, padded
+    with μ-law silence to whole 20 ms frames."""
+    from callspeak.tts.sentences import split_sentences
+
+    out = b""
+    for sentence in split_sentences(text):
+        audio = tone_for(sentence)
+        out += audio + b"\xff" * (-len(audio) % 160)
+    return out
