@@ -21,7 +21,12 @@ def free_port() -> int:
 def callspeak_server(env: Mapping[str, str] | None = None, *args: str) -> Iterator[int]:
     """Start `callspeak serve` on a free port in a child process; yields the port."""
     port = free_port()
-    full_env = {**os.environ, "CALLSPEAK_PORT": str(port), "CALLSPEAK_LOG_LEVEL": "warning"}
+    full_env = {
+        **os.environ,
+        "CALLSPEAK_PORT": str(port),
+        "CALLSPEAK_LOG_LEVEL": "warning",
+        "CALLSPEAK_VALIDATE_SIGNATURES": "false",  # loopback benchmark, no Twilio
+    }
     full_env.update(env or {})
     proc = subprocess.Popen([sys.executable, "-m", "callspeak.cli", "serve", *args], env=full_env)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -11,6 +12,16 @@ from callspeak.config import Settings
 from callspeak.server import create_app
 from callspeak.testing.asgi_server import serve_asgi
 from callspeak.tts.piper import PiperService
+
+
+@pytest.fixture(autouse=True)
+def _no_configuration_from_the_developer_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings read the environment: a developer's TWILIO_AUTH_TOKEN or CALLSPEAK_* must not
+    change what a test sees. Tests set what they need with ``monkeypatch.setenv``."""
+    for name in list(os.environ):
+        upper = name.upper()
+        if upper.startswith(("CALLSPEAK_", "TWILIO_", "DEEPGRAM_")):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +46,6 @@ class RunningServer:
 
 @pytest.fixture
 async def piper_server(piper: PiperService) -> AsyncIterator[RunningServer]:
-    app = create_app(Settings(), tts=piper)
+    app = create_app(Settings(validate_signatures=False), tts=piper)
     async with serve_asgi(app, ws_max_size=1024 * 1024, ws_per_message_deflate=False) as url:
         yield RunningServer(url, app)

@@ -119,7 +119,10 @@ class FakeProvider:
 
 
 class FakeService:
-    """A :class:`~callspeak.tts.base.TTSService` handing out :class:`FakeProvider`s."""
+    """A :class:`~callspeak.tts.base.TTSService` handing each call a :class:`FakeProvider`.
+
+    ``provider_options`` go to every provider; ``providers`` keeps them, in the order opened.
+    """
 
     def __init__(self, name: str = "fake", **provider_options: object) -> None:
         self._name = name
@@ -143,3 +146,15 @@ class FakeService:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+def spoken(text: str, seconds_per_char: float = 0.01) -> bytes:
+    """What a caller hears from a :class:`FakeProvider` for ``text``: each sentence's tone, padded
+    with μ-law silence to whole 20 ms frames."""
+    from callspeak.tts.sentences import split_sentences
+
+    out = b""
+    for sentence in split_sentences(text):
+        audio = tone_for(sentence, seconds_per_char)
+        out += audio + b"\xff" * (-len(audio) % 160)
+    return out

@@ -37,7 +37,7 @@ async def run_call(hooks: CallHooks, settings: Settings, **dial_options: object)
 async def test_menu_example_answers_digits_and_repeats_on_star() -> None:
     played = await run_call(
         menu.hooks,
-        Settings(greeting="not spoken: the app decides"),
+        Settings(validate_signatures=False, greeting="not spoken: the app decides"),
         dtmf=[(3.2, "2"), (4.0, "*")],
         quiet_seconds=0.5,
     )
@@ -51,7 +51,12 @@ async def test_menu_example_answers_digits_and_repeats_on_star() -> None:
 
 
 async def test_digit_pressed_mid_menu_stops_it_and_reads_back_the_digit() -> None:
-    played = await run_call(menu.hooks, Settings(), dtmf=[(0.8, "1")], quiet_seconds=0.5)
+    played = await run_call(
+        menu.hooks,
+        Settings(validate_signatures=False),
+        dtmf=[(0.8, "1")],
+        quiet_seconds=0.5,
+    )
     first_sentence = spoken(split_sentences(menu.MENU)[0])
     answer = spoken(f"You pressed 1. {menu.ANSWERS['1']}")
     assert played.endswith(answer)
@@ -62,7 +67,7 @@ async def test_digit_pressed_mid_menu_stops_it_and_reads_back_the_digit() -> Non
 
 async def test_interrupt_digit_clears_speech_without_any_app() -> None:
     text = "A long announcement. " * 6
-    app_settings = Settings(greeting=text.strip(), interrupt_digits="#")
+    app_settings = Settings(validate_signatures=False, greeting=text.strip(), interrupt_digits="#")
     app = create_app(app_settings, tts=FakeService(seconds_per_char=PACE))
     async with serve_asgi(app) as url:
         report = await dial(
@@ -88,6 +93,11 @@ async def test_handlers_get_the_call_and_errors_do_not_end_it() -> None:
         utterance = await call.say(f"Hello {call.parameters['who']}.", wait=True)
         seen.append(utterance.status.value)
 
-    played = await run_call(hooks, Settings(), parameters={"who": "Ada"}, quiet_seconds=0.3)
+    played = await run_call(
+        hooks,
+        Settings(validate_signatures=False),
+        parameters={"who": "Ada"},
+        quiet_seconds=0.3,
+    )
     assert seen == ["Ada", "played"]
     assert played.rstrip(b"\xff") == tone_for("Hello Ada.", PACE)

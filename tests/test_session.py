@@ -24,7 +24,7 @@ from callspeak.protocol import (
     Stop,
     StreamSid,
 )
-from callspeak.session import CallSession, SessionClosed, SpeechQueueFull
+from callspeak.session import CallSession, SessionClosed, SpeechQueueFull, TextTooLong
 from callspeak.speech import SpeechStatus
 from tests.fakes import FakeProvider, FakeTransport, tone_for
 
@@ -333,3 +333,73 @@ async def test_log_lines_carry_the_call_ids(caplog: pytest.LogCaptureFixture) ->
     assert all(
         getattr(r, "stream_sid", None) == "MZtest" for r in records if "ignored" in r.getMessage()
     )
+
+
+# -- limits and admission (issue 5) -----------------------------------------------------------
+
+
+async def test_say_refuses_text_over_max_text_chars_whole() -> None:
+    async with Harness(max_text_chars=20) as h:
+        h.transport.push(start_json())
+        await h.session.wait_started()
+        assert h.session.say("x" * 20).text == "x" * 20  # at the limit: fine
+        with pytest.raises(TextTooLong, match="21 characters is over the 20-character limit"):
+            h.session.say("y" * 21)
+        assert isinstance(TextTooLong("t"), ValueError)
+
+
+async def test_overlong_say_parameter_is_not_spoken_and_the_call_stays_open(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with Harness(max_text_chars=50) as h:
+        h.transport.push(start_json(say="Too long. " * 10))
+        await h.session.wait_started()
+        await asyncio.sleep(0.05)
+        assert h.session.utterances == [] and h.audio() == b""
+        assert "not speaking the opening text" in caplog.text
+        assert "100 characters is over the 50-character limit" in caplog.text
+        # Still a live call: later speech works.
+        h.session.say("Short.")
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        assert h.transport.closed is None
+
+
+async def test_idle_timeout_closes_a_stream_that_sends_nothing() -> None:
+    h = Harness(idle_timeout=0.2)
+    async with h:
+        h.transport.push(start_json())
+        async with asyncio.timeout(2):
+            assert h.task is not None
+            await h.task
+    assert h.transport.closed == (1000, "idle timeout")
+    assert h.session.closed_because == "idle timeout"
+    assert h.provider.closed
+
+
+async def test_inbound_media_keeps_a_stream_with_an_idle_timeout_open() -> None:
+    async with Harness(idle_timeout=0.2) as h:
+        h.transport.push(start_json())
+        for n in range(12):  # 0.6 s of media, three idle timeouts' worth
+            h.transport.push(Media(n + 2, SID, "inbound", n + 1, n * 50, b"\xff" * 160).to_json())
+            await asyncio.sleep(0.05)
+        assert h.transport.closed is None and h.task is not None and not h.task.done()
+
+
+async def test_admission_refused_at_start_closes_with_1008_and_speaks_nothing() -> None:
+    seen: list[str] = []
+
+    def admit(start: Start) -> str | None:
+        seen.append(start.call_sid)
+        return "no token"
+
+    h = Harness(admit=admit)
+    async with h:
+        h.transport.push(start_json())
+        async with asyncio.timeout(2):
+            assert h.task is not None
+            await h.task
+    assert seen == ["CAtest"]
+    assert h.transport.closed == (1008, "no token")
+    assert h.session.closed_because == "no token"
+    assert h.transport.sent == [] and h.types() == []
+    assert h.metrics.registry.get_sample_value("callspeak_calls_started_total") == 0

@@ -1,5 +1,15 @@
-"""``callspeak`` command line: serve, dial (the Twilio emulator), demo; calls, say, clear and
-hangup (clients of the control API, see ``api_client.py``)."""
+"""``callspeak`` command line.
+
+* ``serve`` — the server; refuses to start while signature validation is on without
+  ``TWILIO_AUTH_TOKEN`` and ``CALLSPEAK_PUBLIC_URL`` (``--no-validate-signatures`` for local work).
+* ``dial`` — one emulated Twilio call (optionally signing its upgrade like Twilio).
+* ``demo`` — a loopback server plus one emulated call; needs no Twilio account.
+* ``twiml`` — print TwiML for a TwiML Bin.
+* ``call`` / ``end-call`` — place and end real calls through Twilio's REST API (credentials from
+  ``TWILIO_ACCOUNT_SID`` / ``TWILIO_AUTH_TOKEN``, base URL from ``CALLSPEAK_TWILIO_API_URL``).
+* ``calls`` / ``say`` / ``clear`` / ``hangup`` — clients of the server's control API
+  (``api_client.py``): list live calls, speak into one, stop its speech, end its media stream.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from callspeak import __version__
-from callspeak.config import Settings
+from callspeak.config import ConfigError, Settings
 
 __all__ = ["main"]
 
@@ -40,6 +50,25 @@ _SERVE_FLAGS: dict[str, dict[str, Any]] = {
     "min-speech-ms": {"type": int, "help": "caller speech that counts as barge-in (default 100)"},
     "interrupt-digits": {"help": "DTMF digits that stop interruptible speech, e.g. '#'"},
     "max-message-bytes": {"type": int, "help": "largest inbound WebSocket message"},
+    "max-calls": {"type": int, "help": "concurrent media streams (CALLSPEAK_MAX_CALLS, 100)"},
+    "idle-timeout": {
+        "type": float,
+        "help": "close a stream after this many seconds with no inbound message (30)",
+    },
+    "max-text-chars": {"type": int, "help": "longest text spoken at once (5000)"},
+    "no-validate-signatures": {
+        "dest": "validate_signatures",
+        "action": "store_const",
+        "const": False,
+        "help": "do not check X-Twilio-Signature (local development only)",
+    },
+    "call-token": {
+        "action": "store_const",
+        "const": True,
+        "help": "require a one-time /voice token in each stream's start (CALLSPEAK_CALL_TOKEN)",
+    },
+    "certfile": {"help": "TLS certificate (PEM) to serve https:// and wss:// directly"},
+    "keyfile": {"help": "TLS private key (PEM) for --certfile"},
     "log-level": {"choices": ["debug", "info", "warning", "error"]},
     "log-format": {"choices": ["text", "json"]},
 }
@@ -49,13 +78,23 @@ class UsageError(Exception):
     """A command line that cannot be carried out; main() prints it and exits 2."""
 
 
+def _dest(flag: str) -> str:
+    dest: str = _SERVE_FLAGS[flag].get("dest", flag.replace("-", "_"))
+    return dest
+
+
 def _settings_from(args: argparse.Namespace) -> Settings:
     overrides = {
-        flag.replace("-", "_"): getattr(args, flag.replace("-", "_"))
+        _dest(flag): getattr(args, _dest(flag))
         for flag in _SERVE_FLAGS
-        if getattr(args, flag.replace("-", "_"), None) is not None
+        if getattr(args, _dest(flag), None) is not None
     }
     return Settings(**overrides)
+
+
+def _env_settings() -> Settings:
+    """Settings from CALLSPEAK_* / TWILIO_* variables alone (for twiml, call, end-call)."""
+    return _settings_from(argparse.Namespace())
 
 
 def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
@@ -104,7 +143,35 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start a server and place one emulated call against it")
     demo.add_argument("--wav", default="demo.wav", help="where to write what the caller heard")
     demo.add_argument("--say", help="text to speak instead of the greeting")
-    _add_serve_flags(demo, skip={"host", "port", "public-url"})
+    _add_serve_flags(
+        demo,
+        skip={
+            "host",
+            "port",
+            "public-url",
+            "no-validate-signatures",
+            "call-token",
+            "certfile",
+            "keyfile",
+        },
+    )
+
+    twiml = sub.add_parser("twiml", help="print TwiML that connects a call (for a TwiML Bin)")
+    twiml.add_argument(
+        "--url", help="the wss:// stream URL (default: from CALLSPEAK_PUBLIC_URL + /twilio)"
+    )
+    _add_twiml_flags(twiml)
+
+    call = sub.add_parser("call", help="place a real outbound call through Twilio's REST API")
+    call.add_argument("--to", required=True, help="the number to call, E.164 (+15551234567)")
+    call.add_argument("--from", dest="from_", required=True, help="your Twilio number, E.164")
+    call.add_argument(
+        "--url", help="the wss:// stream URL (default: from CALLSPEAK_PUBLIC_URL + /twilio)"
+    )
+    _add_twiml_flags(call)
+
+    end_call = sub.add_parser("end-call", help="end a call through Twilio's REST API")
+    end_call.add_argument("call_sid", metavar="CALLSID")
     _add_api_commands(sub)
     return parser
 
@@ -113,6 +180,22 @@ def _add_api_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     from callspeak.api_client import add_api_arguments
 
     add_api_arguments(sub)
+
+
+def _add_twiml_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--say", help="text callspeak speaks (sent as the 'say' <Parameter>)")
+    parser.add_argument("--notice", help="text Twilio itself says (<Say>) before connecting")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another <Parameter> (arrives in start.customParameters); repeatable",
+    )
+    parser.add_argument(
+        "--status-callback",
+        help="URL for stream (and call) status callbacks (default: CALLSPEAK_PUBLIC_URL/status)",
+    )
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser, skip: set[str] | None = None) -> None:
@@ -148,6 +231,16 @@ def _add_dial_flags(parser: argparse.ArgumentParser) -> None:
         help="without --duration: hang up after this much silence once speech was heard",
     )
     parser.add_argument("--header", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument(
+        "--sign-with",
+        metavar="AUTH_TOKEN",
+        help="sign the upgrade with x-twilio-signature like Twilio (visible in ps: testing only)",
+    )
+    parser.add_argument(
+        "--signed-url",
+        metavar="WSS_URL",
+        help="the URL to sign, as written in the TwiML (default: the dial URL with wss://)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,6 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_dial(args))
         if args.command == "demo":
             return asyncio.run(_demo(args))
+        if args.command == "twiml":
+            return _twiml(args)
+        if args.command == "call":
+            return _call(args)
+        if args.command == "end-call":
+            return _hangup(args)
         if args.command in ("calls", "say", "clear", "hangup"):
             from callspeak.api_client import run_api_command
 
@@ -167,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"callspeak: invalid setting: {exc}", file=sys.stderr)
         return 2
-    except UsageError as exc:
+    except (ConfigError, UsageError) as exc:
         print(f"callspeak: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -183,6 +282,9 @@ def _serve(args: argparse.Namespace) -> int:
     from callspeak.server import create_app
 
     settings = _settings_from(args)
+    problem = settings.signature_problem()
+    if problem is not None:  # before anything is set up: the message is the whole output
+        raise ConfigError(problem)
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings, hooks=_load_hooks(args.hooks) if args.hooks else None)
     uvicorn.run(app, **_uvicorn_options(settings))
@@ -220,6 +322,9 @@ def _uvicorn_options(settings: Settings) -> dict[str, Any]:
         # Measured in bench/framework_choice.py: the sans-I/O websockets implementation had the
         # steadiest 20 ms pacing of the uvicorn options.
         "ws": "websockets-sansio",
+        # Serving wss:// directly; behind a TLS-terminating proxy or tunnel leave both unset.
+        "ssl_certfile": settings.certfile,
+        "ssl_keyfile": settings.keyfile,
     }
 
 
@@ -242,13 +347,23 @@ def _dial_options(args: argparse.Namespace, url: str) -> Any:
         duration=args.duration,
         quiet_seconds=args.quiet,
         headers=_parse_params(args.header),
+        sign_with=args.sign_with,
+        signed_url=args.signed_url,
     )
 
 
 async def _dial(args: argparse.Namespace) -> int:
+    from websockets.exceptions import InvalidStatus
+
     from callspeak.emulator import dial
 
-    report = await dial(_dial_options(args, args.url))
+    try:
+        report = await dial(_dial_options(args, args.url))
+    except InvalidStatus as exc:
+        body = exc.response.body.decode(errors="replace").strip() if exc.response.body else ""
+        status = exc.response.status_code
+        print(f"callspeak: the server refused the call: HTTP {status} {body}", file=sys.stderr)
+        return 1
     print(report.timeline())
     if args.wav:
         report.write_wav(args.wav)
@@ -262,7 +377,10 @@ async def _demo(args: argparse.Namespace) -> int:
     from callspeak.server import create_app
     from callspeak.testing.asgi_server import serve_asgi
 
-    settings = _settings_from(args).model_copy(update={"port": 0})
+    # The demo's only caller is its own emulator on loopback: no Twilio, so nothing to sign.
+    settings = _settings_from(args).model_copy(
+        update={"port": 0, "validate_signatures": False, "call_token": False}
+    )
     configure_logging(settings.log_level if args.log_level else "warning", settings.log_format)
     app = create_app(settings)
     print(f"callspeak demo: starting a server with the {settings.resolved_tts()} voice…")
@@ -282,6 +400,98 @@ async def _demo(args: argparse.Namespace) -> int:
         return 1
     print(f"time to first audio: {ttfa * 1000:.0f} ms")
     print(f"wrote {args.wav}: {report.seconds_heard:.2f} s of speech heard")
+    return 0
+
+
+def _stream_twiml(args: argparse.Namespace, settings: Settings) -> str:
+    """TwiML for ``twiml`` and ``call``; raises ConfigError / TwiMLError with a fix in the text."""
+    from callspeak.twiml import connect_stream_twiml, stream_url_from_public
+
+    url = args.url
+    if url is None:
+        if settings.public_url is None:
+            raise ConfigError("give --url wss://HOST/twilio, or set CALLSPEAK_PUBLIC_URL")
+        url = stream_url_from_public(settings.public_url)
+    params = _parse_params(args.param)
+    if args.say is not None:
+        if len(args.say) > settings.max_text_chars:
+            raise ConfigError(
+                f"--say is {len(args.say)} characters, over max_text_chars="
+                f"{settings.max_text_chars} (CALLSPEAK_MAX_TEXT_CHARS)"
+            )
+        params["say"] = args.say
+    return connect_stream_twiml(
+        url, say=args.notice, parameters=params, status_callback=_status_callback(args, settings)
+    )
+
+
+def _status_callback(args: argparse.Namespace, settings: Settings) -> str | None:
+    from callspeak.twiml import webhook_url_from_public
+
+    if args.status_callback is not None:
+        return str(args.status_callback)
+    if settings.public_url is None:
+        return None
+    return webhook_url_from_public(settings.public_url, "/status")
+
+
+def _twiml(args: argparse.Namespace) -> int:
+    from callspeak.twiml import TwiMLError
+
+    try:
+        print(_stream_twiml(args, _env_settings()))
+    except TwiMLError as exc:
+        print(f"callspeak: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _rest_client(settings: Settings) -> Any:
+    from callspeak.twilio_rest import TwilioCredentials, TwilioRestClient
+
+    token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
+    if not settings.twilio_account_sid or not token:
+        raise ConfigError("set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN to use Twilio's REST API")
+    return TwilioRestClient(
+        TwilioCredentials(settings.twilio_account_sid, token, settings.twilio_api_url)
+    )
+
+
+def _call(args: argparse.Namespace) -> int:
+    from callspeak.twilio_rest import TwilioError
+    from callspeak.twiml import TwiMLError
+
+    settings = _env_settings()
+    try:
+        twiml = _stream_twiml(args, settings)
+    except TwiMLError as exc:
+        print(f"callspeak: {exc}", file=sys.stderr)
+        return 2
+    with _rest_client(settings) as client:
+        try:
+            call_sid = client.place_call(
+                to=args.to,
+                from_=args.from_,
+                twiml=twiml,
+                status_callback=_status_callback(args, settings),
+            )
+        except (TwilioError, TwiMLError) as exc:
+            print(f"callspeak: {exc}", file=sys.stderr)
+            return 1
+    print(call_sid)
+    return 0
+
+
+def _hangup(args: argparse.Namespace) -> int:
+    from callspeak.twilio_rest import TwilioError
+
+    with _rest_client(_env_settings()) as client:
+        try:
+            client.hangup(args.call_sid)
+        except (TwilioError, ValueError) as exc:
+            print(f"callspeak: {exc}", file=sys.stderr)
+            return 1
+    print(f"hung up {args.call_sid}")
     return 0
 
 

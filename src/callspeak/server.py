@@ -6,10 +6,22 @@ their own. Routes:
 
 * ``WS /twilio`` — one Twilio bidirectional Media Stream per connection (see ``session.py``).
 * ``POST /voice`` — TwiML for an incoming call: optional ``<Say>``, then
-  ``<Connect><Stream url="wss://PUBLIC/twilio">``. The URL comes from ``CALLSPEAK_PUBLIC_URL``.
+  ``<Connect><Stream url="wss://PUBLIC/twilio" statusCallback="https://PUBLIC/status">``. The URLs
+  come from ``CALLSPEAK_PUBLIC_URL``, never from request headers.
+* ``POST /status`` — Twilio's call and stream status callbacks, logged; answers 204.
 * ``GET /healthz`` — ``{"status": "ok"|"degraded", "voice": …, "calls": n}``.
 * ``GET /metrics`` — Prometheus text format.
 * ``/calls…``, ``/openapi.json``, ``/docs`` — the control API (see ``api.py``).
+
+Admission, in this order, before the WebSocket is accepted: the ``x-twilio-signature`` of the
+upgrade (over ``wss://PUBLIC/twilio`` with no params), then ``max_calls``. A refused upgrade gets
+HTTP 403 with the reason as a short text body (Twilio logs error 31920) and is logged and counted
+(``callspeak_calls_refused{reason}``; signatures also in ``callspeak_signature_refusals{path}``).
+With ``call_token`` on, ``start`` must then carry an unused token ``/voice`` issued, or the stream
+is closed with 1008. ``/voice`` and ``/status`` refuse a bad signature with 403.
+
+:func:`create_app` raises :class:`~callspeak.config.ConfigError` when signature validation is on
+without the auth token or public URL it needs (see :meth:`Settings.signature_problem`).
 """
 
 from __future__ import annotations
@@ -17,25 +29,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import parse_qsl
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.datastructures import ImmutableMultiDict
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from callspeak.api import api_routes
 from callspeak.bargein import SpeechOnsetDetector
+from callspeak.call_tokens import TOKEN_PARAMETER, CallTokenStore
 from callspeak.clock import Clock, MonotonicClock
-from callspeak.config import Settings
+from callspeak.config import ConfigError, Settings
 from callspeak.hooks import CallHooks
 from callspeak.metrics import Metrics
+from callspeak.protocol import Start
 from callspeak.session import CallSession, TransportClosed
+from callspeak.signatures import SIGNATURE_HEADER, TwilioSignatureVerifier
 from callspeak.tts.base import TTSService
-from callspeak.twiml import TwiMLError, connect_stream_twiml, stream_url_from_public
+from callspeak.twiml import (
+    TwiMLError,
+    connect_stream_twiml,
+    stream_url_from_public,
+    webhook_url_from_public,
+)
 from callspeak.voices import make_tts_service
 
 __all__ = ["AppState", "CallRegistry", "create_app"]
@@ -43,6 +66,10 @@ __all__ = ["AppState", "CallRegistry", "create_app"]
 log = logging.getLogger("callspeak.server")
 
 STREAM_PATH = "/twilio"
+VOICE_PATH = "/voice"
+STATUS_PATH = "/status"
+#: Twilio's webhook forms are a few kB; anything far bigger is not Twilio.
+MAX_FORM_BYTES: Final = 64 * 1024
 
 
 class CallRegistry:
@@ -84,6 +111,21 @@ class CallRegistry:
         if self._calls.get(session.call_sid) is session:
             del self._calls[session.call_sid]
 
+    def reserve(self, limit: int) -> bool:
+        """Take a connection slot if fewer than ``limit`` are open; pair with :meth:`release`.
+
+        Check and increment happen with no ``await`` between them, so concurrent upgrades cannot
+        both take the last slot.
+        """
+        if self._connections >= limit:
+            return False
+        self._connections += 1
+        return True
+
+    def release(self) -> None:
+        """Give back a slot taken by :meth:`reserve`."""
+        self._connections -= 1
+
 
 @dataclass
 class AppState:
@@ -93,6 +135,10 @@ class AppState:
     clock: Clock
     hooks: CallHooks | None = None
     calls: CallRegistry = field(default_factory=CallRegistry)
+    #: None when signature validation is off.
+    verifier: TwilioSignatureVerifier | None = None
+    #: None unless ``call_token`` is on.
+    tokens: CallTokenStore | None = None
 
 
 class StarletteTransport:
@@ -145,13 +191,30 @@ def create_app(
     hooks: CallHooks | None = None,
 ) -> Starlette:
     """Build the ASGI app. Its lifespan starts the TTS service; it closes the service only if it
-    made it (an injected service belongs to the caller, who may share it between apps)."""
+    made it (an injected service belongs to the caller, who may share it between apps).
+
+    Raises :class:`~callspeak.config.ConfigError` if signature validation is on (the default)
+    without ``TWILIO_AUTH_TOKEN`` and ``CALLSPEAK_PUBLIC_URL``: an app that cannot check
+    signatures is not built rather than built open.
+    """
+    problem = settings.signature_problem()
+    if problem is not None:
+        raise ConfigError(problem)
+    verifier = None
+    if settings.validate_signatures:
+        assert settings.twilio_auth_token is not None and settings.public_url is not None
+        verifier = TwilioSignatureVerifier(
+            settings.twilio_auth_token.get_secret_value(), settings.public_url
+        )
     owns_tts = tts is None
+    the_clock = clock or MonotonicClock()
     state = AppState(
         settings=settings,
         tts=tts or make_tts_service(settings),
         metrics=metrics or Metrics(),
-        clock=clock or MonotonicClock(),
+        clock=the_clock,
+        verifier=verifier,
+        tokens=CallTokenStore(clock=the_clock) if settings.call_token else None,
         hooks=hooks,
     )
 
@@ -159,6 +222,13 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.tts.start()
         log.info("voice: %s", state.tts.name)
+        if verifier is None:
+            log.warning(
+                "Twilio signature validation is OFF: anyone who can reach this server can open "
+                "media streams (fine for local development only)"
+            )
+        else:
+            log.info("checking Twilio signatures against %s", settings.public_url)
         prerender = getattr(state.tts, "prerender", None)
         if prerender is not None and settings.greeting.strip():
             await prerender([settings.greeting])
@@ -173,7 +243,8 @@ def create_app(
     app = Starlette(
         routes=[
             WebSocketRoute(STREAM_PATH, _media_stream),
-            Route("/voice", _voice, methods=["POST", "GET"]),
+            Route(VOICE_PATH, _voice, methods=["POST", "GET"]),
+            Route(STATUS_PATH, _status, methods=["POST"]),
             Route("/healthz", _health),
             Route("/metrics", _metrics),
             *api_routes(),
@@ -191,6 +262,34 @@ def _state(request: Request | WebSocket) -> AppState:
 
 async def _media_stream(websocket: WebSocket) -> None:
     state = _state(websocket)
+    settings = state.settings
+    client = _client(websocket)
+    if state.verifier is not None:
+        check = state.verifier.check_stream_upgrade(
+            STREAM_PATH, websocket.headers.get(SIGNATURE_HEADER)
+        )
+        if not check.ok:
+            state.metrics.signature_refusals.labels(STREAM_PATH).inc()
+            log.warning("refused media stream from %s: %s", client, check.reason)
+            await _refuse_upgrade(state, websocket, "signature", "invalid Twilio signature")
+            return
+    if not state.calls.reserve(settings.max_calls):
+        log.warning(
+            "refused media stream from %s: server full (%d of max_calls=%d streams open)",
+            client,
+            state.calls.connections,
+            settings.max_calls,
+        )
+        await _refuse_upgrade(state, websocket, "full", "server full: too many calls")
+        return
+    try:
+        await _serve_stream(state, websocket)
+    finally:
+        state.calls.release()
+
+
+async def _serve_stream(state: AppState, websocket: WebSocket) -> None:
+    settings = state.settings
     await websocket.accept()
     transport = StarletteTransport(websocket)
     settings, hooks = state.settings, state.hooks
@@ -209,6 +308,9 @@ async def _media_stream(websocket: WebSocket) -> None:
         speak_parameter=not (hooks and hooks.handles_start),
         max_lead=settings.max_lead_ms / 1000,
         max_message_bytes=settings.max_message_bytes,
+        max_text_chars=settings.max_text_chars,
+        idle_timeout=settings.idle_timeout,
+        admit=_token_check(state) if state.tokens is not None else None,
         clock=state.clock,
         metrics=state.metrics,
         barge_in=barge_in,
@@ -216,7 +318,6 @@ async def _media_stream(websocket: WebSocket) -> None:
     )
     if hooks is not None:
         hooks.attach(session)
-    state.calls._connections += 1
     state.metrics.calls_active.inc()
     registered = asyncio.create_task(_register_when_started(state.calls, session))
     try:
@@ -226,9 +327,30 @@ async def _media_stream(websocket: WebSocket) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await registered
         state.calls.discard(session)
-        state.calls._connections -= 1
         state.metrics.calls_active.dec()
         await transport.close()
+
+
+async def _refuse_upgrade(state: AppState, websocket: WebSocket, reason: str, text: str) -> None:
+    """Answer the upgrade with HTTP 403 and ``text`` (no secrets in it), and count it."""
+    state.metrics.calls_refused.labels(reason).inc()
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(PlainTextResponse(text, status_code=403))
+    else:  # the server turns a close before accept into a bare 403
+        await websocket.close(code=1008, reason=text)
+
+
+def _token_check(state: AppState) -> Callable[[Start], str | None]:
+    tokens = state.tokens
+    assert tokens is not None
+
+    def admit(start: Start) -> str | None:
+        if tokens.redeem(start.custom_parameters.get(TOKEN_PARAMETER)):
+            return None
+        state.metrics.calls_refused.labels("token").inc()
+        return f"missing, unknown, expired or reused {TOKEN_PARAMETER}"
+
+    return admit
 
 
 async def _register_when_started(calls: CallRegistry, session: CallSession) -> None:
@@ -238,22 +360,105 @@ async def _register_when_started(calls: CallRegistry, session: CallSession) -> N
 
 async def _voice(request: Request) -> Response:
     state = _state(request)
+    form = await _webhook_form(state, request, VOICE_PATH)
+    if isinstance(form, Response):
+        return form
     public = state.settings.public_url
-    if public is None:
+    status_callback = None
+    if public is not None:
+        status_callback = webhook_url_from_public(public, STATUS_PATH)
+    else:  # only reachable with validation off: create_app refuses a verifier without it
         # Twilio reaches us through a TLS tunnel or proxy; without a configured public URL the
         # best guess is the Host it used. Set CALLSPEAK_PUBLIC_URL to make this exact.
         public = f"https://{request.headers.get('host', 'localhost')}"
         log.warning(
             "CALLSPEAK_PUBLIC_URL is not set; guessing the stream URL from Host: %s", public
         )
+    parameters = {TOKEN_PARAMETER: state.tokens.issue()} if state.tokens is not None else None
     try:
         twiml = connect_stream_twiml(
-            stream_url_from_public(public, STREAM_PATH), say=state.settings.notice
+            stream_url_from_public(public, STREAM_PATH),
+            say=state.settings.notice,
+            parameters=parameters,
+            status_callback=status_callback,
         )
     except TwiMLError as exc:
         log.error("cannot build TwiML: %s", exc)
         return JSONResponse({"error": str(exc)}, status_code=500)
     return Response(twiml, media_type="application/xml")
+
+
+async def _status(request: Request) -> Response:
+    """Log Twilio's call status (``CallStatus``) and stream status (``StreamEvent``) callbacks."""
+    state = _state(request)
+    form = await _webhook_form(state, request, STATUS_PATH)
+    if isinstance(form, Response):
+        return form
+    ids = {"call_sid": form.get("CallSid") or "-", "stream_sid": form.get("StreamSid") or "-"}
+    stream_event = form.get("StreamEvent")
+    if stream_event == "stream-error":
+        log.warning("Twilio stream error: %s", form.get("StreamError", "(no detail)"), extra=ids)
+    elif stream_event is not None:
+        log.info("Twilio stream status: %s", stream_event, extra=ids)
+    elif "CallStatus" in form:
+        status = form["CallStatus"]
+        level = logging.WARNING if status in ("busy", "failed", "no-answer") else logging.INFO
+        log.log(level, "Twilio call status: %s", status, extra=ids)
+    else:
+        log.info("status callback without CallStatus or StreamEvent: %s", sorted(form), extra=ids)
+    return Response(status_code=204)
+
+
+async def _webhook_form(
+    state: AppState, request: Request, path: str
+) -> ImmutableMultiDict[str, str] | Response:
+    """The webhook's form fields if the request may go on; else the 403 (or 4xx) to send.
+
+    The signed URL is the public URL + ``path`` (the route, not the request's path, which a proxy
+    may have rewritten) + the query string Twilio sent; the params are the form fields of a POST.
+    """
+    form = await _read_form(request) if request.method == "POST" else ImmutableMultiDict()
+    verifier = state.verifier
+    if verifier is None or isinstance(form, Response):
+        return form
+    query = request.url.query
+    check = verifier.check_webhook(
+        path + (f"?{query}" if query else ""), form, request.headers.get(SIGNATURE_HEADER)
+    )
+    if check.ok:
+        return form
+    state.metrics.signature_refusals.labels(path).inc()
+    log.warning("refused %s %s from %s: %s", request.method, path, _client(request), check.reason)
+    return PlainTextResponse("invalid Twilio signature", status_code=403)
+
+
+async def _read_form(request: Request) -> ImmutableMultiDict[str, str] | Response:
+    """The url-encoded form of a webhook (repeated fields kept), or an error response.
+
+    Parsed here because Starlette's ``request.form()`` needs python-multipart; Twilio only sends
+    ``application/x-www-form-urlencoded``. A body is read at most :data:`MAX_FORM_BYTES` far.
+    """
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("", "application/x-www-form-urlencoded"):
+        return PlainTextResponse("expected application/x-www-form-urlencoded", status_code=415)
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                return PlainTextResponse("request body too large", status_code=413)
+    except ClientDisconnect:
+        return PlainTextResponse("client went away", status_code=400)
+    try:
+        text = bytes(body).decode()
+    except UnicodeDecodeError:
+        return PlainTextResponse("request body is not UTF-8", status_code=400)
+    return ImmutableMultiDict(parse_qsl(text, keep_blank_values=True))
+
+
+def _client(connection: Request | WebSocket) -> str:
+    client = connection.client
+    return f"{client.host}:{client.port}" if client is not None else "unknown client"
 
 
 async def _health(request: Request) -> Response:

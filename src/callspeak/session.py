@@ -10,6 +10,13 @@ call has been cancelled and awaited and the provider closed.
 
 I/O is injected: a :class:`Transport` (one WebSocket), a :class:`~callspeak.tts.base.TTSProvider`,
 a :class:`~callspeak.clock.Clock`. Nothing here blocks the event loop.
+
+Limits: ``max_text_chars`` bounds every text spoken (``say()`` refuses longer text; an over-long
+``say`` parameter or greeting is logged and not spoken, and the call stays open);
+``idle_timeout`` closes the stream when no inbound message at all arrived for that long (Twilio
+sends media every 20 ms, so a silent socket is a dead peer); ``max_message_bytes`` is the soft
+message-size limit (bigger messages are logged and ignored). ``admit`` sees the ``start`` message
+before anything is spoken and may refuse the stream (closed with 1008 and the reason).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from callspeak.audio.convert import TwilioAudioConverter
 from callspeak.audio.format import FRAME_SECONDS
@@ -53,7 +60,15 @@ from callspeak.speech import SpeechStatus, Utterance, mark_name, parse_mark_name
 from callspeak.tts.base import TTSError, TTSProvider, aclose_stream
 from callspeak.tts.sentences import split_sentences
 
-__all__ = ["CallSession", "SessionClosed", "SpeechQueueFull", "Transport", "TransportClosed"]
+__all__ = [
+    "Admission",
+    "CallSession",
+    "SessionClosed",
+    "SpeechQueueFull",
+    "TextTooLong",
+    "Transport",
+    "TransportClosed",
+]
 
 log = logging.getLogger("callspeak.call")
 
@@ -63,6 +78,12 @@ FRAME_BUFFER = 500
 MAX_FRAMES_PER_MESSAGE = 5
 #: Utterances that may wait behind the one being spoken.
 MAX_QUEUED_UTTERANCES = 32
+#: Close code for a stream refused at ``start`` (RFC 6455: policy violation).
+POLICY_VIOLATION: Final = 1008
+
+#: Decides whether a started stream may go on: None admits it, a string refuses it (the reason,
+#: logged and sent as the close reason — keep it free of secrets).
+Admission = Callable[[Start], str | None]
 
 
 class Transport(Protocol):
@@ -93,6 +114,10 @@ class SessionClosed(RuntimeError):
     """The call has ended; it cannot speak any more."""
 
 
+class TextTooLong(ValueError):
+    """Text over the session's ``max_text_chars``: refused whole, never truncated."""
+
+
 _END_OF_UTTERANCE = -1
 _FAILED = -2
 
@@ -107,6 +132,9 @@ class CallSession:
         speak_parameter: bool = True,
         max_lead: float = 1.0,
         max_message_bytes: int = 64 * 1024,
+        max_text_chars: int = 5000,
+        idle_timeout: float | None = None,
+        admit: Admission | None = None,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
         on_event: EventListener | None = None,
@@ -120,6 +148,12 @@ class CallSession:
         self._clock = clock or MonotonicClock()
         self._metrics = metrics or Metrics()
         self._max_message_bytes = max_message_bytes
+        self._max_text_chars = max_text_chars
+        self._idle_timeout = idle_timeout
+        self._admit = admit
+        self._last_inbound = self._clock.now()
+        #: Why the server ended the stream itself ("idle timeout", a refusal…), or None.
+        self.closed_because: str | None = None
         self._pacer = Pacer(max_lead)
         self._state = CallState()
         self._listeners: list[EventListener] = [on_event] if on_event else []
@@ -185,10 +219,16 @@ class CallSession:
         """Queue ``text`` to be spoken after what is already queued; returns its record.
 
         Raises :class:`SessionClosed` after the call ended, :class:`SpeechQueueFull` when
-        ``MAX_QUEUED_UTTERANCES`` are waiting, ``ValueError`` for text with nothing to say.
+        ``MAX_QUEUED_UTTERANCES`` are waiting, ``ValueError`` for text with nothing to say and
+        :class:`TextTooLong` (a ``ValueError``) for text over ``max_text_chars``.
         """
         if self._closed or self._state.phase is Phase.STOPPED:
             raise SessionClosed("the call has ended")
+        if len(text) > self._max_text_chars:
+            raise TextTooLong(
+                f"text of {len(text)} characters is over the {self._max_text_chars}-character "
+                "limit (max_text_chars)"
+            )
         sentences = tuple(split_sentences(text))
         if not sentences:
             raise ValueError("nothing to say: the text is empty")
@@ -278,16 +318,56 @@ class CallSession:
     # -- the socket loop -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve the call until ``stop`` or the socket closes; then release everything."""
+        """Serve the call until ``stop``, the socket closes, the idle timeout or a refusal at
+        ``start``; then release everything."""
+        # The reader runs in its own task so the idle watchdog can end a receive that a dead peer
+        # would leave pending until TCP gives up.
+        reader = asyncio.create_task(self._read_loop(), name="media-reader")
+        watchdog = (
+            asyncio.create_task(self._watch_idle(self._idle_timeout), name="media-idle")
+            if self._idle_timeout is not None
+            else None
+        )
         try:
-            while True:
-                message = await self._transport.receive()
-                if message is None:
-                    break
-                if not await self._handle_message(message):
-                    break
+            await asyncio.wait(
+                {t for t in (reader, watchdog) if t is not None},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if watchdog is not None and watchdog.done() and not reader.done():
+                timeout = self._idle_timeout
+                self.closed_because = "idle timeout"
+                log.warning(
+                    "no message from Twilio for %.1f s: closing the stream (idle_timeout)",
+                    timeout,
+                    extra=self._ids(),
+                )
+                await self._transport.close(1000, "idle timeout")
+            if reader.done():
+                reader.result()  # a bug in the loop surfaces here, not as a lost task
         finally:
+            for task in (reader, watchdog):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await self._shutdown()
+
+    async def _read_loop(self) -> None:
+        while True:
+            message = await self._transport.receive()
+            if message is None:
+                return
+            self._last_inbound = self._clock.now()
+            if not await self._handle_message(message):
+                return
+
+    async def _watch_idle(self, limit: float) -> None:
+        """Return once no inbound message arrived for ``limit`` seconds (on the injected clock)."""
+        while True:
+            remaining = self._last_inbound + limit - self._clock.now()
+            if remaining <= 0:
+                return
+            await self._clock.sleep(remaining)
 
     async def _handle_message(self, message: str | bytes) -> bool:
         if isinstance(message, bytes):
@@ -310,6 +390,12 @@ class CallSession:
         elif isinstance(event, MarkFlushed):
             self._on_mark(event.name, played=False)
         elif isinstance(event, Started):
+            refusal = self._admit(event.start) if self._admit is not None else None
+            if refusal is not None:
+                self.closed_because = refusal
+                log.warning("stream refused at start: %s", refusal, extra=self._ids())
+                await self._transport.close(POLICY_VIOLATION, refusal)
+                return False
             self._on_start(event.start)
         elif isinstance(event, DigitPressed):
             self._emit("dtmf", digit=event.dtmf.digit)
@@ -549,7 +635,7 @@ class CallSession:
         for utterance in self._utterances.values():
             utterance.finish(SpeechStatus.CANCELLED)
         await self._provider.aclose()
-        if self._state.start is not None:
+        if self._started.is_set():
             self._emit("call.stopped", framesSent=self.frames_sent, rejected=self.rejected)
         log.info(
             "call ended: %d frames sent, %d bad messages ignored",

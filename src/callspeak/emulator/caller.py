@@ -18,6 +18,7 @@ import contextlib
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -44,6 +45,7 @@ from callspeak.protocol import (
     StreamSid,
     parse_outbound,
 )
+from callspeak.signatures import SIGNATURE_HEADER, sign
 
 __all__ = ["DialOptions", "EmulatedCall", "dial"]
 
@@ -74,6 +76,24 @@ class DialOptions:
     stream_sid: str = field(default_factory=lambda: _sid("MZ"))
     open_timeout: float = 10.0
     ssl: object | None = None  # an ssl.SSLContext for wss:// with a private CA
+    #: Sign the upgrade as Twilio does: ``x-twilio-signature`` computed with this auth token.
+    sign_with: str | None = None
+    #: The URL to sign, as written in the TwiML's ``<Stream url>`` (the server checks its public
+    #: URL, e.g. wss://calls.example.com/twilio, not the loopback address dialled). Default: the
+    #: dial URL with ``ws://`` turned into ``wss://``.
+    signed_url: str | None = None
+
+    def upgrade_headers(self) -> dict[str, str]:
+        """The extra headers of the upgrade request, with the signature when ``sign_with``."""
+        headers = dict(self.headers)
+        if self.sign_with is not None:
+            url = self.signed_url or _as_wss(self.url)
+            headers[SIGNATURE_HEADER] = sign(self.sign_with, url, {})
+        return headers
+
+
+def _as_wss(url: str) -> str:
+    return "wss://" + url[len("ws://") :] if url.startswith("ws://") else url
 
 
 class EmulatedCall:
@@ -291,13 +311,20 @@ class EmulatedCall:
 
 
 async def dial(options: DialOptions, *, clock: Clock | None = None) -> CallReport:
-    """Place one emulated call and return what the caller experienced."""
+    """Place one emulated call and return what the caller experienced.
+
+    A refused upgrade raises :class:`websockets.exceptions.InvalidStatus` (its ``response`` holds
+    the status and the server's reason), as Twilio would log error 31920. A ``wss://`` URL without
+    ``options.ssl`` verifies the server against the system's trusted CAs.
+    """
+    # websockets refuses an explicit ssl=None for wss://; leaving it out means "default context".
+    tls: dict[str, Any] = {"ssl": options.ssl} if options.ssl is not None else {}
     async with connect(
         options.url,
-        additional_headers=dict(options.headers),
+        additional_headers=options.upgrade_headers(),
         open_timeout=options.open_timeout,
         max_size=2**22,
-        ssl=options.ssl,
         compression=None,
+        **tls,
     ) as websocket:
         return await EmulatedCall(options, websocket, clock).run()

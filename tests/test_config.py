@@ -1,0 +1,70 @@
+"""Settings added for Twilio security and limits: defaults, environment names, checks."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from callspeak.config import Settings
+
+
+def test_security_and_limit_defaults() -> None:
+    s = Settings()
+    assert s.validate_signatures is True
+    assert s.twilio_auth_token is None and s.twilio_account_sid is None
+    assert s.twilio_api_url == "https://api.twilio.com"
+    assert (s.call_token, s.max_calls, s.idle_timeout, s.max_text_chars) == (False, 100, 30.0, 5000)
+    assert s.max_message_bytes == 64 * 1024
+    assert s.certfile is None and s.keyfile is None
+
+
+def test_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "TWILIO_ACCOUNT_SID": "AC123",
+        "TWILIO_AUTH_TOKEN": "secret",
+        "CALLSPEAK_TWILIO_API_URL": "http://127.0.0.1:9/",
+        "CALLSPEAK_VALIDATE_SIGNATURES": "false",
+        "CALLSPEAK_CALL_TOKEN": "true",
+        "CALLSPEAK_MAX_CALLS": "7",
+        "CALLSPEAK_IDLE_TIMEOUT": "2.5",
+        "CALLSPEAK_MAX_TEXT_CHARS": "300",
+        "CALLSPEAK_CERTFILE": "c.pem",
+        "CALLSPEAK_KEYFILE": "k.pem",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    s = Settings()
+    assert s.twilio_account_sid == "AC123"
+    assert s.twilio_auth_token is not None and s.twilio_auth_token.get_secret_value() == "secret"
+    assert "secret" not in repr(s)
+    assert s.twilio_api_url == "http://127.0.0.1:9"
+    assert (s.validate_signatures, s.call_token, s.max_calls) == (False, True, 7)
+    assert (s.idle_timeout, s.max_text_chars) == (2.5, 300)
+    assert (s.certfile, s.keyfile) == ("c.pem", "k.pem")
+
+
+def test_signature_problem_fails_closed() -> None:
+    no_token = Settings(public_url="https://calls.example.com").signature_problem()
+    assert no_token is not None
+    assert "TWILIO_AUTH_TOKEN" in no_token and "--no-validate-signatures" in no_token
+    no_url = Settings(twilio_auth_token="t").signature_problem()
+    assert no_url is not None and "CALLSPEAK_PUBLIC_URL" in no_url
+    complete = Settings(twilio_auth_token="t", public_url="https://x.example")
+    assert complete.signature_problem() is None
+    assert Settings(validate_signatures=False).signature_problem() is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"certfile": "c.pem"}, "certfile and keyfile go together"),
+        ({"keyfile": "k.pem"}, "certfile and keyfile go together"),
+        ({"greeting": "x" * 11, "max_text_chars": 10}, "greeting is 11 characters"),
+        ({"notice": "x" * 31, "max_text_chars": 30}, "notice is 31 characters"),
+        ({"max_calls": 0}, "max_calls"),
+        ({"idle_timeout": 0}, "idle_timeout"),
+    ],
+)
+def test_inconsistent_settings_are_refused(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(**fields)  # type: ignore[arg-type]

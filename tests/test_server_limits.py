@@ -1,0 +1,150 @@
+"""Limits over real sockets: max calls, idle timeout, message size, text length."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from callspeak.cli import _uvicorn_options
+from callspeak.config import Settings
+from callspeak.emulator import DialOptions, dial
+from callspeak.protocol import AccountSid, CallSid, Connected, MediaFormat, Start, StreamSid
+from callspeak.server import create_app
+from callspeak.testing.asgi_server import serve_asgi
+from tests.conftest import RunningServer
+from tests.fakes import FakeService, spoken
+
+
+def local(**fields: object) -> Settings:
+    return Settings(validate_signatures=False, **fields)  # type: ignore[arg-type]
+
+
+def loopback_options(settings: Settings) -> dict[str, object]:
+    """What ``callspeak serve`` gives uvicorn, minus the address (serve_asgi picks a port)."""
+    options = _uvicorn_options(settings)
+    for key in ("host", "port"):
+        options.pop(key)
+    return options
+
+
+async def until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Poll ``predicate``: connection counts have no change event to wait on."""
+    async with asyncio.timeout(seconds):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+def start_message(sid: str = "MZlimit", **params: str) -> str:
+    return Start(
+        1,
+        StreamSid(sid),
+        AccountSid("AClimit"),
+        CallSid("CA" + sid[2:]),
+        ("inbound",),
+        params,
+        MediaFormat("audio/x-mulaw", 8000, 1),
+    ).to_json()
+
+
+async def test_the_call_over_max_calls_is_refused_while_the_others_keep_talking(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "callspeak.server")
+    app = create_app(local(max_calls=3), tts=FakeService())
+    async with serve_asgi(app) as url:
+        server = RunningServer(url, app)
+        texts = [
+            f"Caller {n} keeps listening. The server keeps talking to caller {n}. "
+            f"Nothing may interrupt caller {n} now."
+            for n in range(3)
+        ]
+        talking = [
+            asyncio.create_task(
+                dial(DialOptions(url=server.ws_url, parameters={"say": t}, quiet_seconds=0.2))
+            )
+            for t in texts
+        ]
+        await until(lambda: len(server.state.calls) == 3)
+        with pytest.raises(InvalidStatus) as refused:
+            await dial(DialOptions(url=server.ws_url, parameters={"say": "Let me in."}))
+        assert refused.value.response.status_code == 403
+        assert refused.value.response.body == b"server full: too many calls"
+        assert not any(t.done() for t in talking)  # refused while the three were still speaking
+        assert "server full (3 of max_calls=3 streams open)" in caplog.text
+        metrics = server.state.metrics.registry
+        assert metrics.get_sample_value("callspeak_calls_refused_total", {"reason": "full"}) == 1
+
+        reports = await asyncio.gather(*talking)
+        for text, report in zip(texts, reports, strict=True):
+            assert report.gaps() == [], report.timeline()
+            assert report.played.rstrip(b"\xff") == spoken(text).rstrip(b"\xff")
+            assert report.ended_by == "caller"
+
+        await until(lambda: server.state.calls.connections == 0)
+        again = await dial(
+            DialOptions(
+                url=server.ws_url, parameters={"say": "Now there is room."}, quiet_seconds=0.2
+            )
+        )
+        assert again.played.rstrip(b"\xff") == spoken("Now there is room.").rstrip(b"\xff")
+
+
+async def test_a_stream_with_no_inbound_message_for_idle_timeout_is_closed() -> None:
+    app = create_app(local(idle_timeout=0.5), tts=FakeService())
+    async with serve_asgi(app) as url:
+        server = RunningServer(url, app)
+        async with websockets.connect(server.ws_url) as ws:
+            await ws.send(Connected("Call", "1.0.0").to_json())
+            await ws.send(start_message())
+            sent_last = time.monotonic()
+            with pytest.raises(ConnectionClosed):
+                async with asyncio.timeout(3):
+                    while True:
+                        await ws.recv()  # the greeting; then nothing from us
+            closed_after = time.monotonic() - sent_last
+        assert ws.close_code == 1000 and ws.close_reason == "idle timeout"
+        assert 0.45 <= closed_after < 1.5
+        await until(lambda: server.state.calls.connections == 0)
+
+
+async def test_message_size_soft_limit_ignores_and_hard_limit_closes() -> None:
+    settings = local(max_message_bytes=1024)
+    app = create_app(settings, tts=FakeService())
+    async with serve_asgi(app, **loopback_options(settings)) as url:
+        server = RunningServer(url, app)
+        async with websockets.connect(server.ws_url, max_size=None) as ws:
+            await ws.send(Connected("Call", "1.0.0").to_json())
+            await ws.send(start_message())
+            session = await asyncio.wait_for(server.state.calls.wait_for(), 5)
+            await ws.send("x" * 4096)  # over the soft limit: logged and ignored
+            await until(lambda: session.rejected == 1)
+            await ws.send("x" * (2 * 1024 * 1024))  # over uvicorn's 1 MiB cap: closed
+            with pytest.raises(ConnectionClosed):
+                async with asyncio.timeout(5):
+                    while True:
+                        await ws.recv()
+        assert ws.close_code == 1009
+
+
+async def test_text_over_max_text_chars_is_not_spoken_and_the_call_stays_open(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = create_app(local(max_text_chars=60), tts=FakeService())
+    async with serve_asgi(app) as url:
+        server = RunningServer(url, app)
+        report = await dial(
+            DialOptions(url=server.ws_url, parameters={"say": "Far too long. " * 5}, duration=0.4)
+        )
+        assert report.first_audio_at is None and report.ended_by == "caller"
+        assert "not speaking the opening text" in caplog.text
+        assert "70 characters is over the 60-character limit" in caplog.text
+        short = await dial(
+            DialOptions(url=server.ws_url, parameters={"say": "Short enough."}, quiet_seconds=0.2)
+        )
+        assert short.seconds_heard > 0

@@ -1,0 +1,239 @@
+"""Twilio signatures on /voice, /status and the /twilio upgrade; per-call tokens. Real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from callspeak.call_tokens import TOKEN_PARAMETER
+from callspeak.config import ConfigError, Settings
+from callspeak.emulator import DialOptions, dial
+from callspeak.protocol import AccountSid, CallSid, Connected, MediaFormat, Start, StreamSid
+from callspeak.server import create_app
+from callspeak.signatures import sign
+from callspeak.testing.asgi_server import serve_asgi
+from tests.conftest import RunningServer
+from tests.fakes import FakeService, spoken
+
+TOKEN = "auth-token-for-tests"
+PUBLIC = "https://calls.example.com"
+STREAM_URL = "wss://calls.example.com/twilio"
+VOICE_FORM = {"CallSid": "CA" + "1" * 32, "From": "+15551230000", "To": "+15559870000"}
+
+
+@pytest.fixture
+async def secure_server() -> AsyncIterator[RunningServer]:
+    settings = Settings(twilio_auth_token=TOKEN, public_url=PUBLIC, call_token=False)
+    app = create_app(settings, tts=FakeService())
+    async with serve_asgi(app) as url:
+        yield RunningServer(url, app)
+
+
+def sample(server: RunningServer, name: str, **labels: str) -> float:
+    value = server.state.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else float(value)
+
+
+async def post_form(
+    server: RunningServer, path: str, form: Mapping[str, str], signature: str | None
+) -> httpx.Response:
+    headers = {"content-type": "application/x-www-form-urlencoded"}
+    if signature is not None:
+        headers["X-Twilio-Signature"] = signature
+    async with httpx.AsyncClient(base_url=server.base_url) as client:
+        return await client.post(path, content=urlencode(form), headers=headers)
+
+
+# -- start-up -------------------------------------------------------------------------------
+
+
+def test_an_app_that_cannot_check_signatures_is_not_built() -> None:
+    with pytest.raises(ConfigError, match="set TWILIO_AUTH_TOKEN, or pass --no-validate"):
+        create_app(Settings(public_url=PUBLIC), tts=FakeService())
+    with pytest.raises(ConfigError, match="CALLSPEAK_PUBLIC_URL"):
+        create_app(Settings(twilio_auth_token=TOKEN), tts=FakeService())
+
+
+# -- /voice -----------------------------------------------------------------------------------
+
+
+async def test_voice_with_a_valid_signature_gets_twiml_built_from_the_public_url(
+    secure_server: RunningServer,
+) -> None:
+    signature = sign(TOKEN, PUBLIC + "/voice", VOICE_FORM)
+    response = await post_form(secure_server, "/voice", VOICE_FORM, signature)
+    assert response.status_code == 200, response.text
+    stream = ET.fromstring(response.text).find("Connect/Stream")
+    assert stream is not None
+    assert stream.get("url") == STREAM_URL  # not the loopback Host the request came to
+    assert stream.get("statusCallback") == PUBLIC + "/status"
+    assert stream.findall("Parameter") == []  # call_token is off
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        pytest.param(None, id="missing"),
+        pytest.param(sign("another-token", PUBLIC + "/voice", VOICE_FORM), id="wrong-token"),
+        pytest.param(sign(TOKEN, "wss://calls.example.com/voice", VOICE_FORM), id="wss-scheme"),
+        pytest.param(sign(TOKEN, "http://127.0.0.1/voice", VOICE_FORM), id="request-url"),
+        pytest.param(sign(TOKEN, PUBLIC + "/voice", {}), id="without-params"),
+    ],
+)
+async def test_voice_without_a_valid_signature_is_refused_logged_and_counted(
+    secure_server: RunningServer, signature: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "callspeak.server")
+    response = await post_form(secure_server, "/voice", VOICE_FORM, signature)
+    assert response.status_code == 403
+    assert "Stream" not in response.text
+    assert sample(secure_server, "callspeak_signature_refusals_total", path="/voice") == 1
+    reason = "missing X-Twilio-Signature" if signature is None else "does not match"
+    assert "refused POST /voice from 127.0.0.1" in caplog.text and reason in caplog.text
+
+
+async def test_voice_signed_over_a_query_string_is_checked_with_it(
+    secure_server: RunningServer,
+) -> None:
+    signature = sign(TOKEN, PUBLIC + "/voice?tenant=a", VOICE_FORM)
+    assert (await post_form(secure_server, "/voice?tenant=a", VOICE_FORM, signature)).is_success
+    assert (
+        await post_form(secure_server, "/voice?tenant=b", VOICE_FORM, signature)
+    ).status_code == 403
+
+
+# -- /status ----------------------------------------------------------------------------------
+
+
+async def test_status_callbacks_are_signature_checked_and_logged(
+    secure_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "callspeak.server")
+    call = {"CallSid": "CA" + "2" * 32, "CallStatus": "ringing"}
+    error = {
+        "CallSid": "CA" + "2" * 32,
+        "StreamSid": "MZ" + "3" * 32,
+        "StreamEvent": "stream-error",
+        "StreamError": "Stream - WebSocket - Handshake Error",
+    }
+    for form in (call, error):
+        signed = sign(TOKEN, PUBLIC + "/status", form)
+        assert (await post_form(secure_server, "/status", form, signed)).status_code == 204
+    assert (await post_form(secure_server, "/status", call, None)).status_code == 403
+    assert sample(secure_server, "callspeak_signature_refusals_total", path="/status") == 1
+    records = [r for r in caplog.records if r.name == "callspeak.server"]
+    ringing = next(r for r in records if "call status: ringing" in r.getMessage())
+    assert ringing.levelno == logging.INFO and ringing.call_sid == call["CallSid"]  # type: ignore[attr-defined]
+    failed = next(r for r in records if "stream error" in r.getMessage())
+    assert failed.levelno == logging.WARNING and "Handshake Error" in failed.getMessage()
+    assert failed.stream_sid == error["StreamSid"]  # type: ignore[attr-defined]
+
+
+# -- the /twilio upgrade ------------------------------------------------------------------------
+
+
+async def test_the_emulator_signs_its_upgrade_and_a_valid_signature_is_accepted(
+    secure_server: RunningServer,
+) -> None:
+    options = DialOptions(
+        url=secure_server.ws_url,
+        parameters={"say": "Signed and heard."},
+        sign_with=TOKEN,
+        signed_url=STREAM_URL,
+        quiet_seconds=0.2,
+    )
+    report = await dial(options)
+    assert report.played.rstrip(b"\xff") == spoken("Signed and heard.").rstrip(b"\xff")
+    assert sample(secure_server, "callspeak_calls_refused_total", reason="signature") == 0
+
+
+def test_the_emulator_signs_the_wss_form_of_the_dial_url_by_default() -> None:
+    options = DialOptions(url="ws://calls.example.com/twilio", sign_with=TOKEN)
+    assert options.upgrade_headers()["X-Twilio-Signature"] == sign(TOKEN, STREAM_URL, {})
+    assert "X-Twilio-Signature" not in DialOptions(url="ws://x/twilio").upgrade_headers()
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param({}, id="missing"),
+        pytest.param({"sign_with": "another-token", "signed_url": STREAM_URL}, id="wrong-token"),
+        pytest.param(
+            {"sign_with": TOKEN, "signed_url": "https://calls.example.com/twilio"}, id="https"
+        ),
+        pytest.param({"sign_with": TOKEN}, id="loopback-url"),
+    ],
+)
+async def test_an_upgrade_without_a_valid_signature_gets_403_before_accept(
+    secure_server: RunningServer, how: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "callspeak.server")
+    with pytest.raises(InvalidStatus) as refused:
+        await dial(DialOptions(url=secure_server.ws_url, **how))
+    assert refused.value.response.status_code == 403
+    assert refused.value.response.body == b"invalid Twilio signature"
+    assert sample(secure_server, "callspeak_calls_refused_total", reason="signature") == 1
+    assert sample(secure_server, "callspeak_signature_refusals_total", path="/twilio") == 1
+    assert "refused media stream from 127.0.0.1" in caplog.text
+    assert secure_server.state.calls.connections == 0
+
+
+# -- per-call tokens ----------------------------------------------------------------------------
+
+
+def start_with(params: dict[str, str]) -> str:
+    return Start(
+        1,
+        StreamSid("MZtok"),
+        AccountSid("ACtok"),
+        CallSid("CAtok"),
+        ("inbound",),
+        params,
+        MediaFormat("audio/x-mulaw", 8000, 1),
+    ).to_json()
+
+
+async def test_call_tokens_from_voice_admit_one_stream_each() -> None:
+    app = create_app(
+        Settings(twilio_auth_token=TOKEN, public_url=PUBLIC, call_token=True), tts=FakeService()
+    )
+    async with serve_asgi(app) as url:
+        server = RunningServer(url, app)
+        twiml = (
+            await post_form(
+                server, "/voice", VOICE_FORM, sign(TOKEN, PUBLIC + "/voice", VOICE_FORM)
+            )
+        ).text
+        parameters = ET.fromstring(twiml).findall("Connect/Stream/Parameter")
+        assert [p.get("name") for p in parameters] == [TOKEN_PARAMETER]
+        token = parameters[0].get("value") or ""
+        assert len(token) >= 40
+        signed = {"sign_with": TOKEN, "signed_url": STREAM_URL, "quiet_seconds": 0.2}
+        first = await dial(
+            DialOptions(url=server.ws_url, parameters={TOKEN_PARAMETER: token}, **signed)
+        )
+        assert first.seconds_heard > 0
+        # The same token again, and no token at all: closed with 1008 at start, nothing spoken.
+        for params in ({TOKEN_PARAMETER: token}, {}):
+            headers = DialOptions(url=server.ws_url, **signed).upgrade_headers()
+            async with websockets.connect(server.ws_url, additional_headers=headers) as ws:
+                await ws.send(Connected("Call", "1.0.0").to_json())
+                await ws.send(start_with(params))
+                with pytest.raises(ConnectionClosed):
+                    async with asyncio.timeout(5):
+                        while True:
+                            assert json.loads(await ws.recv())["event"] != "media"
+                assert ws.close_code == 1008
+                assert ws.close_reason == f"missing, unknown, expired or reused {TOKEN_PARAMETER}"
+        assert sample(server, "callspeak_calls_refused_total", reason="token") == 2
+        assert sample(server, "callspeak_calls_started_total") == 1
