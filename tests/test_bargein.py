@@ -18,10 +18,9 @@ from callspeak.tts.piper import PiperService
 from callspeak.tts.sentences import split_sentences
 
 SILENCE = bytes([MULAW_SILENCE]) * 160
-STORY = (
-    "First, the weather. It is sunny. Then our hours. We open at nine. We close at five. "
-    "That is all. Goodbye."
-)
+# Short sentences: with up to a second of audio sent ahead, some sentence's mark is always
+# pending when the caller speaks, so the clear always has stale marks to flush.
+STORY = "One. Two. Three. Four. Five. Six. Seven. Eight. Nine. Ten. Eleven. Twelve."
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +84,10 @@ async def test_caller_speaking_mid_sentence_gets_clear_fast_and_hears_no_more(
         )
         await watcher
     onset = speak_at + speech_onset(caller_voice)
-    assert len(report.clears) == 1, report.timeline()
+    timeline = report.timeline() + "\n" + "\n".join(f"{e.type} {dict(e.data)}" for e in events)
+    assert len(report.clears) == 1, timeline
     latency = report.clears[0] - onset
-    assert 0 < latency <= 0.25, f"clear {latency * 1000:.0f} ms after speech onset"
+    assert 0 < latency <= 0.25, f"clear {latency * 1000:.0f} ms after speech onset\n{timeline}"
     clear_tick = int(report.clears[0] / 0.02) + 1
     assert sum(report.played_per_tick[clear_tick:]) == 0  # nothing more of that speech
     sentences = split_sentences(STORY)
@@ -96,15 +96,15 @@ async def test_caller_speaking_mid_sentence_gets_clear_fast_and_hears_no_more(
     data = interrupted.data
     assert data["reason"] == "barge-in"
     k = len(heard)
-    assert k >= 1 and heard == sentences[:k] == data["heard"]
+    assert k >= 1 and heard == sentences[:k] == data["heard"], timeline
     if data["cut"] is None:  # the caller spoke right at a sentence boundary
         assert data["unheard"] == sentences[k:]
     else:
-        assert data["cut"] == sentences[k] and 0 < data["cutSeconds"] < 3.0
+        assert data["cut"] == sentences[k] and 0 < data["cutSeconds"] < 3.0, timeline
         assert data["unheard"] == sentences[k + 1 :]
     # Marks pending at the clear came back flushed and never counted as heard.
     flushed = [m.name for m in report.marks if m.flushed]
-    assert flushed, report.timeline()
+    assert flushed, timeline
     assert all(int(name.rsplit(".s", 1)[1]) >= k for name in flushed)
     types = [e.type for e in events]
     assert types.index("caller.speaking") < types.index("speech.interrupted")
