@@ -2,8 +2,8 @@
 
 Run it against the emulator:
 
-    .venv/bin/callspeak serve --hooks examples.menu:hooks --interrupt-digits '0123456789*#'
-    .venv/bin/callspeak dial ws://127.0.0.1:5000/twilio --dtmf 2.5:2 --wav menu.wav
+    .venv/bin/callspeak serve --no-validate-signatures --hooks examples.menu:hooks
+    .venv/bin/callspeak dial ws://127.0.0.1:5000/twilio --dtmf 6:2 --wav menu.wav
 """
 
 from __future__ import annotations
