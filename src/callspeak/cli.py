@@ -387,6 +387,8 @@ async def _demo(args: argparse.Namespace) -> int:
     options = _uvicorn_options(settings)
     for key in ("host", "port"):
         options.pop(key)
+    if not args.log_level:  # the demo's output is the call's timeline, not server chatter
+        options["log_level"] = "warning"
     async with serve_asgi(app, **options) as base_url:
         url = base_url.replace("http://", "ws://") + "/twilio"
         params = {"say": args.say} if args.say else {}
