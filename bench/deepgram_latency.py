@@ -112,6 +112,7 @@ def main() -> None:
                 "CALLSPEAK_TTS": tts,
                 "CALLSPEAK_FALLBACK": "none",
                 "CALLSPEAK_BARGE_IN": "false",
+                "CALLSPEAK_MAX_CALLS": "1000",
                 "CALLSPEAK_DEEPGRAM_URL": f"http://127.0.0.1:{fake_port}",
                 "CALLSPEAK_DEEPGRAM_WS_URL": f"ws://127.0.0.1:{fake_port}",
                 "CALLSPEAK_DEEPGRAM_FIRST_BYTE_TIMEOUT": "10",
