@@ -28,7 +28,7 @@ from typing import Any
 
 from callspeak.events import CallEventRecord
 from callspeak.session import CallSession
-from callspeak.speech import SpeechStatus, Utterance
+from callspeak.speech import Utterance
 
 __all__ = ["Call", "CallHooks"]
 
@@ -77,10 +77,6 @@ class Call:
     async def hangup(self, *, after_speech: bool = True) -> None:
         """End the media stream, by default once queued speech has been heard."""
         await self._session.hangup(after_speech=after_speech)
-
-    @staticmethod
-    def played(utterance: Utterance) -> bool:
-        return utterance.status is SpeechStatus.PLAYED
 
 
 class CallHooks:

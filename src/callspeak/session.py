@@ -48,8 +48,6 @@ from callspeak.events import CallEventRecord, EventListener, EventType
 from callspeak.metrics import Metrics
 from callspeak.pacing import Pacer
 from callspeak.protocol import (
-    Dtmf,
-    Media,
     Start,
     StreamSid,
     encode_clear,
@@ -170,8 +168,6 @@ class CallSession:
         self._barge_in = barge_in
         self._interrupt_digits = interrupt_digits
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.media_listeners: list[Callable[[Media], None]] = []
-        self.dtmf_listeners: list[Callable[[Dtmf], None]] = []
         self.rejected = 0
         self.frames_sent = 0
         #: Wall-clock time (epoch seconds) the ``start`` message arrived; None before it.
@@ -381,8 +377,6 @@ class CallSession:
             return True
         event = self._state.receive_text(message)
         if isinstance(event, MediaReceived):
-            for media_listener in self.media_listeners:
-                media_listener(event.media)
             if self._barge_in is not None and self._barge_in.feed(event.media.payload):
                 await self._on_caller_speech()
         elif isinstance(event, MarkPlayed):
@@ -401,8 +395,6 @@ class CallSession:
             self._emit("dtmf", digit=event.dtmf.digit)
             if event.dtmf.digit in self._interrupt_digits:
                 await self.clear(only_interruptible=True, reason="dtmf")
-            for dtmf_listener in self.dtmf_listeners:
-                dtmf_listener(event.dtmf)
         elif isinstance(event, Rejected):
             self._reject(event.reason, event.event)
         elif isinstance(event, Stopped):
