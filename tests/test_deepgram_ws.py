@@ -262,6 +262,8 @@ async def test_injected_connect_and_service_aclose(ws_url: str, fake: FakeDeepgr
     provider = service.open()
     await collect(provider.stream("Hi."))
     assert len(calls) == 1 and calls[0].startswith(ws_url)
+    # audio does not deflate: the handshake offers no compression
+    assert "sec-websocket-extensions" not in {k.lower() for k in fake.requests[-1].headers}
     await service.aclose()
     with pytest.raises(TTSError, match="closed"):
         await collect(provider.stream("Hi."))

@@ -357,7 +357,7 @@ class FakeDeepgram:
         return model
 
     def _record(self, method: str, conn: Request | WebSocket) -> RecordedRequest:
-        keep = ("authorization", "content-type", "user-agent")
+        keep = ("authorization", "content-type", "user-agent", "sec-websocket-extensions")
         record = RecordedRequest(
             method,
             conn.url.path,

@@ -254,7 +254,12 @@ class DeepgramWebSocketProvider:
                 await svc.sleep(svc.backoff * 2 ** (attempt - 1))
             try:
                 ws = await svc.connect(
-                    svc.url, additional_headers=svc.headers, open_timeout=svc.connect_timeout
+                    svc.url,
+                    additional_headers=svc.headers,
+                    open_timeout=svc.connect_timeout,
+                    # The payload is audio, which deflate cannot shrink: compression would only
+                    # cost CPU on both ends (measured: ~2 % of the server at 200 calls).
+                    compression=None,
                 )
             except InvalidStatus as exc:
                 res = exc.response
