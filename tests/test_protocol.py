@@ -582,6 +582,27 @@ def test_round_trip_of_constructed_events() -> None:
         assert parse_message(event.to_json()) == event
 
 
+@pytest.mark.parametrize(
+    "sid, track", [(STREAM, "inbound"), (StreamSid('MZ"\\\n☎\u0000'), 'in"bound\t')]
+)
+def test_media_to_json_is_exactly_what_json_dumps_writes(sid: StreamSid, track: str) -> None:
+    """The emulator's hot path uses a template; its text must equal the plain dict's dump."""
+    media = Media(2**40, sid, track, 7, 140, AUDIO)
+    assert media.to_json() == json.dumps(
+        {
+            "event": "media",
+            "sequenceNumber": str(2**40),
+            "streamSid": sid,
+            "media": {
+                "track": track,
+                "chunk": "7",
+                "timestamp": "140",
+                "payload": base64.b64encode(AUDIO).decode(),
+            },
+        }
+    )
+
+
 def test_start_keeps_an_immutable_hashable_copy_of_custom_parameters() -> None:
     params = {"k": "v"}
     start = Start(1, STREAM, ACCOUNT, CALL, ["inbound"], params, MediaFormat("x", 8000, 1))  # type: ignore[arg-type]

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from callspeak import __version__
+from callspeak import __version__, eventloop
 from callspeak.config import ConfigError, Settings
 
 __all__ = ["main"]
@@ -250,9 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "dial":
-            return asyncio.run(_dial(args))
+            return eventloop.run(_dial(args))
         if args.command == "demo":
-            return asyncio.run(_demo(args))
+            return eventloop.run(_demo(args))
         if args.command == "twiml":
             return _twiml(args)
         if args.command == "call":

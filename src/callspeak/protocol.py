@@ -213,18 +213,13 @@ class Media:
     payload: bytes
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "event": "media",
-                "sequenceNumber": str(self.sequence_number),
-                "streamSid": self.stream_sid,
-                "media": {
-                    "track": self.track,
-                    "chunk": str(self.chunk),
-                    "timestamp": str(self.timestamp),
-                    "payload": _b64encode(self.payload),
-                },
-            }
+        # A template rather than json.dumps: the emulator sends this 50 times a second per call.
+        # The text is what json.dumps would write for the same dict (tests compare the two).
+        return (
+            f'{{"event": "media", "sequenceNumber": "{self.sequence_number}", '
+            f'"streamSid": {_quoted(self.stream_sid)}, "media": {{"track": {_quoted(self.track)}, '
+            f'"chunk": "{self.chunk}", "timestamp": "{self.timestamp}", '
+            f'"payload": "{_b64encode(self.payload)}"}}}}'
         )
 
 

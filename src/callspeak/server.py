@@ -221,7 +221,11 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.tts.start()
-        log.info("voice: %s", state.tts.name)
+        log.info(
+            "voice: %s; event loop: %s",
+            state.tts.name,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
+        )
         if verifier is None:
             log.warning(
                 "Twilio signature validation is OFF: anyone who can reach this server can open "
