@@ -455,3 +455,25 @@ async def test_ws_warning_fault(base: str, fake: FakeDeepgram) -> None:
     assert events[0] == {"type": "Warning", "description": "flush rate high", "code": "FLUSH_RATE"}
     assert audio == fake.audio_for("Hi.")
     await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "rate"), [("mulaw", 8000), ("alaw", 8000), ("linear16", 24000)]
+)
+def test_synthesis_from_cached_characters_equals_whole_text_encoding(
+    encoding: str, rate: int
+) -> None:
+    """The fake joins per-character bursts; that must be the bytes of encoding the whole text."""
+    from callspeak.testing import fake_deepgram as fd
+
+    text = "Hello there, caller 7! é☎"
+    pcm = fd._pcm(text, rate)
+    whole = {
+        "mulaw": lambda: fd._mulaw(pcm),
+        "alaw": lambda: fd._alaw(pcm),
+        "linear16": lambda: pcm.astype("<i2").tobytes(),
+    }[encoding]()
+    assert fd.synthesize(text, encoding, rate) == whole
+    assert len(whole) == len(text) * int(rate * fd.SECONDS_PER_CHAR) * (
+        2 if encoding == "linear16" else 1
+    )

@@ -285,7 +285,7 @@ def test_empty_mark_name_echo_is_accepted() -> None:
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("", "message is not valid JSON: Expecting value: line 1 column 1 (char 0)"),
+        ("", "message is not valid JSON: Input is a zero-length, empty document"),
         ("{", "message is not valid JSON: "),
         ('{"event": "media",}', "message is not valid JSON: "),
         ("[]", "message is not a JSON object but an array"),

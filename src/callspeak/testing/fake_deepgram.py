@@ -106,16 +106,25 @@ def _wav_header(encoding: str, rate: int, data_len: int) -> bytes:
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def _char_audio(char: str, encoding: str, sample_rate: int) -> bytes:
+    """One character's burst, encoded (each character's samples depend on it alone)."""
+    pcm = _pcm(char, sample_rate)
+    if encoding == "linear16":
+        return pcm.astype("<i2").tobytes()
+    return _mulaw(pcm) if encoding == "mulaw" else _alaw(pcm)
+
+
 @functools.lru_cache(maxsize=64)
 def synthesize(
     text: str, encoding: str = "mulaw", sample_rate: int = 8000, container: str = "none"
 ) -> bytes:
-    """The exact bytes the fake streams for ``text`` in this format (deterministic, cached)."""
-    pcm = _pcm(text, sample_rate)
-    if encoding == "linear16":
-        audio = pcm.astype("<i2").tobytes()
-    else:
-        audio = _mulaw(pcm) if encoding == "mulaw" else _alaw(pcm)
+    """The exact bytes the fake streams for ``text`` in this format (deterministic, cached).
+
+    Joined from per-character bursts: the same bytes as encoding the whole text at once, but a
+    benchmark's 200 new texts cost the fake almost nothing (it shares the CPU being measured).
+    """
+    audio = b"".join(_char_audio(char, encoding, sample_rate) for char in text)
     return _wav_header(encoding, sample_rate, len(audio)) + audio if container == "wav" else audio
 
 
