@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from callspeak.audio.mulaw import MULAW_SILENCE, decode
+from callspeak.audio.mulaw import MULAW_SILENCE, decode, encode
 from callspeak.bargein import SpeechOnsetDetector
 from callspeak.config import Settings
 from callspeak.emulator import DialOptions, dial
@@ -51,6 +51,21 @@ def test_detector_finds_speech_once_and_ignores_silence_and_clicks(caller_voice:
     for _ in range(20):
         detector.feed(SILENCE)
     assert not detector.in_speech
+
+
+def test_loudness_floor_applies_to_whole_frames(caller_voice: bytes) -> None:
+    """Speech whose every sample is under the floor never starts an onset (those frames skip the
+    decoder); a frame with some samples over it is judged on its RMS, as before."""
+    pcm = decode(np.frombuffer(caller_voice, np.uint8)).astype(np.float64)
+    whisper = encode(np.round(pcm * (95.0 / np.abs(pcm).max())).astype(np.int16)).tobytes()
+    assert np.abs(decode(np.frombuffer(whisper, np.uint8))).max() < 100
+    assert not any(SpeechOnsetDetector(min_rms=100.0).feed(whisper) for _ in range(3))
+    # Peaks over the floor but an RMS under it: decoded, and still not speech.
+    sparse = (bytes([0x00]) + bytes([MULAW_SILENCE]) * 39) * 4 * 100
+    assert not SpeechOnsetDetector(min_rms=8000.0).feed(sparse)
+    # The same voice at its own level, and with the floor at zero, is found.
+    assert SpeechOnsetDetector(min_rms=100.0).feed(caller_voice)
+    assert SpeechOnsetDetector(min_rms=0.0).feed(caller_voice)
 
 
 def test_detector_rejects_bad_settings() -> None:

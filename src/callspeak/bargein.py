@@ -46,6 +46,11 @@ class SpeechOnsetDetector:
             raise ValueError(f"min_speech_ms must be at least {_FRAME_MS}")
         self._vad = webrtcvad.Vad(aggressiveness)
         self._min_square = min_rms * min_rms
+        # The μ-law codes of samples quieter than the floor. A frame made only of them has an RMS
+        # under the floor too, so it is judged without decoding (most inbound frames are such
+        # silence, ~50 a second per call: this cuts them from ~25 µs to ~1 µs).
+        codes = np.arange(256, dtype=np.uint8)
+        self._quiet_codes = codes[np.abs(decode(codes).astype(np.float64)) < min_rms].tobytes()
         self._framer = Framer(FRAME_BYTES)
         self._need_voiced = -(-min_speech_ms // _FRAME_MS)
         self._need_silent = max(1, -(-min_silence_ms // _FRAME_MS))
@@ -68,9 +73,12 @@ class SpeechOnsetDetector:
 
     def _frame(self, frame: bytes) -> bool:
         self.frames_seen += 1
-        samples = decode(np.frombuffer(frame, np.uint8))
-        loud = float(np.mean(samples.astype(np.float64) ** 2)) >= self._min_square
-        voiced = loud and bool(self._vad.is_speech(samples.tobytes(), 8000))
+        if frame.translate(None, self._quiet_codes):  # some sample at or over the floor
+            samples = decode(np.frombuffer(frame, np.uint8))
+            loud = float(np.mean(samples.astype(np.float64) ** 2)) >= self._min_square
+            voiced = loud and bool(self._vad.is_speech(samples.tobytes(), 8000))
+        else:
+            voiced = False
         self._window.append(voiced)
         self._silent = 0 if voiced else self._silent + 1
         if self._in_speech:
