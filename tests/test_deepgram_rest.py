@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import httpx
+import aiohttp
 import pytest
 
 from callspeak.testing.asgi_server import serve_asgi
@@ -55,6 +55,7 @@ async def test_streams_exact_bytes_with_phone_format(
     }
     assert request.headers["authorization"] == "Token test-key"
     assert request.headers["content-type"] == "application/json"
+    assert request.headers["accept-encoding"] == "identity"  # raw audio: no compression
     assert await collect(provider.stream("   ")) == b""  # nothing to say: no request
     assert len(fake.requests) == 1
 
@@ -212,12 +213,59 @@ async def test_provider_aclose_cancels_in_flight_stream(
     assert await collect(service.open().stream("Hi.")) == fake.audio_for("Hi.")
 
 
-async def test_injected_client_is_not_closed(base: str, fake: FakeDeepgram) -> None:
-    async with httpx.AsyncClient() as client:
-        service = DeepgramRestService("test-key", base_url=base, http_client=client)
+async def test_injected_session_is_not_closed(base: str, fake: FakeDeepgram) -> None:
+    async with aiohttp.ClientSession() as session:  # default settings: it would ask for gzip
+        service = DeepgramRestService("test-key", base_url=base, http_session=session)
         assert await collect(service.open().stream("Hi.")) == fake.audio_for("Hi.")
+        assert fake.requests[-1].headers["accept-encoding"] == "identity"
         await service.aclose()
         await service.aclose()
-        assert not client.is_closed
+        assert not session.closed
         with pytest.raises(RuntimeError):
             service.open()
+
+
+async def test_waiting_for_a_pooled_connection_is_bounded_by_connect_timeout(
+    base: str, fake: FakeDeepgram
+) -> None:
+    fake.bytes_per_second = 8000  # the first stream holds the only connection for seconds
+    service = DeepgramRestService(
+        "test-key", base_url=base, max_connections=1, connect_timeout=0.2, first_byte_timeout=2.0
+    )
+    busy = service.open().stream("A sentence long enough to hold the connection for a while.")
+    assert await anext(busy)
+    with pytest.raises(TTSError, match="timed out connecting") as info:
+        await collect(service.open().stream("Hi."))
+    assert info.value.retryable
+    await busy.aclose()
+    fake.bytes_per_second = None
+    assert await collect(service.open().stream("Hi.")) == fake.audio_for("Hi.")
+    await service.aclose()
+
+
+async def test_huge_error_body_is_read_only_in_part(
+    service: DeepgramRestService, fake: FakeDeepgram
+) -> None:
+    fake.fail_next(502, "x" * 1_000_000)
+    with pytest.raises(TTSError) as info:
+        await collect(service.open().stream("Hi."))
+    assert info.value.status == 502 and info.value.retryable
+    assert len(info.value.message) <= 300
+    assert await collect(service.open().stream("Hi.")) == fake.audio_for("Hi.")
+
+
+async def test_closing_the_service_ends_streams_without_retry(
+    service: DeepgramRestService, fake: FakeDeepgram
+) -> None:
+    fake.bytes_per_second = 8000
+    provider = service.open()
+    stream = provider.stream("A long sentence for shutting down.")
+    assert await anext(stream)
+    await service.aclose()
+    with pytest.raises(TTSError, match="closed") as info:
+        async with asyncio.timeout(2):
+            async for _ in stream:
+                pass
+    assert not info.value.retryable
+    with pytest.raises(TTSError, match="service is closed"):
+        await collect(provider.stream("Again."))

@@ -366,7 +366,13 @@ class FakeDeepgram:
         return model
 
     def _record(self, method: str, conn: Request | WebSocket) -> RecordedRequest:
-        keep = ("authorization", "content-type", "user-agent", "sec-websocket-extensions")
+        keep = (
+            "authorization",
+            "content-type",
+            "user-agent",
+            "accept-encoding",
+            "sec-websocket-extensions",
+        )
         record = RecordedRequest(
             method,
             conn.url.path,
