@@ -20,6 +20,15 @@ def free_port() -> int:
 @contextmanager
 def callspeak_server(env: Mapping[str, str] | None = None, *args: str) -> Iterator[int]:
     """Start `callspeak serve` on a free port in a child process; yields the port."""
+    with callspeak_server_process(env, *args) as (port, _):
+        yield port
+
+
+@contextmanager
+def callspeak_server_process(
+    env: Mapping[str, str] | None = None, *args: str
+) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """Like :func:`callspeak_server`, yielding the port and the process (for its CPU time)."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -39,10 +48,17 @@ def callspeak_server(env: Mapping[str, str] | None = None, *args: str) -> Iterat
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("callspeak serve did not start") from None
                 time.sleep(0.05)
-        yield port
+        yield port, proc
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -12,7 +12,6 @@ being sent to `clear` being received.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
 import statistics
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _server import callspeak_server  # noqa: E402
+from callspeak import eventloop  # noqa: E402
 from callspeak.audio.mulaw import decode  # noqa: E402
 from callspeak.emulator import DialOptions, dial  # noqa: E402
 from callspeak.tts.piper import PiperService  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     env = {"CALLSPEAK_TTS": "piper", "CALLSPEAK_GREETING": STORY}
     with callspeak_server(env) as port:
-        latencies = asyncio.run(trials(port, args.trials, args.seed))
+        latencies = eventloop.run(trials(port, args.trials, args.seed))
     ms = [v * 1000 for v in latencies]
     print(f"barge-in latency, speech onset -> clear received, {len(ms)} trials")
     print(f"median {statistics.median(ms):6.1f} ms   max {max(ms):6.1f} ms   min {min(ms):6.1f} ms")

@@ -8,9 +8,12 @@ Both are read on the machine's monotonic clock, which every process shares.
 
 Prints, for REST and WebSocket: first byte at the provider → first media frame at the caller
 (our overhead, including loopback and the emulator's own scheduling), and time to first audio
-(start → first media frame), as median / p99 / max.
+(start → first media frame), as median / p99 / max; for 1, 50 and 200 calls answered in the same
+instant, and for 200 calls arriving over ``--ramp`` seconds (each measured while up to 199 others
+are in progress). Each row also gives the CPU the three processes used, as a share of one core:
+all three share the machine's cores, so a saturated machine shows there first.
 
-    .venv/bin/python bench/deepgram_latency.py [--calls 200] [--rounds 3]
+    .venv/bin/python bench/deepgram_latency.py [--calls 200] [--rounds 3] [--ramp 2]
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _server import callspeak_server, free_port, percentile  # noqa: E402
+from _server import callspeak_server_process, cpu_seconds, free_port, percentile  # noqa: E402
+from callspeak import eventloop  # noqa: E402
 from callspeak.emulator import CallReport, DialOptions, dial  # noqa: E402
 
 
@@ -53,30 +57,46 @@ def start_fake(
             time.sleep(0.05)
 
 
-async def round_of_calls(url: str, calls: int, tag: str) -> list[tuple[str, CallReport]]:
+async def round_of_calls(
+    url: str, calls: int, tag: str, ramp: float = 0.0
+) -> list[tuple[str, CallReport]]:
+    """``calls`` calls of 8 s, each saying its own text; started together, or evenly over
+    ``ramp`` seconds."""
     texts = [f"Caller {n} of round {tag}, hello there." for n in range(calls)]
-    reports = await asyncio.gather(
-        *(dial(DialOptions(url=url, parameters={"say": t}, duration=8.0)) for t in texts)
-    )
+
+    async def one(n: int, text: str) -> CallReport:
+        await asyncio.sleep(ramp * n / calls)
+        return await dial(DialOptions(url=url, parameters={"say": text}, duration=8.0))
+
+    reports = await asyncio.gather(*(one(n, t) for n, t in enumerate(texts)))
     return list(zip(texts, reports, strict=True))
 
 
 def stats(name: str, values: list[float]) -> str:
     ms = [v * 1000 for v in values]
     return (
-        f"{name:<58} n={len(ms):<4} median {statistics.median(ms):7.1f}  "
+        f"{name:<62} n={len(ms):<4} median {statistics.median(ms):7.1f}  "
         f"p99 {percentile(ms, 99):7.1f}  max {max(ms):7.1f} ms"
     )
 
 
-async def measure(port: int, fake_port: int, calls: int, rounds: int, label: str) -> list[str]:
+async def measure(
+    port: int, server_pid: int, fake: subprocess.Popen[bytes], fake_port: int,
+    calls: int, rounds: int, ramp: float, label: str,
+) -> list[str]:  # fmt: skip
     url = f"ws://127.0.0.1:{port}/twilio"
     await round_of_calls(url, 1, f"warmup-{label}")
     lines = []
-    for n in sorted({1, 50, calls}):
+    scenarios = [(n, 0.0) for n in sorted({1, 50, calls})] + [(calls, ramp)] * (ramp > 0)
+    for n, spread in scenarios:
         results: list[tuple[str, CallReport]] = []
+        pids = (server_pid, fake.pid, os.getpid())
+        cpu_before, wall_before = [cpu_seconds(pid) for pid in pids], time.monotonic()
         for r in range(rounds if n > 1 else rounds * 5):
-            results += await round_of_calls(url, n, f"{label}-{n}-{r}")
+            results += await round_of_calls(url, n, f"{label}-{n}-{spread}-{r}", spread)
+        wall = time.monotonic() - wall_before
+        used = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
+        cpu = [seconds / wall for seconds in used]
         async with httpx.AsyncClient() as client:
             first = (await client.get(f"http://127.0.0.1:{fake_port}/_fake/first-bytes")).json()
         overhead, ttfa = [], []
@@ -87,10 +107,15 @@ async def measure(port: int, fake_port: int, calls: int, rounds: int, label: str
                 continue
             ttfa.append(report.first_audio_at)
             overhead.append(report.started_at + report.first_audio_at - first[text])
-        lines.append(stats(f"{label}, {n} call(s): provider first byte -> caller", overhead))
-        lines.append(stats(f"{label}, {n} call(s): time to first audio", ttfa))
+        how = f"{n} call(s) at once" if not spread else f"{n} calls over {spread:g} s"
+        lines.append(stats(f"{label}, {how}: provider first byte -> caller", overhead))
+        lines.append(stats(f"{label}, {how}: time to first audio", ttfa))
+        lines.append(
+            f"{label}, {how}: CPU, share of one core: server {cpu[0]:.0%}, "
+            f"fake Deepgram {cpu[1]:.0%}, emulated callers {cpu[2]:.0%}"
+        )
         if silent:
-            lines.append(f"{label}, {n} call(s): {silent} of {len(results)} heard nothing in 8 s")
+            lines.append(f"{label}, {how}: {silent} of {len(results)} heard nothing in 8 s")
     return lines
 
 
@@ -99,6 +124,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--first-byte-delay", type=float, default=0.15)
+    parser.add_argument(
+        "--ramp", type=float, default=2.0, help="seconds over which the ramped calls arrive"
+    )
     parser.add_argument(
         "--bytes-per-second",
         type=float,
@@ -121,14 +149,19 @@ def main() -> None:
                 "CALLSPEAK_DEEPGRAM_WS_URL": f"ws://127.0.0.1:{fake_port}",
                 "CALLSPEAK_DEEPGRAM_FIRST_BYTE_TIMEOUT": "10",
             }
-            with callspeak_server(env) as port:
-                lines += asyncio.run(measure(port, fake_port, args.calls, args.rounds, label))
+            with callspeak_server_process(env) as (port, server):
+                lines += eventloop.run(
+                    measure(
+                        port, server.pid, fake, fake_port, args.calls, args.rounds, args.ramp,
+                        label,
+                    )
+                )  # fmt: skip
     finally:
         fake.terminate()
         fake.wait(10)
     print(
         f"Deepgram paths against the fake ({args.first_byte_delay * 1000:.0f} ms first byte), "
-        f"{os.cpu_count()} cores"
+        f"{os.cpu_count()} cores, event loop {eventloop.loop_name()}"
     )
     print("\n".join(lines))
     print(

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from callspeak import eventloop
+
 FRAME_S = 0.020  # Twilio media frame: 20 ms of 8 kHz mu-law = 160 bytes
 LATE_S = 0.040  # a gap of two frames or more is a late frame
 STACKS: dict[str, str] = {
@@ -588,7 +590,7 @@ def main(argv: list[str]) -> None:
         pin_to_cpu(ns.cpu)
         warnings.simplefilter("ignore", DeprecationWarning)  # uvicorn's legacy websockets impl
         warnings.simplefilter("ignore", UserWarning)
-        asyncio.run(serve(ns.stack))
+        eventloop.run(serve(ns.stack))
         return
     if argv[:1] == ["_load"]:
         parser = argparse.ArgumentParser()
@@ -600,7 +602,7 @@ def main(argv: list[str]) -> None:
         parser.add_argument("--cpu", type=int)
         ns = parser.parse_args(argv[1:])
         pin_to_cpu(ns.cpu)
-        asyncio.run(load(ns.url, ns.calls, ns.duration, ns.warmup, ns.server_pid))
+        eventloop.run(load(ns.url, ns.calls, ns.duration, ns.warmup, ns.server_pid))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, nargs="+", default=[50, 100, 200])

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _server import callspeak_server, percentile  # noqa: E402
+from callspeak import eventloop  # noqa: E402
 from callspeak.emulator import DialOptions, dial  # noqa: E402
 
 
@@ -73,9 +74,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     with callspeak_server({"CALLSPEAK_TTS": "piper"}) as port:
-        lines = asyncio.run(measure(port, args.rounds))
+        lines = eventloop.run(measure(port, args.rounds))
     with callspeak_server({"CALLSPEAK_TTS": "piper", "CALLSPEAK_PIPER_CACHE_MB": "0"}) as port:
-        lines[1:1] = asyncio.run(measure_uncached(port, args.rounds))
+        lines[1:1] = eventloop.run(measure_uncached(port, args.rounds))
     print("time to first audio, offline voice (Piper joe, 8 kHz μ-law), 2-core machine")
     print("\n".join(lines))
     print("target: ≤ 200 ms for a one-sentence greeting on one call")
