@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from callspeak.emulator import CallReport, DialOptions, dial
+from callspeak.emulator import CallReport, DialOptions, EmulatedCall, dial
 from callspeak.protocol import (
     Dtmf,
     Mark,
@@ -186,3 +188,61 @@ async def test_the_emulator_speaks_twilios_protocol_on_a_20_ms_clock() -> None:
     for i, event in media:
         lead = recording.messages[i][0] - t_start - 0.02 * (event.chunk - 1)
         assert -0.005 < lead < 0.25, (event.chunk, lead)
+
+
+async def test_a_call_the_server_closes_ends_by_server_without_a_stop() -> None:
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()  # connected
+        await ws.recv()  # start
+        await asyncio.sleep(0.1)
+        await ws.close()
+
+    async with serve(handler, "127.0.0.1", 0, compression=None) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        report = await dial(DialOptions(url=f"ws://127.0.0.1:{port}", duration=5.0))
+    assert report.ended_by == "server"
+    assert 0.1 <= report.duration < 1.0
+    assert 4 <= len(report.played_per_tick) <= 10
+
+
+async def test_a_server_that_stops_reading_holds_the_caller_back_and_nothing_is_lost() -> None:
+    """Flow control as websockets' send() has it: when the write buffer is full the call waits
+    for it to drain, then plays the ticks it missed back to back, in order."""
+    arrivals: list[tuple[float, str]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        arrivals.append((time.monotonic(), str(await ws.recv())))  # connected
+        arrivals.append((time.monotonic(), str(await ws.recv())))  # start
+        await asyncio.sleep(1.0)  # not reading: the socket buffers fill up
+        async for text in ws:
+            arrivals.append((time.monotonic(), str(text)))
+
+    # Small socket buffers on both sides, and a server that stops reading from the socket once
+    # one message waits (max_queue), so the caller's write buffer fills within the second.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    async with serve(handler, sock=listener, compression=None, max_queue=1):
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        async with connect(
+            f"ws://127.0.0.1:{port}", sock=client, compression=None, write_limit=512
+        ) as websocket:
+            drains = 0
+            real_drain = websocket.drain
+
+            async def drain() -> None:
+                nonlocal drains
+                drains += 1
+                await real_drain()
+
+            websocket.drain = drain  # type: ignore[method-assign]
+            report = await EmulatedCall(DialOptions(url="unused", duration=1.5), websocket).run()
+
+    assert drains >= 1  # the call did wait for the buffer
+    assert report.ended_by == "caller" and len(report.played_per_tick) == 76
+    events = [parse_message(text) for _, text in arrivals]
+    assert [e.chunk for e in events if isinstance(e, Media)] == list(range(1, 77))
+    assert isinstance(events[-1], Stop)
+    numbered = [e.sequence_number for e in events[1:]]  # type: ignore[union-attr]
+    assert numbered == list(range(1, len(events)))
