@@ -18,9 +18,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from callspeak.clock import Clock, MonotonicClock
 from callspeak.emulator import CallReport, DialOptions, EmulatedCall, dial
 from callspeak.protocol import (
     Dtmf,
@@ -106,7 +108,8 @@ def first_tick_with_played(report: CallReport, total: int) -> int:
     return next(i for i, n in enumerate(played) if n >= total)
 
 
-async def test_the_emulator_speaks_twilios_protocol_on_a_20_ms_clock() -> None:
+@pytest.mark.parametrize("clock", [None, MonotonicClock()], ids=["shared ticker", "own clock"])
+async def test_the_emulator_speaks_twilios_protocol_on_a_20_ms_clock(clock: Clock | None) -> None:
     async with scripted_server(SCRIPT) as (url, recording):
         options = DialOptions(
             url=url,
@@ -115,7 +118,7 @@ async def test_the_emulator_speaks_twilios_protocol_on_a_20_ms_clock() -> None:
             caller_audio_at=0.1,
             dtmf=[(0.2, "#"), (0.2, "5")],
         )
-        report = await dial(options)
+        report = await dial(options, clock=clock)
 
     texts = [text for _, text in recording.messages]
     events = [parse_message(text) for text in texts]

@@ -67,18 +67,18 @@ def _write_now(websocket: ClientConnection, text: str) -> bool:
     connection is not open.
 
     ``await websocket.send(text)`` frames the message and hands it to the transport before its
-    first ``await``; this does the same with the frame built by :class:`ClientTextFrames`,
-    without the coroutine and the async context manager around ``send()`` (measured: the
-    emulator's CPU for 200 calls went from 7.5 s to 4.8 s with synchronous ticks on a shared
-    ticker, then to 3.7 s with these frames). What ``send()`` does after writing is then the
-    caller's: wait while the transport's write buffer is over its limit
+    first ``await``; this does the same, with the frame built by :class:`ClientTextFrames`, and
+    without the coroutine and the async context manager around ``send()``. (200 calls of 8 s
+    from one process: the emulator's CPU went from about 7.7 s to under 5 s with synchronous
+    ticks on a shared ticker, and to 3.7 s with these frames.) What ``send()`` does after
+    writing is then the caller's: wait while the transport's write buffer is over its limit
     (:meth:`EmulatedCall._drain`). Where this returns False, ``send()`` would wait for the
     connection to close and raise ``ConnectionClosed``; the caller gets that by calling it.
 
     Frames written here and by websockets itself (pongs, the close) never interleave: each is
-    written whole, synchronously. Uses the connection's ``transport``, ``paused`` and
-    ``drain()``, the same from websockets 14 to 17; ``tests/test_emulator_wire.py`` sends every
-    kind of message through them.
+    written whole, synchronously. This and ``_drain`` use the connection's ``transport``,
+    ``paused`` and ``drain()``, the same from websockets 14 to 17; ``tests/test_emulator_wire.py``
+    goes through all three.
     """
     if websocket.state is not State.OPEN:
         return False

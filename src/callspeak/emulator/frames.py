@@ -2,8 +2,8 @@
 
 The emulator writes one frame per call every 20 ms, 10,000 a second in the benchmarks.
 websockets builds each frame through a ``Frame`` object and a ``BytesIO`` and draws each 4-byte
-masking key with a ``getrandom()`` system call of its own (``secrets.token_bytes``); in the
-200-call benchmark that was a quarter of the emulator's CPU. Here the keys come from
+masking key with a ``getrandom()`` system call of its own (``secrets.token_bytes``); for 200
+calls that was almost a quarter of the emulator's CPU. Here the keys come from
 ``os.urandom`` 1,024 at a time — each key still fresh and unpredictable, as §5.3 asks — and a
 frame is one concatenation. The masking itself is websockets' (its C speedup when built).
 """
