@@ -22,6 +22,7 @@ from callspeak.protocol import (
     InboundMessage,
     Mark,
     Media,
+    MediaEncoder,
     MediaFormat,
     OutboundMark,
     OutboundMedia,
@@ -600,6 +601,32 @@ def test_media_to_json_is_exactly_what_json_dumps_writes(sid: StreamSid, track: 
                 "payload": base64.b64encode(AUDIO).decode(),
             },
         }
+    )
+
+
+@pytest.mark.parametrize(
+    "sid, track", [(STREAM, "inbound"), (StreamSid('MZ"\\\n☎\u0000'), 'in"bound\t')]
+)
+def test_media_encoder_writes_what_media_to_json_writes(sid: StreamSid, track: str) -> None:
+    encoder = MediaEncoder(sid, track)
+    silence = b"\xff" * 160
+    payloads = [b"", silence, silence, b"\xff" * 160, AUDIO, silence, b"", b"\x01" * 80]
+    for n, payload in enumerate(payloads):
+        want = Media(n + 2, sid, track, n + 1, 20 * n, payload).to_json()
+        assert encoder.encode(n + 2, n + 1, 20 * n, payload) == want
+    assert encoder.encode(2**40, 7, 140, AUDIO) == Media(2**40, sid, track, 7, 140, AUDIO).to_json()
+
+
+def test_media_encoders_base64_cache_follows_a_bytearray_changed_in_place() -> None:
+    encoder = MediaEncoder(STREAM, "inbound")
+    frame = bytearray(b"\x01" * 160)
+    assert (
+        encoder.encode(1, 1, 0, frame) == Media(1, STREAM, "inbound", 1, 0, bytes(frame)).to_json()
+    )
+    frame[0] = 0x02
+    assert (
+        encoder.encode(2, 2, 20, frame)
+        == Media(2, STREAM, "inbound", 2, 20, bytes(frame)).to_json()
     )
 
 

@@ -8,6 +8,7 @@ queued is echoed at once. ``clear`` drops every queued byte and echoes every pen
 from __future__ import annotations
 
 from collections import deque
+from functools import lru_cache
 
 from callspeak.audio.mulaw import MULAW_SILENCE
 
@@ -15,6 +16,13 @@ __all__ = ["MAX_BUFFER_BYTES", "PlaybackBuffer"]
 
 #: Twilio keeps at most 10 minutes of outbound audio (error 31931 beyond that).
 MAX_BUFFER_BYTES = 10 * 60 * 8000
+
+
+@lru_cache(maxsize=8)
+def _silence(nbytes: int) -> bytes:
+    """``nbytes`` of μ-law silence, made once per length (a frame of it is played 50 times a
+    second per idle call)."""
+    return bytes([MULAW_SILENCE]) * nbytes
 
 
 class PlaybackBuffer:
@@ -55,18 +63,23 @@ class PlaybackBuffer:
     def play(self, nbytes: int) -> tuple[bytes, int, list[str]]:
         """Play up to ``nbytes``: (``nbytes`` of audio padded with silence, bytes of real audio
         taken, marks whose audio has now all played)."""
-        take = min(nbytes, self.buffered)
-        chunk = bytes(self._audio[self._head : self._head + take])
-        self._head += take
-        self._played += take
-        if self._head > 64 * 1024:  # compact now and then, not on every frame
-            del self._audio[: self._head]
-            self._head = 0
+        take = min(nbytes, self._queued - self._played)
+        if take:
+            chunk = bytes(self._audio[self._head : self._head + take])
+            self._head += take
+            self._played += take
+            if self._head > 64 * 1024:  # compact now and then, not on every frame
+                del self._audio[: self._head]
+                self._head = 0
+            if take < nbytes:
+                chunk += _silence(nbytes - take)
+        else:  # nothing queued: most ticks of most calls
+            chunk = _silence(nbytes)
         echoed: list[str] = []
-        while self._marks and self._marks[0][0] <= self._played:
-            echoed.append(self._marks.popleft()[1])
-        padding = bytes([MULAW_SILENCE]) * (nbytes - take)
-        return chunk + padding, take, echoed
+        marks = self._marks
+        while marks and marks[0][0] <= self._played:
+            echoed.append(marks.popleft()[1])
+        return chunk, take, echoed
 
     def clear(self) -> list[str]:
         """Drop all queued audio; returns every pending mark (Twilio echoes them all)."""
