@@ -153,7 +153,6 @@ class EmulatedCall:
         self._t0 = 0.0
         self._last_server_message = 0.0
         self._server_closed = False
-        self._warned_31951 = False
         self._media = MediaEncoder(StreamSid(options.stream_sid), "inbound")
         # The tick loop's state, kept between ticks (see _tick).
         self._audio_start_tick = round(options.caller_audio_at / FRAME_SECONDS)
