@@ -22,8 +22,8 @@ Measured over the steady-state window (after ``--warmup``, before the calls end)
 * the server's and the client's own 20 ms timer lag p99: jitter at the client is the server's lag
   plus the client's stalls; a large client lag means the jitter is the client's, not the server's.
 
-Run: ``.venv/bin/python bench/framework_choice.py`` (needs ``aiohttp`` in the venv; it is a
-measurement-only dependency and not in pyproject.toml).
+Run: ``.venv/bin/python bench/framework_choice.py`` (aiohttp is a dependency: the Deepgram REST
+client uses it). Both processes run on the loop ``callspeak.eventloop`` picks (uvloop).
 """
 
 from __future__ import annotations
