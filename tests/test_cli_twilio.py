@@ -4,9 +4,7 @@ checks, dial's signing, and serving wss:// with a self-signed certificate."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import ssl
-import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -205,41 +203,6 @@ async def test_dial_signs_its_upgrade_and_reports_a_refusal(
 
 
 # -- TLS ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A throw-away certificate for 127.0.0.1 (the openssl CLI; cryptography is not installed)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("needs the openssl command to make a certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 async def test_a_wss_round_trip_with_a_self_signed_certificate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -269,3 +270,28 @@ async def test_closing_the_service_ends_streams_without_retry(
     assert not info.value.retryable
     with pytest.raises(TTSError, match="service is closed"):
         await collect(provider.stream("Again."))
+
+
+async def test_https_trusts_the_ca_in_ssl_cert_file_and_nothing_else(
+    self_signed: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real Deepgram is https: the client verifies the server, trusting certifi's bundle, or the
+    CA file named by SSL_CERT_FILE (a private CA, e.g. a regional proxy's)."""
+    cert, key = self_signed
+    fake = FakeDeepgram(first_byte_delay=0.0)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    async with serve_asgi(fake.app, ssl_certfile=str(cert), ssl_keyfile=str(key)) as base:
+        assert base.startswith("https://")
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        trusting = DeepgramRestService("test-key", base_url=base)
+        await trusting.start()
+        assert await collect(trusting.open().stream("Hi.")) == fake.audio_for("Hi.")
+        await trusting.aclose()
+
+        monkeypatch.delenv("SSL_CERT_FILE")
+        doubting = DeepgramRestService("test-key", base_url=base)
+        await doubting.start()
+        with pytest.raises(TTSError, match="cannot reach Deepgram.*certificate"):
+            await collect(doubting.open().stream("Hi."))
+        await doubting.aclose()
+    assert len(fake.requests) == 1  # the untrusted server never saw the second request

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import ssl
 from collections.abc import AsyncIterator
@@ -50,10 +49,10 @@ _ERROR_BODY_LIMIT = 64 * 1024
 _KEEPALIVE_SECONDS = 30.0
 
 
-@functools.cache
 def _tls_context() -> ssl.SSLContext:
-    """The CA trust httpx gave this client before: ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set,
-    else certifi's bundle (aiohttp alone would use the system store)."""
+    """Whom the client trusts: the CAs in ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set, else
+    certifi's bundle (aiohttp alone would use the system store). Read when a service makes its
+    session, once per process in practice (loading a bundle takes milliseconds)."""
     if cafile := os.environ.get("SSL_CERT_FILE"):
         return ssl.create_default_context(cafile=cafile)
     if capath := os.environ.get("SSL_CERT_DIR"):
