@@ -44,6 +44,9 @@ def make_engine(
             base_url=settings.deepgram_url,
             first_byte_timeout=settings.deepgram_first_byte_timeout,
             stall_timeout=settings.deepgram_stall_timeout,
+            # A call streams one request at a time: a socket per call, so a full server never
+            # waits for a pooled connection (and gives up after the connect timeout).
+            max_connections=settings.max_calls,
         )
     from callspeak.tts.deepgram_ws import DeepgramWebSocketService
 

@@ -96,7 +96,7 @@ class DeepgramRestService:
             "Authorization": f"Token {api_key}",
             "Accept-Encoding": "identity",  # the body is audio: compression would only cost CPU
         }
-        self._max_connections = max_connections
+        self.max_connections = max_connections
         self._session = http_session
         self._owns_session = http_session is None
         self._healthy = True
@@ -124,7 +124,7 @@ class DeepgramRestService:
             raise RuntimeError("DeepgramRestService is closed")
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
+                limit=self.max_connections,
                 limit_per_host=0,  # one host: ``limit`` is the bound
                 keepalive_timeout=_KEEPALIVE_SECONDS,
                 ssl=_tls_context() if self.base_url.startswith("https:") else True,

@@ -1,0 +1,47 @@
+"""Choosing the voice engines from the settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from callspeak.config import Settings
+from callspeak.tts.deepgram_rest import DeepgramRestService
+from callspeak.tts.deepgram_ws import DeepgramWebSocketService
+from callspeak.tts.fallback import FallbackService
+from callspeak.voices import VoiceSetupError, make_engine, make_tts_service
+
+
+def settings(**overrides: object) -> Settings:
+    return Settings(validate_signatures=False, **overrides)  # type: ignore[arg-type]
+
+
+def test_deepgram_rest_is_configured_from_the_settings() -> None:
+    s = settings(
+        deepgram_api_key="k",
+        deepgram_model="aura-asteria-en",
+        deepgram_url="https://api.eu.deepgram.com/",
+        max_calls=350,
+        deepgram_first_byte_timeout=2.5,
+        deepgram_stall_timeout=1.5,
+    )
+    engine = make_engine(s, "deepgram")
+    assert isinstance(engine, DeepgramRestService)
+    assert (engine.model, engine.base_url) == ("aura-asteria-en", "https://api.eu.deepgram.com")
+    assert (engine.first_byte_timeout, engine.stall_timeout) == (2.5, 1.5)
+    # one socket per call: 350 calls never queue for a pooled connection
+    assert engine.max_connections == 350
+
+
+def test_deepgram_ws_and_missing_key() -> None:
+    engine = make_engine(settings(deepgram_api_key="k"), "deepgram-ws")
+    assert isinstance(engine, DeepgramWebSocketService)
+    with pytest.raises(VoiceSetupError, match="DEEPGRAM_API_KEY"):
+        make_engine(settings(), "deepgram")
+
+
+def test_fallback_chain_skips_voices_it_cannot_build(caplog: pytest.LogCaptureFixture) -> None:
+    service = make_tts_service(settings(tts="piper", fallback="deepgram"))
+    assert isinstance(service, FallbackService) and service.name == "piper"
+    assert "fallback voice deepgram skipped" in caplog.text
+    chained = make_tts_service(settings(tts="piper", fallback="deepgram", deepgram_api_key="k"))
+    assert chained.name == "piper > deepgram"
