@@ -1,13 +1,6 @@
-"""The Twilio bidirectional Media Streams wire protocol, as pure functions over strings.
+"""Twilio → server: the events Twilio sends on a stream, and :func:`parse_message`.
 
-No I/O happens here: text goes in, immutable event objects come out, and encoders turn outbound
-messages into the exact JSON text to put in a WebSocket *text* frame. The reference is Twilio's
-"Media Streams - WebSocket Messages" page:
-https://www.twilio.com/docs/voice/media-streams/websocket-messages
-
-Contracts
----------
-Twilio → server (:func:`parse_message`), liberal in what it accepts:
+:func:`parse_message` is liberal in what it accepts:
 
 * Returns one of :class:`Connected`, :class:`Start`, :class:`Media`, :class:`Mark`,
   :class:`Dtmf`, :class:`Stop`, and raises nothing but :class:`ProtocolError`, whose ``reason``
@@ -29,11 +22,6 @@ Twilio → server (:func:`parse_message`), liberal in what it accepts:
 * SIDs (``streamSid``, ``callSid``, ``accountSid``) must be non-empty strings; their prefixes
   (``MZ``/``CA``/``AC``) are not checked.
 
-Server → Twilio (:func:`encode_media`, :func:`encode_mark`, :func:`encode_clear`): exactly the
-three messages Twilio accepts. Each encoder returns text equal to ``json.dumps`` of the message's
-dict shape. :func:`parse_outbound` checks such text as strictly as Twilio does (anything it
-rejects, Twilio answers with warning 31951): it exists for tests and the Twilio emulator.
-
 Every inbound event also has ``to_json()``, producing Twilio's own shape (counters as strings),
 so that ``parse_message(event.to_json()) == event``; the emulator speaks through it, and writes
 its 50 ``media`` messages a second per call with :class:`MediaEncoder` (the same text, cheaper).
@@ -45,59 +33,29 @@ import binascii
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import ClassVar, NewType, TypeAlias
+from typing import ClassVar, TypeAlias
 
-import orjson
-
-__all__ = [
-    "DTMF_DIGITS",
-    "AccountSid",
-    "CallSid",
-    "Clear",
-    "Connected",
-    "CustomParameters",
-    "Dtmf",
-    "InboundMessage",
-    "Mark",
-    "Media",
-    "MediaEncoder",
-    "MediaFormat",
-    "OutboundMark",
-    "OutboundMedia",
-    "OutboundMessage",
-    "ProtocolError",
-    "Start",
-    "Stop",
-    "StreamSid",
-    "encode_clear",
-    "encode_mark",
-    "encode_media",
-    "parse_message",
-    "parse_outbound",
-]
-
-StreamSid = NewType("StreamSid", str)
-CallSid = NewType("CallSid", str)
-AccountSid = NewType("AccountSid", str)
+from callspeak.protocol._fields import (
+    AccountSid,
+    CallSid,
+    ProtocolError,
+    StreamSid,
+    _b64encode,
+    _error,
+    _event_name,
+    _int,
+    _json_type,
+    _JsonObject,
+    _load_object,
+    _obj,
+    _payload,
+    _quoted,
+    _sid,
+    _str,
+)
 
 #: The keys a ``dtmf`` event may report.
 DTMF_DIGITS = frozenset("0123456789*#ABCD")
-
-_JsonObject: TypeAlias = dict[str, object]
-
-
-class ProtocolError(ValueError):
-    """A message that does not follow the Media Streams protocol.
-
-    ``reason`` is a human-readable sentence (also ``str(error)``); ``event`` is the message's
-    ``event`` name when it could be read, else ``None``.
-    """
-
-    def __init__(self, reason: str, event: str | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.event = event
 
 
 class CustomParameters(Mapping[str, str]):
@@ -337,183 +295,8 @@ InboundMessage: TypeAlias = Connected | Start | Media | Mark | Dtmf | Stop
 
 
 # --------------------------------------------------------------------------------------------
-# Server -> Twilio messages
+# Inbound parsing
 # --------------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=1024)
-def _quoted(text: str) -> str:
-    """``text`` as a JSON string literal, exactly as ``json.dumps`` writes it (cached: a stream
-    reuses its SID for every frame)."""
-    return json.dumps(text)
-
-
-def _b64encode(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
-
-
-def _check_stream_sid(event: str, stream_sid: str) -> None:
-    if not stream_sid:
-        raise ProtocolError(f"{event}: field 'streamSid' is empty", event)
-
-
-def encode_media(stream_sid: StreamSid, payload: bytes) -> str:
-    """``{"event": "media", "streamSid": …, "media": {"payload": <base64>}}`` for raw μ-law.
-
-    Hot path (≈50 calls a second per call): a template, no dict and no ``json.dumps`` per call.
-    ``payload`` must be headerless 8 kHz mono μ-law; any length is allowed.
-    """
-    if not stream_sid:  # inlined _check_stream_sid: this is the hot path
-        raise ProtocolError("media: field 'streamSid' is empty", "media")
-    return (
-        f'{{"event": "media", "streamSid": {_quoted(stream_sid)}, '
-        f'"media": {{"payload": "{_b64encode(payload)}"}}}}'
-    )
-
-
-def encode_mark(stream_sid: StreamSid, name: str) -> str:
-    """``{"event": "mark", "streamSid": …, "mark": {"name": …}}``; ``name`` must be non-empty."""
-    _check_stream_sid("mark", stream_sid)
-    if not name:
-        raise ProtocolError("mark: field 'mark.name' is empty", "mark")
-    return (
-        f'{{"event": "mark", "streamSid": {_quoted(stream_sid)}, '
-        f'"mark": {{"name": {json.dumps(name)}}}}}'
-    )
-
-
-def encode_clear(stream_sid: StreamSid) -> str:
-    """``{"event": "clear", "streamSid": …}``: drop buffered audio; Twilio echoes pending marks."""
-    _check_stream_sid("clear", stream_sid)
-    return f'{{"event": "clear", "streamSid": {_quoted(stream_sid)}}}'
-
-
-@dataclass(frozen=True, slots=True)
-class OutboundMedia:
-    """Audio to play: raw μ-law bytes (encoded to base64 on the wire)."""
-
-    event: ClassVar[str] = "media"
-
-    stream_sid: StreamSid
-    payload: bytes
-
-    def to_json(self) -> str:
-        return encode_media(self.stream_sid, self.payload)
-
-
-@dataclass(frozen=True, slots=True)
-class OutboundMark:
-    """Ask Twilio to echo ``name`` once everything queued before it has played."""
-
-    event: ClassVar[str] = "mark"
-
-    stream_sid: StreamSid
-    name: str
-
-    def to_json(self) -> str:
-        return encode_mark(self.stream_sid, self.name)
-
-
-@dataclass(frozen=True, slots=True)
-class Clear:
-    """Empty Twilio's playback buffer (barge-in)."""
-
-    event: ClassVar[str] = "clear"
-
-    stream_sid: StreamSid
-
-    def to_json(self) -> str:
-        return encode_clear(self.stream_sid)
-
-
-OutboundMessage: TypeAlias = OutboundMedia | OutboundMark | Clear
-
-
-# --------------------------------------------------------------------------------------------
-# Field extraction. ``prefix`` is the dotted path of ``obj`` in the message ("" or "media."),
-# used only to build error messages.
-# --------------------------------------------------------------------------------------------
-
-
-def _error(event: str, path: str, problem: str) -> ProtocolError:
-    return ProtocolError(f"{event}: field '{path}' {problem}", event)
-
-
-def _load_object(text: str | bytes) -> _JsonObject:
-    # orjson rather than json: ~3.5x faster on a media message (1.7 vs 5.9 µs), which is most of
-    # what the server reads. It is stricter (no NaN, no lone surrogates, integers within 64
-    # bits): none of that is in a message Twilio sends.
-    try:
-        data = orjson.loads(text)
-    # orjson.JSONDecodeError is a ValueError; RecursionError kept for safety on deep nesting.
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"message is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ProtocolError(f"message is not a JSON object but {_json_type(data)}")
-    return data
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
-
-
-def _event_name(data: _JsonObject) -> str:
-    event = data.get("event")
-    if event is None:
-        raise ProtocolError("message: field 'event' is missing")
-    if not isinstance(event, str):
-        raise ProtocolError(f"message: field 'event' is {_json_type(event)}, not a string")
-    return event
-
-
-def _require(obj: _JsonObject, key: str, event: str, prefix: str) -> object:
-    try:
-        return obj[key]
-    except KeyError:
-        raise _error(event, prefix + key, "is missing") from None
-
-
-def _str(obj: _JsonObject, key: str, event: str, prefix: str = "") -> str:
-    value = _require(obj, key, event, prefix)
-    if not isinstance(value, str):
-        raise _error(event, prefix + key, f"is {_json_type(value)}, not a string")
-    return value
-
-
-def _sid(obj: _JsonObject, key: str, event: str, prefix: str = "") -> str:
-    value = _str(obj, key, event, prefix)
-    if not value:
-        raise _error(event, prefix + key, "is empty")
-    return value
-
-
-def _int(obj: _JsonObject, key: str, event: str, prefix: str = "") -> int:
-    """A non-negative integer sent as a JSON integer or as a string of ASCII digits."""
-    value = _require(obj, key, event, prefix)
-    if type(value) is int:  # ``type`` rather than isinstance: bool is an int subclass
-        if value >= 0:
-            return value
-    elif isinstance(value, str) and value.isascii() and value.isdigit():
-        try:
-            return int(value)
-        except ValueError:  # more digits than sys.get_int_max_str_digits()
-            pass
-    raise _error(event, prefix + key, f"is not a non-negative integer: {value!r:.40}")
-
-
-def _obj(obj: _JsonObject, key: str, event: str, prefix: str = "") -> _JsonObject:
-    value = _require(obj, key, event, prefix)
-    if not isinstance(value, dict):
-        raise _error(event, prefix + key, f"is {_json_type(value)}, not an object")
-    return value
 
 
 def _tracks(obj: _JsonObject, event: str) -> tuple[str, ...]:
@@ -536,19 +319,6 @@ def _custom_parameters(obj: _JsonObject, event: str) -> CustomParameters:
             path = f"start.customParameters.{name}"
             raise _error(event, path, f"is {_json_type(param)}, not a string")
     return CustomParameters(value)
-
-
-def _payload(obj: _JsonObject, event: str, prefix: str) -> bytes:
-    encoded = _str(obj, "payload", event, prefix)
-    try:
-        return binascii.a2b_base64(encoded, strict_mode=True)
-    except ValueError:  # binascii.Error, or non-ASCII text
-        raise _error(event, prefix + "payload", "is not valid base64") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Inbound parsing
-# --------------------------------------------------------------------------------------------
 
 
 def _parse_connected(data: _JsonObject) -> Connected:
@@ -683,72 +453,6 @@ def parse_message(text: str | bytes) -> InboundMessage:
     data = _load_object(text)
     event = _event_name(data)
     parser = _INBOUND_PARSERS.get(event)
-    if parser is None:
-        raise ProtocolError(f"unknown event {event!r:.60}", event)
-    return parser(data)
-
-
-# --------------------------------------------------------------------------------------------
-# Outbound parsing (strict, as Twilio is)
-# --------------------------------------------------------------------------------------------
-
-
-def _exact_keys(obj: _JsonObject, allowed: frozenset[str], event: str, prefix: str) -> None:
-    extra = obj.keys() - allowed
-    if extra:
-        raise _error(event, prefix + min(extra), "is not allowed")
-
-
-_MEDIA_KEYS = frozenset({"event", "streamSid", "media"})
-_MARK_KEYS = frozenset({"event", "streamSid", "mark"})
-_CLEAR_KEYS = frozenset({"event", "streamSid"})
-_PAYLOAD_KEYS = frozenset({"payload"})
-_NAME_KEYS = frozenset({"name"})
-
-
-def _parse_outbound_media(data: _JsonObject) -> OutboundMedia:
-    ev = "media"
-    _exact_keys(data, _MEDIA_KEYS, ev, "")
-    stream_sid = _sid(data, "streamSid", ev)
-    media = _obj(data, "media", ev)
-    _exact_keys(media, _PAYLOAD_KEYS, ev, "media.")
-    return OutboundMedia(StreamSid(stream_sid), _payload(media, ev, "media."))
-
-
-def _parse_outbound_mark(data: _JsonObject) -> OutboundMark:
-    ev = "mark"
-    _exact_keys(data, _MARK_KEYS, ev, "")
-    stream_sid = _sid(data, "streamSid", ev)
-    mark = _obj(data, "mark", ev)
-    _exact_keys(mark, _NAME_KEYS, ev, "mark.")
-    name = _str(mark, "name", ev, "mark.")
-    if not name:
-        raise _error(ev, "mark.name", "is empty")
-    return OutboundMark(StreamSid(stream_sid), name)
-
-
-def _parse_clear(data: _JsonObject) -> Clear:
-    _exact_keys(data, _CLEAR_KEYS, "clear", "")
-    return Clear(StreamSid(_sid(data, "streamSid", "clear")))
-
-
-_OUTBOUND_PARSERS: dict[str, Callable[[_JsonObject], OutboundMessage]] = {
-    "media": _parse_outbound_media,
-    "mark": _parse_outbound_mark,
-    "clear": _parse_clear,
-}
-
-
-def parse_outbound(text: str | bytes) -> OutboundMessage:
-    """Parse a server → Twilio message as strictly as Twilio does (else warning 31951).
-
-    Rejects bad JSON, unknown events, missing or extra fields, an empty or non-string
-    ``streamSid``, a non-string or invalid base64 ``payload``, and an empty mark ``name``.
-    Raises :class:`ProtocolError` and nothing else.
-    """
-    data = _load_object(text)
-    event = _event_name(data)
-    parser = _OUTBOUND_PARSERS.get(event)
     if parser is None:
         raise ProtocolError(f"unknown event {event!r:.60}", event)
     return parser(data)
