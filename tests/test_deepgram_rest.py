@@ -295,3 +295,47 @@ async def test_https_trusts_the_ca_in_ssl_cert_file_and_nothing_else(
             await collect(doubting.open().stream("Hi."))
         await doubting.aclose()
     assert len(fake.requests) == 1  # the untrusted server never saw the second request
+
+
+async def test_closing_the_service_ends_a_wait_for_a_pooled_connection(
+    base: str, fake: FakeDeepgram
+) -> None:
+    """aiohttp cancels requests queued for a connection when its pool closes: the stream must end
+    with the service's non-retryable error, not a bare CancelledError its task never received."""
+    fake.bytes_per_second = 8000
+    service = DeepgramRestService("test-key", base_url=base, max_connections=1)
+    await service.start()
+    holder = service.open().stream("A sentence long enough to hold the only connection.")
+    assert await anext(holder)
+    waiting = asyncio.create_task(collect(service.open().stream("Waiting for a socket.")))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await service.aclose()
+    with pytest.raises(TTSError, match="closed") as info:
+        async with asyncio.timeout(2):
+            await waiting
+    assert not info.value.retryable
+    await holder.aclose()
+
+
+async def test_an_abandoned_stream_cannot_stop_the_provider_closing_the_next(
+    base: str, fake: FakeDeepgram
+) -> None:
+    """The first stream's cleanup runs when it is closed, not later: it must not erase the next
+    stream's deadline, which is how ``provider.aclose()`` interrupts a wait for the first byte."""
+    fake.bytes_per_second = 8000
+    service = DeepgramRestService("test-key", base_url=base, first_byte_timeout=10.0)
+    await service.start()
+    provider = service.open()
+    first = provider.stream("A sentence to abandon after its first chunk.")
+    assert await anext(first)
+    await first.aclose()
+    fake.first_byte_delay = 5.0
+    second = asyncio.create_task(collect(provider.stream("A slow one.")))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    await provider.aclose()
+    with pytest.raises(TTSError, match="closed"):
+        await second
+    assert time.monotonic() - started < 1.0
+    await service.aclose()

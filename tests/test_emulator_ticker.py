@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import itertools
 import time
+import weakref
 from collections.abc import Callable
 
 import pytest
 
+from callspeak.clock import MonotonicClock
 from callspeak.emulator.ticker import Ticker, shared_ticker
 
 
@@ -158,3 +161,30 @@ async def test_the_real_clock_ticker_is_shared_within_a_loop_and_never_early() -
 
     assert await shared_ticker(0.01).run(start, tick) == 10
     assert min(late) >= 0 and len(late) == 11
+
+
+async def test_a_stopped_ticker_fails_its_schedules_and_a_new_run_starts_it_again() -> None:
+    ticker = Ticker(MonotonicClock(), 0.01)
+    ticks: list[int] = []
+    waiting = asyncio.create_task(ticker.run(time.monotonic(), lambda n: ticks.append(n) or True))
+    await asyncio.sleep(0.05)
+    (task,) = [t for t in asyncio.all_tasks() if t.get_name() == "emulator-ticker"]
+    task.cancel()  # whatever stops it, nobody must hang on it
+    with pytest.raises(RuntimeError, match="stopped"):
+        async with asyncio.timeout(1):
+            await waiting
+    assert await ticker.run(time.monotonic(), lambda n: n < 3) == 3
+
+
+def test_a_finished_loop_is_not_kept_alive_by_a_pending_schedule() -> None:
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        ticker = shared_ticker(0.02)
+        asyncio.create_task(ticker.run(time.monotonic(), lambda n: True))  # noqa: RUF006
+        await asyncio.sleep(0.05)  # left running: asyncio.run cancels it on the way out
+
+    asyncio.run(main())
+    gc.collect()
+    assert loops[0]() is None

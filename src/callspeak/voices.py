@@ -45,7 +45,7 @@ def make_engine(
             first_byte_timeout=settings.deepgram_first_byte_timeout,
             stall_timeout=settings.deepgram_stall_timeout,
             # A call streams one request at a time: a socket per call, so a full server never
-            # waits for a pooled connection (and gives up after the connect timeout).
+            # waits for a pooled connection.
             max_connections=settings.max_calls,
         )
     from callspeak.tts.deepgram_ws import DeepgramWebSocketService

@@ -73,10 +73,20 @@ class Ticker:
             await clock.sleep(due - now)
         schedule = _Schedule(start, tick, n, asyncio.get_running_loop().create_future())
         heapq.heappush(self._heap, (due, next(self._order), schedule))
-        if self._task is None:
-            self._task = asyncio.create_task(self._run())
-        # Cancelling this await cancels the future: the task drops the schedule when it is due.
-        return await schedule.future
+        if self._task is None or self._task.done():  # (a task cancelled before it ever ran)
+            self._task = asyncio.create_task(self._run(), name="emulator-ticker")
+        try:
+            return await schedule.future
+        except asyncio.CancelledError:
+            # Dropped now rather than when due: a loop that ends meanwhile must not stay
+            # referenced from the heap (through the future) after it is gone.
+            self._drop(schedule)
+            raise
+
+    def _drop(self, schedule: _Schedule) -> None:
+        heap = self._heap
+        heap[:] = [entry for entry in heap if entry[2] is not schedule]  # in place: _run holds it
+        heapq.heapify(heap)
 
     async def _run(self) -> None:
         heap, clock = self._heap, self._clock
@@ -97,6 +107,12 @@ class Ticker:
                 self._run_due(clock.now())
         finally:
             self._task = None
+            # Cancelled (e.g. its loop is shutting down): the schedules still waiting must not
+            # hang on a task that is gone.
+            for _, _, schedule in heap:
+                if not schedule.future.done():
+                    schedule.future.set_exception(RuntimeError("the ticker was stopped"))
+            heap.clear()
 
     def _run_due(self, now: float) -> None:
         """Run every tick due by ``now`` (read once: a wake-up's work is bounded even when

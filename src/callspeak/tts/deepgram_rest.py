@@ -15,7 +15,8 @@ Timeouts are ours, enforced with :func:`asyncio.timeout_at`:
 * ``stall_timeout`` — the longest gap between two body chunks.
 
 Both raise a retryable :class:`TTSError`; aiohttp itself only bounds connecting (and waiting for a
-free pooled connection) with ``connect_timeout``.
+free pooled connection) with ``connect_timeout``, reported as such only when it is the shorter of
+the two (with both at their default of 5 s the first-byte deadline, started first, ends it).
 
 Why aiohttp rather than httpx: every call opens a request per sentence, so at a few hundred calls
 the pool sees thousands of request opens and closes a minute. httpcore's pool does O(open
@@ -32,7 +33,7 @@ import asyncio
 import contextlib
 import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import aiohttp
 import certifi
@@ -177,8 +178,11 @@ class DeepgramRestProvider:
         """Audio of ``text``: one request per ≤2000-character chunk, in order, streamed."""
         for chunk in chunk_text(text, DEFAULT_CHUNK_LIMIT):
             self._check_open()
-            async for audio in self._stream_chunk(chunk):
-                yield audio
+            # Closed with this iterator, not later by the garbage collector: the connection goes
+            # back to the pool at once, and a late cleanup cannot touch the next stream's state.
+            async with contextlib.aclosing(self._stream_chunk(chunk)) as audio_chunks:
+                async for audio in audio_chunks:
+                    yield audio
 
     async def clear(self) -> None:
         """Nothing to drop: requests are per text and end when their iterator is closed."""
@@ -207,13 +211,15 @@ class DeepgramRestProvider:
     async def _read(self, content: aiohttp.StreamReader, when: float) -> bytes:
         """What the body has so far, before loop time ``when``, else ``TimeoutError``; ``b""`` at
         the end."""
-        async with asyncio.timeout_at(when) as self._deadline:
+        async with asyncio.timeout_at(when) as deadline:
+            self._deadline = deadline
             try:
                 return await content.readany()
             finally:
-                self._deadline = None
+                if self._deadline is deadline:
+                    self._deadline = None
 
-    async def _stream_chunk(self, text: str) -> AsyncIterator[bytes]:
+    async def _stream_chunk(self, text: str) -> AsyncGenerator[bytes, None]:
         service = self._service
         session = service.session
         received = 0
@@ -223,6 +229,8 @@ class DeepgramRestProvider:
         try:
             try:
                 async with asyncio.timeout_at(when) as self._deadline:
+                    # A request waiting for a pooled connection is cancelled by aiohttp when the
+                    # service closes the pool: see the CancelledError clause below.
                     response = await session.post(
                         f"{service.base_url}/v1/speak",
                         params={
@@ -257,6 +265,13 @@ class DeepgramRestProvider:
                     f"stalled after {received} bytes (no data for {service.stall_timeout:g} s)"
                 )
             raise self._error(message) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._service.closed and task is not None and not task.cancelling():
+                # Nobody cancelled this task: the closing pool cancelled its wait for a
+                # connection. That is the service ending, reported as such (not retried).
+                raise self._error("service closed") from None
+            raise
         except aiohttp.ClientError as exc:
             # ClientConnectionError: refused, DNS, TLS, reset, server disconnected…;
             # ClientPayloadError: body cut short; ClientResponseError: a malformed response;
