@@ -55,10 +55,11 @@ def callspeak_server_process(
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux ``/proc``)."""
+    """User + system CPU time a process has used so far, from ``/proc/<pid>/stat`` (Linux)."""
     with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        text = stat.read()
+    fields = text[text.rindex(")") + 2 :].split()  # the command name may contain spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # proc(5) fields 14, 15
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -51,6 +51,9 @@ from typing import Any
 
 from callspeak import eventloop
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _server import cpu_seconds  # noqa: E402
+
 FRAME_S = 0.020  # Twilio media frame: 20 ms of 8 kHz mu-law = 160 bytes
 LATE_S = 0.040  # a gap of two frames or more is a late frame
 STACKS: dict[str, str] = {
@@ -61,19 +64,11 @@ STACKS: dict[str, str] = {
 SERVER_START_TIMEOUT_S = 20.0
 SERVER_MAX_LIFETIME_S = 300.0  # a server whose orchestrator vanished exits by itself
 CONNECT_CONCURRENCY = 32  # calls arrive over time; also keeps the accept backlog small
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 AUDIO = bytes(random.Random(0).randrange(256) for _ in range(8000))  # 1 s of fake mu-law
 
 
 # --------------------------------------------------------------------------------------------
 # shared helpers
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds, from ``/proc/<pid>/stat``."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
 
 def pin_to_cpu(cpu: int | None) -> None:
@@ -370,9 +365,9 @@ async def load(url: str, calls: int, duration: float, warmup: float, server_pid:
     ]
 
     await sleep_until(window[0])
-    cpu0, own0, wall0 = proc_cpu_seconds(server_pid), time.process_time(), loop.time()
+    cpu0, own0, wall0 = cpu_seconds(server_pid), time.process_time(), loop.time()
     await sleep_until(window[1])
-    cpu1, own1, wall1 = proc_cpu_seconds(server_pid), time.process_time(), loop.time()
+    cpu1, own1, wall1 = cpu_seconds(server_pid), time.process_time(), loop.time()
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
 
     jitter: list[float] = []
