@@ -6,9 +6,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+
+from callspeak.testing.processes import wait_until_listening
 
 
 def free_port() -> int:
@@ -39,15 +40,7 @@ def callspeak_server_process(
     full_env.update(env or {})
     proc = subprocess.Popen([sys.executable, "-m", "callspeak.cli", "serve", *args], env=full_env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("callspeak serve did not start") from None
-                time.sleep(0.05)
+        wait_until_listening(proc, port, timeout=60)
         yield port, proc
     finally:
         proc.terminate()

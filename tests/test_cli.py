@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from callspeak.cli import main
+from callspeak.testing.processes import wait_until_listening
 
 CALLSPEAK = [sys.executable, "-m", "callspeak.cli"]
 
@@ -37,15 +37,7 @@ def served() -> Iterator[int]:
     env.pop("DEEPGRAM_API_KEY", None)
     proc = subprocess.Popen([*CALLSPEAK, "serve"], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"callspeak serve did not start: {proc.stderr}") from None
-                time.sleep(0.05)
+        wait_until_listening(proc, port, timeout=30)
         yield port
     finally:
         proc.terminate()
