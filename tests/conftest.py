@@ -14,6 +14,7 @@ import pytest
 from callspeak.config import Settings
 from callspeak.server import create_app
 from callspeak.testing.asgi_server import serve_asgi
+from callspeak.testing.fake_deepgram import FakeDeepgram
 from callspeak.tts.piper import PiperService
 
 
@@ -34,6 +35,20 @@ def piper() -> Iterator[PiperService]:
     asyncio.run(service.start())
     yield service
     asyncio.run(service.aclose())
+
+
+@pytest.fixture
+def fake() -> FakeDeepgram:
+    """A fake Deepgram with no first-byte delay (tests of the Deepgram clients and of the fake);
+    modules testing another fake define their own ``fake``."""
+    return FakeDeepgram(first_byte_delay=0.0)
+
+
+@pytest.fixture
+async def base(fake: FakeDeepgram) -> AsyncIterator[str]:
+    """``fake`` served on loopback: its ``http://`` base URL."""
+    async with serve_asgi(fake.app) as url:
+        yield url
 
 
 class RunningServer:

@@ -158,3 +158,13 @@ def spoken(text: str, seconds_per_char: float = 0.01) -> bytes:
         audio = tone_for(sentence, seconds_per_char)
         out += audio + b"\xff" * (-len(audio) % 160)
     return out
+
+
+class SettableClock:
+    """A clock function (``clock()`` → seconds) that moves only when a test sets ``now``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

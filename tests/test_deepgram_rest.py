@@ -18,17 +18,6 @@ from callspeak.tts.sentences import chunk_text
 
 
 @pytest.fixture
-def fake() -> FakeDeepgram:
-    return FakeDeepgram(first_byte_delay=0.0)
-
-
-@pytest.fixture
-async def base(fake: FakeDeepgram) -> AsyncIterator[str]:
-    async with serve_asgi(fake.app) as url:
-        yield url
-
-
-@pytest.fixture
 async def service(base: str) -> AsyncIterator[DeepgramRestService]:
     svc = DeepgramRestService("test-key", base_url=base, stall_timeout=0.3, first_byte_timeout=1.0)
     await svc.start()

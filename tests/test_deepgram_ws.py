@@ -10,31 +10,17 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from callspeak.testing.asgi_server import serve_asgi
 from callspeak.testing.fake_deepgram import FakeDeepgram
 from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService
 from callspeak.tts.deepgram_ws import DeepgramWebSocketService
+from tests.fakes import SettableClock
 
 LONG = "A long sentence that keeps on talking for a good while, so we can interrupt it."
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def fake() -> FakeDeepgram:
-    return FakeDeepgram(first_byte_delay=0.0)
-
-
-@pytest.fixture
-async def ws_url(fake: FakeDeepgram) -> AsyncIterator[str]:
-    async with serve_asgi(fake.app) as url:
-        yield url.replace("http://", "ws://")
+def ws_url(base: str) -> str:
+    return base.replace("http://", "ws://")
 
 
 def make(ws_url: str, key: str = "test-key", **kw: Any) -> DeepgramWebSocketService:
@@ -210,7 +196,7 @@ async def test_reconnects_when_close_races_the_next_speak(ws_url: str, fake: Fak
 
 
 async def test_flush_limit_waits_or_fails_fast(ws_url: str, fake: FakeDeepgram) -> None:
-    clock = Clock()
+    clock = SettableClock()
     fake.clock = clock
     slept: list[float] = []
 
@@ -231,7 +217,7 @@ async def test_flush_limit_waits_or_fails_fast(ws_url: str, fake: FakeDeepgram) 
 
 
 async def test_replaces_old_socket_between_utterances(ws_url: str, fake: FakeDeepgram) -> None:
-    clock = Clock()
+    clock = SettableClock()
     provider = make(ws_url, clock=clock).open()
     await collect(provider.stream("One."))
     clock.now += 56 * 60

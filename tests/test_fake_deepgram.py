@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from callspeak.testing.asgi_server import serve_asgi
 from callspeak.testing.fake_deepgram import FakeDeepgram, synthesize
+from tests.fakes import SettableClock
 
 AUTH = {"Authorization": "Token test-key"}
 PHONE = {
@@ -24,25 +25,6 @@ PHONE = {
     "sample_rate": "8000",
     "container": "none",
 }
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def fake() -> FakeDeepgram:
-    return FakeDeepgram(first_byte_delay=0.0)
-
-
-@pytest.fixture
-async def base(fake: FakeDeepgram) -> AsyncIterator[str]:
-    async with serve_asgi(fake.app) as url:
-        yield url
 
 
 @pytest.fixture
@@ -259,6 +241,17 @@ async def send(ws: ClientConnection, kind: str, **fields: Any) -> None:
     await ws.send(json.dumps({"type": kind, **fields}))
 
 
+async def audio_until_closed(ws: ClientConnection) -> tuple[bytes, ConnectionClosed]:
+    """All audio received until the server closes the socket (within 5 s), and that close."""
+    audio = bytearray()
+    with pytest.raises(ConnectionClosed) as info:
+        async with asyncio.timeout(5):
+            while True:
+                message = await ws.recv()
+                audio += message if isinstance(message, bytes) else b""
+    return bytes(audio), info.value
+
+
 async def until(ws: ClientConnection, kind: str) -> tuple[bytes, list[dict[str, Any]]]:
     """Audio and events received up to and including the first event of ``kind``."""
     audio, events = bytearray(), []
@@ -320,18 +313,13 @@ async def test_ws_close_message_flushes_then_closes(base: str, fake: FakeDeepgra
     await ws.recv()
     await send(ws, "Speak", text="Bye.")
     await send(ws, "Close")
-    audio = bytearray()
-    with pytest.raises(ConnectionClosed) as info:
-        async with asyncio.timeout(5):
-            while True:
-                message = await ws.recv()
-                audio += message if isinstance(message, bytes) else b""
-    assert bytes(audio) == fake.audio_for("Bye.")
-    assert info.value.rcvd is not None and info.value.rcvd.code == 1000
+    audio, closed = await audio_until_closed(ws)
+    assert audio == fake.audio_for("Bye.")
+    assert closed.rcvd is not None and closed.rcvd.code == 1000
 
 
 async def test_ws_flush_limit_warns_and_ignores() -> None:
-    clock = Clock()
+    clock = SettableClock()
     fake = FakeDeepgram(first_byte_delay=0.0, clock=clock)
     async with serve_asgi(fake.app) as base:
         ws = await ws_connect(base)
@@ -405,17 +393,9 @@ async def test_ws_close_after_bytes(base: str, fake: FakeDeepgram) -> None:
     await ws.recv()
     await send(ws, "Speak", text="Hello there.")
     await send(ws, "Flush")
-    audio = bytearray()
-    with pytest.raises(ConnectionClosed) as info:
-        async with asyncio.timeout(5):
-            while True:
-                message = await ws.recv()
-                audio += message if isinstance(message, bytes) else b""
+    audio, closed = await audio_until_closed(ws)
     assert len(audio) == 500
-    assert info.value.rcvd is not None and (info.value.rcvd.code, info.value.rcvd.reason) == (
-        1011,
-        "boom",
-    )
+    assert closed.rcvd is not None and (closed.rcvd.code, closed.rcvd.reason) == (1011, "boom")
 
 
 async def test_ws_close_after_flushed(base: str, fake: FakeDeepgram) -> None:
