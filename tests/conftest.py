@@ -6,11 +6,14 @@ import asyncio
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from callspeak.cli import uvicorn_options
 from callspeak.config import Settings
 from callspeak.server import create_app
 from callspeak.testing.asgi_server import serve_asgi
@@ -51,6 +54,35 @@ async def base(fake: FakeDeepgram) -> AsyncIterator[str]:
         yield url
 
 
+def serving_options(app: Any, **config: Any) -> dict[str, Any]:
+    """What ``callspeak serve`` gives uvicorn for ``app`` (so ``/twilio`` takes the native path),
+    minus the address — serve_asgi picks a free port — and with ``config`` on top."""
+    options = uvicorn_options(app.state.callspeak.settings, app)
+    for key in ("host", "port", "log_level"):
+        options.pop(key)
+    return {**options, **config}
+
+
+def serve_app(app: Any, **config: Any) -> AbstractAsyncContextManager[str]:
+    """Serve a callspeak app on loopback as ``callspeak serve`` would; yields the base URL."""
+    return serve_asgi(app, **serving_options(app, **config))
+
+
+Serve = Callable[..., AbstractAsyncContextManager[str]]
+
+
+def serve_app_over_asgi(app: Any, **config: Any) -> AbstractAsyncContextManager[str]:
+    """As :func:`serve_app`, but ``/twilio`` through the app's ASGI route (any ASGI server)."""
+    return serve_asgi(app, **serving_options(app, ws="websockets-sansio", **config))
+
+
+@pytest.fixture(params=["native", "asgi"])
+def serve(request: pytest.FixtureRequest) -> Serve:
+    """Both ways a callspeak app serves ``/twilio``: as ``callspeak serve`` does (no ASGI) and
+    through its ASGI route. Tests of admission and limits run on both."""
+    return serve_app if request.param == "native" else serve_app_over_asgi
+
+
 class RunningServer:
     def __init__(self, base_url: str, app: object) -> None:
         self.base_url = base_url
@@ -65,7 +97,7 @@ class RunningServer:
 @pytest.fixture
 async def piper_server(piper: PiperService) -> AsyncIterator[RunningServer]:
     app = create_app(Settings(validate_signatures=False), tts=piper)
-    async with serve_asgi(app, ws_max_size=1024 * 1024, ws_per_message_deflate=False) as url:
+    async with serve_app(app) as url:
         yield RunningServer(url, app)
 
 

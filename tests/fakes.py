@@ -50,6 +50,36 @@ class FakeTransport:
                 await self.sent_event.wait()
 
 
+class DirectTransport(FakeTransport):
+    """A FakeTransport that also hands messages straight to the session
+    (:class:`~callspeak.session.DirectDelivery`), on the same terms as the native ``/twilio``
+    socket: only while a ``receive()`` waits and nothing is queued ahead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handler: Callable[[str | bytes], bool] | None = None
+        self.waiting = False
+        self.direct = 0  #: messages the session handled straight away
+
+    def deliver_to(self, handler: Callable[[str | bytes], bool]) -> None:
+        self.handler = handler
+
+    def push(self, message: str | bytes | None) -> None:
+        handler = self.handler
+        if message is not None and handler and self.waiting and self.inbound.empty():
+            if handler(message):
+                self.direct += 1
+                return
+        super().push(message)
+
+    async def receive(self) -> str | bytes | None:
+        self.waiting = True
+        try:
+            return await super().receive()
+        finally:
+            self.waiting = False
+
+
 def tone_for(text: str, seconds_per_char: float = 0.01) -> bytes:
     """Deterministic non-silent μ-law 'speech' for a text: distinct bytes per text."""
     n = max(160, int(len(text) * seconds_per_char * 8000))

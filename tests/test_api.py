@@ -23,7 +23,7 @@ from callspeak.events import CallEventRecord
 from callspeak.protocol import AccountSid, CallSid, Connected, MediaFormat, Start, Stop, StreamSid
 from callspeak.server import AppState, create_app
 from callspeak.session import CallSession
-from callspeak.testing.asgi_server import serve_asgi
+from tests.conftest import serve_app
 from tests.fakes import FakeProvider, FakeService, FakeTransport, tone_for
 
 TOKEN = "s3cret-token"
@@ -52,7 +52,7 @@ async def api_server(**settings: Any) -> AsyncIterator[Api]:
     settings.setdefault("api_token", None)  # whatever CALLSPEAK_API_TOKEN the shell has
     settings.setdefault("validate_signatures", False)  # these tests are about the API
     app = create_app(Settings(**settings), tts=FakeService())
-    async with serve_asgi(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
         yield Api(url, url.replace("http", "ws", 1) + "/twilio", app.state.callspeak, http)
 
 

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from callspeak.cli import _build_parser, _settings_from, _uvicorn_options, main
+from callspeak.cli import _build_parser, _settings_from, main, uvicorn_options
 from callspeak.config import Settings
 from callspeak.emulator import DialOptions, dial
 from callspeak.server import create_app
 from callspeak.testing.asgi_server import serve_asgi
 from callspeak.testing.fake_twilio_rest import FakeTwilioRest
+from tests.conftest import serve_app
 from tests.fakes import FakeService, spoken
 
 ACCOUNT = "AC" + "a" * 32
@@ -177,7 +178,7 @@ def test_serve_flags_set_the_new_settings() -> None:
     assert (s.validate_signatures, s.call_token, s.max_calls) == (False, True, 3)
     assert (s.idle_timeout, s.max_text_chars, s.certfile, s.keyfile) == (2.5, 99, "c.pem", "k.pem")
     assert _settings_from(_build_parser().parse_args(["serve"])).validate_signatures is True
-    options = _uvicorn_options(s)
+    options = uvicorn_options(s, create_app(s, tts=FakeService()))
     assert (options["ssl_certfile"], options["ssl_keyfile"]) == ("c.pem", "k.pem")
 
 
@@ -191,7 +192,7 @@ async def test_dial_signs_its_upgrade_and_reports_a_refusal(
         Settings(twilio_auth_token=TOKEN, public_url=PUBLIC, max_text_chars=200),
         tts=FakeService(),
     )
-    async with serve_asgi(app) as url:
+    async with serve_app(app) as url:
         ws_url = url.replace("http://", "ws://") + "/twilio"
         signed = ["--sign-with", TOKEN, "--signed-url", "wss://calls.example.com/twilio"]
         argv = ["dial", ws_url, *signed, "--param", "say=Hello.", "--quiet", "0.2"]
@@ -210,10 +211,11 @@ async def test_a_wss_round_trip_with_a_self_signed_certificate(
 ) -> None:
     cert, key = self_signed
     settings = Settings(validate_signatures=False, certfile=str(cert), keyfile=str(key))
-    options = _uvicorn_options(settings)  # what `callspeak serve --certfile --keyfile` runs
+    app = create_app(settings, tts=FakeService())
+    options = uvicorn_options(settings, app)  # what `callspeak serve --certfile --keyfile` runs
     for name in ("host", "port"):
         options.pop(name)
-    async with serve_asgi(create_app(settings, tts=FakeService()), **options) as url:
+    async with serve_asgi(app, **options) as url:
         assert url.startswith("https://")
         trusting = ssl.create_default_context(cafile=str(cert))
         text = "Heard over TLS."

@@ -16,6 +16,7 @@ from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_rest import DeepgramRestService
 from callspeak.tts.deepgram_ws import DeepgramWebSocketService
 from callspeak.tts.fallback import FallbackService, load_apology
+from tests.conftest import serve_app
 from tests.fakes import FakeProvider, FakeService, tone_for
 
 KEY = "test-key"
@@ -129,7 +130,7 @@ async def call_through(
         engines = [primary] + ([backup] if backup else [])
         chain = FallbackService(engines, apology=load_apology())  # type: ignore[arg-type]
         app = create_app(Settings(validate_signatures=False, greeting=TEXT), tts=chain)
-        async with serve_asgi(app) as url:
+        async with serve_app(app) as url:
             report = await dial(
                 DialOptions(url=url.replace("http", "ws") + "/twilio", quiet_seconds=0.7)
             )
@@ -238,7 +239,7 @@ async def test_refused_credentials_make_health_degraded_and_name_the_setting(
             [DeepgramRestService("wrong-key", base_url=dg_url), FakeService("backup")]
         )
         app = create_app(Settings(validate_signatures=False, greeting=TEXT), tts=chain)
-        async with serve_asgi(app) as url, httpx.AsyncClient(base_url=url) as client:
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url) as client:
             assert (await client.get("/healthz")).json()["status"] == "ok"
             with caplog.at_level(logging.WARNING, "callspeak.tts"):
                 report = await dial(DialOptions(url=url.replace("http", "ws") + "/twilio"))

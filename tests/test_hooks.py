@@ -8,8 +8,8 @@ from callspeak.config import Settings
 from callspeak.emulator import DialOptions, dial
 from callspeak.hooks import Call, CallHooks
 from callspeak.server import create_app
-from callspeak.testing.asgi_server import serve_asgi
 from callspeak.tts.sentences import split_sentences
+from tests.conftest import serve_app
 from tests.fakes import FakeService, tone_for
 
 #: Seconds of fake speech per character: about as slow as a real voice.
@@ -27,7 +27,7 @@ def spoken(text: str) -> bytes:
 
 async def run_call(hooks: CallHooks, settings: Settings, **dial_options: object) -> bytes:
     app = create_app(settings, tts=FakeService(seconds_per_char=PACE), hooks=hooks)
-    async with serve_asgi(app) as url:
+    async with serve_app(app) as url:
         report = await dial(
             DialOptions(url=url.replace("http", "ws") + "/twilio", **dial_options)  # type: ignore[arg-type]
         )
@@ -69,7 +69,7 @@ async def test_interrupt_digit_clears_speech_without_any_app() -> None:
     text = "A long announcement. " * 6
     app_settings = Settings(validate_signatures=False, greeting=text.strip(), interrupt_digits="#")
     app = create_app(app_settings, tts=FakeService(seconds_per_char=PACE))
-    async with serve_asgi(app) as url:
+    async with serve_app(app) as url:
         report = await dial(
             DialOptions(
                 url=url.replace("http", "ws") + "/twilio", dtmf=[(0.5, "#")], quiet_seconds=0.5

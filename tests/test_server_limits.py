@@ -11,26 +11,16 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from callspeak.cli import _uvicorn_options
 from callspeak.config import Settings
 from callspeak.emulator import DialOptions, dial
 from callspeak.protocol import AccountSid, CallSid, Connected, MediaFormat, Start, StreamSid
 from callspeak.server import create_app
-from callspeak.testing.asgi_server import serve_asgi
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, Serve
 from tests.fakes import FakeService, spoken
 
 
 def local(**fields: object) -> Settings:
     return Settings(validate_signatures=False, **fields)  # type: ignore[arg-type]
-
-
-def loopback_options(settings: Settings) -> dict[str, object]:
-    """What ``callspeak serve`` gives uvicorn, minus the address (serve_asgi picks a port)."""
-    options = _uvicorn_options(settings)
-    for key in ("host", "port"):
-        options.pop(key)
-    return options
 
 
 async def until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
@@ -53,11 +43,12 @@ def start_message(sid: str = "MZlimit", **params: str) -> str:
 
 
 async def test_the_call_over_max_calls_is_refused_while_the_others_keep_talking(
+    serve: Serve,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, "callspeak.server")
     app = create_app(local(max_calls=3), tts=FakeService())
-    async with serve_asgi(app) as url:
+    async with serve(app) as url:
         server = RunningServer(url, app)
         texts = [
             f"Caller {n} keeps listening. The server keeps talking to caller {n}. "
@@ -95,9 +86,9 @@ async def test_the_call_over_max_calls_is_refused_while_the_others_keep_talking(
         assert again.played.rstrip(b"\xff") == spoken("Now there is room.").rstrip(b"\xff")
 
 
-async def test_a_stream_with_no_inbound_message_for_idle_timeout_is_closed() -> None:
+async def test_a_stream_with_no_inbound_message_for_idle_timeout_is_closed(serve: Serve) -> None:
     app = create_app(local(idle_timeout=0.5), tts=FakeService())
-    async with serve_asgi(app) as url:
+    async with serve(app) as url:
         server = RunningServer(url, app)
         async with websockets.connect(server.ws_url) as ws:
             await ws.send(Connected("Call", "1.0.0").to_json())
@@ -113,10 +104,10 @@ async def test_a_stream_with_no_inbound_message_for_idle_timeout_is_closed() -> 
         await until(lambda: server.state.calls.connections == 0)
 
 
-async def test_message_size_soft_limit_ignores_and_hard_limit_closes() -> None:
+async def test_message_size_soft_limit_ignores_and_hard_limit_closes(serve: Serve) -> None:
     settings = local(max_message_bytes=1024)
     app = create_app(settings, tts=FakeService())
-    async with serve_asgi(app, **loopback_options(settings)) as url:
+    async with serve(app) as url:
         server = RunningServer(url, app)
         async with websockets.connect(server.ws_url, max_size=None) as ws:
             await ws.send(Connected("Call", "1.0.0").to_json())
@@ -133,10 +124,11 @@ async def test_message_size_soft_limit_ignores_and_hard_limit_closes() -> None:
 
 
 async def test_text_over_max_text_chars_is_not_spoken_and_the_call_stays_open(
+    serve: Serve,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     app = create_app(local(max_text_chars=60), tts=FakeService())
-    async with serve_asgi(app) as url:
+    async with serve(app) as url:
         server = RunningServer(url, app)
         report = await dial(
             DialOptions(url=server.ws_url, parameters={"say": "Far too long. " * 5}, duration=0.4)

@@ -21,8 +21,7 @@ from callspeak.emulator import DialOptions, dial
 from callspeak.protocol import AccountSid, CallSid, Connected, MediaFormat, Start, StreamSid
 from callspeak.server import create_app
 from callspeak.signatures import sign
-from callspeak.testing.asgi_server import serve_asgi
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, Serve
 from tests.fakes import FakeService, spoken
 
 TOKEN = "auth-token-for-tests"
@@ -32,10 +31,10 @@ VOICE_FORM = {"CallSid": "CA" + "1" * 32, "From": "+15551230000", "To": "+155598
 
 
 @pytest.fixture
-async def secure_server() -> AsyncIterator[RunningServer]:
+async def secure_server(serve: Serve) -> AsyncIterator[RunningServer]:
     settings = Settings(twilio_auth_token=TOKEN, public_url=PUBLIC, call_token=False)
     app = create_app(settings, tts=FakeService())
-    async with serve_asgi(app) as url:
+    async with serve(app) as url:
         yield RunningServer(url, app)
 
 
@@ -203,11 +202,11 @@ def start_with(params: dict[str, str]) -> str:
     ).to_json()
 
 
-async def test_call_tokens_from_voice_admit_one_stream_each() -> None:
+async def test_call_tokens_from_voice_admit_one_stream_each(serve: Serve) -> None:
     app = create_app(
         Settings(twilio_auth_token=TOKEN, public_url=PUBLIC, call_token=True), tts=FakeService()
     )
-    async with serve_asgi(app) as url:
+    async with serve(app) as url:
         server = RunningServer(url, app)
         twiml = (
             await post_form(

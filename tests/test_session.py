@@ -26,7 +26,7 @@ from callspeak.protocol import (
 )
 from callspeak.session import CallSession, SessionClosed, SpeechQueueFull, TextTooLong
 from callspeak.speech import SpeechStatus
-from tests.fakes import FakeProvider, FakeTransport, tone_for
+from tests.fakes import DirectTransport, FakeProvider, FakeTransport, tone_for
 
 SID = StreamSid("MZtest")
 
@@ -47,9 +47,19 @@ def echo(name: str, seq: int = 10) -> str:
     return Mark(seq, SID, name).to_json()
 
 
+@pytest.fixture(autouse=True, params=["queued", "direct"])
+def _delivery(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs twice: messages read by the session's reader task (an ASGI WebSocket),
+    and handed over as they arrive (the native socket; see session.DirectDelivery)."""
+    direct = request.param == "direct"
+    monkeypatch.setattr(Harness, "transport_class", DirectTransport if direct else FakeTransport)
+
+
 class Harness:
+    transport_class: type[FakeTransport] = FakeTransport
+
     def __init__(self, provider: FakeProvider | None = None, **kwargs: object) -> None:
-        self.transport = FakeTransport()
+        self.transport = self.transport_class()
         self.provider = provider or FakeProvider()
         self.events: list[CallEventRecord] = []
         self.metrics = Metrics()

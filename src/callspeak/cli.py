@@ -286,7 +286,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(problem)
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings, hooks=_load_hooks(args.hooks) if args.hooks else None)
-    uvicorn.run(app, **_uvicorn_options(settings))
+    uvicorn.run(app, **uvicorn_options(settings, app))
     return 0
 
 
@@ -308,7 +308,12 @@ def _load_hooks(spec: str) -> Any:
     return hooks
 
 
-def _uvicorn_options(settings: Settings) -> dict[str, Any]:
+def uvicorn_options(settings: Settings, app: Any) -> dict[str, Any]:
+    """The keyword arguments ``callspeak serve`` gives ``uvicorn.run`` for ``app`` (made by
+    :func:`~callspeak.server.create_app` from ``settings``): address, logging, TLS, and the
+    WebSocket protocol that serves ``/twilio`` without ASGI."""
+    from callspeak.media_socket import uvicorn_ws_protocol
+
     return {
         "host": settings.host,
         "port": settings.port,
@@ -318,9 +323,10 @@ def _uvicorn_options(settings: Settings) -> dict[str, Any]:
         # is logged and ignored; beyond this one uvicorn closes the socket (1009).
         "ws_max_size": max(16 * settings.max_message_bytes, 1024 * 1024),
         "ws_per_message_deflate": False,
-        # Measured in bench/framework_choice.py: the sans-I/O websockets implementation had the
-        # steadiest 20 ms pacing of the uvicorn options.
-        "ws": "websockets-sansio",
+        # /twilio without ASGI (media_socket.py); other WebSocket paths get uvicorn's
+        # websockets-sansio, which had the steadiest 20 ms pacing of its options (measured in
+        # bench/framework_choice.py, like the native path).
+        "ws": uvicorn_ws_protocol(app),
         # Serving wss:// directly; behind a TLS-terminating proxy or tunnel leave both unset.
         "ssl_certfile": settings.certfile,
         "ssl_keyfile": settings.keyfile,
@@ -383,7 +389,7 @@ async def _demo(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level if args.log_level else "warning", settings.log_format)
     app = create_app(settings)
     print(f"callspeak demo: starting a server with the {settings.resolved_tts()} voice…")
-    options = _uvicorn_options(settings)
+    options = uvicorn_options(settings, app)
     for key in ("host", "port"):
         options.pop(key)
     if not args.log_level:  # the demo's output is the call's timeline, not server chatter

@@ -50,7 +50,7 @@ from callspeak.config import ConfigError, Settings
 from callspeak.hooks import CallHooks
 from callspeak.metrics import Metrics
 from callspeak.protocol import Start
-from callspeak.session import CallSession, TransportClosed
+from callspeak.session import CallSession, Transport, TransportClosed
 from callspeak.signatures import SIGNATURE_HEADER, TwilioSignatureVerifier
 from callspeak.tts.base import TTSService
 from callspeak.twiml import (
@@ -61,7 +61,7 @@ from callspeak.twiml import (
 )
 from callspeak.voices import make_tts_service
 
-__all__ = ["AppState", "CallRegistry", "create_app"]
+__all__ = ["AppState", "CallRegistry", "Refusal", "admit_stream", "create_app", "serve_stream"]
 
 log = logging.getLogger("callspeak.server")
 
@@ -264,19 +264,29 @@ def _state(request: Request | WebSocket) -> AppState:
     return state
 
 
-async def _media_stream(websocket: WebSocket) -> None:
-    state = _state(websocket)
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a media stream upgrade is refused: ``reason`` labels the metric, ``text`` is the body
+    of the 403 (no secrets in it)."""
+
+    reason: str
+    text: str
+
+
+def admit_stream(state: AppState, signature: str | None, client: str) -> Refusal | None:
+    """Decide whether a ``/twilio`` upgrade may open: the signature first, then ``max_calls``.
+
+    On None a connection slot is taken: pair it with ``state.calls.release()``. A refusal is
+    logged and counted here; the caller only has to send the 403.
+    """
     settings = state.settings
-    client = _client(websocket)
     if state.verifier is not None:
-        check = state.verifier.check_stream_upgrade(
-            STREAM_PATH, websocket.headers.get(SIGNATURE_HEADER)
-        )
+        check = state.verifier.check_stream_upgrade(STREAM_PATH, signature)
         if not check.ok:
             state.metrics.signature_refusals.labels(STREAM_PATH).inc()
+            state.metrics.calls_refused.labels("signature").inc()
             log.warning("refused media stream from %s: %s", client, check.reason)
-            await _refuse_upgrade(state, websocket, "signature", "invalid Twilio signature")
-            return
+            return Refusal("signature", "invalid Twilio signature")
     if not state.calls.reserve(settings.max_calls):
         log.warning(
             "refused media stream from %s: server full (%d of max_calls=%d streams open)",
@@ -284,18 +294,13 @@ async def _media_stream(websocket: WebSocket) -> None:
             state.calls.connections,
             settings.max_calls,
         )
-        await _refuse_upgrade(state, websocket, "full", "server full: too many calls")
-        return
-    try:
-        await _serve_stream(state, websocket)
-    finally:
-        state.calls.release()
+        state.metrics.calls_refused.labels("full").inc()
+        return Refusal("full", "server full: too many calls")
+    return None
 
 
-async def _serve_stream(state: AppState, websocket: WebSocket) -> None:
-    settings = state.settings
-    await websocket.accept()
-    transport = StarletteTransport(websocket)
+async def serve_stream(state: AppState, transport: Transport) -> None:
+    """Serve one admitted, open media stream until it ends; the socket is closed on return."""
     settings, hooks = state.settings, state.hooks
     barge_in = (
         SpeechOnsetDetector(
@@ -335,13 +340,22 @@ async def _serve_stream(state: AppState, websocket: WebSocket) -> None:
         await transport.close()
 
 
-async def _refuse_upgrade(state: AppState, websocket: WebSocket, reason: str, text: str) -> None:
-    """Answer the upgrade with HTTP 403 and ``text`` (no secrets in it), and count it."""
-    state.metrics.calls_refused.labels(reason).inc()
-    if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(PlainTextResponse(text, status_code=403))
-    else:  # the server turns a close before accept into a bare 403
-        await websocket.close(code=1008, reason=text)
+async def _media_stream(websocket: WebSocket) -> None:
+    """``/twilio`` through ASGI, for any ASGI server. ``callspeak serve`` answers this path
+    without ASGI (see ``media_socket.py``); both admit and serve a stream the same way."""
+    state = _state(websocket)
+    refusal = admit_stream(state, websocket.headers.get(SIGNATURE_HEADER), _client(websocket))
+    if refusal is not None:
+        if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            await websocket.send_denial_response(PlainTextResponse(refusal.text, status_code=403))
+        else:  # the server turns a close before accept into a bare 403
+            await websocket.close(code=1008, reason=refusal.text)
+        return
+    try:
+        await websocket.accept()
+        await serve_stream(state, StarletteTransport(websocket))
+    finally:
+        state.calls.release()
 
 
 def _token_check(state: AppState) -> Callable[[Start], str | None]:

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 from callspeak.audio.convert import TwilioAudioConverter
 from callspeak.audio.format import FRAME_SECONDS
@@ -48,11 +48,15 @@ from callspeak.events import CallEventRecord, EventListener, EventType
 from callspeak.metrics import Metrics
 from callspeak.pacing import Pacer
 from callspeak.protocol import (
+    Mark,
+    Media,
+    ProtocolError,
     Start,
     StreamSid,
     encode_clear,
     encode_mark,
     encode_media,
+    parse_message,
 )
 from callspeak.speech import SpeechStatus, Utterance, mark_name, parse_mark_name
 from callspeak.tts.base import TTSError, TTSProvider, aclose_stream
@@ -61,6 +65,7 @@ from callspeak.tts.sentences import split_sentences
 __all__ = [
     "Admission",
     "CallSession",
+    "DirectDelivery",
     "SessionClosed",
     "SpeechQueueFull",
     "TextTooLong",
@@ -97,6 +102,21 @@ class Transport(Protocol):
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close the socket (idempotent)."""
+        ...
+
+
+@runtime_checkable
+class DirectDelivery(Protocol):
+    """A :class:`Transport` that can hand inbound messages to the session as they arrive, with
+    no task switch, instead of queueing them for ``receive()``. Optional: the session offers its
+    handler when it starts reading; transports without this method are only read."""
+
+    def deliver_to(self, handler: Callable[[str | bytes], bool]) -> None:
+        """Offer each later inbound message to ``handler`` first — but only while a
+        ``receive()`` is waiting and nothing is queued ahead of it, so messages are still seen
+        in order and never while the reader is busy with one. ``handler`` returns True when it
+        dealt with the message completely; False leaves it untouched, and it is queued for
+        ``receive()`` as usual."""
         ...
 
 
@@ -168,12 +188,20 @@ class CallSession:
         self._barge_in = barge_in
         self._interrupt_digits = interrupt_digits
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: A barge-in clear started by :meth:`_handle_now`; the reader waits for it before it
+        #: handles another message, as if it had run inline.
+        self._followup: asyncio.Task[None] | None = None
         self.rejected = 0
         self.frames_sent = 0
         #: Wall-clock time (epoch seconds) the ``start`` message arrived; None before it.
         self.started_at: float | None = None
 
     # -- what applications see -------------------------------------------------------------
+
+    @property
+    def transport(self) -> Transport:
+        """The media socket this call runs on."""
+        return self._transport
 
     @property
     def phase(self) -> Phase:
@@ -349,13 +377,55 @@ class CallSession:
             await self._shutdown()
 
     async def _read_loop(self) -> None:
+        if isinstance(self._transport, DirectDelivery):
+            self._transport.deliver_to(self._handle_now)
         while True:
             message = await self._transport.receive()
             if message is None:
                 return
             self._last_inbound = self._clock.now()
+            if self._followup is not None:
+                await asyncio.wait({self._followup})
             if not await self._handle_message(message):
                 return
+
+    def _handle_now(self, message: str | bytes) -> bool:
+        """Handle ``message`` at once if it is media or a mark (all but a few messages of a
+        call); anything else, or anything while a barge-in clear is still running, is left for
+        the reader (False). See :class:`DirectDelivery` for when a transport calls this."""
+        if self._followup is not None or type(message) is not str:
+            return False
+        if len(message) > self._max_message_bytes:
+            return False
+        try:
+            parsed = parse_message(message)
+        except ProtocolError:
+            return False  # the reader logs and counts it
+        if type(parsed) is not Media and type(parsed) is not Mark:
+            return False
+        self._last_inbound = self._clock.now()
+        event = self._state.receive(parsed)
+        if isinstance(event, MediaReceived):
+            if self._heard_caller(event):
+                self._followup = asyncio.create_task(
+                    self._on_caller_speech(), name="media-barge-in"
+                )
+                self._tasks.add(self._followup)
+                self._followup.add_done_callback(self._followup_done)
+        elif isinstance(event, MarkPlayed | MarkFlushed):
+            self._on_mark(event.name, played=isinstance(event, MarkPlayed))
+        elif isinstance(event, Rejected):
+            self._reject(event.reason, event.event)
+        return True
+
+    def _followup_done(self, task: asyncio.Task[None]) -> None:
+        if self._followup is task:
+            self._followup = None
+        self._task_done(task)
+
+    def _heard_caller(self, event: MediaReceived) -> bool:
+        """Feed the caller's audio to barge-in; True when the caller has started speaking."""
+        return self._barge_in is not None and self._barge_in.feed(event.media.payload)
 
     async def _watch_idle(self, limit: float) -> None:
         """Return once no inbound message arrived for ``limit`` seconds (on the injected clock)."""
@@ -377,7 +447,7 @@ class CallSession:
             return True
         event = self._state.receive_text(message)
         if isinstance(event, MediaReceived):
-            if self._barge_in is not None and self._barge_in.feed(event.media.payload):
+            if self._heard_caller(event):
                 await self._on_caller_speech()
         elif isinstance(event, MarkPlayed):
             self._on_mark(event.name, played=True)

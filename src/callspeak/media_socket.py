@@ -1,0 +1,403 @@
+"""``/twilio`` served straight from the socket: websockets' sans-I/O protocol, no ASGI between.
+
+A busy server spends most of its time on one thing: Twilio's inbound media, 50 messages a second
+per call. Through ASGI each message takes a queue, a task switch, uvicorn's pause and resume of
+reading, and Starlette's bookkeeping. Here the bytes go from the socket into websockets'
+``ServerProtocol`` and each text message to the call's session in the same callback
+(:class:`~callspeak.session.DirectDelivery`), so media and marks are handled with no task switch.
+Everything else about a stream — admission, the session, metrics, logs — is the code the ASGI
+route uses (``admit_stream`` and ``serve_stream`` in ``server.py``).
+
+:func:`uvicorn_ws_protocol` gives uvicorn (``ws=``) a protocol class for WebSocket upgrades.
+An upgrade to ``/twilio`` becomes a :class:`MediaSocket`; any other path goes to uvicorn's own
+``websockets-sansio`` protocol and the ASGI app, as if this module did not exist. The app still
+has its ``/twilio`` route, for other ASGI servers.
+
+Contract of the socket, as the session sees it (:class:`~callspeak.session.Transport`):
+
+* inbound text messages arrive in order; binary messages as bytes; fragmented messages joined;
+  a message over ``max_size`` (uvicorn's ``ws_max_size``) fails the socket with 1009, invalid
+  UTF-8 with 1007, any other protocol error with 1002; ``receive()`` then returns None.
+* at most :data:`INBOX_HIGH` messages wait unread: beyond that, reading from the socket pauses
+  until the session has caught up to :data:`INBOX_LOW`.
+* ``send()`` waits while the kernel's send buffer is full (uvicorn's high-water mark) and raises
+  :class:`~callspeak.session.TransportClosed` once the socket is closing or gone.
+* ``close()`` sends a close frame and ends ``receive()``; the TCP connection is dropped if the
+  peer does not answer within :data:`CLOSE_TIMEOUT` seconds.
+* server shutdown (uvicorn's ``shutdown()``) closes open streams with 1012 (service restart).
+
+No keepalive pings: Twilio sends media every 20 ms, so the session's ``idle_timeout`` finds a
+dead peer sooner than a ping would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, cast
+
+from websockets.datastructures import Headers
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from callspeak.server import STREAM_PATH, AppState, Refusal, admit_stream, serve_stream
+from callspeak.session import TransportClosed
+from callspeak.signatures import SIGNATURE_HEADER
+
+__all__ = ["CLOSE_TIMEOUT", "INBOX_HIGH", "INBOX_LOW", "MediaSocket", "uvicorn_ws_protocol"]
+
+log = logging.getLogger("callspeak.server")
+
+#: Unread inbound messages at which reading pauses (5 s of media), and where it resumes.
+INBOX_HIGH: Final = 250
+INBOX_LOW: Final = 50
+#: Seconds a closing socket waits for the peer's close frame before dropping the connection.
+CLOSE_TIMEOUT: Final = 5.0
+#: Marks the end of inbound messages in the inbox.
+_END: Final = None
+
+Handler = Callable[[str | bytes], bool]
+#: Admission of an upgrade (request, client address): None admits it, a Refusal gets a 403.
+Admit = Callable[[Request, str], Refusal | None]
+#: Serves an admitted stream over the socket until the call ends.
+Serve = Callable[["MediaSocket"], Coroutine[Any, Any, None]]
+
+
+class MediaSocket(asyncio.Protocol):
+    """One ``/twilio`` connection, from the upgrade request to the TCP close.
+
+    Built by uvicorn's HTTP protocol when it sees the upgrade (see :func:`uvicorn_ws_protocol`),
+    which then calls :meth:`connection_made` and :meth:`data_received` with the request.
+    ``connections`` and ``tasks`` are uvicorn's: the socket is in ``connections`` while it is
+    open (shutdown calls :meth:`shutdown` on each), the call's task in ``tasks``.
+    """
+
+    def __init__(
+        self,
+        admit: Admit,
+        serve: Serve,
+        *,
+        max_size: int | None,
+        connections: set[Any],
+        tasks: set[asyncio.Task[None]],
+        default_headers: list[tuple[bytes, bytes]] | None = None,
+        close_timeout: float = CLOSE_TIMEOUT,
+    ) -> None:
+        self._admit = admit
+        self._serve = serve
+        self._conn = ServerProtocol(max_size=max_size)
+        self._connections = connections
+        self._tasks = tasks
+        self._default_headers = default_headers or []
+        self._close_timeout = close_timeout
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._inbox: deque[str | bytes | None] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._handler: Handler | None = None
+        self._fragments: list[bytes] = []
+        self._fragment_opcode = Opcode.TEXT
+        self._reading_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._ended = False  # no more inbound messages: _END is in the inbox
+        self._lost = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        #: The peer's address, for logs.
+        self.client = "unknown client"
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are not asyncio.Transport subclasses, but have its methods.)
+        self._transport = cast(asyncio.Transport, transport)
+        self._connections.add(self)
+        peer = self._transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.client = f"{peer[0]}:{peer[1]}"
+
+    def data_received(self, data: bytes) -> None:
+        conn = self._conn
+        conn.receive_data(data)
+        for event in conn.events_received():
+            if type(event) is Frame:
+                self._frame(event)
+            elif isinstance(event, Request):
+                self._upgrade(event)
+        self._flush()
+        if conn.state is not State.OPEN and conn.state is not State.CONNECTING:
+            self._end_input()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._conn.receive_eof()
+        self._flush()
+        self._end_input()
+        self._wake()
+        return None  # let the transport close itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._connections.discard(self)
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        self._end_input()
+        self._wake()
+        self._resume_senders()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._resume_senders()
+
+    def shutdown(self) -> None:
+        """uvicorn's server is stopping: close the stream with 1012 (service restart)."""
+        if self._conn.state is State.OPEN:
+            self._conn.send_close(1012, "server shutting down")
+            self._flush()
+        elif self._conn.state is State.CONNECTING and self._transport is not None:
+            self._transport.close()
+        self._end_input()
+        self._wake()
+
+    # -- session.Transport ----------------------------------------------------------------
+
+    async def receive(self) -> str | bytes | None:
+        inbox = self._inbox
+        while not inbox:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        message = inbox[0] if inbox[0] is _END else inbox.popleft()
+        if self._reading_paused and len(inbox) <= INBOX_LOW and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return message
+
+    async def send(self, text: str) -> None:
+        if self._conn.state is not State.OPEN or self._lost:
+            raise TransportClosed("the media socket is closed")
+        self._conn.send_text(text.encode())
+        self._flush()
+        if self._write_paused:
+            # Bounded: resume_writing or connection_lost resolves it.
+            if self._drain is None:
+                self._drain = self._loop.create_future()
+            await asyncio.shield(self._drain)
+            if self._lost:
+                raise TransportClosed("the media socket closed while sending")
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self._conn.state is State.OPEN:
+            self._conn.send_close(code, reason)
+            self._flush()
+        self._end_input()
+        self._wake()
+
+    def deliver_to(self, handler: Handler) -> None:
+        self._handler = handler
+
+    # -- inside ---------------------------------------------------------------------------
+
+    def _upgrade(self, request: Request) -> None:
+        """Answer the upgrade: websockets' 4xx for a broken handshake, 403 if admission refuses
+        it, else 101 and the call's task."""
+        conn = self._conn
+        response = conn.accept(request)
+        if response.status_code == 101:
+            refusal = self._admit(request, self.client)
+            if refusal is not None:
+                response = conn.reject(403, refusal.text)
+        else:  # websockets names what was wrong in the body
+            log.warning(
+                "refused media stream from %s: bad WebSocket handshake (HTTP %d)",
+                self.client,
+                response.status_code,
+            )
+        conn.send_response(self._with_defaults(response))
+        if response.status_code == 101:
+            task = self._loop.create_task(self._serve(self), name=f"media-socket {self.client}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _with_defaults(self, response: Any) -> Any:
+        headers: Headers = response.headers
+        for raw_name, raw_value in self._default_headers:  # uvicorn's server, date…, as on HTTP
+            name = raw_name.decode("latin-1")
+            if name in headers:
+                del headers[name]
+            headers[name] = raw_value.decode("latin-1")
+        return response
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            if not frame.fin:
+                self._fragment_opcode = opcode
+                self._fragments = [bytes(frame.data)]
+                return
+            self._message(opcode, bytes(frame.data))
+        elif opcode is Opcode.CONT:
+            self._fragments.append(bytes(frame.data))
+            if frame.fin:
+                data, self._fragments = b"".join(self._fragments), []
+                self._message(self._fragment_opcode, data)
+        # PING is answered and CLOSE echoed by the protocol itself; PONG needs nothing.
+
+    def _message(self, opcode: Opcode, data: bytes) -> None:
+        if self._ended:
+            return  # after our close frame: read on until the peer's, but deliver nothing
+        message: str | bytes
+        if opcode is Opcode.TEXT:
+            try:
+                message = data.decode()
+            except UnicodeDecodeError:
+                self._conn.fail(1007, "invalid UTF-8 in a text message")
+                return
+        else:
+            message = data
+        inbox, waiter, handler = self._inbox, self._waiter, self._handler
+        if not inbox and handler is not None and waiter is not None and not waiter.done():
+            try:
+                if handler(message):
+                    return
+            except Exception:  # a bug: end the call, as the reader task would
+                log.exception("handling an inbound message failed; closing the stream")
+                self._conn.fail(1011, "internal error")
+                return
+        inbox.append(message)
+        if len(inbox) >= INBOX_HIGH and not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _flush(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        for data in self._conn.data_to_send():
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                transport.write_eof()  # the server half-closes first (RFC 6455 §7.1.1)
+            else:
+                transport.close()
+        if self._conn.close_expected() and self._close_timer is None and not self._lost:
+            self._close_timer = self._loop.call_later(self._close_timeout, self._abort)
+
+    def _abort(self) -> None:
+        self._close_timer = None
+        if self._transport is not None and not self._lost:
+            self._transport.abort()
+
+    def _end_input(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._inbox.append(_END)
+            if self._reading_paused and self._transport is not None and not self._lost:
+                self._reading_paused = False
+                self._transport.resume_reading()  # to see the peer's close and EOF
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and self._inbox and not waiter.done():
+            waiter.set_result(None)
+
+    def _resume_senders(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+
+class _Upgrade(asyncio.Protocol):
+    """Reads the upgrade request uvicorn hands over, then passes the connection on for good:
+    ``/twilio`` to a :class:`MediaSocket`, any other path to uvicorn's own WebSocket protocol
+    (and so to the ASGI app)."""
+
+    # Set on the subclass uvicorn_ws_protocol makes:
+    state: AppState
+    close_timeout: float
+
+    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any]) -> None:
+        self._config, self._server_state, self._app_state = config, server_state, app_state
+        self._target: asyncio.Protocol | None = None
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._target is None:
+            assert self._transport is not None
+            self._target = self._choose(data)
+            self._target.connection_made(self._transport)
+        self._target.data_received(data)
+
+    def _choose(self, request: bytes) -> asyncio.Protocol:
+        # uvicorn hands over the whole request, re-serialized: "GET /path?query HTTP/1.1\r\n…".
+        target = request.split(b" ", 2)[1] if request.count(b" ", 0, 2048) >= 2 else b""
+        if target.partition(b"?")[0] == STREAM_PATH.encode():
+            state = self.state
+
+            def admit(request: Request, client: str) -> Refusal | None:
+                return admit_stream(state, request.headers.get(SIGNATURE_HEADER), client)
+
+            async def serve(socket: MediaSocket) -> None:
+                try:
+                    await serve_stream(state, socket)
+                finally:
+                    state.calls.release()
+
+            return MediaSocket(
+                admit,
+                serve,
+                max_size=self._config.ws_max_size,
+                connections=self._server_state.connections,
+                tasks=self._server_state.tasks,
+                default_headers=self._server_state.default_headers,
+                close_timeout=self.close_timeout,
+            )
+        from uvicorn.protocols.websockets.websockets_sansio_impl import (
+            WebSocketsSansIOProtocol,
+        )
+
+        return WebSocketsSansIOProtocol(
+            config=self._config, server_state=self._server_state, app_state=self._app_state
+        )
+
+    # Everything else goes to the chosen protocol.
+    def eof_received(self) -> bool | None:
+        return self._target.eof_received() if self._target is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._target is not None:
+            self._target.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._target is not None:
+            self._target.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._target is not None:
+            self._target.resume_writing()
+
+
+def uvicorn_ws_protocol(
+    app: Any, *, close_timeout: float = CLOSE_TIMEOUT
+) -> type[asyncio.Protocol]:
+    """The class to give uvicorn as ``ws=`` for an app made by
+    :func:`~callspeak.server.create_app`: ``/twilio`` served natively, every other WebSocket
+    path by uvicorn's ``websockets-sansio`` protocol."""
+    state = getattr(getattr(app, "state", None), "callspeak", None)
+    if not isinstance(state, AppState):
+        raise TypeError("uvicorn_ws_protocol needs an app made by callspeak.server.create_app")
+    attributes = {"state": state, "close_timeout": close_timeout}
+    return type("CallspeakUpgrade", (_Upgrade,), attributes)

@@ -1,0 +1,63 @@
+"""CallSession's direct delivery (session.DirectDelivery): what the native socket hands over
+as it arrives, and what it leaves to the reader task. The rest of test_session.py runs on both."""
+
+from __future__ import annotations
+
+import asyncio
+
+from callspeak.protocol import AccountSid, CallSid, Clear, Dtmf, Media, OutboundMark, Stop
+from callspeak.speech import SpeechStatus
+from tests.fakes import DirectTransport, FakeProvider, FakeTransport
+from tests.test_session import SID, Harness, MarkerDetector, caller_speaks, echo, start_json
+
+
+class DirectHarness(Harness):
+    transport_class: type[FakeTransport] = DirectTransport
+
+
+def media(seq: int, payload: bytes = b"\xff" * 160) -> str:
+    return Media(seq, SID, "inbound", seq, seq * 20, payload).to_json()
+
+
+async def test_direct_delivery_takes_media_and_marks_and_leaves_the_rest_to_the_reader() -> None:
+    async with DirectHarness(FakeProvider(chunk=160)) as h:
+        assert isinstance(h.transport, DirectTransport)
+        h.transport.push(start_json(say="One."))
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        for seq in range(2, 12):
+            h.transport.push(media(seq))
+        h.transport.push(echo(h.marks()[0], 12))
+        assert h.transport.direct == 11  # handled in push(), before any task ran
+        assert "speech.heard" in h.types()
+        h.transport.push(media(13, b"\xff" * 10)[:-3])  # broken JSON: left to the reader
+        h.transport.push(Dtmf(14, SID, "inbound", "5").to_json())
+        h.transport.push(Stop(15, SID, AccountSid("AC1"), CallSid("CAtest")).to_json())
+        assert h.transport.direct == 11
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+    assert h.session.rejected == 1
+    assert h.types().count("dtmf") == 1 and h.types()[-1] == "call.stopped"
+
+
+async def test_messages_after_a_direct_barge_in_wait_for_its_clear() -> None:
+    """A barge-in found on the direct path clears in a task; an echo arriving meanwhile is
+    queued and handled after the clear, so it counts as flushed, not heard — as inline."""
+    provider = FakeProvider(chunk=160, delay=0.01)
+    async with DirectHarness(provider, greeting=None, barge_in=MarkerDetector(), max_lead=0.1) as h:
+        assert isinstance(h.transport, DirectTransport)
+        h.transport.push(start_json())
+        await h.session.wait_started()
+        utterance = h.session.say("One. Two. Three. Four.")
+        await h.transport.wait_for(lambda ms: sum(isinstance(m, OutboundMark) for m in ms) >= 2)
+        pending = h.marks()
+        h.transport.push(caller_speaks())
+        assert h.transport.direct == 1
+        for name in pending:
+            h.transport.push(echo(name))  # Twilio's echoes of the audio the clear dropped
+        assert h.transport.direct == 1  # queued behind the clear
+        assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.INTERRUPTED
+        await h.transport.wait_for(lambda ms: isinstance(ms[-1], Clear))
+        for _ in range(20):
+            await asyncio.sleep(0)
+    assert "speech.heard" not in h.types()
+    assert utterance.record is not None and utterance.record.heard == ()
