@@ -8,7 +8,10 @@ Both are read on the machine's monotonic clock, which every process shares.
 
 Prints, for REST and WebSocket: first byte at the provider → first media frame at the caller
 (our overhead, including loopback and the emulator's own scheduling), and time to first audio
-(start → first media frame), as median / p99 / max; for 1, 50 and 200 calls answered in the same
+(start → first media frame), as median / p99 / max; with more than one call, time to first audio
+split at the fake: start → the fake has read the request (our server, the network and the fake's
+own queue), and request read → the fake's first byte (the configured delay plus the fake's
+scheduling); for 1, 50 and 200 calls answered in the same
 instant, and for 200 calls arriving over ``--ramp`` seconds (each measured while up to 199 others
 are in progress). Each row also gives the CPU the three processes used, as a share of one core:
 all three share the machine's cores, so a saturated machine shows there first.
@@ -99,7 +102,8 @@ async def measure(
         cpu = [seconds / wall for seconds in used]
         async with httpx.AsyncClient() as client:
             first = (await client.get(f"http://127.0.0.1:{fake_port}/_fake/first-bytes")).json()
-        overhead, ttfa = [], []
+            came = (await client.get(f"http://127.0.0.1:{fake_port}/_fake/arrivals")).json()
+        overhead, ttfa, to_fake, in_fake = [], [], [], []
         silent = 0
         for text, report in results:
             if report.first_audio_at is None or text not in first:
@@ -107,9 +111,14 @@ async def measure(
                 continue
             ttfa.append(report.first_audio_at)
             overhead.append(report.started_at + report.first_audio_at - first[text])
+            to_fake.append(came[text] - report.started_at)
+            in_fake.append(first[text] - came[text])
         how = f"{n} call(s) at once" if not spread else f"{n} calls over {spread:g} s"
         lines.append(stats(f"{label}, {how}: provider first byte -> caller", overhead))
         lines.append(stats(f"{label}, {how}: time to first audio", ttfa))
+        if n > 1:  # where the time to first audio went (each a distribution of its own)
+            lines.append(stats(f"{label}, {how}:   start -> request read by the fake", to_fake))
+            lines.append(stats(f"{label}, {how}:   request read -> fake's first byte", in_fake))
         lines.append(
             f"{label}, {how}: CPU, share of one core: server {cpu[0]:.0%}, "
             f"fake Deepgram {cpu[1]:.0%}, emulated callers {cpu[2]:.0%}"

@@ -171,6 +171,10 @@ async def test_first_byte_delay_is_honoured(client: httpx.AsyncClient, fake: Fak
     response = await speak(client)
     assert response.status_code == 200
     assert time.perf_counter() - started >= 0.3
+    # What a benchmark in another process reads: when the request came, when its audio began.
+    arrivals = (await client.get("/_fake/arrivals")).json()
+    first_bytes = (await client.get("/_fake/first-bytes")).json()
+    assert first_bytes["Hello."] - arrivals["Hello."] >= 0.3
 
 
 # -- REST faults -----------------------------------------------------------------------------
@@ -277,6 +281,7 @@ async def test_ws_metadata_speak_flush(base: str, fake: FakeDeepgram) -> None:
     audio, events = await until(ws, "Flushed")
     assert audio == fake.audio_for("Hello world.")
     assert events[-1] == {"type": "Flushed", "sequence_id": 0}
+    assert fake.first_bytes["Hello world."] >= fake.arrivals["Hello world."]
     await send(ws, "Speak", text="Again.")
     await send(ws, "Flush")
     audio, events = await until(ws, "Flushed")

@@ -272,6 +272,8 @@ class FakeDeepgram:
         self.ws_open = 0  #: WebSockets open right now
         #: When the first audio byte of each text was sent (``clock()``), for latency benches.
         self.first_bytes: dict[str, float] = {}
+        #: When each text's request was read (REST: the whole body; WebSocket: its Flush).
+        self.arrivals: dict[str, float] = {}
         self._faults: deque[_Fault] = deque()
         self.app = Starlette(
             routes=[
@@ -279,11 +281,15 @@ class FakeDeepgram:
                 WebSocketRoute("/v1/speak", self._speak_ws),
                 # Not Deepgram's: lets a benchmark in another process read first-byte times.
                 Route("/_fake/first-bytes", self._first_bytes, methods=["GET"]),
+                Route("/_fake/arrivals", self._arrivals, methods=["GET"]),
             ]
         )
 
     async def _first_bytes(self, request: Request) -> JSONResponse:
         return JSONResponse(self.first_bytes)
+
+    async def _arrivals(self, request: Request) -> JSONResponse:
+        return JSONResponse(self.arrivals)
 
     # -- fault injection ----------------------------------------------------------------
     def fail_next(
@@ -423,6 +429,7 @@ class FakeDeepgram:
             "dg-model-uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, model)),
             "dg-char-count": str(len(text)),
         }
+        self.arrivals[text] = self.clock()
         audio = synthesize(text, encoding, rate, container)
         stream = _AudioStream(self, audio, headers, _take(self._faults, "stall", "cut"))
         stream.text = text
@@ -570,6 +577,7 @@ class _Session:
         if generation != self.generation:
             return True
         fake = self.fake
+        fake.arrivals[text] = fake.clock()
         fault = _take(fake._faults, "ws_close", "ws_stall", "ws_warn", "ws_close_flushed")
         if fault is not None and fault.kind == "ws_warn":
             await self.ws.send_json(
