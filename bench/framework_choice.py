@@ -6,6 +6,9 @@ Compares, for a call-like WebSocket workload (one ~250-byte JSON media message e
 * ``starlette+uvicorn/sansio``   - Starlette on uvicorn, ``ws="websockets-sansio"``
 * ``starlette+uvicorn/websockets`` - Starlette on uvicorn, ``ws="websockets"`` (legacy impl)
 * ``aiohttp``                      - ``aiohttp.web``
+* ``native``                       - uvicorn's HTTP, then callspeak's own ``/twilio`` socket
+  (``callspeak.media_socket``: websockets' sans-I/O protocol without ASGI), as ``callspeak serve``
+  runs it; here the call reads with ``receive()`` (the session also takes messages directly)
 
 Each run starts a fresh server process and a fresh load-generator process (``websockets``
 asyncio client, one event loop, N simultaneous calls). The stacks are interleaved run by run
@@ -60,6 +63,7 @@ STACKS: dict[str, str] = {
     "sansio": "starlette+uvicorn/websockets-sansio",
     "websockets": "starlette+uvicorn/websockets",
     "aiohttp": "aiohttp.web",
+    "native": "uvicorn + callspeak MediaSocket (no ASGI)",
 }
 SERVER_START_TIMEOUT_S = 20.0
 SERVER_MAX_LIFETIME_S = 300.0  # a server whose orchestrator vanished exits by itself
@@ -213,6 +217,28 @@ async def run_aiohttp(sock: socket.socket, stop: asyncio.Event) -> None:
         await runner.cleanup()
 
 
+def native_protocol() -> type[asyncio.Protocol]:
+    """callspeak's own ``/twilio`` socket (``callspeak.media_socket.MediaSocket``: websockets'
+    sans-I/O protocol, no ASGI) as uvicorn's WebSocket protocol, serving :func:`serve_call`."""
+    from callspeak.media_socket import MediaSocket
+
+    async def call(sock: MediaSocket) -> None:
+        await serve_call(sock.receive, sock.send)  # type: ignore[arg-type]
+        await sock.close()
+
+    class Native(MediaSocket):
+        def __init__(self, config: Any, server_state: Any, app_state: Any) -> None:
+            super().__init__(
+                lambda request, client: None,
+                call,
+                max_size=config.ws_max_size,
+                connections=server_state.connections,
+                tasks=server_state.tasks,
+            )
+
+    return Native
+
+
 async def read_stdin_line() -> str:
     """One line from stdin without blocking the loop; "" at EOF (the orchestrator is gone)."""
     loop = asyncio.get_running_loop()
@@ -257,7 +283,9 @@ async def serve(stack: str) -> None:
     if stack == "aiohttp":
         await run_aiohttp(sock, stop)
     else:
-        await run_uvicorn(sock, "websockets-sansio" if stack == "sansio" else stack, stop)
+        impls: dict[str, Any] = {"sansio": "websockets-sansio", "native": native_protocol()}
+        ws_impl = impls.get(stack, stack)
+        await run_uvicorn(sock, ws_impl, stop)
     controller.cancel()
 
 
