@@ -5,7 +5,9 @@ behind uvicorn."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -20,12 +22,21 @@ from websockets.uri import parse_uri
 
 from callspeak.config import Settings
 from callspeak.emulator import DialOptions, dial
-from callspeak.media_socket import INBOX_HIGH, INBOX_LOW, MediaSocket, uvicorn_ws_protocol
+from callspeak.emulator.frames import ClientTextFrames
+from callspeak.media_socket import (
+    INBOX_HIGH,
+    INBOX_LOW,
+    MediaSocket,
+    forwarded_client,
+    trusted_proxies,
+    uvicorn_ws_protocol,
+)
 from callspeak.protocol import Connected
 from callspeak.server import Refusal, create_app
 from callspeak.session import TransportClosed
 from callspeak.testing.asgi_server import serve_asgi
 from tests.conftest import RunningServer, serve_app, serving_options
+from tests.conftest import Serve as ServeApp
 from tests.fakes import FakeService, spoken
 from tests.test_server_limits import start_message, until
 
@@ -67,15 +78,25 @@ class RecordingTransport(asyncio.Transport):
 
 
 class Wired:
-    """A MediaSocket on a RecordingTransport, with websockets' client protocol as the peer."""
+    """A MediaSocket on a RecordingTransport, with websockets' client protocol as the peer.
+    ``pieces`` feeds every later write in pieces of that many bytes."""
 
-    def __init__(self, serve: Serve, admit: Refusal | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        serve: Serve,
+        admit: Refusal | None = None,
+        *,
+        max_size: int = 2**20,
+        pieces: int | None = None,
+        **options: Any,
+    ) -> None:
         self.tasks: set[asyncio.Task[None]] = set()
         self.connections: set[Any] = set()
+        self.pieces = pieces
         self.socket = MediaSocket(
             lambda request, client: admit,
             serve,
-            max_size=2**20,
+            max_size=max_size,
             connections=self.connections,
             tasks=self.tasks,
             **options,
@@ -84,8 +105,15 @@ class Wired:
         self.socket.connection_made(self.transport)
         self.client = ClientProtocol(parse_uri("ws://test/twilio"))
         self.client.send_request(self.client.connect())
-        self.socket.data_received(b"".join(self.client.data_to_send()))
+        self.deliver()
         self.response = self._read()[0]
+
+    def deliver(self, extra: bytes = b"") -> None:
+        """What the client has to send (and ``extra`` raw bytes), to the socket."""
+        data = b"".join(self.client.data_to_send()) + extra
+        step = self.pieces or len(data) or 1
+        for i in range(0, len(data), step):
+            self.socket.data_received(data[i : i + step])
 
     def _read(self) -> list[Any]:
         self.client.receive_data(bytes(self.transport.written))
@@ -94,7 +122,7 @@ class Wired:
 
     def send_text(self, text: str) -> None:
         self.client.send_text(text.encode())
-        self.socket.data_received(b"".join(self.client.data_to_send()))
+        self.deliver()
 
     def frames(self) -> list[Frame]:
         return [event for event in self._read() if isinstance(event, Frame)]
@@ -178,6 +206,14 @@ async def test_send_waits_while_the_transport_is_full_and_fails_if_the_peer_goes
 
 
 async def test_fragments_are_joined_binary_kept_and_bad_utf8_closes_with_1007() -> None:
+    await _fragments_binary_and_bad_utf8(None)
+
+
+async def test_the_same_stream_fed_byte_by_byte_reads_the_same() -> None:
+    await _fragments_binary_and_bad_utf8(1)
+
+
+async def _fragments_binary_and_bad_utf8(pieces: int | None) -> None:
     got: list[str | bytes | None] = []
 
     async def serve(sock: MediaSocket) -> None:
@@ -185,24 +221,32 @@ async def test_fragments_are_joined_binary_kept_and_bad_utf8_closes_with_1007() 
             got.append(message)
         got.append(None)
 
-    wired = Wired(serve)
+    wired = Wired(serve, pieces=pieces)
     await asyncio.sleep(0)
     client = wired.client
+    client.send_text(b"first " * 30)  # a 16-bit length
     client.send_text(b'{"event":', fin=False)
+    client.send_ping(b"ping")  # between two fragments: answered, the message goes on
     client.send_continuation(b'"connected"}', fin=True)
     client.send_binary(b"\x00\x01")
+    client.send_text(b"x" * 70000)  # a 64-bit length
     client.send_frame(Frame(Opcode.TEXT, b"\xff\xfe"))
-    wired.socket.data_received(b"".join(client.data_to_send()))
+    client.send_text(b'{"event":"stop"}')  # after the 1007: never delivered
+    wired.deliver()
     await asyncio.wait_for(asyncio.gather(*wired.tasks), 5)
-    assert got == ['{"event":"connected"}', b"\x00\x01", None]
-    close = wired.frames()[-1]
-    assert close.opcode is Opcode.CLOSE and close.data[:2] == (1007).to_bytes(2, "big")
+    assert got == ["first " * 30, '{"event":"connected"}', b"\x00\x01", "x" * 70000, None]
+    frames = wired.frames()
+    assert [f.opcode for f in frames] == [Opcode.PONG, Opcode.CLOSE]
+    assert frames[-1].data[:2] == (1007).to_bytes(2, "big")
 
 
-async def test_a_failing_handler_closes_the_stream_with_1011(
+async def test_a_failing_handler_closes_the_stream_with_1011_and_sees_nothing_more(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    seen: list[str | bytes] = []
+
     def broken(message: str | bytes) -> bool:
+        seen.append(message)
         raise RuntimeError("a bug")
 
     async def serve(sock: MediaSocket) -> None:
@@ -212,11 +256,14 @@ async def test_a_failing_handler_closes_the_stream_with_1011(
     wired = Wired(serve)
     await asyncio.sleep(0)
     await asyncio.sleep(0)
-    wired.send_text("anything")
+    for text in ("anything", "media-1", "media-2"):  # one read
+        wired.client.send_text(text.encode())
+    wired.deliver()
     await asyncio.wait_for(asyncio.gather(*wired.tasks), 5)
     close = wired.frames()[-1]
     assert close.opcode is Opcode.CLOSE and close.data[:2] == (1011).to_bytes(2, "big")
     assert "handling an inbound message failed" in caplog.text
+    assert seen == ["anything"]
 
 
 async def test_close_drops_the_connection_if_the_peer_never_answers() -> None:
@@ -230,6 +277,64 @@ async def test_close_drops_the_connection_if_the_peer_never_answers() -> None:
     assert not wired.transport.aborted
     await asyncio.sleep(0.1)
     assert wired.transport.aborted  # the peer never sent its close frame
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (Frame(Opcode.TEXT, b"x" * 2000).serialize(mask=True), 1009),  # over max_size
+        (b"\xc1" + ClientTextFrames().frame(b"hi")[1:], 1002),  # reserved bit, no extension
+        (Frame(Opcode.CONT, b"orphan").serialize(mask=True), 1002),  # continuing nothing
+        (Frame(Opcode.TEXT, b"plain").serialize(mask=False), 1002),  # unmasked
+        (
+            Frame(Opcode.TEXT, b"start", fin=False).serialize(mask=True)
+            + Frame(Opcode.TEXT, b"cuts in").serialize(mask=True),
+            1002,
+        ),  # inside a fragmented one
+    ],  # fmt: skip
+    ids=["too-big", "reserved-bit", "orphan-continuation", "unmasked", "cuts-into-fragments"],
+)
+async def test_broken_frames_are_websockets_to_refuse(frame: bytes, code: int) -> None:
+    got: list[str | bytes | None] = []
+
+    async def serve(sock: MediaSocket) -> None:
+        while (message := await sock.receive()) is not None:
+            got.append(message)
+
+    wired = Wired(serve, max_size=1024)
+    await asyncio.sleep(0)
+    wired.client.send_text(b"before")
+    wired.deliver(frame)
+    wired.client.send_text(b"after")
+    wired.deliver()
+    await asyncio.wait_for(asyncio.gather(*wired.tasks), 5)
+    assert got == ["before"]
+    close = wired.frames()[-1]
+    assert close.opcode is Opcode.CLOSE and close.data[:2] == code.to_bytes(2, "big")
+
+
+async def test_frames_sent_right_behind_the_request_are_read_after_the_101() -> None:
+    got: list[str | bytes | None] = []
+
+    async def serve(sock: MediaSocket) -> None:
+        got.append(await sock.receive())
+
+    tasks: set[asyncio.Task[None]] = set()
+    sock = MediaSocket(
+        lambda request, client: None, serve, max_size=2**20, connections=set(), tasks=tasks
+    )
+    transport = RecordingTransport()
+    sock.connection_made(transport)
+    client = ClientProtocol(parse_uri("ws://test/twilio"))
+    client.send_request(client.connect())
+    request = b"".join(client.data_to_send())
+    early = Frame(Opcode.TEXT, b"early").serialize(mask=True)
+    sock.data_received(request[:10])
+    sock.data_received(request[10:] + early[:3])  # the request's end and a frame's start
+    sock.data_received(early[3:])
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert transport.written.startswith(b"HTTP/1.1 101")
+    assert got == ["early"]
 
 
 # -- the whole app behind uvicorn ------------------------------------------------------------
@@ -322,3 +427,105 @@ async def test_a_peer_that_ignores_the_close_is_dropped_and_its_slot_freed(
     assert frames[-1].data == b"\x03\xe8idle timeout"
     assert 0.5 <= ended < 3  # 0.3 s idle + 0.3 s waiting for our close frame
     await until(lambda: server.state.calls.connections == 0)
+
+
+# -- what the review of the first version found ------------------------------------------------
+
+
+def _close_after_a_reset(loop_factory: Callable[[], asyncio.AbstractEventLoop] | None) -> Any:
+    """A peer resets the connection right after the 101; the call then closes its socket (as
+    serve_stream does on the way out). Returns what that close raised, or None."""
+
+    async def main() -> BaseException | None:
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[BaseException | None] = loop.create_future()
+
+        async def serve(sock: MediaSocket) -> None:
+            try:
+                while await sock.receive() is not None:
+                    pass
+                await sock.close()
+            except Exception as exc:
+                outcome.set_result(exc)
+                return
+            outcome.set_result(None)
+
+        tasks: set[asyncio.Task[None]] = set()
+        server = await loop.create_server(
+            lambda: MediaSocket(
+                lambda request, client: None, serve, max_size=2**20, connections=set(), tasks=tasks
+            ),
+            "127.0.0.1",
+            0,
+        )
+        port = server.sockets[0].getsockname()[1]
+        client = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/twilio"))
+        client.send_request(client.connect())
+        raw = socket.socket()
+        raw.setblocking(False)
+        try:
+            await loop.sock_connect(raw, ("127.0.0.1", port))
+            await loop.sock_sendall(raw, b"".join(client.data_to_send()))
+            client.receive_data(await loop.sock_recv(raw, 4096))
+            assert client.events_received()[0].status_code == 101
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            raw.close()  # with SO_LINGER 0: a reset, not a FIN
+        try:
+            return await asyncio.wait_for(outcome, 5)
+        finally:
+            server.close()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_closing_after_the_peer_reset_the_connection_raises_nothing(loop: str) -> None:
+    factory = None
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        factory = uvloop.new_event_loop  # its closed transports raise on write; asyncio's don't
+    assert _close_after_a_reset(factory) is None
+
+
+class BrokenService(FakeService):
+    def open(self) -> Any:
+        raise RuntimeError("the voice could not open a stream")
+
+
+async def test_a_call_that_cannot_be_set_up_is_closed_not_left_open(serve: ServeApp) -> None:
+    app = create_app(Settings(validate_signatures=False), tts=BrokenService())
+    async with serve(app) as url:
+        ws = await websockets.connect(url.replace("http", "ws", 1) + "/twilio")
+        await asyncio.wait_for(ws.wait_closed(), 5)
+        assert app.state.callspeak.calls.connections == 0
+    assert ws.close_code in (1011, 1006)  # 1006: uvicorn's ASGI path drops the connection
+
+
+async def test_accepted_streams_are_logged_and_refusals_name_the_forwarded_client(
+    serve: ServeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    app = create_app(Settings(validate_signatures=False, max_calls=1), tts=FakeService())
+    headers = {"X-Forwarded-For": "198.51.100.9, 203.0.113.7"}  # uvicorn trusts 127.0.0.1
+    async with serve(app, log_level="info") as url:
+        ws_url = url.replace("http", "ws", 1) + "/twilio?x=1"
+        async with websockets.connect(ws_url, additional_headers=headers):
+            with pytest.raises(InvalidStatus):
+                async with websockets.connect(ws_url, additional_headers=headers):
+                    pass
+    messages = [record.getMessage() for record in caplog.records]
+    assert any('"WebSocket /twilio?x=1" [accepted]' in m for m in messages)
+    refusals = [m for m in messages if m.startswith("refused media stream")]
+    assert refusals and refusals[0].startswith("refused media stream from 203.0.113.7:")
+
+
+def test_forwarded_for_names_the_nearest_untrusted_hop() -> None:
+    trusted = trusted_proxies("127.0.0.1, 10.0.0.0/8")
+    assert trusted("127.0.0.1") and trusted("10.1.2.3") and not trusted("203.0.113.7")
+    assert not trusted("not-an-address")
+    assert forwarded_client("198.51.100.9, 203.0.113.7, 10.0.0.5", trusted) == "203.0.113.7"
+    assert forwarded_client("10.0.0.6, 10.0.0.5", trusted) == "10.0.0.6"
+    assert trusted_proxies("*")("203.0.113.7")
+    assert trusted_proxies(["192.0.2.1"])("192.0.2.1")

@@ -61,3 +61,21 @@ async def test_messages_after_a_direct_barge_in_wait_for_its_clear() -> None:
             await asyncio.sleep(0)
     assert "speech.heard" not in h.types()
     assert utterance.record is not None and utterance.record.heard == ()
+
+
+class ClearFails(FakeProvider):
+    async def clear(self) -> None:
+        raise RuntimeError("a bug in the voice's clear")
+
+
+async def test_a_barge_in_that_fails_on_the_direct_path_ends_the_call_as_inline() -> None:
+    provider = ClearFails(chunk=160, delay=0.01)
+    async with DirectHarness(provider, greeting=None, barge_in=MarkerDetector()) as h:
+        h.transport.push(start_json())
+        await h.session.wait_started()
+        h.session.say("One. Two. Three.")
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        h.transport.push(caller_speaks())
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+    assert h.transport.closed == (1011, "internal error")

@@ -33,6 +33,8 @@ dead peer sooner than a ping would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -44,6 +46,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from callspeak.frame_reader import WHOLE_BINARY, WHOLE_TEXT, frame_at, unmask
 from callspeak.server import STREAM_PATH, AppState, Refusal, admit_stream, serve_stream
 from callspeak.session import TransportClosed
 from callspeak.signatures import SIGNATURE_HEADER
@@ -51,12 +54,15 @@ from callspeak.signatures import SIGNATURE_HEADER
 __all__ = ["CLOSE_TIMEOUT", "INBOX_HIGH", "INBOX_LOW", "MediaSocket", "uvicorn_ws_protocol"]
 
 log = logging.getLogger("callspeak.server")
+_uvicorn_log = logging.getLogger("uvicorn.error")
 
 #: Unread inbound messages at which reading pauses (5 s of media), and where it resumes.
 INBOX_HIGH: Final = 250
 INBOX_LOW: Final = 50
 #: Seconds a closing socket waits for the peer's close frame before dropping the connection.
 CLOSE_TIMEOUT: Final = 5.0
+#: An upgrade request longer than this is websockets' to refuse.
+MAX_REQUEST_BYTES: Final = 64 * 1024
 #: Marks the end of inbound messages in the inbox.
 _END: Final = None
 
@@ -86,19 +92,25 @@ class MediaSocket(asyncio.Protocol):
         tasks: set[asyncio.Task[None]],
         default_headers: list[tuple[bytes, bytes]] | None = None,
         close_timeout: float = CLOSE_TIMEOUT,
+        trusted_proxy: Callable[[str], bool] | None = None,
     ) -> None:
         self._admit = admit
         self._serve = serve
-        self._conn = ServerProtocol(max_size=max_size)
+        # websockets' own debug lines go where uvicorn's WebSocket protocols send theirs.
+        self._conn = ServerProtocol(max_size=max_size, logger=_uvicorn_log)
         self._connections = connections
         self._tasks = tasks
         self._default_headers = default_headers or []
         self._close_timeout = close_timeout
+        self._trusted_proxy = trusted_proxy
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._inbox: deque[str | bytes | None] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._handler: Handler | None = None
+        self._max_size = max_size
+        self._buffer = b""  # the start of a frame (or of the request) still arriving
+        self._bypass = False  # every byte goes to websockets from now on
         self._fragments: list[bytes] = []
         self._fragment_opcode = Opcode.TEXT
         self._reading_paused = False
@@ -121,15 +133,17 @@ class MediaSocket(asyncio.Protocol):
             self.client = f"{peer[0]}:{peer[1]}"
 
     def data_received(self, data: bytes) -> None:
-        conn = self._conn
-        conn.receive_data(data)
-        for event in conn.events_received():
-            if type(event) is Frame:
-                self._frame(event)
-            elif isinstance(event, Request):
-                self._upgrade(event)
+        if self._buffer:
+            data, self._buffer = self._buffer + data, b""
+        state = self._conn.state
+        if self._bypass or (state is not State.OPEN and state is not State.CONNECTING):
+            self._to_websockets(data)
+        elif state is State.OPEN:
+            self._read_frames(data)
+        else:
+            self._read_request(data)
         self._flush()
-        if conn.state is not State.OPEN and conn.state is not State.CONNECTING:
+        if self._conn.state is not State.OPEN and self._conn.state is not State.CONNECTING:
             self._end_input()
         self._wake()
 
@@ -212,6 +226,10 @@ class MediaSocket(asyncio.Protocol):
         """Answer the upgrade: websockets' 4xx for a broken handshake, 403 if admission refuses
         it, else 101 and the call's task."""
         conn = self._conn
+        forwarded = request.headers.get("X-Forwarded-For")
+        trusted = self._trusted_proxy
+        if forwarded and trusted is not None and trusted(self.client.rpartition(":")[0]):
+            self.client = f"{forwarded_client(forwarded, trusted)}:0"  # as uvicorn's ASGI scope
         response = conn.accept(request)
         if response.status_code == 101:
             refusal = self._admit(request, self.client)
@@ -225,6 +243,7 @@ class MediaSocket(asyncio.Protocol):
             )
         conn.send_response(self._with_defaults(response))
         if response.status_code == 101:
+            _uvicorn_log.info('%s - "WebSocket %s" [accepted]', self.client, request.path)
             task = self._loop.create_task(self._serve(self), name=f"media-socket {self.client}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -237,6 +256,61 @@ class MediaSocket(asyncio.Protocol):
                 del headers[name]
             headers[name] = raw_value.decode("latin-1")
         return response
+
+    def _read_request(self, data: bytes) -> None:
+        """The upgrade request goes to websockets alone (uvicorn hands it over whole); frames a
+        client sent right behind it are read once the handshake is answered."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) > MAX_REQUEST_BYTES:
+                self._bypass = True  # websockets refuses it
+                self._to_websockets(data)
+            else:
+                self._buffer = data
+            return
+        self._to_websockets(data[: end + 4])
+        rest = data[end + 4 :]
+        if rest and self._conn.state is State.OPEN:
+            self._read_frames(rest)
+        elif rest:
+            self._to_websockets(rest)
+
+    def _read_frames(self, data: bytes) -> None:
+        """Whole masked text and binary frames are unmasked here; every other frame is handed to
+        websockets whole, in order. Whatever follows a frame over ``max_size``, or anything once
+        the connection is closing, goes to websockets as it comes."""
+        pos, size, max_size, conn = 0, len(data), self._max_size, self._conn
+        while (frame := frame_at(data, pos)) is not None:
+            first, key, start, end = frame
+            if max_size is not None and end - start > max_size:
+                self._bypass = True  # websockets fails it with 1009 from its header
+                break
+            if end > size:
+                break  # the rest is still arriving
+            if (first == WHOLE_TEXT or first == WHOLE_BINARY) and key >= 0 and not self._fragments:
+                self._message(
+                    Opcode.TEXT if first == WHOLE_TEXT else Opcode.BINARY, unmask(data, frame)
+                )
+            else:
+                self._to_websockets(data[pos:end])
+            pos = end
+            if conn.state is not State.OPEN:
+                self._bypass = True
+                break
+        if self._bypass:
+            self._to_websockets(data[pos:])
+        elif pos < size:
+            self._buffer = data[pos:]
+
+    def _to_websockets(self, data: bytes) -> None:
+        if not data:
+            return
+        self._conn.receive_data(data)
+        for event in self._conn.events_received():
+            if type(event) is Frame:
+                self._frame(event)
+            elif isinstance(event, Request):
+                self._upgrade(event)
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -262,6 +336,7 @@ class MediaSocket(asyncio.Protocol):
                 message = data.decode()
             except UnicodeDecodeError:
                 self._conn.fail(1007, "invalid UTF-8 in a text message")
+                self._end_input()  # nothing after it is delivered
                 return
         else:
             message = data
@@ -273,6 +348,7 @@ class MediaSocket(asyncio.Protocol):
             except Exception:  # a bug: end the call, as the reader task would
                 log.exception("handling an inbound message failed; closing the stream")
                 self._conn.fail(1011, "internal error")
+                self._end_input()
                 return
         inbox.append(message)
         if len(inbox) >= INBOX_HIGH and not self._reading_paused and self._transport is not None:
@@ -281,7 +357,8 @@ class MediaSocket(asyncio.Protocol):
 
     def _flush(self) -> None:
         transport = self._transport
-        if transport is None:
+        if transport is None or self._lost:
+            self._conn.data_to_send()  # nowhere to write it (uvloop raises on a closed handle)
             return
         for data in self._conn.data_to_send():
             if data:
@@ -315,6 +392,39 @@ class MediaSocket(asyncio.Protocol):
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
+
+
+def trusted_proxies(allowed: str | list[str] | None) -> Callable[[str], bool]:
+    """uvicorn's ``forwarded_allow_ips`` (addresses, networks or ``*``) as a test of a host."""
+    items = allowed.split(",") if isinstance(allowed, str) else list(allowed or [])
+    names = {item.strip() for item in items if item.strip()}
+    if "*" in names:
+        return lambda host: True
+    networks = []
+    for name in names:
+        with contextlib.suppress(ValueError):
+            networks.append(ipaddress.ip_network(name, strict=False))
+
+    def trusted(host: str) -> bool:
+        if host in names:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in networks)
+
+    return trusted
+
+
+def forwarded_client(header: str, trusted: Callable[[str], bool]) -> str:
+    """The client an ``X-Forwarded-For`` chain names: the nearest hop that is not a trusted
+    proxy (the first one if all are), as uvicorn's proxy-headers middleware picks it."""
+    hosts = [host.strip() for host in header.split(",") if host.strip()]
+    for host in reversed(hosts):
+        if not trusted(host):
+            return host
+    return hosts[0] if hosts else "unknown client"
 
 
 class _Upgrade(asyncio.Protocol):
@@ -353,6 +463,9 @@ class _Upgrade(asyncio.Protocol):
             async def serve(socket: MediaSocket) -> None:
                 try:
                     await serve_stream(state, socket)
+                except Exception:  # a bug; through ASGI, uvicorn would log it
+                    log.exception("media stream from %s failed", socket.client)
+                    await socket.close(1011, "internal error")
                 finally:
                     state.calls.release()
 
@@ -364,6 +477,11 @@ class _Upgrade(asyncio.Protocol):
                 tasks=self._server_state.tasks,
                 default_headers=self._server_state.default_headers,
                 close_timeout=self.close_timeout,
+                trusted_proxy=(
+                    trusted_proxies(self._config.forwarded_allow_ips)
+                    if self._config.proxy_headers
+                    else None
+                ),
             )
         from uvicorn.protocols.websockets.websockets_sansio_impl import (
             WebSocketsSansIOProtocol,

@@ -300,7 +300,27 @@ def admit_stream(state: AppState, signature: str | None, client: str) -> Refusal
 
 
 async def serve_stream(state: AppState, transport: Transport) -> None:
-    """Serve one admitted, open media stream until it ends; the socket is closed on return."""
+    """Serve one admitted, open media stream until it ends; the socket is closed on return
+    (with 1011 if the call could not even be set up, whose error is then raised)."""
+    try:
+        session = _new_session(state, transport)
+    except Exception:  # a broken voice or hook: the socket must not stay open, unread
+        await transport.close(1011, "internal error")
+        raise
+    state.metrics.calls_active.inc()
+    registered = asyncio.create_task(_register_when_started(state.calls, session))
+    try:
+        await session.run()
+    finally:
+        registered.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await registered
+        state.calls.discard(session)
+        state.metrics.calls_active.dec()
+        await transport.close()
+
+
+def _new_session(state: AppState, transport: Transport) -> CallSession:
     settings, hooks = state.settings, state.hooks
     barge_in = (
         SpeechOnsetDetector(
@@ -327,17 +347,7 @@ async def serve_stream(state: AppState, transport: Transport) -> None:
     )
     if hooks is not None:
         hooks.attach(session)
-    state.metrics.calls_active.inc()
-    registered = asyncio.create_task(_register_when_started(state.calls, session))
-    try:
-        await session.run()
-    finally:
-        registered.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await registered
-        state.calls.discard(session)
-        state.metrics.calls_active.dec()
-        await transport.close()
+    return session
 
 
 async def _media_stream(websocket: WebSocket) -> None:

@@ -421,7 +421,10 @@ class CallSession:
     def _followup_done(self, task: asyncio.Task[None]) -> None:
         if self._followup is task:
             self._followup = None
-        self._task_done(task)
+        self._task_done(task)  # logs a failure
+        if not task.cancelled() and task.exception() is not None and not self._closed:
+            # Inline, the reader would have died of it and ended the call: end it here too.
+            self.spawn(self._transport.close(1011, "internal error"), name="media-close")
 
     def _heard_caller(self, event: MediaReceived) -> bool:
         """Feed the caller's audio to barge-in; True when the caller has started speaking."""
