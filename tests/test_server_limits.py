@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import websockets
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from callspeak.config import Settings
@@ -28,6 +29,14 @@ async def until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
     async with asyncio.timeout(seconds):
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+async def read_until_closed(ws: ClientConnection, seconds: float = 5.0) -> None:
+    """Read (and drop) what the server sends until it closes the socket, for ``seconds`` at most."""
+    with pytest.raises(ConnectionClosed):
+        async with asyncio.timeout(seconds):
+            while True:
+                await ws.recv()
 
 
 def start_message(sid: str = "MZlimit", **params: str) -> str:
@@ -94,10 +103,7 @@ async def test_a_stream_with_no_inbound_message_for_idle_timeout_is_closed(serve
             await ws.send(Connected("Call", "1.0.0").to_json())
             await ws.send(start_message())
             sent_last = time.monotonic()
-            with pytest.raises(ConnectionClosed):
-                async with asyncio.timeout(3):
-                    while True:
-                        await ws.recv()  # the greeting; then nothing from us
+            await read_until_closed(ws, 3)  # the greeting; then nothing from us
             closed_after = time.monotonic() - sent_last
         assert ws.close_code == 1000 and ws.close_reason == "idle timeout"
         assert 0.45 <= closed_after < 1.5
@@ -116,10 +122,7 @@ async def test_message_size_soft_limit_ignores_and_hard_limit_closes(serve: Serv
             await ws.send("x" * 4096)  # over the soft limit: logged and ignored
             await until(lambda: session.rejected == 1)
             await ws.send("x" * (2 * 1024 * 1024))  # over uvicorn's 1 MiB cap: closed
-            with pytest.raises(ConnectionClosed):
-                async with asyncio.timeout(5):
-                    while True:
-                        await ws.recv()
+            await read_until_closed(ws)
         assert ws.close_code == 1009
 
 
