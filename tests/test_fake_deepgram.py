@@ -16,6 +16,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from callspeak.testing.asgi_server import serve_asgi
 from callspeak.testing.fake_deepgram import FakeDeepgram, synthesize
+from callspeak.testing.fake_deepgram.audio import (
+    SECONDS_PER_CHAR,
+    alaw_encode,
+    mulaw_encode,
+    pcm_for_text,
+)
 from tests.fakes import SettableClock
 
 AUTH = {"Authorization": "Token test-key"}
@@ -449,16 +455,14 @@ def test_synthesis_from_cached_characters_equals_whole_text_encoding(
     encoding: str, rate: int
 ) -> None:
     """The fake joins per-character bursts; that must be the bytes of encoding the whole text."""
-    from callspeak.testing import fake_deepgram as fd
-
     text = "Hello there, caller 7! é☎"
-    pcm = fd._pcm(text, rate)
+    pcm = pcm_for_text(text, rate)
     whole = {
-        "mulaw": lambda: fd._mulaw(pcm),
-        "alaw": lambda: fd._alaw(pcm),
+        "mulaw": lambda: mulaw_encode(pcm),
+        "alaw": lambda: alaw_encode(pcm),
         "linear16": lambda: pcm.astype("<i2").tobytes(),
     }[encoding]()
-    assert fd.synthesize(text, encoding, rate) == whole
-    assert len(whole) == len(text) * int(rate * fd.SECONDS_PER_CHAR) * (
+    assert synthesize(text, encoding, rate) == whole
+    assert len(whole) == len(text) * int(rate * SECONDS_PER_CHAR) * (
         2 if encoding == "linear16" else 1
     )

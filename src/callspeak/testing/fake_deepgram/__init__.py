@@ -1,0 +1,313 @@
+"""A loopback stand-in for Deepgram Aura text-to-speech: REST ``POST /v1/speak`` and the
+``/v1/speak`` WebSocket, written from the public API description
+(https://developers.deepgram.com/reference/text-to-speech-api,
+https://developers.deepgram.com/docs/tts-websocket) and ``/work/shared/reference/deepgram-aura.md``.
+
+Serve :attr:`FakeDeepgram.app` with :func:`callspeak.testing.asgi_server.serve_asgi` and point a
+client's base URL at it. What it reproduces:
+
+* auth (``Token KEY`` or ``Bearer KEY``), model names, ``encoding``/``sample_rate``/``container``
+  combinations and the documented error bodies ``{"err_code", "err_msg", "request_id"}``;
+  REST defaults to ``linear16``/24 kHz/**wav** when the client does not say (the WebSocket to raw);
+* audio as deterministic tone bursts, 60 ms per character (:func:`synthesize`), streamed in
+  ``chunk_size`` pieces after ``first_byte_delay``, optionally paced at ``bytes_per_second``;
+* WebSocket ``Metadata`` on connect, ``Speak`` buffering, ``Flush`` → audio then ``Flushed``,
+  ``Clear`` → ``Cleared`` with no stale audio after it, ``Close`` → flush then close, the 20
+  flushes / 60 s limit (extra flushes get a ``Warning`` and are ignored), 2000 characters a Speak.
+
+Only the raw encodings (linear16, mulaw, alaw) are simulated; mp3/opus/flac/aac are refused with
+``INVALID_QUERY_PARAMETER``. Faults are queued per test: each ``count`` is consumed by the next
+requests (REST), handshakes, or flushes (WebSocket); ``count=None`` makes a fault persistent.
+
+The package: :mod:`.audio` (the tone bursts and :func:`synthesize`), :mod:`.validation` (auth,
+model and format checks, :data:`MAX_CHARS`), :mod:`.faults` (the fault queue),
+:mod:`.rest_stream` (the streamed REST body), :mod:`.websocket` (one open socket), and here
+:class:`FakeDeepgram` itself; ``python -m callspeak.testing.fake_deepgram`` runs :func:`main`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from .audio import RAW_CONTENT_TYPES, SECONDS_PER_CHAR, synthesize
+from .faults import Fault, take
+from .rest_stream import AudioStream
+from .validation import MAX_CHARS, Reject, audio_params, check_auth_and_model
+from .websocket import WebSocketSession
+
+__all__ = ["MAX_CHARS", "SECONDS_PER_CHAR", "FakeDeepgram", "RecordedRequest", "main", "synthesize"]
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """One request as the fake saw it (``method`` is ``"GET"`` for a WebSocket handshake)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    text: str | None = None
+    status: int = 0
+
+
+class FakeDeepgram:
+    """A fake Deepgram Aura TTS server. See the module docstring for what it reproduces.
+
+    ``clock``/``sleep`` drive the flush window and all delays, so tests can make time fast.
+    """
+
+    def __init__(
+        self,
+        api_key: str = "test-key",
+        *,
+        first_byte_delay: float = 0.15,
+        chunk_size: int = 333,
+        bytes_per_second: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        flush_limit: int = 20,
+        flush_window: float = 60.0,
+        stall_limit: float = 30.0,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
+        self.api_key, self.first_byte_delay, self.chunk_size = api_key, first_byte_delay, chunk_size
+        self.bytes_per_second, self.clock, self.sleep = bytes_per_second, clock, sleep
+        self.flush_limit, self.flush_window, self.stall_limit = (
+            flush_limit,
+            flush_window,
+            stall_limit,
+        )
+        self.requests: list[RecordedRequest] = []
+        self.ws_messages: list[dict[str, Any]] = []
+        self.ws_connections = 0  #: WebSocket handshakes received, refused ones included
+        self.ws_open = 0  #: WebSockets open right now
+        #: When the first audio byte of each text was sent (``clock()``), for latency benches.
+        self.first_bytes: dict[str, float] = {}
+        #: When each text's request was read (REST: the whole body; WebSocket: its Flush).
+        self.arrivals: dict[str, float] = {}
+        self._faults: deque[Fault] = deque()
+        self.app = Starlette(
+            routes=[
+                Route("/v1/speak", self._speak_http, methods=["POST"]),
+                WebSocketRoute("/v1/speak", self._speak_ws),
+                # Not Deepgram's: lets a benchmark in another process read first-byte times.
+                Route("/_fake/first-bytes", self._first_bytes, methods=["GET"]),
+                Route("/_fake/arrivals", self._arrivals, methods=["GET"]),
+            ]
+        )
+
+    async def _first_bytes(self, request: Request) -> JSONResponse:
+        return JSONResponse(self.first_bytes)
+
+    async def _arrivals(self, request: Request) -> JSONResponse:
+        return JSONResponse(self.arrivals)
+
+    # -- fault injection ----------------------------------------------------------------
+    def fail_next(
+        self,
+        status: int,
+        body: bytes | str | dict[str, Any] | None = None,
+        *,
+        count: int | None = 1,
+    ) -> None:
+        """Answer the next ``count`` REST requests with ``status`` and ``body`` (dict → JSON,
+        str → text/plain, None → a documented-style JSON body)."""
+        content_type = "application/json"
+        if body is None:
+            body = {"err_code": "FAKE_ERROR", "err_msg": f"injected {status}"}
+        if isinstance(body, dict):
+            raw = json.dumps(body).encode()
+        else:
+            raw = body.encode() if isinstance(body, str) else body
+            content_type = "text/plain; charset=utf-8"
+        self._faults.append(
+            Fault("fail", count, status=status, body=raw, content_type=content_type)
+        )
+
+    def stall_after(self, n_bytes: int, *, count: int | None = 1) -> None:
+        """Next REST responses send ``n_bytes`` of audio, then hang with the connection open."""
+        self._faults.append(Fault("stall", count, n_bytes=n_bytes))
+
+    def cut_after(self, n_bytes: int, *, count: int | None = 1) -> None:
+        """Next REST responses send ``n_bytes`` of audio, then drop the connection."""
+        self._faults.append(Fault("cut", count, n_bytes=n_bytes))
+
+    def refuse_ws(
+        self, status: int, body: dict[str, Any] | None = None, *, count: int | None = 1
+    ) -> None:
+        """Refuse the next WebSocket handshakes with an HTTP ``status`` (e.g. 401, 429, 503)."""
+        raw = json.dumps(body or {"err_code": "FAKE_ERROR", "err_msg": f"injected {status}"})
+        self._faults.append(Fault("refuse", count, status=status, body=raw.encode()))
+
+    def ws_close_after(
+        self, n_bytes: int, code: int = 1011, reason: str = "", *, count: int | None = 1
+    ) -> None:
+        """During the next flushes, close the socket with ``code``/``reason`` after ``n_bytes``."""
+        self._faults.append(Fault("ws_close", count, n_bytes=n_bytes, code=code, reason=reason))
+
+    def ws_close_after_flushed(
+        self, code: int = 1000, reason: str = "", *, count: int | None = 1
+    ) -> None:
+        """After the next ``Flushed``, close the socket (a server-side close between utterances)."""
+        self._faults.append(Fault("ws_close_flushed", count, code=code, reason=reason))
+
+    def ws_stall(self, *, count: int | None = 1) -> None:
+        """The next flushes produce neither audio nor ``Flushed`` (until a Clear or a close)."""
+        self._faults.append(Fault("ws_stall", count))
+
+    def ws_warn(
+        self, description: str, code: str = "FAKE_WARNING", *, count: int | None = 1
+    ) -> None:
+        """Send a ``Warning`` before the audio of the next flushes."""
+        self._faults.append(Fault("ws_warn", count, body=description.encode(), reason=code))
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+
+    def audio_for(
+        self, text: str, encoding: str = "mulaw", sample_rate: int = 8000, container: str = "none"
+    ) -> bytes:
+        """What this fake sends for ``text`` (same as :func:`synthesize`)."""
+        return synthesize(text, encoding, sample_rate, container)
+
+    # -- shared checks --------------------------------------------------------------------
+    def _record(self, method: str, conn: Request | WebSocket) -> RecordedRequest:
+        keep = (
+            "authorization",
+            "content-type",
+            "user-agent",
+            "accept-encoding",
+            "sec-websocket-extensions",
+        )
+        record = RecordedRequest(
+            method,
+            conn.url.path,
+            dict(conn.query_params),
+            {k: conn.headers[k] for k in keep if k in conn.headers},
+        )
+        self.requests.append(record)
+        return record
+
+    # -- REST -------------------------------------------------------------------------------
+    async def _speak_http(self, request: Request) -> Response:
+        record, rid = self._record("POST", request), str(uuid.uuid4())
+        body = await request.body()
+        fault = take(self._faults, "fail")
+        if fault is not None:
+            record.status = fault.status
+            return Response(fault.body, fault.status, {"dg-request-id": rid}, fault.content_type)
+        try:
+            model = check_auth_and_model(request.headers, request.query_params, self.api_key)
+            if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                raise Reject(
+                    415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json."
+                )
+            encoding, rate, container = audio_params(request.query_params, websocket=False)
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                raise Reject(400, "PAYLOAD_ERROR", "Could not parse the JSON payload.") from None
+            text = payload.get("text") if isinstance(payload, dict) else None
+            record.text = text if isinstance(text, str) else None
+            if not isinstance(text, str) or not text.strip():
+                raise Reject(400, "Bad Request", "Input text contains no characters.")
+            if len(text) > MAX_CHARS:
+                raise Reject(
+                    413,
+                    "PAYLOAD_TOO_LARGE",
+                    f"Text is {len(text)} characters; the limit is {MAX_CHARS}.",
+                )
+        except Reject as reject:
+            record.status = reject.status
+            error = {"err_code": reject.code, "err_msg": reject.message, "request_id": rid}
+            return JSONResponse(error, reject.status, {"dg-request-id": rid})
+        record.status = 200
+        headers = {
+            "content-type": "audio/wav" if container == "wav" else RAW_CONTENT_TYPES[encoding],
+            "dg-request-id": rid,
+            "dg-model-name": model,
+            "dg-model-uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, model)),
+            "dg-char-count": str(len(text)),
+        }
+        self.arrivals[text] = self.clock()
+        audio = synthesize(text, encoding, rate, container)
+        stream = AudioStream(self, audio, headers, take(self._faults, "stall", "cut"))
+        stream.text = text
+        return stream
+
+    # -- WebSocket --------------------------------------------------------------------------
+    async def _speak_ws(self, ws: WebSocket) -> None:
+        self.ws_connections += 1
+        record, rid = self._record("GET", ws), str(uuid.uuid4())
+        try:
+            fault = take(self._faults, "refuse")
+            if fault is not None:
+                error = json.loads(fault.body)
+                raise Reject(fault.status, error.get("err_code", ""), error.get("err_msg", ""))
+            model = check_auth_and_model(ws.headers, ws.query_params, self.api_key)
+            encoding, rate, _ = audio_params(ws.query_params, websocket=True)
+        except Reject as reject:
+            record.status = reject.status
+            error = json.dumps(
+                {"err_code": reject.code, "err_msg": reject.message, "request_id": rid}
+            )
+            headers = {"dg-request-id": rid, "dg-error": error}
+            await ws.send_denial_response(
+                Response(error, reject.status, headers, "application/json")
+            )
+            return
+        record.status = 101
+        await ws.accept(headers=[(b"dg-request-id", rid.encode())])
+        self.ws_open += 1
+        try:
+            await ws.send_json(
+                {
+                    "type": "Metadata",
+                    "request_id": rid,
+                    "model_name": model,
+                    "model_version": "fake",
+                    "model_uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, model)),
+                }
+            )
+            await WebSocketSession(self, ws, encoding, rate, self._faults).run()
+        finally:
+            self.ws_open -= 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve a fake Deepgram on loopback: ``python -m callspeak.testing.fake_deepgram --port N``."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(
+        prog="python -m callspeak.testing.fake_deepgram",
+        description="A fake Deepgram Aura server for tests/benches.",
+    )
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--api-key", default="test-key")
+    parser.add_argument("--first-byte-delay", type=float, default=0.15)
+    parser.add_argument("--chunk-size", type=int, default=333)
+    parser.add_argument("--bytes-per-second", type=float, default=None)
+    args = parser.parse_args(argv)
+    fake = FakeDeepgram(
+        args.api_key,
+        first_byte_delay=args.first_byte_delay,
+        chunk_size=args.chunk_size,
+        bytes_per_second=args.bytes_per_second,
+    )
+    uvicorn.run(fake.app, host="127.0.0.1", port=args.port, log_level="warning")

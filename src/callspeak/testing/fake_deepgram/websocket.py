@@ -1,0 +1,174 @@
+"""One accepted ``/v1/speak`` WebSocket after the handshake (which :class:`FakeDeepgram` does).
+
+Contract: client messages are handled strictly in order. ``Speak`` texts are buffered; ``Flush``
+sends the buffer's audio in ``fake.chunk_size`` binary messages after ``fake.first_byte_delay``,
+then ``Flushed`` with a sequence id counting from 0, unless the flush limit (``fake.flush_limit``
+per ``fake.flush_window`` seconds) is reached, when a ``FLUSH_LIMIT`` ``Warning`` replaces it.
+``Clear`` drops the buffer and any audio of earlier flushes not yet sent, then sends ``Cleared``.
+``Close`` flushes what is buffered and closes with 1000. A binary message closes with 1003, a
+``Speak`` over :data:`MAX_CHARS` with 1009; unparsable or unknown messages get a ``Warning``.
+WebSocket faults (``ws_*``) are taken from ``faults`` once per flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket
+
+from .audio import synthesize
+from .faults import Fault, take
+from .validation import MAX_CHARS
+
+if TYPE_CHECKING:
+    from . import FakeDeepgram
+
+__all__ = ["WebSocketSession"]
+
+
+class WebSocketSession:
+    """One accepted WebSocket: a reader that parses client messages into ordered operations and a
+    writer that performs them, so a ``Clear`` can stop audio of earlier flushes mid-way."""
+
+    def __init__(
+        self, fake: FakeDeepgram, ws: WebSocket, encoding: str, rate: int, faults: deque[Fault]
+    ) -> None:
+        self.fake, self.ws, self.encoding, self.rate = fake, ws, encoding, rate
+        self.faults = faults
+        self.buffer: list[str] = []
+        self.generation = 0  # bumped by Clear; audio of older generations is dropped
+        self.woken = asyncio.Event()
+        self.ops: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.flush_times: deque[float] = deque()
+        self.flushed_seq = self.cleared_seq = 0
+
+    async def run(self) -> None:
+        """Serve the socket until the client leaves or either side closes it."""
+        writer = asyncio.create_task(self._write_loop())
+        try:
+            if await self._read_loop():  # the client sent Close: let the writer finish
+                await asyncio.wait({writer}, timeout=self.fake.stall_limit)
+        finally:
+            writer.cancel()
+            await asyncio.wait({writer})
+
+    async def _read_loop(self) -> bool:
+        """Turn client messages into ops; True when the writer should be let finish."""
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                self.woken.set()
+                return False
+            if message.get("text") is None:
+                self.ops.put_nowait(("close", (1003, "Binary messages are not accepted.")))
+                return True
+            try:
+                data = json.loads(message["text"])
+                kind = data["type"]
+            except (ValueError, TypeError, KeyError):
+                self.ops.put_nowait(("warn", ("Could not parse the message.", "INVALID_MESSAGE")))
+                continue
+            self.fake.ws_messages.append(data)
+            if kind == "Speak":
+                text = data.get("text")
+                if not isinstance(text, str) or len(text) > MAX_CHARS:
+                    self.ops.put_nowait(
+                        ("close", (1009, f"Speak text over {MAX_CHARS} characters."))
+                    )
+                    return True
+                self.buffer.append(text)
+            elif kind == "Flush":
+                self._flush()
+            elif kind == "Clear":
+                self.buffer.clear()
+                self.generation += 1
+                self.woken.set()
+                self.ops.put_nowait(("clear", None))
+            elif kind == "Close":
+                if self.buffer:
+                    self.ops.put_nowait(("flush", (self.generation, "".join(self.buffer))))
+                self.ops.put_nowait(("close", (1000, "")))
+                return True
+            else:
+                self.ops.put_nowait(
+                    ("warn", (f"Unknown message type {kind!r}.", "INVALID_MESSAGE"))
+                )
+
+    def _flush(self) -> None:
+        now = self.fake.clock()
+        while self.flush_times and now - self.flush_times[0] >= self.fake.flush_window:
+            self.flush_times.popleft()
+        if len(self.flush_times) >= self.fake.flush_limit:
+            description = (
+                f"Flush limit of {self.fake.flush_limit} per {self.fake.flush_window:g} s"
+                " reached; flush ignored."
+            )
+            self.ops.put_nowait(("warn", (description, "FLUSH_LIMIT")))
+            return
+        self.flush_times.append(now)
+        self.ops.put_nowait(("flush", (self.generation, "".join(self.buffer))))
+        self.buffer.clear()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                op, arg = await self.ops.get()
+                if op == "flush" and not await self._speak(*arg):
+                    return
+                if op == "clear":
+                    await self.ws.send_json({"type": "Cleared", "sequence_id": self.cleared_seq})
+                    self.cleared_seq += 1
+                elif op == "warn":
+                    await self.ws.send_json(
+                        {"type": "Warning", "description": arg[0], "code": arg[1]}
+                    )
+                elif op == "close":
+                    await self.ws.close(*arg)
+                    return
+        except Exception:  # the client went away mid-send: nothing left to do
+            return
+
+    async def _speak(self, generation: int, text: str) -> bool:
+        """Audio of one flush, then ``Flushed``. False when the socket was closed by a fault."""
+        if generation != self.generation:
+            return True
+        fake = self.fake
+        fake.arrivals[text] = fake.clock()
+        fault = take(self.faults, "ws_close", "ws_stall", "ws_warn", "ws_close_flushed")
+        if fault is not None and fault.kind == "ws_warn":
+            await self.ws.send_json(
+                {"type": "Warning", "description": fault.body.decode(), "code": fault.reason}
+            )
+        if fault is not None and fault.kind == "ws_stall":
+            self.woken.clear()
+            with contextlib.suppress(TimeoutError):  # (not wait_for: it can swallow a cancel)
+                async with asyncio.timeout(fake.stall_limit):
+                    await self.woken.wait()
+            return True
+        audio = synthesize(text, self.encoding, self.rate) if text.strip() else b""
+        closing = fault is not None and fault.kind == "ws_close"
+        limit = min(fault.n_bytes, len(audio)) if fault is not None and closing else len(audio)
+        await fake.sleep(fake.first_byte_delay)
+        fake.first_bytes[text] = fake.clock()
+        sent = 0
+        while sent < limit and generation == self.generation:
+            piece = audio[sent : min(sent + fake.chunk_size, limit)]
+            await self.ws.send_bytes(piece)
+            sent += len(piece)
+            if fake.bytes_per_second:
+                await fake.sleep(len(piece) / fake.bytes_per_second)
+        if generation != self.generation:
+            return True
+        if fault is not None and closing:
+            await self.ws.close(fault.code, fault.reason)
+            return False
+        await self.ws.send_json({"type": "Flushed", "sequence_id": self.flushed_seq})
+        self.flushed_seq += 1
+        if fault is not None and fault.kind == "ws_close_flushed":
+            await self.ws.close(fault.code, fault.reason)
+            return False
+        return True
