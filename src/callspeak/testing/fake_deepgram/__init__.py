@@ -42,11 +42,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from .audio import RAW_CONTENT_TYPES, SECONDS_PER_CHAR, synthesize
-from .faults import Fault, take
-from .rest_stream import AudioStream
-from .validation import MAX_CHARS, Reject, audio_params, check_auth_and_model
-from .websocket import WebSocketSession
+from callspeak.testing.fake_deepgram.audio import RAW_CONTENT_TYPES, SECONDS_PER_CHAR, synthesize
+from callspeak.testing.fake_deepgram.faults import Fault, take
+from callspeak.testing.fake_deepgram.rest_stream import AudioStream
+from callspeak.testing.fake_deepgram.validation import (
+    MAX_CHARS,
+    Reject,
+    audio_params,
+    check_auth_and_model,
+)
+from callspeak.testing.fake_deepgram.websocket import WebSocketSession
 
 __all__ = ["MAX_CHARS", "SECONDS_PER_CHAR", "FakeDeepgram", "RecordedRequest", "main", "synthesize"]
 

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .faults import Fault
+from callspeak.testing.fake_deepgram.faults import Fault
 
 if TYPE_CHECKING:
-    from . import FakeDeepgram
+    from callspeak.testing.fake_deepgram import FakeDeepgram
 
 __all__ = ["AudioStream"]
 

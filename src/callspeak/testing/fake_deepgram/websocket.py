@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.websockets import WebSocket
 
-from .audio import synthesize
-from .faults import Fault, take
-from .validation import MAX_CHARS
+from callspeak.testing.fake_deepgram.audio import synthesize
+from callspeak.testing.fake_deepgram.faults import Fault, take
+from callspeak.testing.fake_deepgram.validation import MAX_CHARS
 
 if TYPE_CHECKING:
-    from . import FakeDeepgram
+    from callspeak.testing.fake_deepgram import FakeDeepgram
 
 __all__ = ["WebSocketSession"]
 
