@@ -23,6 +23,8 @@ lint: $(STAMP)
 
 test: lint
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest --cov --cov-report=term:skip-covered
+	# again on uvloop, the loop `callspeak serve` runs on (its transports differ from asyncio's)
+	TEST_EVENT_LOOP=uvloop PYTHONASYNCIODEBUG=1 $(BIN)/pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python bench/time_to_first_audio.py

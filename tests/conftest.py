@@ -31,6 +31,18 @@ def _no_configuration_from_the_developer_environment(monkeypatch: pytest.MonkeyP
             monkeypatch.delenv(name)
 
 
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """asyncio's loop, or uvloop — the loop ``callspeak serve`` runs on — when
+    ``TEST_EVENT_LOOP=uvloop`` (``make test`` runs the socket-level tests both ways)."""
+    if os.environ.get("TEST_EVENT_LOOP") == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
 @pytest.fixture(scope="session")
 def piper() -> Iterator[PiperService]:
     """The real offline voice, started once and shared (apps do not close injected services)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 from callspeak import eventloop
@@ -19,3 +20,9 @@ def test_run_returns_the_result_on_the_chosen_loop() -> None:
 def test_uvloop_is_chosen_where_it_is_a_dependency() -> None:
     expected = "asyncio" if sys.platform == "win32" else "uvloop"
     assert eventloop.loop_name() == expected
+
+
+async def test_the_tests_run_on_the_loop_asked_for() -> None:
+    """``TEST_EVENT_LOOP=uvloop`` (conftest) puts the async tests on uvloop, as served."""
+    expected = "uvloop" if os.environ.get("TEST_EVENT_LOOP") == "uvloop" else "asyncio"
+    assert type(asyncio.get_running_loop()).__module__.split(".")[0] == expected
