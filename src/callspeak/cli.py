@@ -312,7 +312,7 @@ def uvicorn_options(settings: Settings, app: Any) -> dict[str, Any]:
     """The keyword arguments ``callspeak serve`` gives ``uvicorn.run`` for ``app`` (made by
     :func:`~callspeak.server.create_app` from ``settings``): address, logging, TLS, and the
     WebSocket protocol that serves ``/twilio`` without ASGI."""
-    from callspeak.media_socket import uvicorn_ws_protocol
+    from callspeak.uvicorn_ws import uvicorn_ws_protocol
 
     return {
         "host": settings.host,

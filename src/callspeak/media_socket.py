@@ -8,10 +8,9 @@ reading, and Starlette's bookkeeping. Here the bytes go from the socket into web
 Everything else about a stream — admission, the session, metrics, logs — is the code the ASGI
 route uses (``admit_stream`` and ``serve_stream`` in ``server.py``).
 
-:func:`uvicorn_ws_protocol` gives uvicorn (``ws=``) a protocol class for WebSocket upgrades.
-An upgrade to ``/twilio`` becomes a :class:`MediaSocket`; any other path goes to uvicorn's own
-``websockets-sansio`` protocol and the ASGI app, as if this module did not exist. The app still
-has its ``/twilio`` route, for other ASGI servers.
+``uvicorn_ws.py`` gives uvicorn (``ws=``) the protocol class that makes an upgrade to ``/twilio``
+a :class:`MediaSocket`. Whole masked data frames are unmasked by ``frame_reader.py``; every other
+frame goes to websockets whole. The app keeps its ASGI ``/twilio`` route for other servers.
 
 Contract of the socket, as the session sees it (:class:`~callspeak.session.Transport`):
 
@@ -33,8 +32,6 @@ dead peer sooner than a ping would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -46,12 +43,12 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from callspeak.forwarded import forwarded_client
 from callspeak.frame_reader import WHOLE_BINARY, WHOLE_TEXT, frame_at, unmask
-from callspeak.server import STREAM_PATH, AppState, Refusal, admit_stream, serve_stream
+from callspeak.server import Refusal
 from callspeak.session import TransportClosed
-from callspeak.signatures import SIGNATURE_HEADER
 
-__all__ = ["CLOSE_TIMEOUT", "INBOX_HIGH", "INBOX_LOW", "MediaSocket", "uvicorn_ws_protocol"]
+__all__ = ["CLOSE_TIMEOUT", "INBOX_HIGH", "INBOX_LOW", "MediaSocket"]
 
 log = logging.getLogger("callspeak.server")
 _uvicorn_log = logging.getLogger("uvicorn.error")
@@ -392,130 +389,3 @@ class MediaSocket(asyncio.Protocol):
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
-
-
-def trusted_proxies(allowed: str | list[str] | None) -> Callable[[str], bool]:
-    """uvicorn's ``forwarded_allow_ips`` (addresses, networks or ``*``) as a test of a host."""
-    items = allowed.split(",") if isinstance(allowed, str) else list(allowed or [])
-    names = {item.strip() for item in items if item.strip()}
-    if "*" in names:
-        return lambda host: True
-    networks = []
-    for name in names:
-        with contextlib.suppress(ValueError):
-            networks.append(ipaddress.ip_network(name, strict=False))
-
-    def trusted(host: str) -> bool:
-        if host in names:
-            return True
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in networks)
-
-    return trusted
-
-
-def forwarded_client(header: str, trusted: Callable[[str], bool]) -> str:
-    """The client an ``X-Forwarded-For`` chain names: the nearest hop that is not a trusted
-    proxy (the first one if all are), as uvicorn's proxy-headers middleware picks it."""
-    hosts = [host.strip() for host in header.split(",") if host.strip()]
-    for host in reversed(hosts):
-        if not trusted(host):
-            return host
-    return hosts[0] if hosts else "unknown client"
-
-
-class _Upgrade(asyncio.Protocol):
-    """Reads the upgrade request uvicorn hands over, then passes the connection on for good:
-    ``/twilio`` to a :class:`MediaSocket`, any other path to uvicorn's own WebSocket protocol
-    (and so to the ASGI app)."""
-
-    # Set on the subclass uvicorn_ws_protocol makes:
-    state: AppState
-    close_timeout: float
-
-    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any]) -> None:
-        self._config, self._server_state, self._app_state = config, server_state, app_state
-        self._target: asyncio.Protocol | None = None
-        self._transport: asyncio.BaseTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        if self._target is None:
-            assert self._transport is not None
-            self._target = self._choose(data)
-            self._target.connection_made(self._transport)
-        self._target.data_received(data)
-
-    def _choose(self, request: bytes) -> asyncio.Protocol:
-        # uvicorn hands over the whole request, re-serialized: "GET /path?query HTTP/1.1\r\n…".
-        target = request.split(b" ", 2)[1] if request.count(b" ", 0, 2048) >= 2 else b""
-        if target.partition(b"?")[0] == STREAM_PATH.encode():
-            state = self.state
-
-            def admit(request: Request, client: str) -> Refusal | None:
-                return admit_stream(state, request.headers.get(SIGNATURE_HEADER), client)
-
-            async def serve(socket: MediaSocket) -> None:
-                try:
-                    await serve_stream(state, socket)
-                except Exception:  # a bug; through ASGI, uvicorn would log it
-                    log.exception("media stream from %s failed", socket.client)
-                    await socket.close(1011, "internal error")
-                finally:
-                    state.calls.release()
-
-            return MediaSocket(
-                admit,
-                serve,
-                max_size=self._config.ws_max_size,
-                connections=self._server_state.connections,
-                tasks=self._server_state.tasks,
-                default_headers=self._server_state.default_headers,
-                close_timeout=self.close_timeout,
-                trusted_proxy=(
-                    trusted_proxies(self._config.forwarded_allow_ips)
-                    if self._config.proxy_headers
-                    else None
-                ),
-            )
-        from uvicorn.protocols.websockets.websockets_sansio_impl import (
-            WebSocketsSansIOProtocol,
-        )
-
-        return WebSocketsSansIOProtocol(
-            config=self._config, server_state=self._server_state, app_state=self._app_state
-        )
-
-    # Everything else goes to the chosen protocol.
-    def eof_received(self) -> bool | None:
-        return self._target.eof_received() if self._target is not None else None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._target is not None:
-            self._target.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self._target is not None:
-            self._target.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._target is not None:
-            self._target.resume_writing()
-
-
-def uvicorn_ws_protocol(
-    app: Any, *, close_timeout: float = CLOSE_TIMEOUT
-) -> type[asyncio.Protocol]:
-    """The class to give uvicorn as ``ws=`` for an app made by
-    :func:`~callspeak.server.create_app`: ``/twilio`` served natively, every other WebSocket
-    path by uvicorn's ``websockets-sansio`` protocol."""
-    state = getattr(getattr(app, "state", None), "callspeak", None)
-    if not isinstance(state, AppState):
-        raise TypeError("uvicorn_ws_protocol needs an app made by callspeak.server.create_app")
-    attributes = {"state": state, "close_timeout": close_timeout}
-    return type("CallspeakUpgrade", (_Upgrade,), attributes)

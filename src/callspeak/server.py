@@ -1,8 +1,8 @@
 """The callspeak server: Twilio's Media Stream WebSocket, its TwiML webhook, health and metrics.
 
 One process serves HTTP and WebSocket together (Starlette on uvicorn). ``callspeak serve`` answers
-``/twilio`` without ASGI (``media_socket.py``: the socket feeds websockets' sans-I/O protocol and
-the call directly); the app's own ``/twilio`` route serves it on any other ASGI server, with the
+``/twilio`` without ASGI (``uvicorn_ws.py`` and ``media_socket.py``: the socket feeds websockets'
+sans-I/O protocol and the call directly); the app's own ``/twilio`` route serves it on any other ASGI server, with the
 same admission and session (:func:`admit_stream`, :func:`serve_stream`). ``create_app`` takes the
 settings and, optionally, a ready TTS service, metrics and clock, so tests and embedders inject
 their own. Routes:
