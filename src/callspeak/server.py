@@ -2,10 +2,10 @@
 
 One process serves HTTP and WebSocket together (Starlette on uvicorn). ``callspeak serve`` answers
 ``/twilio`` without ASGI (``uvicorn_ws.py`` and ``media_socket.py``: the socket feeds websockets'
-sans-I/O protocol and the call directly); the app's own ``/twilio`` route serves it on any other ASGI server, with the
-same admission and session (:func:`admit_stream`, :func:`serve_stream`). ``create_app`` takes the
-settings and, optionally, a ready TTS service, metrics and clock, so tests and embedders inject
-their own. Routes:
+sans-I/O protocol and the call directly); the app's own ``/twilio`` route serves it on any other
+ASGI server, with the same admission and session (:func:`admit_stream`, :func:`serve_stream`).
+``create_app`` takes the settings and, optionally, a ready TTS service, metrics and clock, so tests
+and embedders inject their own. Routes:
 
 * ``WS /twilio`` — one Twilio bidirectional Media Stream per connection (see ``session.py``).
 * ``POST /voice`` — TwiML for an incoming call: optional ``<Say>``, then
