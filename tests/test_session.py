@@ -413,3 +413,88 @@ async def test_admission_refused_at_start_closes_with_1008_and_speaks_nothing() 
     assert h.session.closed_because == "no token"
     assert h.transport.sent == [] and h.types() == []
     assert h.metrics.registry.get_sample_value("callspeak_calls_started_total") == 0
+
+
+async def loop_iterations_until_asked(provider: FakeProvider, limit: int = 10) -> int:
+    """How many event-loop iterations pass before ``provider`` is asked for a text."""
+    for n in range(limit):
+        if provider.texts:
+            return n
+        await asyncio.sleep(0)
+    return limit
+
+
+async def test_speech_for_an_idle_call_is_asked_for_before_the_speaker_runs() -> None:
+    """say() on a call with nothing to speak starts synthesis itself: the voice is asked in
+    the next loop iteration, not after the speaker's and the utterance's task switches (three
+    iterations, each tens of milliseconds on a server busy with hundreds of calls)."""
+    provider = FakeProvider(chunk=160)
+    async with Harness(provider, greeting=None) as h:
+        h.transport.push(start_json())
+        await h.session.wait_started()
+        await asyncio.sleep(0.01)  # the speaker waits for speech
+        utterance = h.session.say("Right away.")
+        assert await loop_iterations_until_asked(provider) == 1
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        assert h.audio()[: len(tone_for("Right away."))] == tone_for("Right away.")
+        h.transport.push(echo("g0.u1.s0"))
+        assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.PLAYED
+    assert provider.texts == ["Right away."]  # asked once: the speaker took over that synthesis
+
+
+async def test_clear_before_the_speaker_takes_early_speech_stops_it_unasked() -> None:
+    provider = FakeProvider(chunk=160)
+    async with Harness(provider, greeting=None) as h:
+        h.transport.push(start_json())
+        await h.session.wait_started()
+        await asyncio.sleep(0.01)
+        utterance = h.session.say("Never heard.")
+        assert await h.session.clear() == [utterance]
+        await asyncio.sleep(0.05)
+        assert utterance.status is SpeechStatus.CANCELLED  # stopped before any of it played
+        assert provider.texts == []  # its synthesis was cancelled before it began
+        assert [type(m) for m in h.transport.messages()] == [Clear]
+        h.session.say("Next.")  # the call goes on
+        await h.transport.wait_for(lambda ms: isinstance(ms[-1], OutboundMark))
+        assert h.marks() == ["g1.u2.s0"]
+
+
+async def test_kept_speech_whose_early_synthesis_a_clear_dropped_is_spoken_whole() -> None:
+    """A barge-in clear spares non-interruptible speech, but the voice's own clear may drop
+    what it was synthesising (one Deepgram socket per call): such speech is made afresh."""
+    provider = FakeProvider(chunk=160)
+    async with Harness(provider, greeting=None) as h:
+        h.transport.push(start_json())
+        await h.session.wait_started()
+        await asyncio.sleep(0.01)
+        legal = h.session.say("Legal notice.", interruptible=False)
+        chat = h.session.say("Chatter.")
+        await asyncio.sleep(0)  # the early synthesis asks; the speaker picks the notice
+        assert provider.texts == ["Legal notice."]
+        assert await h.session.clear(only_interruptible=True) == [chat]
+        assert provider.cleared == 1
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        assert provider.texts == ["Legal notice.", "Legal notice."]
+        assert h.marks() == ["g1.u1.s0"]
+        sent = h.transport.messages()
+        assert isinstance(sent[0], Clear)  # nothing of the notice went out before the clear
+        assert h.audio()[: len(tone_for("Legal notice."))] == tone_for("Legal notice.")
+        h.transport.push(echo("g1.u1.s0"))
+        assert await asyncio.wait_for(legal.wait(), 5) is SpeechStatus.PLAYED
+    assert chat.status is SpeechStatus.CANCELLED
+
+
+async def test_a_call_ending_during_early_synthesis_cancels_it_and_closes_the_voice() -> None:
+    provider = FakeProvider(first_delay=5.0)
+    async with Harness(provider, greeting=None) as h:
+        h.transport.push(start_json())
+        await h.session.wait_started()
+        await asyncio.sleep(0.01)
+        utterance = h.session.say("Too slow.")
+        await asyncio.sleep(0.01)
+        assert provider.texts == ["Too slow."]
+        h.transport.push(Stop(9, SID, AccountSid("AC1"), CallSid("CAtest")).to_json())
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+    assert provider.cancelled == 1 and provider.closed
+    assert utterance.status is SpeechStatus.CANCELLED

@@ -5,10 +5,29 @@ from __future__ import annotations
 
 import asyncio
 
-from callspeak.protocol import AccountSid, CallSid, Clear, Dtmf, Media, OutboundMark, Stop
+from callspeak.call_state import Phase
+from callspeak.protocol import (
+    AccountSid,
+    CallSid,
+    Clear,
+    Connected,
+    Dtmf,
+    Media,
+    OutboundMark,
+    Stop,
+)
+from callspeak.session import CallSession
 from callspeak.speech import SpeechStatus
 from tests.fakes import DirectTransport, FakeProvider, FakeTransport
-from tests.test_session import SID, Harness, MarkerDetector, caller_speaks, echo, start_json
+from tests.test_session import (
+    SID,
+    Harness,
+    MarkerDetector,
+    caller_speaks,
+    echo,
+    loop_iterations_until_asked,
+    start_json,
+)
 
 
 class DirectHarness(Harness):
@@ -79,3 +98,34 @@ async def test_a_barge_in_that_fails_on_the_direct_path_ends_the_call_as_inline(
         assert h.task is not None
         await asyncio.wait_for(h.task, 5)
     assert h.transport.closed == (1011, "internal error")
+
+
+async def test_the_opening_is_handled_as_it_arrives_and_asks_the_voice_at_once() -> None:
+    """connected and start are handled in the socket's callback, like media: the greeting is
+    asked for one loop iteration later (through the reader task it took four)."""
+    transport, provider = DirectTransport(), FakeProvider(chunk=160)
+    session = CallSession(transport, provider, greeting="Hello there.")
+    task = asyncio.create_task(session.run())
+    await asyncio.sleep(0.01)  # the reader waits
+    transport.push(Connected("Call", "1.0.0").to_json())
+    transport.push(start_json())
+    assert transport.direct == 2
+    assert session.phase is Phase.STREAMING and session.call_sid == "CAtest"
+    assert await loop_iterations_until_asked(provider) == 1
+    await transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+    transport.push(start_json())  # a second start: refused there too, and counted
+    assert transport.direct == 3 and session.rejected == 1
+    transport.push(None)
+    await asyncio.wait_for(task, 5)
+
+
+async def test_a_start_that_admission_judges_is_left_to_the_reader() -> None:
+    transport, provider = DirectTransport(), FakeProvider(chunk=160)
+    session = CallSession(transport, provider, greeting="Hi.", admit=lambda start: None)
+    task = asyncio.create_task(session.run())
+    await asyncio.sleep(0.01)
+    transport.push(start_json())
+    assert transport.direct == 0
+    await transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+    transport.push(None)
+    await asyncio.wait_for(task, 5)

@@ -48,6 +48,7 @@ from callspeak.events import CallEventRecord, EventListener, EventType
 from callspeak.metrics import Metrics
 from callspeak.pacing import Pacer
 from callspeak.protocol import (
+    Connected,
     Mark,
     Media,
     ProtocolError,
@@ -139,6 +140,10 @@ class TextTooLong(ValueError):
 _END_OF_UTTERANCE = -1
 _FAILED = -2
 
+#: One utterance's audio on its way: frames (index, frame; (index, None) ends a sentence) and
+#: the producer task filling them.
+_Production = tuple[asyncio.Queue[tuple[int, bytes | None]], "asyncio.Task[None]"]
+
 
 class CallSession:
     def __init__(
@@ -182,6 +187,10 @@ class CallSession:
         self._current: Utterance | None = None
         self._current_task: asyncio.Task[None] | None = None
         self._speaker: asyncio.Task[None] | None = None
+        #: The next utterance, already being synthesised: started by say() when the call had
+        #: nothing to speak, so the voice is asked at once rather than after the speaker's
+        #: task switches. The speaker adopts it; clear() and the end of the call cancel it.
+        self._early: tuple[Utterance, _Production] | None = None
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._started = asyncio.Event()
@@ -267,6 +276,13 @@ class CallSession:
                 f"{MAX_QUEUED_UTTERANCES} utterances are already waiting in this call"
             ) from None
         self._utterances[utterance.id] = utterance
+        if (
+            self._speaker is not None
+            and self._current is None
+            and self._early is None
+            and self._queue.qsize() == 1
+        ):
+            self._early = (utterance, self._begin(utterance))
         return utterance
 
     async def clear(
@@ -293,6 +309,9 @@ class CallSession:
             queued = self._queue.get_nowait()
             if queued not in stopped:
                 kept.append(queued)
+        # Even when its utterance is kept: the voice's clear below may drop what it was making
+        # (one Deepgram socket per call); the speaker makes it afresh when it gets there.
+        await self._drop_early()
         task = self._current_task
         if task is not None and not task.done() and self._current in stopped:
             task.cancel()
@@ -391,8 +410,9 @@ class CallSession:
 
     def _handle_now(self, message: str | bytes) -> bool:
         """Handle ``message`` at once if it is media or a mark (all but a few messages of a
-        call); anything else, or anything while a barge-in clear is still running, is left for
-        the reader (False). See :class:`DirectDelivery` for when a transport calls this."""
+        call), ``connected``, or a ``start`` that needs no admission; anything else, or
+        anything while a barge-in clear is still running, is left for the reader (False). See
+        :class:`DirectDelivery` for when a transport calls this."""
         if self._followup is not None or type(message) is not str:
             return False
         if len(message) > self._max_message_bytes:
@@ -401,7 +421,21 @@ class CallSession:
             parsed = parse_message(message)
         except ProtocolError:
             return False  # the reader logs and counts it
-        if type(parsed) is not Media and type(parsed) is not Mark:
+        kind = type(parsed)
+        if kind is Connected or (kind is Start and self._admit is None):
+            # The call's opening, here too: its first words are asked for in the callback that
+            # read its start rather than a loop iteration later, when the reader would run —
+            # and when hundreds of calls arrive together, one iteration is tens of
+            # milliseconds. (A start that admission judges is the reader's: a refusal closes
+            # the socket and ends the call.)
+            self._last_inbound = self._clock.now()
+            opened = self._state.receive(parsed)
+            if isinstance(opened, Started):
+                self._on_start(opened.start)
+            elif isinstance(opened, Rejected):
+                self._reject(opened.reason, opened.event)
+            return True
+        if kind is not Media and kind is not Mark:
             return False
         self._last_inbound = self._clock.now()
         event = self._state.receive(parsed)
@@ -550,6 +584,7 @@ class CallSession:
         while True:
             utterance = await self._queue.get()
             if utterance.status.final:
+                await self._drop_early()
                 continue
             self._current = utterance
             task = asyncio.create_task(self._speak(utterance))
@@ -576,10 +611,32 @@ class CallSession:
                 utterance.finish(SpeechStatus.FAILED, error=str(exc))
                 self._emit("speech.failed", utterance=utterance.id, error=str(exc))
 
+    def _begin(self, utterance: Utterance) -> _Production:
+        """Start synthesising ``utterance`` into a frame queue of its own."""
+        frames: asyncio.Queue[tuple[int, bytes | None]] = asyncio.Queue(FRAME_BUFFER)
+        return frames, asyncio.create_task(self._produce(utterance, frames), name="producer")
+
+    async def _drop_early(self) -> None:
+        """Cancel the early producer, if there is one, and wait for it to end."""
+        early, self._early = self._early, None
+        if early is None:
+            return
+        producer = early[1][1]
+        producer.cancel()
+        try:
+            await producer
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # a bug: logged as a failed utterance is, not raised here
+            log.error("synthesis of utterance %d failed: %r", early[0].id, exc, extra=self._ids())
+
     async def _speak(self, utterance: Utterance) -> None:
         utterance.status = SpeechStatus.SPEAKING
-        frames: asyncio.Queue[tuple[int, bytes | None]] = asyncio.Queue(FRAME_BUFFER)
-        producer = asyncio.create_task(self._produce(utterance, frames))
+        if self._early is not None and self._early[0] is utterance:
+            (_, (frames, producer)), self._early = self._early, None
+        else:
+            await self._drop_early()  # another's (clear() drops it first, so never in practice)
+            frames, producer = self._begin(utterance)
         try:
             await self._send_frames(utterance, frames)
         finally:
@@ -697,6 +754,7 @@ class CallSession:
             speaker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await speaker
+        await self._drop_early()
         for utterance in self._utterances.values():
             utterance.finish(SpeechStatus.CANCELLED)
         await self._provider.aclose()
