@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -415,10 +415,10 @@ async def test_admission_refused_at_start_closes_with_1008_and_speaks_nothing() 
     assert h.metrics.registry.get_sample_value("callspeak_calls_started_total") == 0
 
 
-async def loop_iterations_until_asked(provider: FakeProvider, limit: int = 10) -> int:
-    """How many event-loop iterations pass before ``provider`` is asked for a text."""
+async def loop_iterations_until(done: Callable[[], bool], limit: int = 10) -> int:
+    """How many event-loop iterations pass before ``done()`` holds (``limit`` if never)."""
     for n in range(limit):
-        if provider.texts:
+        if done():
             return n
         await asyncio.sleep(0)
     return limit
@@ -434,7 +434,7 @@ async def test_speech_for_an_idle_call_is_asked_for_before_the_speaker_runs() ->
         await h.session.wait_started()
         await asyncio.sleep(0.01)  # the speaker waits for speech
         utterance = h.session.say("Right away.")
-        assert await loop_iterations_until_asked(provider) == 1
+        assert await loop_iterations_until(lambda: bool(provider.texts)) == 1
         await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
         assert h.audio()[: len(tone_for("Right away."))] == tone_for("Right away.")
         h.transport.push(echo("g0.u1.s0"))
@@ -498,3 +498,62 @@ async def test_a_call_ending_during_early_synthesis_cancels_it_and_closes_the_vo
         await asyncio.wait_for(h.task, 5)
     assert provider.cancelled == 1 and provider.closed
     assert utterance.status is SpeechStatus.CANCELLED
+
+
+class GatedProvider(FakeProvider):
+    """Yields its audio (in ``chunk``-byte pieces) only once ``gate`` is set."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.gate = asyncio.Event()
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        self.texts.append(text)
+        await self.gate.wait()
+        audio = tone_for(text, self.seconds_per_char)
+        for i in range(0, len(audio), self.chunk):
+            yield audio[i : i + self.chunk]
+
+
+def media_sizes(h: Harness) -> list[int]:
+    """Frames in each media message sent so far."""
+    return [len(m.payload) // 160 for m in h.transport.messages() if isinstance(m, OutboundMedia)]
+
+
+async def test_first_audio_goes_out_in_the_step_that_received_it() -> None:
+    """The sender waits for the first audio; the producer sends it itself instead of waking
+    the sender, which would take one more loop iteration."""
+    provider = GatedProvider(chunk=333)
+    async with Harness(provider, greeting=None) as h:
+        h.transport.push(start_json())
+        await h.session.wait_started()
+        utterance = h.session.say("Hello there, caller.")
+        await asyncio.sleep(0.01)  # asked, and the sender waits
+        assert provider.texts == ["Hello there, caller."] and media_sizes(h) == []
+        provider.gate.set()
+        # One iteration: the producer's own wake-up; the sender's would be a second.
+        assert await loop_iterations_until(lambda: bool(media_sizes(h))) == 1
+        # 333-byte chunks: two whole frames each (odd bytes carried over), until the caller
+        # has 100 ms to play; the rest waits for the sender.
+        assert media_sizes(h) == [2, 2, 2]
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        audio = tone_for("Hello there, caller.")
+        assert h.audio()[: len(audio)] == audio  # in order, nothing lost or doubled
+        assert utterance.first_audio_at is not None
+
+
+async def test_audio_sent_straight_away_stops_once_the_caller_has_a_message_to_play() -> None:
+    provider = GatedProvider(chunk=320)  # two frames a chunk, all at once
+    async with Harness(provider, greeting="x" * 150) as h:  # 1.5 s of audio
+        h.transport.push(start_json())
+        await asyncio.sleep(0.01)
+        provider.gate.set()
+        await h.transport.wait_for(lambda ms: len(ms) >= 8)
+        sizes = media_sizes(h)
+        # 40, 80, 120 ms ahead: then the lead holds a message's worth (100 ms), and the
+        # sender takes over with full messages of five frames.
+        assert sizes[:3] == [2, 2, 2]
+        assert sizes[3:7] == [5, 5, 5, 5]
+

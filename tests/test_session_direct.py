@@ -25,7 +25,7 @@ from tests.test_session import (
     MarkerDetector,
     caller_speaks,
     echo,
-    loop_iterations_until_asked,
+    loop_iterations_until,
     start_json,
 )
 
@@ -111,7 +111,7 @@ async def test_the_opening_is_handled_as_it_arrives_and_asks_the_voice_at_once()
     transport.push(start_json())
     assert transport.direct == 2
     assert session.phase is Phase.STREAMING and session.call_sid == "CAtest"
-    assert await loop_iterations_until_asked(provider) == 1
+    assert await loop_iterations_until(lambda: bool(provider.texts)) == 1
     await transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
     transport.push(start_json())  # a second start: refused there too, and counted
     assert transport.direct == 3 and session.rejected == 1

@@ -191,6 +191,9 @@ class CallSession:
         #: nothing to speak, so the voice is asked at once rather than after the speaker's
         #: task switches. The speaker adopts it; clear() and the end of the call cancel it.
         self._early: tuple[Utterance, _Production] | None = None
+        #: The frame queue the sender is waiting on while it is empty and nothing is pending:
+        #: audio for it may be sent by its producer at once (see _produce).
+        self._sender_waits_on: asyncio.Queue[tuple[int, bytes | None]] | None = None
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._started = asyncio.Event()
@@ -658,7 +661,13 @@ class CallSession:
                 stream = self._provider.stream(sentence, continuation=index > 0, ahead=ahead)
                 try:
                     async for chunk in stream:
-                        for frame in converter.push(chunk):
+                        ready = converter.push(chunk)
+                        if ready and self._sender_waits_on is frames and frames.empty():
+                            # The sender is idle, waiting for exactly this audio: sent from
+                            # here it leaves a loop iteration sooner than the sender would wake
+                            # to it — the first audio of an utterance, above all.
+                            ready = await self._send_now(utterance, index, ready)
+                        for frame in ready:
                             await frames.put((index, frame))
                 finally:
                     await aclose_stream(stream)
@@ -673,14 +682,38 @@ class CallSession:
             return
         await frames.put((_END_OF_UTTERANCE, None))
 
+    async def _send_now(self, utterance: Utterance, index: int, ready: list[bytes]) -> list[bytes]:
+        """Send ``ready`` (frames of sentence ``index``) in one message, as far as the lead has
+        room — but only while the caller has less than a message's worth left to play (the
+        first audio of an utterance, or after a gap): otherwise a loop iteration is no loss, and
+        the sender's fuller messages are cheaper. Returns what is left, for the frame queue."""
+        now, room = self._clock.now(), 0
+        if self._pacer.lead(now) >= FRAME_SECONDS * MAX_FRAMES_PER_MESSAGE:
+            return ready
+        while room < min(len(ready), MAX_FRAMES_PER_MESSAGE) and (
+            self._pacer.delay(now, FRAME_SECONDS * (room + 1)) == 0
+        ):
+            room += 1
+        if room:
+            await self._send_audio(utterance, index, ready[:room], now)
+        return ready[room:]
+
     async def _send_frames(
         self, utterance: Utterance, frames: asyncio.Queue[tuple[int, bytes | None]]
     ) -> None:
-        stream_sid = StreamSid(self.stream_sid)
         clock, pacer = self._clock, self._pacer
         pending: tuple[int, bytes | None] | None = None
         while True:
-            index, frame = pending if pending is not None else await frames.get()
+            if pending is not None:
+                index, frame = pending
+            elif not frames.empty():
+                index, frame = frames.get_nowait()
+            else:
+                self._sender_waits_on = frames
+                try:
+                    index, frame = await frames.get()
+                finally:
+                    self._sender_waits_on = None
             pending = None
             if frame is None:
                 if index == _END_OF_UTTERANCE:
@@ -689,7 +722,7 @@ class CallSession:
                     raise RuntimeError(utterance.error or "text-to-speech failed")
                 name = mark_name(self._generation, utterance.id, index)
                 self._state.mark_sent(name)
-                await self._send(encode_mark(stream_sid, name))
+                await self._send(encode_mark(StreamSid(self.stream_sid), name))
                 continue
             now = clock.now()
             # Frames go out MAX_FRAMES_PER_MESSAGE at a time (100 ms of audio a message) once
@@ -709,16 +742,24 @@ class CallSession:
                     pending = nxt
                     break
                 batch.append(nxt[1])
-            seconds = FRAME_SECONDS * len(batch)
-            if utterance.play_starts[index] is None:
-                utterance.play_starts[index] = now + pacer.lead(now)
-            await self._send(encode_media(stream_sid, b"".join(batch)))
-            pacer.sent(now, seconds)
-            utterance.sent_seconds[index] += seconds
-            self.frames_sent += len(batch)
-            self._metrics.frames_sent.inc(len(batch))
-            if utterance.first_audio_at is None:
-                self._first_audio(utterance, now)
+            await self._send_audio(utterance, index, batch, now)
+
+    async def _send_audio(
+        self, utterance: Utterance, index: int, batch: list[bytes], now: float
+    ) -> None:
+        """Send ``batch`` (frames of sentence ``index``) as one media message at ``now``, and
+        account for it: the lead, the sentence's play start and length, the counters."""
+        seconds = FRAME_SECONDS * len(batch)
+        pacer = self._pacer
+        if utterance.play_starts[index] is None:
+            utterance.play_starts[index] = now + pacer.lead(now)
+        await self._send(encode_media(StreamSid(self.stream_sid), b"".join(batch)))
+        pacer.sent(now, seconds)
+        utterance.sent_seconds[index] += seconds
+        self.frames_sent += len(batch)
+        self._metrics.frames_sent.inc(len(batch))
+        if utterance.first_audio_at is None:
+            self._first_audio(utterance, now)
 
     def _first_audio(self, utterance: Utterance, now: float) -> None:
         utterance.first_audio_at = now
