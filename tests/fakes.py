@@ -110,6 +110,7 @@ class FakeProvider:
         self.continuations: list[bool] = []
         self.aheads: list[float] = []
         self.cleared = 0
+        self.warmed = 0
         self.closed = False
         self.cancelled = 0
 
@@ -140,6 +141,9 @@ class FakeProvider:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+
+    def warm_up(self) -> None:
+        self.warmed += 1
 
     async def clear(self) -> None:
         self.cleared += 1

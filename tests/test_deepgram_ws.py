@@ -253,3 +253,85 @@ async def test_injected_connect_and_service_aclose(ws_url: str, fake: FakeDeepgr
     await service.aclose()
     with pytest.raises(TTSError, match="closed"):
         await collect(provider.stream("Hi."))
+
+
+async def test_warm_up_opens_the_socket_the_first_utterance_then_uses(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    connected = asyncio.Event()
+
+    async def noting_connect(url: str, **kwargs: Any) -> ClientConnection:
+        ws = await connect(url, **kwargs)
+        connected.set()
+        return ws
+
+    provider = make(ws_url, connect=noting_connect).open()
+    provider.warm_up()
+    provider.warm_up()  # idempotent: one connect
+    await asyncio.wait_for(connected.wait(), 5)  # open before anything is said
+    assert fake.ws_connections == 1 and fake.ws_messages == []
+    assert await collect(provider.stream("Hello there.")) == fake.audio_for("Hello there.")
+    provider.warm_up()  # a socket is open: nothing to do
+    assert await collect(provider.stream("Again.")) == fake.audio_for("Again.")
+    assert fake.ws_connections == 1
+    await provider.aclose()
+
+
+async def test_a_stream_waits_for_a_warm_up_still_connecting(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    opened = asyncio.Event()
+    go = asyncio.Event()
+
+    async def slow_connect(url: str, **kwargs: Any) -> ClientConnection:
+        opened.set()
+        await go.wait()
+        return await connect(url, **kwargs)
+
+    provider = make(ws_url, connect=slow_connect).open()
+    provider.warm_up()
+    await asyncio.wait_for(opened.wait(), 5)
+    speaking = asyncio.create_task(collect(provider.stream("Hi.")))
+    await asyncio.sleep(0.05)
+    assert not speaking.done() and fake.ws_connections == 0
+    go.set()
+    assert await speaking == fake.audio_for("Hi.")
+    assert fake.ws_connections == 1  # the warm-up's socket, not a second one
+    await provider.aclose()
+
+
+async def test_a_warm_up_refused_for_credentials_fails_the_first_stream_only_once(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    service = make(ws_url, key="wrong", max_reconnects=5)
+    provider = service.open()
+    provider.warm_up()
+    with pytest.raises(TTSAuthError) as info:
+        await collect(provider.stream("Hi."))
+    assert info.value.status == 401 and "DEEPGRAM_API_KEY" in str(info.value)
+    assert not service.healthy and fake.ws_connections == 1  # no reconnect loop
+    other = service.open()
+    other.warm_up()  # the credentials are known bad: no attempt at all
+    with pytest.raises(TTSAuthError):
+        await collect(other.stream("Hi."))
+    assert fake.ws_connections == 1
+    await provider.aclose()
+    await other.aclose()
+
+
+async def test_closing_during_a_warm_up_stops_it(ws_url: str, fake: FakeDeepgram) -> None:
+    started = asyncio.Event()
+
+    async def hanging_connect(url: str, **kwargs: Any) -> ClientConnection:
+        started.set()
+        await asyncio.Event().wait()  # a handshake that never completes
+        raise AssertionError("unreachable")
+
+    provider = make(ws_url, connect=hanging_connect).open()
+    provider.warm_up()
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.wait_for(provider.aclose(), 2)
+    provider.warm_up()  # closed: no new connect
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "deepgram-ws-connect"] == []
+    with pytest.raises(TTSError, match="closed"):
+        await collect(provider.stream("Hi."))

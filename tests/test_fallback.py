@@ -248,3 +248,13 @@ async def test_refused_credentials_make_health_degraded_and_name_the_setting(
     assert tone_for(TEXT) in bytes(report.played)
     assert health["status"] == "degraded" and health["voice"] == "deepgram > backup"
     assert "DEEPGRAM_API_KEY" in caplog.text
+
+
+async def test_warm_up_reaches_the_first_healthy_voice_only() -> None:
+    primary, backup = FakeService("primary"), FakeService("backup")
+    chain = FallbackService([primary, backup], apology=b"sorry")
+    chain.open().warm_up()
+    assert [p.warmed for p in primary.providers + backup.providers] == [1, 0]
+    primary.healthy = False  # e.g. Deepgram refused the key: the next voice is the one used
+    chain.open().warm_up()
+    assert [p.warmed for p in primary.providers + backup.providers] == [1, 0, 0, 1]

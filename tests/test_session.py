@@ -557,3 +557,12 @@ async def test_audio_sent_straight_away_stops_once_the_caller_has_a_message_to_p
         assert sizes[:3] == [2, 2, 2]
         assert sizes[3:7] == [5, 5, 5, 5]
 
+
+async def test_the_voice_warms_up_as_the_stream_opens_before_start() -> None:
+    provider = FakeProvider()
+    async with Harness(provider) as h:
+        await asyncio.sleep(0)  # run() has begun; connected is not even read yet
+        assert provider.warmed == 1 and h.session.start is None
+        h.transport.push(start_json())
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+    assert provider.warmed == 1

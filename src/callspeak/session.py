@@ -366,6 +366,9 @@ class CallSession:
     async def run(self) -> None:
         """Serve the call until ``stop``, the socket closes, the idle timeout or a refusal at
         ``start``; then release everything."""
+        # The voice opens its connection (if it keeps one per call) while Twilio is still
+        # sending connected and start, not after start has arrived.
+        self._provider.warm_up()
         # The reader runs in its own task so the idle watchdog can end a receive that a dead peer
         # would leave pending until TCP gives up.
         reader = asyncio.create_task(self._read_loop(), name="media-reader")

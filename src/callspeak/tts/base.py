@@ -96,12 +96,20 @@ class TTSProvider(Protocol):
         """
         ...
 
+    def warm_up(self) -> None:
+        """Get ready to speak without waiting: open what the first :meth:`stream` would
+        otherwise open itself (a connection), in the background. Called once the call's stream
+        is accepted, before its ``start``; idempotent; a no-op for engines with nothing per
+        call to open. A failure is reported by the first :meth:`stream`, as if it had happened
+        there."""
+        ...
+
     async def clear(self) -> None:
         """Drop any text and audio in flight (the caller barged in). A no-op where nothing is."""
         ...
 
     async def aclose(self) -> None:
-        """Release what this call holds. Idempotent."""
+        """Release what this call holds (and stop a warm-up under way). Idempotent."""
         ...
 
 

@@ -184,6 +184,9 @@ class DeepgramRestProvider:
                 async for audio in audio_chunks:
                     yield audio
 
+    def warm_up(self) -> None:
+        """Nothing per call: connections are pooled by the service for the whole process."""
+
     async def clear(self) -> None:
         """Nothing to drop: requests are per text and end when their iterator is closed."""
 

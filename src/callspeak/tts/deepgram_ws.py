@@ -6,7 +6,10 @@ https://developers.deepgram.com/docs/tts-websocket — client sends ``Speak`` (�
 
 Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.base`):
 
-* The socket (``encoding=mulaw&sample_rate=8000``) opens lazily on the first ``stream()``.
+* The socket (``encoding=mulaw&sample_rate=8000``) opens on the first ``stream()``, or earlier
+  with ``warm_up()``: the session calls it as the call's stream is accepted, so Deepgram's
+  handshake (TCP, TLS, upgrade) runs while Twilio is still sending ``start``. The first
+  ``stream()`` waits for that connect and raises what it raised.
 * ``stream(text)`` sends the text as ≤2000-character ``Speak`` messages and one ``Flush``, then
   yields audio until ``Flushed``. No audio and no ``Flushed`` for ``receive_timeout`` s → the
   socket is dropped and a retryable :class:`TTSError` ("stalled") raised; a close mid-utterance
@@ -143,6 +146,7 @@ class DeepgramWebSocketProvider:
         self._interrupted = False  # clear()/aclose() asked the active stream to stop
         self._deadline: asyncio.Timeout | None = None  # the recv in flight
         self._closed = False
+        self._warming: asyncio.Task[ClientConnection] | None = None  # warm_up()'s connect
         self.request_id: str | None = None  #: from the current socket's Metadata
 
     async def stream(
@@ -169,6 +173,15 @@ class DeepgramWebSocketProvider:
             if self._in_utterance and not self._closed:
                 await self._send_clear()  # abandoned mid-utterance: stop it, drain later
 
+    def warm_up(self) -> None:
+        """Start connecting now, in the background, unless a socket is open or opening (or the
+        credentials were refused, or the provider is closed)."""
+        if self._closed or self._ws is not None or self._warming is not None:
+            return
+        if self._svc.auth_error is not None:
+            return  # the first stream() raises it, with no connect attempt
+        self._warming = asyncio.create_task(self._connect(), name="deepgram-ws-connect")
+
     async def clear(self) -> None:
         """Drop the utterance in flight; its audio is discarded up to ``Cleared`` before the next
         ``stream()`` starts. Returns without waiting for ``Cleared``. No-op when idle."""
@@ -185,6 +198,12 @@ class DeepgramWebSocketProvider:
             return
         self._closed = True
         self._interrupt()
+        warming, self._warming = self._warming, None
+        if warming is not None:
+            warming.cancel()
+            # Its outcome is of no use now (a failure was logged where it happened).
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await warming
         ws, self._ws = self._ws, None
         if ws is not None:
             with contextlib.suppress(ConnectionClosed):
@@ -298,7 +317,7 @@ class DeepgramWebSocketProvider:
             with contextlib.suppress(ConnectionClosed, TimeoutError):
                 await self._bounded(ws.send(_CLOSE))
             await self._drop()
-        ws = self._ws or await self._connect()
+        ws = self._ws or await self._connected()
         when = asyncio.get_running_loop().time() + self._svc.receive_timeout
         while self._pending_clears:
             try:
@@ -311,6 +330,13 @@ class DeepgramWebSocketProvider:
             if isinstance(message, str) and self._handle_event(message) == "Cleared":
                 self._pending_clears -= 1
         return ws
+
+    async def _connected(self) -> ClientConnection:
+        """The socket warm_up() is opening (its error if it failed), or a new one."""
+        warming, self._warming = self._warming, None
+        if warming is None:
+            return await self._connect()
+        return await warming
 
     async def _respect_flush_limit(self) -> None:
         clock, svc = self._svc.clock, self._svc

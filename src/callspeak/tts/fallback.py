@@ -159,6 +159,13 @@ class _FallbackProvider:
         finally:
             await aclose_stream(stream)
 
+    def warm_up(self) -> None:
+        """Warm up the voice a new utterance tries first (the others are for bad moments)."""
+        for service, provider in self._chain:
+            if service.healthy:
+                provider.warm_up()
+                return
+
     async def clear(self) -> None:
         for _, provider in self._chain:
             try:
