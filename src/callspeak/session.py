@@ -8,6 +8,11 @@ to Twilio in 20 ms frames, paced so that the audio sent runs at most ``max_lead`
 the caller's playback, with a mark after each sentence. When ``run()`` returns, every task of the
 call has been cancelled and awaited and the provider closed.
 
+Latency: the voice is warmed up (``warm_up()``) as ``run()`` begins, before ``start``. Speech
+queued while the call has nothing to speak starts synthesising in ``say()`` itself, and audio the
+sender is idle waiting for is sent by the producer as it arrives — each a loop iteration saved,
+which a server busy with hundreds of calls would spend in tens of milliseconds.
+
 I/O is injected: a :class:`Transport` (one WebSocket), a :class:`~callspeak.tts.base.TTSProvider`,
 a :class:`~callspeak.clock.Clock`. Nothing here blocks the event loop.
 
