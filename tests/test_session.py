@@ -96,6 +96,12 @@ class Harness:
     def types(self) -> list[str]:
         return [e.type for e in self.events]
 
+    async def start_idle(self) -> None:
+        """Start the call and wait until its speaker waits for speech (make it greeting=None)."""
+        self.transport.push(start_json())
+        await self.session.wait_started()
+        await asyncio.sleep(0.01)
+
 
 async def test_greeting_is_spoken_as_frames_then_a_mark_and_counts_played_on_echo() -> None:
     async with Harness() as h:
@@ -430,9 +436,7 @@ async def test_speech_for_an_idle_call_is_asked_for_before_the_speaker_runs() ->
     iterations, each tens of milliseconds on a server busy with hundreds of calls)."""
     provider = FakeProvider(chunk=160)
     async with Harness(provider, greeting=None) as h:
-        h.transport.push(start_json())
-        await h.session.wait_started()
-        await asyncio.sleep(0.01)  # the speaker waits for speech
+        await h.start_idle()
         utterance = h.session.say("Right away.")
         assert await loop_iterations_until(lambda: bool(provider.texts)) == 1
         await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
@@ -445,9 +449,7 @@ async def test_speech_for_an_idle_call_is_asked_for_before_the_speaker_runs() ->
 async def test_clear_before_the_speaker_takes_early_speech_stops_it_unasked() -> None:
     provider = FakeProvider(chunk=160)
     async with Harness(provider, greeting=None) as h:
-        h.transport.push(start_json())
-        await h.session.wait_started()
-        await asyncio.sleep(0.01)
+        await h.start_idle()
         utterance = h.session.say("Never heard.")
         assert await h.session.clear() == [utterance]
         await asyncio.sleep(0.05)
@@ -464,9 +466,7 @@ async def test_kept_speech_whose_early_synthesis_a_clear_dropped_is_spoken_whole
     what it was synthesising (one Deepgram socket per call): such speech is made afresh."""
     provider = FakeProvider(chunk=160)
     async with Harness(provider, greeting=None) as h:
-        h.transport.push(start_json())
-        await h.session.wait_started()
-        await asyncio.sleep(0.01)
+        await h.start_idle()
         legal = h.session.say("Legal notice.", interruptible=False)
         chat = h.session.say("Chatter.")
         await asyncio.sleep(0)  # the early synthesis asks; the speaker picks the notice
@@ -487,9 +487,7 @@ async def test_kept_speech_whose_early_synthesis_a_clear_dropped_is_spoken_whole
 async def test_a_call_ending_during_early_synthesis_cancels_it_and_closes_the_voice() -> None:
     provider = FakeProvider(first_delay=5.0)
     async with Harness(provider, greeting=None) as h:
-        h.transport.push(start_json())
-        await h.session.wait_started()
-        await asyncio.sleep(0.01)
+        await h.start_idle()
         utterance = h.session.say("Too slow.")
         await asyncio.sleep(0.01)
         assert provider.texts == ["Too slow."]
@@ -527,8 +525,7 @@ async def test_first_audio_goes_out_in_the_step_that_received_it() -> None:
     the sender, which would take one more loop iteration."""
     provider = GatedProvider(chunk=333)
     async with Harness(provider, greeting=None) as h:
-        h.transport.push(start_json())
-        await h.session.wait_started()
+        await h.start_idle()
         utterance = h.session.say("Hello there, caller.")
         await asyncio.sleep(0.01)  # asked, and the sender waits
         assert provider.texts == ["Hello there, caller."] and media_sizes(h) == []
