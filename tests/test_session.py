@@ -563,3 +563,124 @@ async def test_the_voice_warms_up_as_the_stream_opens_before_start() -> None:
         h.transport.push(start_json())
         await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
     assert provider.warmed == 1
+
+
+async def test_a_socket_closed_under_the_producers_own_send_ends_the_call_cleanly() -> None:
+    """The producer sends the first audio itself (the sender is idle): if the socket has
+    closed by then, the utterance ends as "the call ended" and the call shuts down as usual."""
+    provider = GatedProvider(chunk=333)
+    async with Harness(provider, greeting=None) as h:
+        await h.start_idle()
+        utterance = h.session.say("Hello there, caller.")
+        await asyncio.sleep(0.01)  # asked; the sender waits
+        await h.session.hangup()  # the application hangs up while the voice synthesises...
+        provider.gate.set()  # ...and the first audio arrives
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)  # run() ends without raising
+    assert utterance.status is SpeechStatus.CANCELLED
+    assert provider.closed and h.types()[-1] == "call.stopped"
+
+
+class SlowToStop(FakeProvider):
+    """Never yields; when cancelled it takes a while to wind down (like a socket's Clear)."""
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        self.texts.append(text)
+        try:
+            await asyncio.sleep(10)
+            yield b""
+        finally:
+            await asyncio.sleep(0.2)
+
+
+async def test_a_call_ending_while_a_task_waits_in_clear_still_ends() -> None:
+    """The call's end cancels a task that is inside clear(), waiting for synthesis to wind
+    down: that cancellation reaches it (not swallowed), and run() returns."""
+    async with Harness(SlowToStop(), greeting=None) as h:
+        await h.start_idle()
+        h.session.say("Welcome.")  # an early synthesis starts
+        await asyncio.sleep(0.01)
+        clearing = asyncio.Event()
+
+        async def clear_it() -> None:
+            clearing.set()
+            await h.session.clear()
+            await asyncio.Event().wait()  # reached only if clear() swallowed the cancellation
+
+        h.session.spawn(clear_it(), name="app-clear")
+        await asyncio.wait_for(clearing.wait(), 5)
+        await asyncio.sleep(0.01)  # inside clear(), waiting for the synthesis to end
+        h.transport.push(Stop(9, SID, AccountSid("AC1"), CallSid("CAtest")).to_json())
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+
+
+class NoWarmUpProvider(FakeProvider):
+    """A voice written before warm_up existed (the method is optional)."""
+
+    warm_up = None  # type: ignore[assignment]
+
+
+async def test_a_voice_without_warm_up_still_speaks() -> None:
+    async with Harness(NoWarmUpProvider(chunk=160)) as h:
+        h.transport.push(start_json())
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+
+
+async def test_a_stream_that_admission_judges_warms_up_only_once_admitted() -> None:
+    refused = FakeProvider()
+    async with Harness(refused, admit=lambda start: "no token") as h:
+        await asyncio.sleep(0.01)
+        assert refused.warmed == 0  # not before admission
+        h.transport.push(start_json())
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+    assert refused.warmed == 0 and h.transport.closed == (1008, "no token")
+    admitted = FakeProvider()
+    async with Harness(admitted, admit=lambda start: None) as h:
+        await asyncio.sleep(0.01)
+        assert admitted.warmed == 0
+        h.transport.push(start_json())
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        assert admitted.warmed == 1
+
+
+class SlowClearTransport(FakeTransport):
+    """A socket whose ``clear`` message waits (a paused write) until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def send(self, text: str) -> None:
+        if '"event":"clear"' in text.replace(" ", ""):
+            await self.release.wait()
+        await super().send(text)
+
+
+async def test_speech_queued_during_a_clear_is_not_synthesised_until_it_ends() -> None:
+    """The voice's own clear comes last in clear(); an early synthesis started before it would
+    be cut short by it, and its sentence reported heard with no audio."""
+    provider = FakeProvider(chunk=160, delay=0.01)
+    async with Harness(provider, greeting=None) as h:
+        slow = SlowClearTransport()
+        h.transport = slow
+        h.session._transport = slow  # the harness's run() has not read anything yet
+        await h.start_idle()
+        first = h.session.say("First words.")
+        await slow.wait_for(lambda ms: any(isinstance(m, OutboundMedia) for m in ms))
+        clearing = asyncio.create_task(h.session.clear())
+        await asyncio.sleep(0.01)  # clear() waits for its message to go out
+        second = h.session.say("Second words.")
+        await asyncio.sleep(0.01)
+        assert provider.texts == ["First words."]  # not asked yet
+        slow.release.set()
+        assert await asyncio.wait_for(clearing, 5) == [first]
+        await slow.wait_for(lambda ms: isinstance(ms[-1], OutboundMark))
+        assert provider.texts == ["First words.", "Second words."]
+        audio = tone_for("Second words.")
+        assert h.audio()[-len(audio) - 160 :].find(audio) >= 0  # its audio, whole, before its mark
+        slow.push(echo(h.marks()[-1]))
+        assert await asyncio.wait_for(second.wait(), 5) is SpeechStatus.PLAYED

@@ -65,6 +65,7 @@ from callspeak.protocol import (
     parse_message,
 )
 from callspeak.speech import SpeechStatus, Utterance, mark_name, parse_mark_name
+from callspeak.tasks import wait_cancelled
 from callspeak.tts.base import TTSError, TTSProvider, aclose_stream
 from callspeak.tts.sentences import split_sentences
 
@@ -144,6 +145,7 @@ class TextTooLong(ValueError):
 
 _END_OF_UTTERANCE = -1
 _FAILED = -2
+_SOCKET_CLOSED = -3
 
 #: One utterance's audio on its way: frames (index, frame; (index, None) ends a sentence) and
 #: the producer task filling them.
@@ -199,6 +201,12 @@ class CallSession:
         #: The frame queue the sender is waiting on while it is empty and nothing is pending:
         #: audio for it may be sent by its producer at once (see _produce).
         self._sender_waits_on: asyncio.Queue[tuple[int, bytes | None]] | None = None
+        #: clear() calls under way, and set while there are none: speech queued meanwhile is
+        #: synthesised only once they are over, since the voice's clear at their end would cut
+        #: it short (its sentence then marked as heard with no audio).
+        self._clearing = 0
+        self._no_clear = asyncio.Event()
+        self._no_clear.set()
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._started = asyncio.Event()
@@ -288,6 +296,7 @@ class CallSession:
             self._speaker is not None
             and self._current is None
             and self._early is None
+            and not self._clearing
             and self._queue.qsize() == 1
         ):
             self._early = (utterance, self._begin(utterance))
@@ -312,6 +321,16 @@ class CallSession:
         stopped = [u for u in active if u.interruptible or not only_interruptible]
         if not stopped:
             return []
+        self._clearing += 1
+        self._no_clear.clear()
+        try:
+            return await self._clear(stopped, reason)
+        finally:
+            self._clearing -= 1
+            if not self._clearing:
+                self._no_clear.set()
+
+    async def _clear(self, stopped: list[Utterance], reason: str) -> list[Utterance]:
         kept: list[Utterance] = []
         while not self._queue.empty():
             queued = self._queue.get_nowait()
@@ -323,8 +342,7 @@ class CallSession:
         task = self._current_task
         if task is not None and not task.done() and self._current in stopped:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await wait_cancelled(task)
         if self._state.start is None or self._closed:
             for queued in kept:
                 self._queue.put_nowait(queued)
@@ -371,9 +389,6 @@ class CallSession:
     async def run(self) -> None:
         """Serve the call until ``stop``, the socket closes, the idle timeout or a refusal at
         ``start``; then release everything."""
-        # The voice opens its connection (if it keeps one per call) while Twilio is still
-        # sending connected and start, not after start has arrived.
-        self._provider.warm_up()
         # The reader runs in its own task so the idle watchdog can end a receive that a dead peer
         # would leave pending until TCP gives up.
         reader = asyncio.create_task(self._read_loop(), name="media-reader")
@@ -383,6 +398,11 @@ class CallSession:
             else None
         )
         try:
+            if self._admit is None:
+                # The voice opens its connection (if it keeps one per call) while Twilio is
+                # still sending connected and start. (A stream that admission judges warms up
+                # once admitted: a refused one should not cost a connection to the voice.)
+                self._warm_up()
             await asyncio.wait(
                 {t for t in (reader, watchdog) if t is not None},
                 return_when=asyncio.FIRST_COMPLETED,
@@ -522,7 +542,15 @@ class CallSession:
             assert isinstance(event, StreamConnected)
         return True
 
+    def _warm_up(self) -> None:
+        """Let the voice open what it keeps per call, if it can (``warm_up`` is optional)."""
+        warm_up: Callable[[], None] | None = getattr(self._provider, "warm_up", None)
+        if warm_up is not None:
+            warm_up()
+
     def _on_start(self, start: Start) -> None:
+        if self._admit is not None:
+            self._warm_up()
         self._metrics.calls_started.inc()
         self.started_at = time.time()
         log.info(
@@ -594,6 +622,8 @@ class CallSession:
     async def _speak_loop(self) -> None:
         while True:
             utterance = await self._queue.get()
+            if self._clearing:
+                await self._no_clear.wait()
             if utterance.status.final:
                 await self._drop_early()
                 continue
@@ -635,9 +665,7 @@ class CallSession:
         producer = early[1][1]
         producer.cancel()
         try:
-            await producer
-        except asyncio.CancelledError:
-            pass
+            await wait_cancelled(producer)
         except Exception as exc:  # a bug: logged as a failed utterance is, not raised here
             log.error("synthesis of utterance %d failed: %r", early[0].id, exc, extra=self._ids())
 
@@ -688,6 +716,11 @@ class CallSession:
             utterance.error = str(exc)
             await frames.put((_FAILED, None))
             return
+        except TransportClosed:
+            # Under a direct send (see _send_now): the sender, waiting on these frames, ends the
+            # utterance as if its own send had failed.
+            await frames.put((_SOCKET_CLOSED, None))
+            return
         await frames.put((_END_OF_UTTERANCE, None))
 
     async def _send_now(self, utterance: Utterance, index: int, ready: list[bytes]) -> list[bytes]:
@@ -728,6 +761,8 @@ class CallSession:
                     return
                 if index == _FAILED:
                     raise RuntimeError(utterance.error or "text-to-speech failed")
+                if index == _SOCKET_CLOSED:
+                    raise TransportClosed("the media socket closed")
                 name = mark_name(self._generation, utterance.id, index)
                 self._state.mark_sent(name)
                 await self._send(encode_mark(StreamSid(self.stream_sid), name))
