@@ -335,3 +335,48 @@ async def test_closing_during_a_warm_up_stops_it(ws_url: str, fake: FakeDeepgram
     assert [t for t in asyncio.all_tasks() if t.get_name() == "deepgram-ws-connect"] == []
     with pytest.raises(TTSError, match="closed"):
         await collect(provider.stream("Hi."))
+
+
+async def test_a_reconnect_after_the_warm_up_socket_closed_opens_a_new_one(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """The warm-up's task is forgotten once done: a later reconnect must not get its (dead)
+    socket back — that would spend the send's one retry, and a second bad socket would then
+    fail the utterance."""
+    sockets: list[ClientConnection] = []
+    warmed = asyncio.Event()
+
+    async def connect_second_one_closed(url: str, **kwargs: Any) -> ClientConnection:
+        ws = await connect(url, **kwargs)
+        sockets.append(ws)
+        if len(sockets) == 2:
+            await ws.close()  # a socket that dies right after its handshake
+        warmed.set()
+        return ws
+
+    fake.ws_close_after_flushed(1001, "going away")  # the server ends the first socket
+    provider = make(ws_url, connect=connect_second_one_closed).open()
+    provider.warm_up()
+    await asyncio.wait_for(warmed.wait(), 5)
+    await asyncio.sleep(0)  # the warm-up's task has finished: its socket is the provider's
+    assert await collect(provider.stream("One.")) == fake.audio_for("One.")
+    await asyncio.wait_for(sockets[0].wait_closed(), 5)
+    assert await collect(provider.stream("Two.")) == fake.audio_for("Two.")
+    assert len(sockets) == 3
+    await provider.aclose()
+
+
+async def test_a_failed_warm_up_is_logged_and_the_first_stream_tries_afresh(
+    ws_url: str, fake: FakeDeepgram, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.refuse_ws(503, count=1)
+    provider = make(ws_url, max_reconnects=0).open()
+    with caplog.at_level(logging.WARNING, logger="callspeak.tts.deepgram_ws"):
+        provider.warm_up()
+        async with asyncio.timeout(5):
+            # waiting for a log line, which no event announces
+            while not any("ahead of speech failed" in r.message for r in caplog.records):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    assert fake.ws_connections == 2  # the refused warm-up, then the stream's own connect
+    await provider.aclose()

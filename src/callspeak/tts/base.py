@@ -71,7 +71,13 @@ class TTSAuthError(TTSError):
 
 @runtime_checkable
 class TTSProvider(Protocol):
-    """One call's voice. See the module docstring for the streaming contract."""
+    """One call's voice. See the module docstring for the streaming contract.
+
+    Optional: ``warm_up() -> None``, for an engine that opens something per call (a
+    connection): open it now, in the background, so the first :meth:`stream` does not wait for
+    it. The session calls it once the call's stream is accepted, before its ``start``. It must be
+    idempotent and must not raise; a failure is the first :meth:`stream`'s to report.
+    """
 
     @property
     def name(self) -> str:
@@ -94,14 +100,6 @@ class TTSProvider(Protocol):
         hearing a gap (0: the caller is waiting now). The local voice runs its work earliest
         deadline first from it.
         """
-        ...
-
-    def warm_up(self) -> None:
-        """Get ready to speak without waiting: open what the first :meth:`stream` would
-        otherwise open itself (a connection), in the background. Called once the call's stream
-        is accepted, before its ``start``; idempotent; a no-op for engines with nothing per
-        call to open. A failure is reported by the first :meth:`stream`, as if it had happened
-        there."""
         ...
 
     async def clear(self) -> None:

@@ -184,9 +184,6 @@ class DeepgramRestProvider:
                 async for audio in audio_chunks:
                     yield audio
 
-    def warm_up(self) -> None:
-        """Nothing per call: connections are pooled by the service for the whole process."""
-
     async def clear(self) -> None:
         """Nothing to drop: requests are per text and end when their iterator is closed."""
 

@@ -50,6 +50,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.protocol import State
 
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
+from callspeak.tasks import wait_cancelled
 from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text
@@ -181,6 +182,15 @@ class DeepgramWebSocketProvider:
         if self._svc.auth_error is not None:
             return  # the first stream() raises it, with no connect attempt
         self._warming = asyncio.create_task(self._connect(), name="deepgram-ws-connect")
+        self._warming.add_done_callback(self._warmed)
+
+    def _warmed(self, task: asyncio.Task[ClientConnection]) -> None:
+        # Forgotten once done: its socket is self._ws by now; a refused key stays known to the
+        # service, and any other failure is tried afresh by the next stream().
+        if self._warming is task:
+            self._warming = None
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.warning("deepgram-ws: opening the socket ahead of speech failed: %s", error)
 
     async def clear(self) -> None:
         """Drop the utterance in flight; its audio is discarded up to ``Cleared`` before the next
@@ -201,9 +211,8 @@ class DeepgramWebSocketProvider:
         warming, self._warming = self._warming, None
         if warming is not None:
             warming.cancel()
-            # Its outcome is of no use now (a failure was logged where it happened).
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await warming
+            with contextlib.suppress(Exception):  # of no use now; _warmed has logged it
+                await wait_cancelled(warming)
         ws, self._ws = self._ws, None
         if ws is not None:
             with contextlib.suppress(ConnectionClosed):
@@ -332,11 +341,11 @@ class DeepgramWebSocketProvider:
         return ws
 
     async def _connected(self) -> ClientConnection:
-        """The socket warm_up() is opening (its error if it failed), or a new one."""
-        warming, self._warming = self._warming, None
-        if warming is None:
-            return await self._connect()
-        return await warming
+        """The socket warm_up() is still opening (its error if that fails), or a new one."""
+        warming = self._warming
+        if warming is not None and not warming.done():
+            return await warming
+        return await self._connect()
 
     async def _respect_flush_limit(self) -> None:
         clock, svc = self._svc.clock, self._svc

@@ -18,7 +18,7 @@ always Twilio's format; an engine with another format is converted on the way.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
 
 from callspeak.audio.convert import TwilioAudioConverter
@@ -160,10 +160,13 @@ class _FallbackProvider:
             await aclose_stream(stream)
 
     def warm_up(self) -> None:
-        """Warm up the voice a new utterance tries first (the others are for bad moments)."""
+        """Warm up the voice a new utterance tries first (the others are for bad moments), if
+        it has anything to warm up (see :class:`~callspeak.tts.base.TTSProvider`)."""
         for service, provider in self._chain:
             if service.healthy:
-                provider.warm_up()
+                warm_up: Callable[[], None] | None = getattr(provider, "warm_up", None)
+                if warm_up is not None:
+                    warm_up()
                 return
 
     async def clear(self) -> None:

@@ -286,9 +286,6 @@ class _PiperProvider:
                 ahead += len(audio) / TWILIO_FORMAT.sample_rate
                 yield audio
 
-    def warm_up(self) -> None:
-        """Nothing to open: the voice is loaded once per process."""
-
     async def clear(self) -> None:
         """Nothing to drop: cancelling the stream skips the sentences still queued."""
 
