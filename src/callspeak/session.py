@@ -66,7 +66,7 @@ from callspeak.protocol import (
 )
 from callspeak.speech import SpeechStatus, Utterance, mark_name, parse_mark_name
 from callspeak.tasks import wait_cancelled
-from callspeak.tts.base import TTSError, TTSProvider, aclose_stream
+from callspeak.tts.base import TTSError, TTSProvider, aclose_stream, warm_up
 from callspeak.tts.sentences import split_sentences
 
 __all__ = [
@@ -402,7 +402,7 @@ class CallSession:
                 # The voice opens its connection (if it keeps one per call) while Twilio is
                 # still sending connected and start. (A stream that admission judges warms up
                 # once admitted: a refused one should not cost a connection to the voice.)
-                self._warm_up()
+                warm_up(self._provider)
             await asyncio.wait(
                 {t for t in (reader, watchdog) if t is not None},
                 return_when=asyncio.FIRST_COMPLETED,
@@ -542,15 +542,9 @@ class CallSession:
             assert isinstance(event, StreamConnected)
         return True
 
-    def _warm_up(self) -> None:
-        """Let the voice open what it keeps per call, if it can (``warm_up`` is optional)."""
-        warm_up: Callable[[], None] | None = getattr(self._provider, "warm_up", None)
-        if warm_up is not None:
-            warm_up()
-
     def _on_start(self, start: Start) -> None:
         if self._admit is not None:
-            self._warm_up()
+            warm_up(self._provider)
         self._metrics.calls_started.inc()
         self.started_at = time.time()
         log.info(
@@ -622,8 +616,7 @@ class CallSession:
     async def _speak_loop(self) -> None:
         while True:
             utterance = await self._queue.get()
-            if self._clearing:
-                await self._no_clear.wait()
+            await self._no_clear.wait()  # at once unless a clear() is under way
             if utterance.status.final:
                 await self._drop_early()
                 continue

@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 
 from callspeak.audio.format import AudioFormat
 
-__all__ = ["TTSAuthError", "TTSError", "TTSProvider", "TTSService", "aclose_stream"]
+__all__ = ["TTSAuthError", "TTSError", "TTSProvider", "TTSService", "aclose_stream", "warm_up"]
 
 
 class TTSError(Exception):
@@ -134,6 +134,14 @@ class TTSService(Protocol):
     async def aclose(self) -> None:
         """Release everything. Idempotent."""
         ...
+
+
+def warm_up(provider: TTSProvider) -> None:
+    """Call ``provider.warm_up()`` if it has one (the method is optional: see
+    :class:`TTSProvider`)."""
+    method = getattr(provider, "warm_up", None)
+    if method is not None:
+        method()
 
 
 async def aclose_stream(stream: AsyncIterator[bytes]) -> None:

@@ -18,12 +18,19 @@ always Twilio's format; an engine with another format is converted on the way.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 
 from callspeak.audio.convert import TwilioAudioConverter
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
-from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService, aclose_stream
+from callspeak.tts.base import (
+    TTSAuthError,
+    TTSError,
+    TTSProvider,
+    TTSService,
+    aclose_stream,
+    warm_up,
+)
 
 __all__ = ["APOLOGY_TEXT", "FallbackService", "load_apology"]
 
@@ -164,9 +171,7 @@ class _FallbackProvider:
         it has anything to warm up (see :class:`~callspeak.tts.base.TTSProvider`)."""
         for service, provider in self._chain:
             if service.healthy:
-                warm_up: Callable[[], None] | None = getattr(provider, "warm_up", None)
-                if warm_up is not None:
-                    warm_up()
+                warm_up(provider)
                 return
 
     async def clear(self) -> None:
