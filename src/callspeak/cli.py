@@ -285,7 +285,9 @@ def _serve(args: argparse.Namespace) -> int:
     if problem is not None:  # before anything is set up: the message is the whole output
         raise ConfigError(problem)
     configure_logging(settings.log_level, settings.log_format)
-    app = create_app(settings, hooks=_load_hooks(args.hooks) if args.hooks else None)
+    app = create_app(
+        settings, hooks=_load_hooks(args.hooks) if args.hooks else None, freeze_heap=True
+    )
     uvicorn.run(app, **uvicorn_options(settings, app))
     return 0
 

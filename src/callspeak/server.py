@@ -50,6 +50,7 @@ from callspeak.bargein import SpeechOnsetDetector
 from callspeak.call_tokens import TOKEN_PARAMETER, CallTokenStore
 from callspeak.clock import Clock, MonotonicClock
 from callspeak.config import ConfigError, Settings
+from callspeak.heap import freeze_startup_objects
 from callspeak.hooks import CallHooks
 from callspeak.metrics import Metrics
 from callspeak.protocol import Start
@@ -192,9 +193,14 @@ def create_app(
     metrics: Metrics | None = None,
     clock: Clock | None = None,
     hooks: CallHooks | None = None,
+    freeze_heap: bool = False,
 ) -> Starlette:
     """Build the ASGI app. Its lifespan starts the TTS service; it closes the service only if it
     made it (an injected service belongs to the caller, who may share it between apps).
+
+    ``freeze_heap`` (``callspeak serve`` sets it): once started, freeze what start-up made, so
+    the garbage collector's full passes stay short under load (see :mod:`callspeak.heap`). Leave
+    it off when the app lives inside a larger program.
 
     Raises :class:`~callspeak.config.ConfigError` if signature validation is on (the default)
     without ``TWILIO_AUTH_TOKEN`` and ``CALLSPEAK_PUBLIC_URL``: an app that cannot check
@@ -239,6 +245,9 @@ def create_app(
         prerender = getattr(state.tts, "prerender", None)
         if prerender is not None and settings.greeting.strip():
             await prerender([settings.greeting])
+        if freeze_heap:
+            frozen = freeze_startup_objects()
+            log.debug("froze %d start-up objects out of garbage collection", frozen)
         try:
             yield
         finally:
