@@ -183,6 +183,32 @@ async def test_first_byte_delay_is_honoured(client: httpx.AsyncClient, fake: Fak
     assert first_bytes["Hello."] - arrivals["Hello."] >= 0.3
 
 
+async def test_first_byte_delay_is_a_floor_even_when_timers_fire_early() -> None:
+    # uvloop rounds timers to milliseconds and may wake a little before the deadline.
+    clock = SettableClock(now=10.0)
+    slept: list[float] = []
+
+    async def early_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds * 0.9
+
+    fake = FakeDeepgram(first_byte_delay=0.3, clock=clock, sleep=early_sleep)
+    await fake.hold_first_byte(since=10.0)
+    assert clock.now >= 10.3 - 1e-4
+    assert len(slept) == 4 and slept[0] == pytest.approx(0.3)
+
+
+async def test_first_byte_wait_is_bounded_when_the_clock_stands_still() -> None:
+    slept: list[float] = []
+
+    async def record(seconds: float) -> None:
+        slept.append(seconds)
+
+    fake = FakeDeepgram(first_byte_delay=0.3, clock=SettableClock(now=10.0), sleep=record)
+    await fake.hold_first_byte(since=10.0)
+    assert slept == [pytest.approx(0.3)] * 4
+
+
 # -- REST faults -----------------------------------------------------------------------------
 async def test_fail_next_json_plain_count_and_persistent(
     client: httpx.AsyncClient, fake: FakeDeepgram

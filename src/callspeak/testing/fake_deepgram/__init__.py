@@ -115,6 +115,19 @@ class FakeDeepgram:
             ]
         )
 
+    async def hold_first_byte(self, since: float) -> None:
+        """Wait until ``first_byte_delay`` has passed since ``since`` (a ``clock()`` reading).
+
+        Timers may fire a little early (uvloop rounds to milliseconds), so the wait is topped up
+        a few times rather than trusted once: the delay is a floor callers can measure against.
+        """
+        await self.sleep(max(0.0, since + self.first_byte_delay - self.clock()))
+        for _ in range(3):  # bounded: an injected clock need not advance while we sleep
+            left = since + self.first_byte_delay - self.clock()
+            if left <= 0:
+                return
+            await self.sleep(left)
+
     async def _first_bytes(self, request: Request) -> JSONResponse:
         return JSONResponse(self.first_bytes)
 
@@ -248,10 +261,10 @@ class FakeDeepgram:
             "dg-model-uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, model)),
             "dg-char-count": str(len(text)),
         }
-        self.arrivals[text] = self.clock()
+        self.arrivals[text] = arrived = self.clock()
         audio = synthesize(text, encoding, rate, container)
         stream = AudioStream(self, audio, headers, take(self._faults, "stall", "cut"))
-        stream.text = text
+        stream.text, stream.arrived = text, arrived
         return stream
 
     # -- WebSocket --------------------------------------------------------------------------

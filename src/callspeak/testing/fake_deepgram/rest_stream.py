@@ -32,6 +32,7 @@ class AudioStream(Response):
     ):
         super().__init__(status_code=200, headers=headers)
         self.text = ""
+        self.arrived = fake.clock()  #: when the request was read: the first-byte delay starts here
         # no content-length: the body is chunked, like Deepgram's
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.fake, self.audio, self.fault = fake, audio, fault
@@ -54,7 +55,7 @@ class AudioStream(Response):
     async def _send_audio(self, send: Send, gone: asyncio.Event) -> None:
         fake, fault = self.fake, self.fault
         limit = len(self.audio) if fault is None else min(fault.n_bytes, len(self.audio))
-        await fake.sleep(fake.first_byte_delay)
+        await fake.hold_first_byte(self.arrived)
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         fake.first_bytes[self.text] = fake.clock()
         sent = 0

@@ -137,7 +137,7 @@ class WebSocketSession:
         if generation != self.generation:
             return True
         fake = self.fake
-        fake.arrivals[text] = fake.clock()
+        fake.arrivals[text] = arrived = fake.clock()
         fault = take(self.faults, "ws_close", "ws_stall", "ws_warn", "ws_close_flushed")
         if fault is not None and fault.kind == "ws_warn":
             await self.ws.send_json(
@@ -152,7 +152,7 @@ class WebSocketSession:
         audio = synthesize(text, self.encoding, self.rate) if text.strip() else b""
         closing = fault is not None and fault.kind == "ws_close"
         limit = min(fault.n_bytes, len(audio)) if fault is not None and closing else len(audio)
-        await fake.sleep(fake.first_byte_delay)
+        await fake.hold_first_byte(arrived)
         fake.first_bytes[text] = fake.clock()
         sent = 0
         while sent < limit and generation == self.generation:
