@@ -255,6 +255,29 @@ async def test_injected_connect_and_service_aclose(ws_url: str, fake: FakeDeepgr
         await collect(provider.stream("Hi."))
 
 
+async def test_the_proxy_is_read_from_the_environment_once_and_used_for_every_socket(
+    ws_url: str, fake: FakeDeepgram, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("no_proxy", "NO_PROXY", "ws_proxy", "WS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert make(ws_url).proxy is None
+    monkeypatch.setenv("ws_proxy", "http://proxy.invalid:3128")
+    asked: list[object] = []
+
+    async def noting_connect(url: str, **kwargs: Any) -> ClientConnection:
+        asked.append(kwargs["proxy"])
+        kwargs["proxy"] = None  # (proxy.invalid does not exist: reach the fake directly)
+        return await connect(url, **kwargs)
+
+    service = make(ws_url, connect=noting_connect)
+    monkeypatch.setenv("ws_proxy", "http://changed.invalid:3128")  # read at start-up only
+    first, second = service.open(), service.open()
+    await collect(first.stream("Hi."))
+    await collect(second.stream("Hi."))
+    assert asked == ["http://proxy.invalid:3128"] * 2
+    await service.aclose()
+
+
 async def test_warm_up_opens_the_socket_the_first_utterance_then_uses(
     ws_url: str, fake: FakeDeepgram
 ) -> None:

