@@ -6,12 +6,14 @@ through the base-URL settings, and this one, placing emulated Twilio calls. Each
 text, so the fake's first-byte time for that text can be matched with the call's first media frame.
 Both are read on the machine's monotonic clock, which every process shares.
 
-Prints, for REST and WebSocket: first byte at the provider → first media frame at the caller
-(our overhead, including loopback and the emulator's own scheduling), and time to first audio
-(start → first media frame), as median / p99 / max; with more than one call, time to first audio
-split at the fake: start → the fake has read the request (our server, the network and the fake's
-own queue), and request read → the fake's first byte (the configured delay plus the fake's
-scheduling); for 1, 50 and 200 calls answered in the same
+Prints, for REST and WebSocket: first byte at the provider → our first media frame written to
+the caller's socket (our overhead: reading the provider, framing, sending; stamped by the
+``_first_frames`` hooks inside the server), the same → the emulated caller reading that frame
+(adding loopback and the emulator's own scheduling: the 200 callers share the two cores with us),
+and time to first audio (start → first media frame at the caller), as median / p99 / max; with
+more than one call, time to first audio split at the fake: start → the fake has read the request
+(our server, the network and the fake's own queue), and request read → the fake's first byte
+(the configured delay plus the fake's scheduling); for 1, 50 and 200 calls answered in the same
 instant, and for 200 calls arriving over ``--ramp`` seconds (each measured while up to 199 others
 are in progress). Each row also gives the CPU the three processes used, as a share of one core:
 all three share the machine's cores, so a saturated machine shows there first.
@@ -27,6 +29,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,8 +87,17 @@ def stats(name: str, values: list[float]) -> str:
     )
 
 
+def first_frames(path: Path) -> dict[str, float]:
+    """callSid → when its first media frame was sent, from the ``_first_frames`` hooks' file."""
+    sent: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        call_sid, stamp = line.split()
+        sent.setdefault(call_sid, float(stamp))  # the call's first utterance
+    return sent
+
+
 async def measure(
-    port: int, server_pid: int, fake: subprocess.Popen[bytes], fake_port: int,
+    port: int, server_pid: int, fake: subprocess.Popen[bytes], fake_port: int, sent_log: Path,
     calls: int, rounds: int, ramp: float, label: str,
 ) -> list[str]:  # fmt: skip
     url = f"ws://127.0.0.1:{port}/twilio"
@@ -104,18 +116,21 @@ async def measure(
         async with httpx.AsyncClient() as client:
             first = (await client.get(f"http://127.0.0.1:{fake_port}/_fake/first-bytes")).json()
             came = (await client.get(f"http://127.0.0.1:{fake_port}/_fake/arrivals")).json()
-        overhead, ttfa, to_fake, in_fake = [], [], [], []
+        sent = first_frames(sent_log)
+        ours, overhead, ttfa, to_fake, in_fake = [], [], [], [], []
         silent = 0
         for text, report in results:
             if report.first_audio_at is None or text not in first:
                 silent += 1  # heard nothing before hanging up: reported, not hidden
                 continue
             ttfa.append(report.first_audio_at)
+            ours.append(sent[report.call_sid] - first[text])
             overhead.append(report.started_at + report.first_audio_at - first[text])
             to_fake.append(came[text] - report.started_at)
             in_fake.append(first[text] - came[text])
         how = f"{n} call(s) at once" if not spread else f"{n} calls over {spread:g} s"
-        lines.append(stats(f"{label}, {how}: provider first byte -> caller", overhead))
+        lines.append(stats(f"{label}, {how}: provider first byte -> our first frame", ours))
+        lines.append(stats(f"{label}, {how}:   ... -> read by the emulated caller", overhead))
         lines.append(stats(f"{label}, {how}: time to first audio", ttfa))
         if n > 1:  # where the time to first audio went (each a distribution of its own)
             lines.append(stats(f"{label}, {how}:   start -> request read by the fake", to_fake))
@@ -150,9 +165,16 @@ def main() -> None:
     fake_port = free_port()
     fake = start_fake(fake_port, args.first_byte_delay, args.bytes_per_second or None)
     lines: list[str] = []
+    here = Path(__file__).resolve().parent
     try:
         for tts, label in (("deepgram", "REST"), ("deepgram-ws", "WebSocket")):
+            sent_log = Path(tempfile.mkdtemp(prefix="callspeak-bench-")) / "first-frames"
+            sent_log.touch()
+            path = [str(here), *filter(None, [os.environ.get("PYTHONPATH")])]
             env = {
+                # the _first_frames hooks: when the server sent each call's first frame
+                "PYTHONPATH": os.pathsep.join(path),
+                "BENCH_FIRST_FRAMES": str(sent_log),
                 "DEEPGRAM_API_KEY": "test-key",
                 "CALLSPEAK_TTS": tts,
                 "CALLSPEAK_FALLBACK": "none",
@@ -162,11 +184,12 @@ def main() -> None:
                 "CALLSPEAK_DEEPGRAM_WS_URL": f"ws://127.0.0.1:{fake_port}",
                 "CALLSPEAK_DEEPGRAM_FIRST_BYTE_TIMEOUT": "10",
             }
-            with callspeak_server_process(env) as (port, server):
+            hooks = ("--hooks", "_first_frames:hooks")
+            with callspeak_server_process(env, *hooks) as (port, server):
                 lines += eventloop.run(
                     measure(
-                        port, server.pid, fake, fake_port, args.calls, args.rounds, args.ramp,
-                        label,
+                        port, server.pid, fake, fake_port, sent_log, args.calls, args.rounds,
+                        args.ramp, label,
                     )
                 )  # fmt: skip
     finally:

@@ -1,0 +1,36 @@
+"""Hooks for ``callspeak serve --hooks _first_frames:hooks``: when each call's first frame left.
+
+bench/deepgram_latency.py runs the server with these hooks to time the provider's first byte to
+*our* first media frame, apart from how late the emulated callers (on the same two cores) read
+it. A listener on each call's events sees ``speech.started`` synchronously, just after the
+utterance's first media message was written to the socket, and appends ``<callSid> <monotonic
+seconds>`` to the file named by ``$BENCH_FIRST_FRAMES``: the clock the fake Deepgram stamps its
+first bytes with, shared by every process on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from callspeak.events import CallEventRecord
+from callspeak.hooks import CallHooks
+from callspeak.session import CallSession
+
+
+class FirstFrames(CallHooks):
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._out = open(path, "a", buffering=1)  # noqa: SIM115 - open while the server runs
+
+    def attach(self, session: CallSession) -> None:
+        super().attach(session)
+        session.add_listener(self._event)
+
+    def _event(self, event: CallEventRecord) -> None:
+        if event.type == "speech.started":
+            # A line per utterance: a few microseconds, once per call in the benchmark.
+            self._out.write(f"{event.call_sid} {time.monotonic()!r}\n")
+
+
+hooks = FirstFrames(os.environ["BENCH_FIRST_FRAMES"])
