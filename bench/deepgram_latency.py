@@ -165,14 +165,15 @@ def main() -> None:
     fake_port = free_port()
     fake = start_fake(fake_port, args.first_byte_delay, args.bytes_per_second or None)
     lines: list[str] = []
+    # the _first_frames hooks, next to this script: when the server sent each call's first frame
     here = Path(__file__).resolve().parent
+    path = [str(here), *filter(None, [os.environ.get("PYTHONPATH")])]
+    scratch = tempfile.TemporaryDirectory(prefix="callspeak-bench-")
     try:
         for tts, label in (("deepgram", "REST"), ("deepgram-ws", "WebSocket")):
-            sent_log = Path(tempfile.mkdtemp(prefix="callspeak-bench-")) / "first-frames"
+            sent_log = Path(scratch.name) / f"first-frames-{tts}"
             sent_log.touch()
-            path = [str(here), *filter(None, [os.environ.get("PYTHONPATH")])]
             env = {
-                # the _first_frames hooks: when the server sent each call's first frame
                 "PYTHONPATH": os.pathsep.join(path),
                 "BENCH_FIRST_FRAMES": str(sent_log),
                 "DEEPGRAM_API_KEY": "test-key",
@@ -195,6 +196,7 @@ def main() -> None:
     finally:
         fake.terminate()
         fake.wait(10)
+        scratch.cleanup()
     print(
         f"Deepgram paths against the fake ({args.first_byte_delay * 1000:.0f} ms first byte), "
         f"{os.cpu_count()} cores, event loop {eventloop.loop_name()}"

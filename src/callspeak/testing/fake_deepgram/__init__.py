@@ -121,12 +121,13 @@ class FakeDeepgram:
         Timers may fire a little early (uvloop rounds to milliseconds), so the wait is topped up
         a few times rather than trusted once: the delay is a floor callers can measure against.
         """
-        await self.sleep(max(0.0, since + self.first_byte_delay - self.clock()))
-        for _ in range(3):  # bounded: an injected clock need not advance while we sleep
-            left = since + self.first_byte_delay - self.clock()
+        deadline = since + self.first_byte_delay
+        left = max(0.0, deadline - self.clock())
+        for _ in range(4):  # bounded: an injected clock need not advance while we sleep
+            await self.sleep(left)
+            left = deadline - self.clock()
             if left <= 0:
                 return
-            await self.sleep(left)
 
     async def _first_bytes(self, request: Request) -> JSONResponse:
         return JSONResponse(self.first_bytes)
@@ -263,8 +264,8 @@ class FakeDeepgram:
         }
         self.arrivals[text] = arrived = self.clock()
         audio = synthesize(text, encoding, rate, container)
-        stream = AudioStream(self, audio, headers, take(self._faults, "stall", "cut"))
-        stream.text, stream.arrived = text, arrived
+        stream = AudioStream(self, audio, headers, take(self._faults, "stall", "cut"), arrived)
+        stream.text = text
         return stream
 
     # -- WebSocket --------------------------------------------------------------------------

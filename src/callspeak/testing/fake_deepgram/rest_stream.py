@@ -28,11 +28,16 @@ class AudioStream(Response):
     """Streams audio chunk by chunk (chunked encoding), honouring delay, pacing and faults."""
 
     def __init__(
-        self, fake: FakeDeepgram, audio: bytes, headers: dict[str, str], fault: Fault | None
+        self,
+        fake: FakeDeepgram,
+        audio: bytes,
+        headers: dict[str, str],
+        fault: Fault | None,
+        arrived: float,
     ):
         super().__init__(status_code=200, headers=headers)
         self.text = ""
-        self.arrived = fake.clock()  #: when the request was read: the first-byte delay starts here
+        self.arrived = arrived  #: when the request was read: the first-byte delay starts here
         # no content-length: the body is chunked, like Deepgram's
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self.fake, self.audio, self.fault = fake, audio, fault
