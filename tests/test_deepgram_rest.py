@@ -328,3 +328,183 @@ async def test_an_abandoned_stream_cannot_stop_the_provider_closing_the_next(
         await second
     assert time.monotonic() - started < 1.0
     await service.aclose()
+
+
+class CountingRelay:
+    """A TCP relay in front of the fake that counts the connections clients open to it — what a
+    warm-up does shows here even though it sends no request."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self._target = (host, int(port))
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for pipe in self._pipes:
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            pipe = asyncio.create_task(self._pipe(source, sink))
+            self._pipes.add(pipe)
+            pipe.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+
+def warm_up_tasks() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "deepgram-rest-connect"]
+
+
+async def test_warm_up_opens_the_connection_the_first_request_then_uses(
+    base: str, fake: FakeDeepgram
+) -> None:
+    relay = CountingRelay(base)
+    async with relay as relayed:
+        service = DeepgramRestService("test-key", base_url=relayed)
+        provider = service.open()
+        provider.warm_up()
+        provider.warm_up()  # once per call
+        (warming,) = warm_up_tasks()
+        await asyncio.wait({warming}, timeout=2)
+        assert warming.done() and warming.exception() is None
+        assert (relay.connections, fake.requests) == (1, [])  # a connection, and no request
+        assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+        assert relay.connections == 1  # the request found it idle in the pool
+        await service.aclose()
+
+
+async def test_a_stream_started_during_warm_up_waits_for_its_connection(
+    base: str, fake: FakeDeepgram
+) -> None:
+    relay = CountingRelay(base)
+    async with relay as relayed:
+        service = DeepgramRestService("test-key", base_url=relayed)
+        provider = service.open()
+        provider.warm_up()
+        assert warm_up_tasks()
+        assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+        assert relay.connections == 1  # not a second connection of its own
+        await service.aclose()
+
+
+async def test_no_warm_up_on_an_injected_session(base: str, fake: FakeDeepgram) -> None:
+    """Its proxy settings (not public in aiohttp) decide which connection a request takes."""
+    async with aiohttp.ClientSession() as session:
+        service = DeepgramRestService("test-key", base_url=base, http_session=session)
+        provider = service.open()
+        provider.warm_up()
+        assert not warm_up_tasks()
+        assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+
+
+async def test_a_failed_warm_up_is_logged_and_the_request_reports_its_own_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service = DeepgramRestService("k", base_url="http://127.0.0.1:9", connect_timeout=1.0)
+    provider = service.open()
+    provider.warm_up()
+    with pytest.raises(TTSError, match="cannot reach") as info:
+        await collect(provider.stream("Hi."))
+    assert info.value.retryable
+    assert "opening a connection ahead of speech failed" in caplog.text
+    await service.aclose()
+
+
+@pytest.fixture
+async def silent_tls() -> AsyncIterator[str]:
+    """An https:// base URL whose server accepts and never answers the TLS handshake: a warm-up
+    against it stays in flight."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    silent = await asyncio.start_server(accept, "127.0.0.1", 0)
+    yield f"https://127.0.0.1:{silent.sockets[0].getsockname()[1]}"
+    for writer in accepted:
+        writer.close()
+    silent.close()
+    await silent.wait_closed()
+
+
+async def test_closing_the_provider_cancels_a_warm_up_in_flight(silent_tls: str) -> None:
+    service = DeepgramRestService("k", base_url=silent_tls, connect_timeout=30)
+    provider = service.open()
+    provider.warm_up()
+    await asyncio.sleep(0.1)
+    (task,) = warm_up_tasks()
+    assert not task.done()
+    await provider.aclose()
+    assert task.cancelled() and not warm_up_tasks()
+    await service.aclose()
+
+
+async def test_closing_the_provider_ends_a_stream_waiting_for_the_warm_up(
+    silent_tls: str,
+) -> None:
+    service = DeepgramRestService(
+        "k", base_url=silent_tls, connect_timeout=30, first_byte_timeout=30
+    )
+    provider = service.open()
+    provider.warm_up()
+    waiting = asyncio.create_task(collect(provider.stream("Hi.")))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await provider.aclose()
+    with pytest.raises(TTSError, match="closed") as info:
+        async with asyncio.timeout(2):
+            await waiting
+    assert not info.value.retryable
+    await service.aclose()
+
+
+async def test_shutting_down_during_a_warm_up_is_not_reported_as_a_failure(
+    silent_tls: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server is stopping while a call's warm-up still connects: when that connect then
+    fails (here it times out), it is not a fault worth a warning."""
+    service = DeepgramRestService("k", base_url=silent_tls, connect_timeout=0.5)
+    provider = service.open()
+    provider.warm_up()
+    await asyncio.sleep(0.1)
+    (task,) = warm_up_tasks()
+    await service.aclose()
+    await asyncio.wait({task}, timeout=2)
+    assert task.done() and task.exception() is not None
+    assert "ahead of speech failed" not in caplog.text
+    await provider.aclose()
+
+
+async def test_no_warm_up_once_the_credentials_were_refused_or_the_provider_closed(
+    base: str,
+) -> None:
+    service = DeepgramRestService("test-key", base_url=base)
+    service.mark_unhealthy()
+    service.open().warm_up()
+    closed = DeepgramRestService("test-key", base_url=base).open()
+    await closed.aclose()
+    closed.warm_up()
+    assert not warm_up_tasks()
+    await service.aclose()

@@ -18,6 +18,15 @@ Both raise a retryable :class:`TTSError`; aiohttp itself only bounds connecting 
 free pooled connection) with ``connect_timeout``, reported as such only when it is the shorter of
 the two (with both at their default of 5 s the first-byte deadline, started first, ends it).
 
+``warm_up()`` — the session calls it as the call's stream is accepted, before ``start`` — opens a
+pooled connection in the background (TCP and TLS; no request), so the call's first request finds
+one idle instead of connecting after ``start``: on a cold pool that is the handshakes off the time
+to first audio, and when hundreds of calls arrive together, several loop iterations. The first
+``stream()`` waits for it, within its first-byte deadline; a failure is only logged (the request
+connects afresh and reports its own). With a warm pool it takes an idle connection and puts it
+back, and opens nothing. Not done for an injected ``http_session``: its proxy settings decide
+which connection a request takes, and they are not public.
+
 Why aiohttp rather than httpx: every call opens a request per sentence, so at a few hundred calls
 the pool sees thousands of request opens and closes a minute. httpcore's pool does O(open
 connections) work on each (it rescans every connection to assign waiting requests and to find
@@ -31,14 +40,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import aiohttp
 import certifi
+from yarl import URL
 
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
+from callspeak.tasks import wait_cancelled
 from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text
@@ -46,6 +58,7 @@ from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text
 __all__ = ["DeepgramRestProvider", "DeepgramRestService"]
 
 _NAME = "deepgram"
+logger = logging.getLogger(__name__)
 _ERROR_BODY_LIMIT = 64 * 1024
 _KEEPALIVE_SECONDS = 30.0
 
@@ -111,6 +124,11 @@ class DeepgramRestService:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def owns_session(self) -> bool:
+        """True when the service made its HTTP session (and closes it); False if injected."""
+        return self._owns_session
+
     def mark_unhealthy(self) -> None:
         """Record that Deepgram refused the credentials (called by providers)."""
         self._healthy = False
@@ -142,6 +160,21 @@ class DeepgramRestService:
         """Create the pooled session. Idempotent."""
         _ = self.session
 
+    async def preconnect(self) -> None:
+        """Make sure the pool holds a connection to Deepgram: take one — opening it (TCP, TLS)
+        when none is idle — and put it straight back. Sends no request. Raises what connecting
+        raises (bounded by ``connect_timeout``).
+
+        Through aiohttp's documented ``BaseConnector.connect``, with the request key a
+        ``session.post`` to the same URL uses, so the next request finds the connection idle.
+        """
+        session = self.session
+        request = aiohttp.ClientRequest(
+            "POST", URL(f"{self.base_url}/v1/speak"), loop=asyncio.get_running_loop()
+        )
+        connection = await session.connector.connect(request, [], self.request_timeout)  # type: ignore[union-attr]
+        connection.release()
+
     def open(self) -> DeepgramRestProvider:
         """A provider for one call. Raises :class:`RuntimeError` once the service is closed."""
         if self._closed:
@@ -171,6 +204,8 @@ class DeepgramRestProvider:
         self._service = service
         self._closed = False
         self._deadline: asyncio.Timeout | None = None  # the read in flight, so aclose can end it
+        self._warming: asyncio.Task[None] | None = None  # warm_up()'s connect
+        self._warmed = False
 
     async def stream(
         self, text: str, *, continuation: bool = False, ahead: float = 0.0
@@ -184,12 +219,39 @@ class DeepgramRestProvider:
                 async for audio in audio_chunks:
                     yield audio
 
+    def warm_up(self) -> None:
+        """Open a pooled connection now, in the background, so the call's first request finds
+        one idle (see :meth:`DeepgramRestService.preconnect`). Once per provider; nothing when
+        closed or after Deepgram refused the credentials."""
+        service = self._service
+        if self._warmed or self._closed or service.closed or not service.healthy:
+            return
+        if not service.owns_session:
+            return  # an injected session's proxy settings pick the connection: unknown here
+        self._warmed = True
+        self._warming = asyncio.create_task(service.preconnect(), name="deepgram-rest-connect")
+        self._warming.add_done_callback(self._warm_done)
+
+    def _warm_done(self, task: asyncio.Task[None]) -> None:
+        if self._warming is task:
+            self._warming = None
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        if not self._closed and not self._service.closed:  # else: shutting down, not a fault
+            # The request connects afresh and reports its own failure; this is the early sign.
+            logger.warning("deepgram: opening a connection ahead of speech failed: %r", error)
+
     async def clear(self) -> None:
         """Nothing to drop: requests are per text and end when their iterator is closed."""
 
     async def aclose(self) -> None:
         """Stop any in-flight stream and refuse new ones. Idempotent; the service stays open."""
         self._closed = True
+        warming, self._warming = self._warming, None
+        if warming is not None:
+            warming.cancel()
+            with contextlib.suppress(Exception):  # of no use now; _warm_done has logged it
+                await wait_cancelled(warming)
         deadline = self._deadline
         if deadline is not None:
             with contextlib.suppress(RuntimeError):  # already expiring or exited
@@ -229,6 +291,10 @@ class DeepgramRestProvider:
         try:
             try:
                 async with asyncio.timeout_at(when) as self._deadline:
+                    if self._warming is not None:
+                        # Its connection is the one to use; a failure is found again below.
+                        await asyncio.wait({self._warming})
+                        self._check_open()  # closed meanwhile: no request
                     # A request waiting for a pooled connection is cancelled by aiohttp when the
                     # service closes the pool: see the CancelledError clause below.
                     response = await session.post(
