@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -196,6 +197,22 @@ async def test_first_byte_delay_is_a_floor_even_when_timers_fire_early() -> None
     await fake.hold_first_byte(since=10.0)
     assert clock.now >= 10.3 - 1e-4
     assert len(slept) == 4 and slept[0] == pytest.approx(0.3)
+
+
+async def test_first_byte_top_ups_outlast_millisecond_timers() -> None:
+    # Like uvloop: a timer is whole milliseconds, rounded down, and fires a little early; a
+    # sub-millisecond sleep returns at once. Topping up by the exact remainder would never land.
+    clock = SettableClock(now=10.0)
+    slept: list[float] = []
+
+    async def millisecond_sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += max(0.0, math.floor(seconds * 1000) / 1000 - 0.0002)
+
+    fake = FakeDeepgram(first_byte_delay=0.3, clock=clock, sleep=millisecond_sleep)
+    await fake.hold_first_byte(since=10.0)
+    assert clock.now >= 10.3
+    assert slept == [pytest.approx(0.3), pytest.approx(0.001)]
 
 
 async def test_first_byte_wait_is_bounded_when_the_clock_stands_still() -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections import deque
@@ -120,6 +121,8 @@ class FakeDeepgram:
 
         Timers may fire a little early (uvloop rounds to milliseconds), so the wait is topped up
         a few times rather than trusted once: the delay is a floor callers can measure against.
+        A top-up is rounded up to whole milliseconds: uvloop runs a 0.1 ms timer at once, so
+        sleeping the exact remainder could spend every top-up without time passing.
         """
         deadline = since + self.first_byte_delay
         left = max(0.0, deadline - self.clock())
@@ -128,6 +131,7 @@ class FakeDeepgram:
             left = deadline - self.clock()
             if left <= 0:
                 return
+            left = max(1, math.ceil(left * 1000 - 1e-6)) / 1000
 
     async def _first_bytes(self, request: Request) -> JSONResponse:
         return JSONResponse(self.first_bytes)
