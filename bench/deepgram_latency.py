@@ -18,7 +18,13 @@ instant, and for 200 calls arriving over ``--ramp`` seconds (each measured while
 are in progress). Each row also gives the CPU the three processes used, as a share of one core:
 all three share the machine's cores, so a saturated machine shows there first.
 
-    .venv/bin/python bench/deepgram_latency.py [--calls 200] [--rounds 3] [--ramp 2]
+``--pin`` gives the server core 0 to itself and puts this process and the fake on the others,
+as in production, where the callers (Twilio) and Deepgram are other machines: the server's own
+figures then no longer wait for CPU the load generator took. On a 2-core machine the 200 callers
+and the fake then share one core, so the fake's own first byte can run late under load: read the
+"request read -> fake's first byte" row beside it.
+
+    .venv/bin/python bench/deepgram_latency.py [--calls 200] [--rounds 3] [--ramp 2] [--pin]
 """
 
 from __future__ import annotations
@@ -158,7 +164,14 @@ def main() -> None:
         default=40_000,
         help="the fake's streaming rate (40000 = 5x real time for 8 kHz mu-law; 0 = unpaced)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="give the server core 0 to itself; the callers and the fake share the others",
+    )
     args = parser.parse_args()
+    if args.pin:
+        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
     # This process is 200 callers at once: as in the server, a full collection walking every
     # import would pause all of them together, and the pause would be counted as ours.
     freeze_startup_objects()
@@ -187,6 +200,8 @@ def main() -> None:
             }
             hooks = ("--hooks", "_first_frames:hooks")
             with callspeak_server_process(env, *hooks) as (port, server):
+                if args.pin:
+                    os.sched_setaffinity(server.pid, {0})
                 lines += eventloop.run(
                     measure(
                         port, server.pid, fake, fake_port, sent_log, args.calls, args.rounds,
