@@ -53,12 +53,13 @@ class FakeTransport:
 class DirectTransport(FakeTransport):
     """A FakeTransport that also hands messages straight to the session
     (:class:`~callspeak.session.DirectDelivery`), on the same terms as the native ``/twilio``
-    socket: only while a ``receive()`` waits and nothing is queued ahead."""
+    socket: only while the reader is not busy with a message (a ``receive()`` waits, or none
+    was made yet) and nothing is queued ahead."""
 
     def __init__(self) -> None:
         super().__init__()
         self.handler: Callable[[str | bytes], bool] | None = None
-        self.waiting = False
+        self.busy = False  # receive() returned a message and was not called again yet
         self.direct = 0  #: messages the session handled straight away
 
     def deliver_to(self, handler: Callable[[str | bytes], bool]) -> None:
@@ -66,18 +67,17 @@ class DirectTransport(FakeTransport):
 
     def push(self, message: str | bytes | None) -> None:
         handler = self.handler
-        if message is not None and handler and self.waiting and self.inbound.empty():
+        if message is not None and handler and not self.busy and self.inbound.empty():
             if handler(message):
                 self.direct += 1
                 return
         super().push(message)
 
     async def receive(self) -> str | bytes | None:
-        self.waiting = True
-        try:
-            return await super().receive()
-        finally:
-            self.waiting = False
+        self.busy = False
+        message = await super().receive()
+        self.busy = True
+        return message
 
 
 def tone_for(text: str, seconds_per_char: float = 0.01) -> bytes:

@@ -234,6 +234,42 @@ async def _fragments_binary_and_bad_utf8(pieces: int | None) -> None:
     assert frames[-1].data[:2] == (1007).to_bytes(2, "big")
 
 
+async def test_a_handler_given_as_the_stream_is_accepted_sees_messages_before_its_task_runs() -> (
+    None
+):
+    """serve() is called in the callback that sends the 101, so a handler it sets takes the
+    first messages before the call's task has had a turn; one it declines is queued, and those
+    behind it wait for the reader, in order, until it asks for the next message again."""
+    handled: list[str | bytes] = []
+    received: list[str | bytes] = []
+
+    def handler(message: str | bytes) -> bool:
+        if message != "mine":
+            return False
+        handled.append(message)
+        return True
+
+    async def reader(sock: MediaSocket) -> None:
+        while (message := await sock.receive()) is not None:
+            received.append(message)
+
+    def serve(sock: MediaSocket) -> Coroutine[Any, Any, None]:
+        sock.deliver_to(handler)
+        return reader(sock)
+
+    wired = Wired(serve)
+    for text in ("mine", "the reader's", "mine"):  # one read, before the task's first turn
+        wired.client.send_text(text.encode())
+    wired.deliver()
+    assert handled == ["mine"] and received == []
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert received == ["the reader's", "mine"]
+    wired.send_text("mine")  # the reader waits again: handed over at once
+    assert handled == ["mine", "mine"] and len(received) == 2
+    await wired.finish()
+
+
 async def test_a_failing_handler_closes_the_stream_with_1011_and_sees_nothing_more(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

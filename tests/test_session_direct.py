@@ -129,3 +129,50 @@ async def test_a_start_that_admission_judges_is_left_to_the_reader() -> None:
     await transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
     transport.push(None)
     await asyncio.wait_for(task, 5)
+
+
+async def test_an_opened_session_handles_its_opening_before_run_and_warms_the_voice_up() -> None:
+    """open() — as the native socket calls it in the callback that accepted the stream — warms
+    the voice and takes delivery at once: a start that arrives before run()'s tasks had a turn
+    is handled as it arrives and the voice asked one iteration later; run() then serves on."""
+    transport, provider = DirectTransport(), FakeProvider(chunk=160)
+    session = CallSession(transport, provider, greeting="Hello there.")
+    session.open()
+    session.open()  # idempotent
+    assert provider.warmed == 1 and transport.handler is not None
+    transport.push(Connected("Call", "1.0.0").to_json())
+    transport.push(start_json())
+    assert transport.direct == 2
+    assert session.phase is Phase.STREAMING and [u.text for u in session.utterances] == [
+        "Hello there."
+    ]
+    assert await loop_iterations_until(lambda: bool(provider.texts)) == 1
+    task = asyncio.create_task(session.run())
+    await transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+    assert provider.warmed == 1  # not again in run()
+    transport.push(None)
+    await asyncio.wait_for(task, 5)
+    assert provider.closed
+
+
+async def test_a_message_the_reader_is_busy_with_keeps_later_ones_queued_behind_it() -> None:
+    """Before the first receive() direct delivery is open; once the reader holds a message
+    (here a DTMF, which is the reader's), later media wait in the queue until it asks again."""
+    transport, provider = DirectTransport(), FakeProvider(chunk=160)
+    session = CallSession(transport, provider, greeting=None)
+    session.open()
+    transport.push(start_json())
+    transport.push(Dtmf(2, SID, "inbound", "5").to_json())  # declined: queued for the reader
+    transport.push(media(3))  # queued behind it, not handed over ahead of it
+    assert transport.direct == 1 and transport.inbound.qsize() == 2
+    task = asyncio.create_task(session.run())
+    events: list[str] = []
+    session.add_listener(lambda record: events.append(record.type))
+    assert (
+        await loop_iterations_until(lambda: transport.inbound.empty() and not transport.busy) < 10
+    )
+    assert events[:1] == ["dtmf"]
+    transport.push(media(4))
+    assert transport.direct == 2  # the reader waits again: direct once more
+    transport.push(None)
+    await asyncio.wait_for(task, 5)

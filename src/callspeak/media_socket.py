@@ -66,7 +66,8 @@ _END: Final = None
 Handler = Callable[[str | bytes], bool]
 #: Admission of an upgrade (request, client address): None admits it, a Refusal gets a 403.
 Admit = Callable[[Request, str], Refusal | None]
-#: Serves an admitted stream over the socket until the call ends.
+#: Called in the callback that accepts a stream (the call may be set up there and then);
+#: returns the coroutine, run as the call's task, that serves it until the call ends.
 Serve = Callable[["MediaSocket"], Coroutine[Any, Any, None]]
 
 
@@ -104,6 +105,9 @@ class MediaSocket(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._inbox: deque[str | bytes | None] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        #: A message receive() returned is still being handled (the reader has not asked for
+        #: the next one): nothing may be handed to the handler meanwhile, or order would break.
+        self._reader_busy = False
         self._handler: Handler | None = None
         self._max_size = max_size
         self._buffer = b""  # the start of a frame (or of the request) still arriving
@@ -182,6 +186,7 @@ class MediaSocket(asyncio.Protocol):
 
     async def receive(self) -> str | bytes | None:
         inbox = self._inbox
+        self._reader_busy = False
         while not inbox:
             self._waiter = self._loop.create_future()
             try:
@@ -189,6 +194,7 @@ class MediaSocket(asyncio.Protocol):
             finally:
                 self._waiter = None
         message = inbox[0] if inbox[0] is _END else inbox.popleft()
+        self._reader_busy = True
         if self._reading_paused and len(inbox) <= INBOX_LOW and self._transport is not None:
             self._reading_paused = False
             self._transport.resume_reading()
@@ -337,8 +343,10 @@ class MediaSocket(asyncio.Protocol):
                 return
         else:
             message = data
-        inbox, waiter, handler = self._inbox, self._waiter, self._handler
-        if not inbox and handler is not None and waiter is not None and not waiter.done():
+        inbox, handler = self._inbox, self._handler
+        # Before the reader's first receive() too: the call's opening messages are then handled
+        # in this callback, though its reader task has not run yet.
+        if not inbox and handler is not None and not self._reader_busy:
             try:
                 if handler(message):
                     return

@@ -32,9 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -65,7 +65,15 @@ from callspeak.twiml import (
 )
 from callspeak.voices import make_tts_service
 
-__all__ = ["AppState", "CallRegistry", "Refusal", "admit_stream", "create_app", "serve_stream"]
+__all__ = [
+    "AppState",
+    "CallRegistry",
+    "Refusal",
+    "admit_stream",
+    "create_app",
+    "open_stream",
+    "serve_stream",
+]
 
 log = logging.getLogger("callspeak.server")
 
@@ -314,11 +322,33 @@ def admit_stream(state: AppState, signature: str | None, client: str) -> Refusal
 async def serve_stream(state: AppState, transport: Transport) -> None:
     """Serve one admitted, open media stream until it ends; the socket is closed on return
     (with 1011 if the call could not even be set up, whose error is then raised)."""
+    await open_stream(state, transport)
+
+
+def open_stream(state: AppState, transport: Transport) -> Coroutine[Any, Any, None]:
+    """:func:`serve_stream` in two steps: set the call up now — its session made and opened
+    (:meth:`CallSession.open`: the voice warming up, inbound messages handled as they arrive)
+    — and return the coroutine that serves it, to be awaited or run as a task.
+
+    For a server that accepts a stream in a callback (``media_socket.py``): done there, the call
+    is ready for its ``start`` before its task's first turn, which is a loop iteration later,
+    and tens of milliseconds when hundreds of calls arrive together. The coroutine must be run:
+    it ends what the opened session began.
+    """
     try:
         session = _new_session(state, transport)
-    except Exception:  # a broken voice or hook: the socket must not stay open, unread
-        await transport.close(1011, "internal error")
-        raise
+        session.open()
+    except Exception as exc:  # a broken voice or hook: the socket must not stay open, unread
+        return _close_unserved(transport, exc)
+    return _serve_session(state, transport, session)
+
+
+async def _close_unserved(transport: Transport, error: Exception) -> None:
+    await transport.close(1011, "internal error")
+    raise error
+
+
+async def _serve_session(state: AppState, transport: Transport, session: CallSession) -> None:
     state.metrics.calls_active.inc()
     registered = asyncio.create_task(_register_when_started(state.calls, session))
     try:

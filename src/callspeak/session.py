@@ -8,7 +8,9 @@ to Twilio in 20 ms frames, paced so that the audio sent runs at most ``max_lead`
 the caller's playback, with a mark after each sentence. When ``run()`` returns, every task of the
 call has been cancelled and awaited and the provider closed.
 
-Latency: the voice is warmed up (``warm_up()``) as ``run()`` begins, before ``start``. Speech
+Latency: the voice is warmed up (``warm_up()``) in ``open()``, as the stream is accepted and before
+``start``, and from then on a transport that can (:class:`DirectDelivery`) hands ``start`` and media
+to the session in the callback that read them. Speech
 queued while the call has nothing to speak starts synthesising in ``say()`` itself, and audio the
 sender is idle waiting for is sent by the producer as it arrives — each a loop iteration saved,
 which a server busy with hundreds of calls would spend in tens of milliseconds.
@@ -116,12 +118,12 @@ class Transport(Protocol):
 class DirectDelivery(Protocol):
     """A :class:`Transport` that can hand inbound messages to the session as they arrive, with
     no task switch, instead of queueing them for ``receive()``. Optional: the session offers its
-    handler when it starts reading; transports without this method are only read."""
+    handler in ``open()``; transports without this method are only read."""
 
     def deliver_to(self, handler: Callable[[str | bytes], bool]) -> None:
-        """Offer each later inbound message to ``handler`` first — but only while a
-        ``receive()`` is waiting and nothing is queued ahead of it, so messages are still seen
-        in order and never while the reader is busy with one. ``handler`` returns True when it
+        """Offer each later inbound message to ``handler`` first — but only while the reader
+        is not busy with one (a ``receive()`` is waiting, or none was made yet) and nothing is
+        queued ahead of it, so messages are still seen in order. ``handler`` returns True when it
         dealt with the message completely; False leaves it untouched, and it is queued for
         ``receive()`` as usual."""
         ...
@@ -209,6 +211,7 @@ class CallSession:
         self._no_clear.set()
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self._opened = False
         self._started = asyncio.Event()
         self._barge_in = barge_in
         self._interrupt_digits = interrupt_digits
@@ -386,9 +389,31 @@ class CallSession:
 
     # -- the socket loop -------------------------------------------------------------------
 
+    def open(self) -> None:
+        """Begin the call ahead of :meth:`run`, from the callback that accepted its stream:
+        warm the voice up and take inbound messages as they arrive (a :class:`DirectDelivery`
+        transport), so ``connected`` and ``start`` are handled as they are read and the first
+        words asked for then, rather than once ``run()``'s tasks have had their first turns —
+        which, with hundreds of calls arriving together, is tens of milliseconds per turn.
+        Idempotent; ``run()`` calls it. A session opened must then be run: ``run()`` is what
+        ends the tasks a ``start`` handled here begins."""
+        if self._opened:
+            return
+        self._opened = True
+        # getattr, not isinstance: a runtime Protocol check costs tens of microseconds a call.
+        deliver_to = getattr(self._transport, "deliver_to", None)
+        if deliver_to is not None:
+            deliver_to(self._handle_now)
+        if self._admit is None:
+            # The voice opens its connection (if it keeps one per call) while Twilio is still
+            # sending connected and start. (A stream that admission judges warms up once
+            # admitted: a refused one should not cost a connection to the voice.)
+            warm_up(self._provider)
+
     async def run(self) -> None:
         """Serve the call until ``stop``, the socket closes, the idle timeout or a refusal at
         ``start``; then release everything."""
+        self.open()
         # The reader runs in its own task so the idle watchdog can end a receive that a dead peer
         # would leave pending until TCP gives up.
         reader = asyncio.create_task(self._read_loop(), name="media-reader")
@@ -398,11 +423,6 @@ class CallSession:
             else None
         )
         try:
-            if self._admit is None:
-                # The voice opens its connection (if it keeps one per call) while Twilio is
-                # still sending connected and start. (A stream that admission judges warms up
-                # once admitted: a refused one should not cost a connection to the voice.)
-                warm_up(self._provider)
             await asyncio.wait(
                 {t for t in (reader, watchdog) if t is not None},
                 return_when=asyncio.FIRST_COMPLETED,
@@ -427,10 +447,6 @@ class CallSession:
             await self._shutdown()
 
     async def _read_loop(self) -> None:
-        # getattr, not isinstance: a runtime Protocol check costs tens of microseconds a call.
-        deliver_to = getattr(self._transport, "deliver_to", None)
-        if deliver_to is not None:
-            deliver_to(self._handle_now)
         while True:
             message = await self._transport.receive()
             if message is None:

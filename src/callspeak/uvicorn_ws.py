@@ -12,14 +12,14 @@ It relies on what uvicorn does with a ``ws=`` class (0.54): builds it with ``con
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from websockets.http11 import Request
 
 from callspeak.forwarded import trusted_proxies
 from callspeak.media_socket import CLOSE_TIMEOUT, MediaSocket, log
-from callspeak.server import STREAM_PATH, AppState, Refusal, admit_stream, serve_stream
+from callspeak.server import STREAM_PATH, AppState, Refusal, admit_stream, open_stream
 from callspeak.signatures import SIGNATURE_HEADER
 
 __all__ = ["uvicorn_ws_protocol"]
@@ -60,14 +60,9 @@ class _Upgrade(asyncio.Protocol):
             def admit(request: Request, client: str) -> Refusal | None:
                 return admit_stream(state, request.headers.get(SIGNATURE_HEADER), client)
 
-            async def serve(socket: MediaSocket) -> None:
-                try:
-                    await serve_stream(state, socket)
-                except Exception:  # a bug; through ASGI, uvicorn would log it
-                    log.exception("media stream from %s failed", socket.client)
-                    await socket.close(1011, "internal error")
-                finally:
-                    state.calls.release()
+            def serve(socket: MediaSocket) -> Coroutine[Any, Any, None]:
+                # Set up here, in the callback that accepted the stream (see open_stream).
+                return _served(state, socket, open_stream(state, socket))
 
             return MediaSocket(
                 admit,
@@ -115,6 +110,18 @@ class _Upgrade(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self._target is not None:
             self._target.resume_writing()
+
+
+async def _served(state: AppState, socket: MediaSocket, serving: Coroutine[Any, Any, None]) -> None:
+    """Run a stream's ``serving`` coroutine; log a failure (through ASGI, uvicorn would) and
+    close the stream; free its slot whatever happens."""
+    try:
+        await serving
+    except Exception:  # a bug
+        log.exception("media stream from %s failed", socket.client)
+        await socket.close(1011, "internal error")
+    finally:
+        state.calls.release()
 
 
 def uvicorn_ws_protocol(
