@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from callspeak.config import Settings
-from callspeak.heap import freeze_startup_objects
+from callspeak.heap import YOUNG_THRESHOLD, collect_young_less_often, freeze_startup_objects
 from callspeak.server import create_app
 from tests.conftest import serve_app
 from tests.fakes import FakeService
@@ -50,3 +50,33 @@ async def test_the_app_freezes_its_start_up_only_when_asked(unfrozen: None, free
     async with serve_app(app) as url, httpx.AsyncClient() as http:
         assert (await http.get(f"{url}/healthz")).status_code == 200
         assert (gc.get_freeze_count() > 0) is freeze
+
+
+@pytest.fixture
+def thresholds() -> Iterator[None]:
+    """Each test ends with the collector's thresholds as it found them."""
+    saved = gc.get_threshold()
+    yield
+    gc.set_threshold(*saved)
+
+
+def test_the_young_generation_is_collected_less_often_and_the_older_ones_as_before(
+    thresholds: None,
+) -> None:
+    gc.set_threshold(700, 10, 10)
+    collect_young_less_often()
+    assert gc.get_threshold() == (YOUNG_THRESHOLD, 10, 10)
+    gc.set_threshold(YOUNG_THRESHOLD * 2, 5, 7)
+    collect_young_less_often()  # a higher threshold someone chose is kept
+    assert gc.get_threshold() == (YOUNG_THRESHOLD * 2, 5, 7)
+
+
+@pytest.mark.parametrize("own_heap", [True, False])
+async def test_the_app_raises_the_young_threshold_only_when_it_owns_the_heap(
+    unfrozen: None, thresholds: None, own_heap: bool
+) -> None:
+    gc.set_threshold(700, 10, 10)
+    app = create_app(Settings(validate_signatures=False), tts=FakeService(), freeze_heap=own_heap)
+    async with serve_app(app) as url, httpx.AsyncClient() as http:
+        assert (await http.get(f"{url}/healthz")).status_code == 200
+        assert gc.get_threshold()[0] == (YOUNG_THRESHOLD if own_heap else 700)

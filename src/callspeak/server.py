@@ -50,7 +50,7 @@ from callspeak.bargein import SpeechOnsetDetector
 from callspeak.call_tokens import TOKEN_PARAMETER, CallTokenStore
 from callspeak.clock import Clock, MonotonicClock
 from callspeak.config import ConfigError, Settings
-from callspeak.heap import freeze_startup_objects
+from callspeak.heap import collect_young_less_often, freeze_startup_objects
 from callspeak.hooks import CallHooks
 from callspeak.metrics import Metrics
 from callspeak.protocol import Start
@@ -206,9 +206,10 @@ def create_app(
     """Build the ASGI app. Its lifespan starts the TTS service; it closes the service only if it
     made it (an injected service belongs to the caller, who may share it between apps).
 
-    ``freeze_heap`` (``callspeak serve`` sets it): once started, freeze what start-up made, so
-    the garbage collector's full passes stay short under load (see :mod:`callspeak.heap`). Leave
-    it off when the app lives inside a larger program.
+    ``freeze_heap`` (``callspeak serve`` sets it): once started, freeze what start-up made and
+    raise the young generation's threshold, so the garbage collector's passes stay short and
+    rare under load (see :mod:`callspeak.heap`). Leave it off when the app lives inside a larger
+    program.
 
     Raises :class:`~callspeak.config.ConfigError` if signature validation is on (the default)
     without ``TWILIO_AUTH_TOKEN`` and ``CALLSPEAK_PUBLIC_URL``: an app that cannot check
@@ -255,6 +256,7 @@ def create_app(
             await prerender([settings.greeting])
         if freeze_heap:
             frozen = freeze_startup_objects()
+            collect_young_less_often()
             log.debug("froze %d start-up objects out of garbage collection", frozen)
         try:
             yield
