@@ -85,6 +85,13 @@ async def round_of_calls(
     return list(zip(texts, reports, strict=True))
 
 
+def pin_process(pid: int, cores: set[int]) -> None:
+    """Run every thread of ``pid`` on ``cores`` (Linux: affinity is per thread, and threads the
+    process started before this keep their own)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cores)
+
+
 def stats(name: str, values: list[float]) -> str:
     ms = [v * 1000 for v in values]
     return (
@@ -171,6 +178,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.pin:
+        if (os.cpu_count() or 1) < 2:
+            parser.error("--pin needs at least 2 cores")
         os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
     # This process is 200 callers at once: as in the server, a full collection walking every
     # import would pause all of them together, and the pause would be counted as ours.
@@ -201,7 +210,7 @@ def main() -> None:
             hooks = ("--hooks", "_first_frames:hooks")
             with callspeak_server_process(env, *hooks) as (port, server):
                 if args.pin:
-                    os.sched_setaffinity(server.pid, {0})
+                    pin_process(server.pid, {0})
                 lines += eventloop.run(
                     measure(
                         port, server.pid, fake, fake_port, sent_log, args.calls, args.rounds,

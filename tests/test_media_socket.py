@@ -100,7 +100,8 @@ class Wired:
         self.client = ClientProtocol(parse_uri("ws://test/twilio"))
         self.client.send_request(self.client.connect())
         self.deliver()
-        self.response = self._read()[0]
+        self.opening = self._read()  #: the response, and any frame sent right behind it
+        self.response = self.opening[0]
 
     def deliver(self, extra: bytes = b"") -> None:
         """What the client has to send (and ``extra`` raw bytes), to the socket."""
@@ -238,10 +239,12 @@ async def test_a_handler_given_as_the_stream_is_accepted_sees_messages_before_it
     None
 ):
     """serve() is called in the callback that sends the 101, so a handler it sets takes the
-    first messages before the call's task has had a turn; one it declines is queued, and those
-    behind it wait for the reader, in order, until it asks for the next message again."""
+    first messages before the call's task has had a turn. One it declines is queued for the
+    reader; while the reader is busy with it, later messages wait too — even once nothing is
+    queued — and are handed over again only when it asks for the next one."""
     handled: list[str | bytes] = []
     received: list[str | bytes] = []
+    release = asyncio.Event()
 
     def handler(message: str | bytes) -> bool:
         if message != "mine":
@@ -252,6 +255,8 @@ async def test_a_handler_given_as_the_stream_is_accepted_sees_messages_before_it
     async def reader(sock: MediaSocket) -> None:
         while (message := await sock.receive()) is not None:
             received.append(message)
+            if message == "the reader's":
+                await release.wait()  # busy with it, the inbox empty
 
     def serve(sock: MediaSocket) -> Coroutine[Any, Any, None]:
         sock.deliver_to(handler)
@@ -261,13 +266,46 @@ async def test_a_handler_given_as_the_stream_is_accepted_sees_messages_before_it
     for text in ("mine", "the reader's", "mine"):  # one read, before the task's first turn
         wired.client.send_text(text.encode())
     wired.deliver()
-    assert handled == ["mine"] and received == []
-    for _ in range(5):
+    assert handled == ["mine"] and received == []  # the second "mine" queued behind the other
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert received == ["the reader's"]
+    release.set()
+    for _ in range(3):
         await asyncio.sleep(0)
     assert received == ["the reader's", "mine"]
+    release.clear()
+    wired.send_text("the reader's")  # the reader waits: declined, so it takes it (and waits)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert received[-1] == "the reader's"
+    wired.send_text("mine")  # the reader is busy and nothing is queued: still not handed over
+    assert handled == ["mine"]
+    release.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert received == ["the reader's", "mine", "the reader's", "mine"]
     wired.send_text("mine")  # the reader waits again: handed over at once
-    assert handled == ["mine", "mine"] and len(received) == 2
+    assert handled == ["mine", "mine"] and len(received) == 4
     await wired.finish()
+
+
+async def test_a_serve_that_fails_as_the_stream_is_accepted_closes_it_with_1011(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def serve(sock: MediaSocket) -> Coroutine[Any, Any, None]:
+        raise RuntimeError("a bug in setting the call up")
+
+    wired = Wired(serve)
+    assert wired.response.status_code == 101 and not wired.tasks
+    close = wired.opening[-1]
+    assert (
+        isinstance(close, Frame)
+        and close.opcode is Opcode.CLOSE
+        and close.data[:2] == (1011).to_bytes(2, "big")
+    )
+    assert "setting up the media stream from" in caplog.text
+    assert await asyncio.wait_for(wired.socket.receive(), 1) is None
 
 
 async def test_a_failing_handler_closes_the_stream_with_1011_and_sees_nothing_more(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from callspeak.call_state import Phase
 from callspeak.protocol import (
     AccountSid,
@@ -155,9 +157,10 @@ async def test_an_opened_session_handles_its_opening_before_run_and_warms_the_vo
     assert provider.closed
 
 
-async def test_a_message_the_reader_is_busy_with_keeps_later_ones_queued_behind_it() -> None:
-    """Before the first receive() direct delivery is open; once the reader holds a message
-    (here a DTMF, which is the reader's), later media wait in the queue until it asks again."""
+async def test_a_message_left_for_the_reader_before_it_runs_keeps_later_ones_behind_it() -> None:
+    """Before the first receive() direct delivery is open; a message it declines (a DTMF, the
+    reader's) is queued, media behind it wait in the queue and are handled after it, and once
+    the reader waits again media are handed over directly."""
     transport, provider = DirectTransport(), FakeProvider(chunk=160)
     session = CallSession(transport, provider, greeting=None)
     session.open()
@@ -174,5 +177,26 @@ async def test_a_message_the_reader_is_busy_with_keeps_later_ones_queued_behind_
     assert events[:1] == ["dtmf"]
     transport.push(media(4))
     assert transport.direct == 2  # the reader waits again: direct once more
+    transport.push(None)
+    await asyncio.wait_for(task, 5)
+
+
+class WarmUpFails(FakeProvider):
+    def warm_up(self) -> None:
+        raise RuntimeError("a bug in the voice's warm-up")
+
+
+async def test_a_voice_whose_warm_up_fails_is_logged_and_the_call_still_speaks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport, provider = DirectTransport(), WarmUpFails(chunk=160)
+    session = CallSession(transport, provider, greeting="Hello there.")
+    session.open()  # raises nothing
+    assert "warming up the voice fake failed" in caplog.text
+    assert transport.handler is not None  # and takes delivery all the same
+    task = asyncio.create_task(session.run())
+    transport.push(start_json())
+    await transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+    assert provider.texts == ["Hello there."]
     transport.push(None)
     await asyncio.wait_for(task, 5)

@@ -7,13 +7,14 @@ call heard at once. :func:`freeze_startup_objects` moves what exists when the se
 into the permanent generation (:func:`gc.freeze`), so later passes walk only what calls made.
 
 Calls arriving together then still pay for the young generations: each call set up leaves a few
-hundred long-lived objects (its session, tasks, sockets), so at CPython's default threshold (700)
-200 calls arriving at once ran ~90 young and ~8 middle passes, about 10–20 ms of the ~100 ms the
-burst kept the server busy, every pass re-walking the calls just set up.
+hundred long-lived objects (its session, tasks, sockets), so at CPython's default threshold (700
+up to 3.13) 200 calls arriving at once ran ~90 young and ~8 middle passes, about 10–20 ms of the
+~100 ms the burst kept the server busy, every pass re-walking the calls just set up.
 :func:`collect_young_less_often` raises the young threshold to :data:`YOUNG_THRESHOLD`: two or
-three passes for the same burst (~2–3 ms each), and the time to first audio of the burst's calls
-~10–20 ms shorter (medians and p99 of interleaved A/B rounds, in ``bench/deepgram_latency.py``'s setting). What it
-costs is garbage in reference cycles living a little longer: at most that many objects.
+three passes for the same burst (~2–3 ms each), and the burst's time to first audio ~10–20 ms
+shorter (medians and p99 of interleaved A/B rounds, in ``bench/deepgram_latency.py``'s setting).
+What it costs is garbage in reference cycles living a little longer: up to that many net
+allocations of tracked objects between passes, and whatever they hold (audio buffers included).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Final
 
 __all__ = ["YOUNG_THRESHOLD", "collect_young_less_often", "freeze_startup_objects"]
 
-#: Net allocations of tracked objects between two young-generation passes (CPython: 700).
+#: Net allocations of tracked objects between two young-generation passes (700 by default in
+#: CPython 3.11–3.13; 3.14's incremental collector starts at 2000 and reads it differently).
 YOUNG_THRESHOLD: Final = 20_000
 
 

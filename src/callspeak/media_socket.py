@@ -6,7 +6,8 @@ reading, and Starlette's bookkeeping. Here the bytes go from the socket into web
 ``ServerProtocol`` and each text message to the call's session in the same callback
 (:class:`~callspeak.session.DirectDelivery`), so media and marks are handled with no task switch.
 Everything else about a stream — admission, the session, metrics, logs — is the code the ASGI
-route uses (``admit_stream`` and ``serve_stream`` in ``server.py``).
+route uses (``admit_stream`` and ``open_stream``, the first step of ``serve_stream``, in
+``server.py``), the stream set up in the callback that accepted it.
 
 ``uvicorn_ws.py`` gives uvicorn (``ws=``) the protocol class that makes an upgrade to ``/twilio``
 a :class:`MediaSocket`. Whole masked data frames are unmasked by ``frame_reader.py``; every other
@@ -247,7 +248,14 @@ class MediaSocket(asyncio.Protocol):
         conn.send_response(self._with_defaults(response))
         if response.status_code == 101:
             _uvicorn_log.info('%s - "WebSocket %s" [accepted]', self.client, request.path)
-            task = self._loop.create_task(self._serve(self), name=f"media-socket {self.client}")
+            try:
+                serving = self._serve(self)
+            except Exception:  # a bug: the socket must not stay open with nobody reading it
+                log.exception("setting up the media stream from %s failed", self.client)
+                conn.fail(1011, "internal error")
+                self._end_input()
+                return
+            task = self._loop.create_task(serving, name=f"media-socket {self.client}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -3,7 +3,8 @@
 One process serves HTTP and WebSocket together (Starlette on uvicorn). ``callspeak serve`` answers
 ``/twilio`` without ASGI (``uvicorn_ws.py`` and ``media_socket.py``: the socket feeds websockets'
 sans-I/O protocol and the call directly); the app's own ``/twilio`` route serves it on any other
-ASGI server, with the same admission and session (:func:`admit_stream`, :func:`serve_stream`).
+ASGI server, with the same admission and session (:func:`admit_stream`, and :func:`open_stream`
+as the native path calls it or :func:`serve_stream` as the route does).
 ``create_app`` takes the settings and, optionally, a ready TTS service, metrics and clock, so tests
 and embedders inject their own. Routes:
 

@@ -400,15 +400,15 @@ class CallSession:
         if self._opened:
             return
         self._opened = True
-        # getattr, not isinstance: a runtime Protocol check costs tens of microseconds a call.
-        deliver_to = getattr(self._transport, "deliver_to", None)
-        if deliver_to is not None:
-            deliver_to(self._handle_now)
         if self._admit is None:
             # The voice opens its connection (if it keeps one per call) while Twilio is still
             # sending connected and start. (A stream that admission judges warms up once
             # admitted: a refused one should not cost a connection to the voice.)
             warm_up(self._provider)
+        # getattr, not isinstance: a runtime Protocol check costs tens of microseconds a call.
+        deliver_to = getattr(self._transport, "deliver_to", None)
+        if deliver_to is not None:
+            deliver_to(self._handle_now)
 
     async def run(self) -> None:
         """Serve the call until ``stop``, the socket closes, the idle timeout or a refusal at
@@ -462,7 +462,7 @@ class CallSession:
         call), ``connected``, or a ``start`` that needs no admission; anything else, or
         anything while a barge-in clear is still running, is left for the reader (False). See
         :class:`DirectDelivery` for when a transport calls this."""
-        if self._followup is not None or type(message) is not str:
+        if self._followup is not None or self._closed or type(message) is not str:
             return False
         if len(message) > self._max_message_bytes:
             return False

@@ -17,12 +17,15 @@ the engine's work for that text. Failures raise :class:`TTSError`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
 from callspeak.audio.format import AudioFormat
 
 __all__ = ["TTSAuthError", "TTSError", "TTSProvider", "TTSService", "aclose_stream", "warm_up"]
+
+_log = logging.getLogger("callspeak.tts")
 
 
 class TTSError(Exception):
@@ -138,10 +141,15 @@ class TTSService(Protocol):
 
 def warm_up(provider: TTSProvider) -> None:
     """Call ``provider.warm_up()`` if it has one (the method is optional: see
-    :class:`TTSProvider`)."""
+    :class:`TTSProvider`). Raises nothing: warming up only saves time, so a failure is logged
+    and the call goes on (its first request meets the problem again and reports it)."""
     method = getattr(provider, "warm_up", None)
-    if method is not None:
+    if method is None:
+        return
+    try:
         method()
+    except Exception:
+        _log.exception("warming up the voice %s failed", getattr(provider, "name", "?"))
 
 
 async def aclose_stream(stream: AsyncIterator[bytes]) -> None:
