@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _server import callspeak_server_process, cpu_seconds, free_port, percentile  # noqa: E402
 from callspeak import eventloop  # noqa: E402
 from callspeak.emulator import CallReport, DialOptions, dial  # noqa: E402
-from callspeak.heap import freeze_startup_objects  # noqa: E402
+from callspeak.heap import collect_young_less_often, freeze_startup_objects  # noqa: E402
 
 
 def start_fake(
@@ -182,8 +182,10 @@ def main() -> None:
             parser.error("--pin needs at least 2 cores")
         os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
     # This process is 200 callers at once: as in the server, a full collection walking every
-    # import would pause all of them together, and the pause would be counted as ours.
+    # import, or young ones re-walking 200 new calls, would pause all of them together, and the
+    # pause would be counted as ours.
     freeze_startup_objects()
+    collect_young_less_often()
     fake_port = free_port()
     fake = start_fake(fake_port, args.first_byte_delay, args.bytes_per_second or None)
     lines: list[str] = []
