@@ -178,9 +178,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.pin:
-        if (os.cpu_count() or 1) < 2:
+        cores = os.cpu_count() or 1
+        if cores < 2:
             parser.error("--pin needs at least 2 cores")
-        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
+        pin_process(os.getpid(), set(range(1, cores)))
     # This process is 200 callers at once: as in the server, a full collection walking every
     # import, or young ones re-walking 200 new calls, would pause all of them together, and the
     # pause would be counted as ours.
