@@ -215,6 +215,7 @@ class FakeDeepgram:
             "user-agent",
             "accept-encoding",
             "sec-websocket-extensions",
+            "host",
         )
         record = RecordedRequest(
             method,
