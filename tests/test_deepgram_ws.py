@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +14,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from callspeak.testing.fake_deepgram import FakeDeepgram
 from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService
 from callspeak.tts.deepgram_ws import DeepgramWebSocketService
+from callspeak.tts.resolved_host import AddrInfo
 from tests.fakes import SettableClock
 
 LONG = "A long sentence that keeps on talking for a good while, so we can interrupt it."
@@ -403,3 +405,137 @@ async def test_a_failed_warm_up_is_logged_and_the_first_stream_tries_afresh(
     assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
     assert fake.ws_connections == 2  # the refused warm-up, then the stream's own connect
     await provider.aclose()
+
+
+async def test_the_first_utterance_is_sent_as_the_socket_opens(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """Speak and Flush leave in the callback that reads the handshake's response: the fake has
+    read them while connect() has not yet returned to the provider."""
+    read_before_return: list[list[str]] = []
+
+    async def slow_to_return(url: str, **kwargs: Any) -> ClientConnection:
+        ws = await connect(url, **kwargs)
+        async with asyncio.timeout(5):
+            while len(fake.ws_messages) < 2:  # noqa: ASYNC110 (the fake's reads announce nothing)
+                await asyncio.sleep(0.01)
+        read_before_return.append([m["type"] for m in fake.ws_messages])
+        return ws
+
+    provider = make(ws_url, connect=slow_to_return).open()
+    assert await collect(provider.stream("Hello there.")) == fake.audio_for("Hello there.")
+    assert read_before_return == [["Speak", "Flush"]]
+    assert await collect(provider.stream("Again.")) == fake.audio_for("Again.")  # the usual way
+    assert [m["type"] for m in fake.ws_messages] == ["Speak", "Flush"] * 2
+    await provider.aclose()
+
+
+async def test_a_stream_cleared_while_the_socket_opens_sends_nothing_on_it(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    go = asyncio.Event()
+
+    async def held_connect(url: str, **kwargs: Any) -> ClientConnection:
+        await go.wait()
+        return await connect(url, **kwargs)
+
+    provider = make(ws_url, connect=held_connect).open()
+    provider.warm_up()
+    speaking = asyncio.create_task(collect(provider.stream("Never said.")))
+    await asyncio.sleep(0.05)
+    await provider.clear()
+    go.set()
+    assert await speaking == b""
+    assert await collect(provider.stream("Said.")) == fake.audio_for("Said.")
+    assert [m.get("text") for m in fake.ws_messages if m["type"] == "Speak"] == ["Said."]
+    assert fake.ws_connections == 1
+    await provider.aclose()
+
+
+async def test_after_a_refused_handshake_the_utterance_goes_out_on_the_socket_that_opens(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    fake.refuse_ws(503, count=1)
+    provider = make(ws_url, max_reconnects=1).open()
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    assert fake.ws_connections == 2
+    assert [m["type"] for m in fake.ws_messages] == ["Speak", "Flush"]  # once, on the second
+    await provider.aclose()
+
+
+class CountingResolver:
+    """Answers every lookup with the next of ``answers`` (the last one repeats)."""
+
+    def __init__(self, *answers: list[str] | OSError) -> None:
+        self.answers, self.asked = list(answers), 0
+
+    async def __call__(self, host: str, port: int) -> list[AddrInfo]:
+        self.asked += 1
+        await asyncio.sleep(0.01)  # a lookup takes time: sockets opened meanwhile share it
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, OSError):
+            raise answer
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answer]
+
+
+def named(ws_url: str) -> str:
+    """``ws_url`` with a host name that only the injected resolver knows."""
+    return ws_url.replace("127.0.0.1", "deepgram.callspeak.invalid")
+
+
+async def test_sockets_opened_together_share_one_lookup_of_the_host(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    resolver = CountingResolver(["127.0.0.1"])
+    service = make(named(ws_url), resolve=resolver)
+    providers = [service.open() for _ in range(20)]
+    texts = [f"Caller {n}." for n in range(20)]
+    heard = await asyncio.gather(
+        *(collect(p.stream(t)) for p, t in zip(providers, texts, strict=True))
+    )
+    assert heard == [fake.audio_for(t) for t in texts]
+    assert resolver.asked == 1 and fake.ws_connections == 20
+    port = ws_url.rsplit(":", 1)[1]
+    assert {r.headers["host"] for r in fake.requests} == {f"deepgram.callspeak.invalid:{port}"}
+    await service.aclose()
+
+
+async def test_an_address_that_refuses_is_skipped_for_the_next_one(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    resolver = CountingResolver(["127.0.0.2", "127.0.0.1"])  # nothing listens on 127.0.0.2
+    provider = make(named(ws_url), resolve=resolver, max_reconnects=0).open()
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    assert resolver.asked == 1
+    await provider.aclose()
+
+
+async def test_an_answer_with_no_address_reached_is_looked_up_again(
+    ws_url: str, fake: FakeDeepgram, caplog: pytest.LogCaptureFixture
+) -> None:
+    resolver = CountingResolver(["127.0.0.2"], ["127.0.0.1"])
+    provider = make(named(ws_url), resolve=resolver, max_reconnects=1).open()
+    with caplog.at_level(logging.WARNING, "callspeak.tts.deepgram_ws"):
+        assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    assert resolver.asked == 2 and "connect attempt 1 failed" in caplog.text
+    await provider.aclose()
+
+
+async def test_a_failed_lookup_is_a_retryable_connect_error(ws_url: str) -> None:
+    resolver = CountingResolver(socket.gaierror(-2, "Name or service not known"))
+    provider = make(named(ws_url), resolve=resolver, max_reconnects=1).open()
+    with pytest.raises(TTSError, match="Name or service not known") as info:
+        await collect(provider.stream("Hi."))
+    assert info.value.retryable and resolver.asked == 2  # not kept: looked up per attempt
+    await provider.aclose()
+
+
+def test_no_lookup_of_an_ip_address_or_through_a_proxy(
+    ws_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("no_proxy", "NO_PROXY", "ws_proxy", "WS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert make(ws_url).resolved_host is None
+    assert make(named(ws_url)).resolved_host is not None
+    monkeypatch.setenv("ws_proxy", "http://proxy.invalid:3128")
+    assert make(named(ws_url)).resolved_host is None  # the proxy resolves it

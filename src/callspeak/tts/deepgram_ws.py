@@ -10,6 +10,10 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   with ``warm_up()``: the session calls it as the call's stream is accepted, so Deepgram's
   handshake (TCP, TLS, upgrade) runs while Twilio is still sending ``start``. The first
   ``stream()`` waits for that connect and raises what it raised.
+* A ``stream()`` that finds no socket open queues its ``Speak`` and ``Flush`` for the socket being
+  opened, which writes them in the callback that reads its handshake response
+  (:mod:`callspeak.tts.ws_send_on_open`) — unless the stream was cleared or closed by then. If
+  that socket fails to open, or opens without writing them, they are sent the usual way.
 * ``stream(text)`` sends the text as ≤2000-character ``Speak`` messages and one ``Flush``, then
   yields audio until ``Flushed``. No audio and no ``Flushed`` for ``receive_timeout`` s → the
   socket is dropped and a retryable :class:`TTSError` ("stalled") raised; a close mid-utterance
@@ -36,13 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -55,7 +60,9 @@ from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
 from callspeak.tasks import wait_cancelled
 from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
+from callspeak.tts.resolved_host import Resolve, ResolvedHost, getaddrinfo_tcp, needs_lookup
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text
+from callspeak.tts.ws_send_on_open import SendOnOpenConnection
 
 __all__ = ["FLUSH_LIMIT", "FLUSH_WINDOW", "DeepgramWebSocketProvider", "DeepgramWebSocketService"]
 
@@ -75,7 +82,11 @@ class DeepgramWebSocketService:
     """Process-wide settings and health for Deepgram TTS WebSockets; sockets belong to providers.
 
     ``connect`` replaces :func:`websockets.asyncio.client.connect` (same call shape); ``clock``
-    and ``sleep`` drive the flush window, socket age and backoff.
+    and ``sleep`` drive the flush window, socket age, backoff and how long a looked-up address is
+    kept. Unless a proxy is set or the URL names an IP address, every socket connects to the
+    addresses :attr:`resolved_host` keeps (``resolve`` looks them up), tried in order as
+    asyncio's ``create_connection`` would, while the handshake's ``Host`` and TLS's server name
+    stay the URL's host.
     """
 
     name = _NAME
@@ -95,6 +106,7 @@ class DeepgramWebSocketService:
         max_connection_age: float = 55 * 60.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        resolve: Resolve = getaddrinfo_tcp,
     ) -> None:
         query = urlencode({"model": model, "encoding": "mulaw", "sample_rate": "8000"})
         self.url = f"{ws_url.rstrip('/')}/v1/speak?{query}"
@@ -102,7 +114,13 @@ class DeepgramWebSocketService:
         #: The proxy for ``url`` from the environment (``wss_proxy``, ``https_proxy``, … and
         #: ``no_proxy``, as websockets reads them), looked up once: per connect, the lookup was
         #: ~40 % of opening a socket's CPU when 200 calls arrived together.
-        self.proxy: str | None = get_proxy(parse_uri(self.url))
+        uri = parse_uri(self.url)
+        self.proxy: str | None = get_proxy(uri)
+        #: The URL's host looked up once for the sockets opened within a few seconds, rather than
+        #: by websockets on every connect (None: a proxy resolves it, or it is an IP address).
+        self.resolved_host: ResolvedHost | None = None
+        if self.proxy is None and needs_lookup(uri.host):
+            self.resolved_host = ResolvedHost(uri.host, uri.port, resolve=resolve, clock=clock)
         self.receive_timeout, self.connect_timeout = receive_timeout, connect_timeout
         self.max_reconnects, self.backoff, self.flush_wait = max_reconnects, backoff, flush_wait
         self.max_connection_age, self.clock, self.sleep = max_connection_age, clock, sleep
@@ -130,6 +148,8 @@ class DeepgramWebSocketService:
         """Close every provider still open. Idempotent."""
         for provider in list(self._providers):
             await provider.aclose()
+        if self.resolved_host is not None:
+            await self.resolved_host.aclose()
 
 
 async def _default_connect(url: str, **kwargs: Any) -> ClientConnection:
@@ -154,6 +174,8 @@ class DeepgramWebSocketProvider:
         self._deadline: asyncio.Timeout | None = None  # the recv in flight
         self._closed = False
         self._warming: asyncio.Task[ClientConnection] | None = None  # warm_up()'s connect
+        self._on_open: list[str] = []  # an utterance's messages, for the socket being opened
+        self._sent_on_open: ClientConnection | None = None  # the socket that wrote them
         self.request_id: str | None = None  #: from the current socket's Metadata
 
     async def stream(
@@ -168,15 +190,24 @@ class DeepgramWebSocketProvider:
         self._check_open()
         self._streaming, self._interrupted = True, False
         try:
+            if self._ws is None:  # the socket to be opened has no stale audio: send as it opens
+                await self._respect_flush_limit()
+                if self._interrupted:
+                    return
+                self._on_open = _messages(chunks)
             ws = await self._prepare()
-            await self._respect_flush_limit()
-            if self._interrupted:
-                return
-            ws = await self._send_utterance(ws, chunks)
+            if self._sent_on_open is ws:
+                self._utterance_sent()
+            else:
+                self._on_open = []
+                await self._respect_flush_limit()
+                if self._interrupted:
+                    return
+                ws = await self._send_utterance(ws, chunks)
             async for audio in self._receive(ws):
                 yield audio
         finally:
-            self._streaming = False
+            self._streaming, self._on_open, self._sent_on_open = False, [], None
             if self._in_utterance and not self._closed:
                 await self._send_clear()  # abandoned mid-utterance: stop it, drain later
 
@@ -287,14 +318,21 @@ class DeepgramWebSocketProvider:
             if attempt:
                 await svc.sleep(svc.backoff * 2 ** (attempt - 1))
             try:
-                ws = await svc.connect(
-                    svc.url,
-                    additional_headers=svc.headers,
+                ws = await self._dial(
                     open_timeout=svc.connect_timeout,
                     proxy=svc.proxy,
                     # The payload is audio, which deflate cannot shrink: compression would only
                     # cost CPU on both ends (measured: ~2 % of the server at 200 calls).
                     compression=None,
+                    # websockets types this as a class, and documents a wrapper as fine too.
+                    create_connection=cast(
+                        type[ClientConnection],
+                        functools.partial(
+                            SendOnOpenConnection,
+                            on_open=self._opened,
+                            additional_headers=svc.headers,
+                        ),
+                    ),
                 )
             except InvalidStatus as exc:
                 res = exc.response
@@ -321,6 +359,36 @@ class DeepgramWebSocketProvider:
             code=error.code,
             request_id=error.request_id,
         )
+
+    async def _dial(self, **kwargs: Any) -> ClientConnection:
+        """``connect()`` to the service's URL: through the kept addresses when it has them, the
+        next one tried when one refuses (not after a timeout: ``open_timeout`` is for them all)."""
+        svc = self._svc
+        if svc.resolved_host is None:
+            return await svc.connect(svc.url, **kwargs)
+        async with asyncio.timeout(svc.connect_timeout):
+            addresses = await svc.resolved_host.addresses()
+        for n, info in enumerate(addresses, 1):
+            try:
+                # websockets takes the port, Host and TLS's server name from the URL
+                return await svc.connect(svc.url, host=info[4][0], **kwargs)
+            except TimeoutError:
+                raise
+            except OSError as exc:
+                if n == len(addresses):
+                    svc.resolved_host.forget(addresses)  # none could be reached: look up afresh
+                    raise
+                logger.info("deepgram-ws: %s: %s; trying the next address", info[4][0], exc)
+        raise AssertionError("unreachable: a lookup answers at least one address")
+
+    def _opened(self, ws: ClientConnection) -> list[str]:
+        """The messages to write on ``ws`` as its handshake completes: those a ``stream()`` queued
+        for it, unless that stream was cleared or closed meanwhile."""
+        messages, self._on_open = self._on_open, []
+        if not messages or self._interrupted or self._closed:
+            return []
+        self._sent_on_open = ws
+        return messages
 
     async def _prepare(self) -> ClientConnection:
         """An open socket with no stale audio queued on it."""
@@ -378,9 +446,8 @@ class DeepgramWebSocketProvider:
         for retry in (False, True):
             try:
                 async with asyncio.timeout(self._svc.receive_timeout):
-                    for chunk in chunks:
-                        await ws.send(json.dumps({"type": "Speak", "text": chunk}))
-                    await ws.send(_FLUSH)
+                    for message in _messages(chunks):
+                        await ws.send(message)
             except ConnectionClosed:
                 await self._drop()
                 if retry:
@@ -390,10 +457,13 @@ class DeepgramWebSocketProvider:
             except TimeoutError:
                 await self._drop()
                 raise self._error("stalled while sending text") from None
-            self._flushes.append(self._svc.clock())
-            self._in_utterance = True
+            self._utterance_sent()
             break
         return ws
+
+    def _utterance_sent(self) -> None:
+        self._flushes.append(self._svc.clock())
+        self._in_utterance = True
 
     # -- receiving -----------------------------------------------------------------------
     async def _receive(self, ws: ClientConnection) -> AsyncIterator[bytes]:
@@ -441,3 +511,8 @@ class DeepgramWebSocketProvider:
         elif kind not in ("Flushed", "Cleared"):
             logger.debug("deepgram-ws: unhandled message %s", event)
         return kind if isinstance(kind, str) else None
+
+
+def _messages(chunks: list[str]) -> list[str]:
+    """One utterance on the wire: a ``Speak`` per chunk, then a ``Flush``."""
+    return [*(json.dumps({"type": "Speak", "text": chunk}) for chunk in chunks), _FLUSH]
