@@ -24,7 +24,12 @@ figures then no longer wait for CPU the load generator took. On a 2-core machine
 and the fake then share one core, so the fake's own first byte can run late under load: read the
 "request read -> fake's first byte" row beside it.
 
+``--by-name`` points the server at the fake as ``localhost`` rather than ``127.0.0.1``, so the
+server has a host name to look up, as it has with ``api.deepgram.com`` (here from /etc/hosts, not
+a DNS server, so it shows the server's own cost of a lookup, not the network's).
+
     .venv/bin/python bench/deepgram_latency.py [--calls 200] [--rounds 3] [--ramp 2] [--pin]
+        [--by-name]
 """
 
 from __future__ import annotations
@@ -176,7 +181,13 @@ def main() -> None:
         action="store_true",
         help="give the server core 0 to itself; the callers and the fake share the others",
     )
+    parser.add_argument(
+        "--by-name",
+        action="store_true",
+        help="name the fake's host (localhost) in the server's Deepgram URLs, as in production",
+    )
     args = parser.parse_args()
+    deepgram_host = "localhost" if args.by_name else "127.0.0.1"
     if args.pin:
         cores = os.cpu_count() or 1
         if cores < 2:
@@ -206,8 +217,8 @@ def main() -> None:
                 "CALLSPEAK_FALLBACK": "none",
                 "CALLSPEAK_BARGE_IN": "false",
                 "CALLSPEAK_MAX_CALLS": "1000",
-                "CALLSPEAK_DEEPGRAM_URL": f"http://127.0.0.1:{fake_port}",
-                "CALLSPEAK_DEEPGRAM_WS_URL": f"ws://127.0.0.1:{fake_port}",
+                "CALLSPEAK_DEEPGRAM_URL": f"http://{deepgram_host}:{fake_port}",
+                "CALLSPEAK_DEEPGRAM_WS_URL": f"ws://{deepgram_host}:{fake_port}",
                 "CALLSPEAK_DEEPGRAM_FIRST_BYTE_TIMEOUT": "10",
             }
             hooks = ("--hooks", "_first_frames:hooks")
@@ -226,7 +237,8 @@ def main() -> None:
         scratch.cleanup()
     print(
         f"Deepgram paths against the fake ({args.first_byte_delay * 1000:.0f} ms first byte), "
-        f"{os.cpu_count()} cores, event loop {eventloop.loop_name()}"
+        f"{os.cpu_count()} cores, event loop {eventloop.loop_name()}, "
+        f"Deepgram at {deepgram_host}{' (server pinned to core 0)' if args.pin else ''}"
     )
     print("\n".join(lines))
     print(
