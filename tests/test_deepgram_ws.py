@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +19,15 @@ from callspeak.tts.resolved_host import AddrInfo
 from tests.fakes import SettableClock
 
 LONG = "A long sentence that keeps on talking for a good while, so we can interrupt it."
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without this, a machine's ``http_proxy`` or ``socks_proxy`` would send these sockets
+    through it (websockets reads them all); a test that wants a proxy sets its own."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -260,8 +270,6 @@ async def test_injected_connect_and_service_aclose(ws_url: str, fake: FakeDeepgr
 async def test_the_proxy_is_read_from_the_environment_once_and_used_for_every_socket(
     ws_url: str, fake: FakeDeepgram, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("no_proxy", "NO_PROXY", "ws_proxy", "WS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
     assert make(ws_url).proxy is None
     monkeypatch.setenv("ws_proxy", "http://proxy.invalid:3128")
     asked: list[object] = []
@@ -452,14 +460,83 @@ async def test_a_stream_cleared_while_the_socket_opens_sends_nothing_on_it(
     await provider.aclose()
 
 
-async def test_after_a_refused_handshake_the_utterance_goes_out_on_the_socket_that_opens(
+async def test_after_a_refused_handshake_the_utterance_goes_out_as_the_next_socket_opens(
     ws_url: str, fake: FakeDeepgram
 ) -> None:
+    read_before_return: list[int] = []
+
+    async def slow_to_return(url: str, **kwargs: Any) -> ClientConnection:
+        ws = await connect(url, **kwargs)  # the first attempt raises: refused
+        async with asyncio.timeout(5):
+            while len(fake.ws_messages) < 2:  # noqa: ASYNC110 (the fake's reads announce nothing)
+                await asyncio.sleep(0.01)
+        read_before_return.append(len(fake.ws_messages))
+        return ws
+
     fake.refuse_ws(503, count=1)
-    provider = make(ws_url, max_reconnects=1).open()
+    provider = make(ws_url, max_reconnects=1, connect=slow_to_return).open()
     assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
-    assert fake.ws_connections == 2
+    assert fake.ws_connections == 2 and read_before_return == [2]
     assert [m["type"] for m in fake.ws_messages] == ["Speak", "Flush"]  # once, on the second
+    await provider.aclose()
+
+
+async def test_a_barge_in_just_after_the_socket_opened_clears_the_utterance_it_sent(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """The speaker task is cancelled (as a barge-in does) after the socket has written the
+    utterance on opening but before the stream resumed: the utterance is still known to be in
+    flight, so it is cleared, and the next one hears only its own audio."""
+    speaker: list[asyncio.Task[bytes]] = []
+
+    async def connect_then_barge_in(url: str, **kwargs: Any) -> ClientConnection:
+        ws = await connect(url, **kwargs)
+        asyncio.get_running_loop().call_soon(speaker[0].cancel)
+        return ws
+
+    fake.bytes_per_second = 16000  # the old utterance is still streaming when the next starts
+    provider = make(ws_url, connect=connect_then_barge_in).open()
+    provider.warm_up()
+    speaker.append(asyncio.create_task(collect(provider.stream(LONG))))
+    with pytest.raises(asyncio.CancelledError):
+        await speaker[0]
+    await provider.clear()  # what the session does next
+    assert await collect(provider.stream("New.")) == fake.audio_for("New.")
+    assert [m["type"] for m in fake.ws_messages] == ["Speak", "Flush", "Clear", "Speak", "Flush"]
+    await provider.aclose()
+
+
+async def test_closing_while_the_streams_own_socket_opens_leaves_no_socket(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    async def connect_then_close(url: str, **kwargs: Any) -> ClientConnection:
+        ws = await connect(url, **kwargs)
+        await provider.aclose()  # a hang-up, in the same window
+        return ws
+
+    provider = make(ws_url, connect=connect_then_close).open()
+    with pytest.raises(TTSError, match="closed"):
+        await collect(provider.stream("Hello after close."))
+    async with asyncio.timeout(5):
+        while fake.ws_open:  # noqa: ASYNC110 (the fake's close announces nothing)
+            await asyncio.sleep(0.01)
+
+
+async def test_a_socket_that_closed_after_sending_on_open_is_replaced_and_the_text_resent(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    sockets: list[ClientConnection] = []
+
+    async def connect_first_one_closed(url: str, **kwargs: Any) -> ClientConnection:
+        ws = await connect(url, **kwargs)
+        sockets.append(ws)
+        if len(sockets) == 1:
+            await ws.close()  # dies after its handshake (and after on-open sent the text)
+        return ws
+
+    provider = make(ws_url, connect=connect_first_one_closed).open()
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    assert len(sockets) == 2
     await provider.aclose()
 
 
@@ -504,9 +581,15 @@ async def test_an_address_that_refuses_is_skipped_for_the_next_one(
     ws_url: str, fake: FakeDeepgram
 ) -> None:
     resolver = CountingResolver(["127.0.0.2", "127.0.0.1"])  # nothing listens on 127.0.0.2
-    provider = make(named(ws_url), resolve=resolver, max_reconnects=0).open()
+    service = make(named(ws_url), resolve=resolver, max_reconnects=0)
+    provider = service.open()
     assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
     assert resolver.asked == 1
+    assert service.resolved_host is not None  # the refusing address was tried, and put last:
+    assert [info[4][0] for info in await service.resolved_host.addresses()] == [
+        "127.0.0.1",
+        "127.0.0.2",
+    ]
     await provider.aclose()
 
 
@@ -533,8 +616,6 @@ async def test_a_failed_lookup_is_a_retryable_connect_error(ws_url: str) -> None
 def test_no_lookup_of_an_ip_address_or_through_a_proxy(
     ws_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("no_proxy", "NO_PROXY", "ws_proxy", "WS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
     assert make(ws_url).resolved_host is None
     assert make(named(ws_url)).resolved_host is not None
     monkeypatch.setenv("ws_proxy", "http://proxy.invalid:3128")

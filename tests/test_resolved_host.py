@@ -93,25 +93,26 @@ async def test_a_cancelled_waiter_leaves_the_lookup_to_the_others() -> None:
     assert await patient == at("10.0.0.4") and host.lookups == 1
 
 
-async def test_forget_drops_only_the_answer_that_failed() -> None:
-    resolver = Resolver(at("10.0.0.5"), at("10.0.0.6"))
+async def test_a_failed_address_goes_last_and_forget_drops_the_answer() -> None:
+    resolver = Resolver(at("10.0.0.5", "10.0.0.6", "10.0.0.7"), at("10.0.0.8"))
     host = ResolvedHost("api.example.test", 443, resolve=resolver)
-    kept = await host.addresses()
-    assert kept == at("10.0.0.5")
-    host.forget(at("10.0.0.5"))  # an older answer, not the kept one: kept
-    assert await host.addresses() is kept
-    host.forget(kept)
-    assert await host.addresses() == at("10.0.0.6") and host.lookups == 2
+    first, second, third = await host.addresses()
+    host.failed(first)
+    assert await host.addresses() == [second, third, first]
+    host.failed(at("10.9.9.9")[0])  # not in the answer (an older one's): nothing changes
+    assert await host.addresses() == [second, third, first] and host.lookups == 1
+    host.forget()
+    assert await host.addresses() == at("10.0.0.8") and host.lookups == 2
 
 
-async def test_aclose_cancels_a_lookup_in_flight() -> None:
+async def test_aclose_ends_a_lookup_in_flight_with_an_error_for_its_waiters() -> None:
     resolver = Resolver(at("10.0.0.8"))
     resolver.gate.clear()
     host = ResolvedHost("api.example.test", 443, resolve=resolver)
     waiter = asyncio.create_task(host.addresses())
     await asyncio.sleep(0)
     await asyncio.wait_for(host.aclose(), 1)
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(OSError, match="stopped"):  # not a CancelledError it did not ask for
         await waiter
     await host.aclose()  # idempotent
 

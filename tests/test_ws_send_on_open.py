@@ -8,7 +8,11 @@ from typing import Any, cast
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
+from websockets.http11 import Request, Response
+from websockets.uri import parse_uri
 
 from callspeak.testing.fake_deepgram import FakeDeepgram
 from callspeak.tts.ws_send_on_open import SendOnOpenConnection
@@ -17,8 +21,10 @@ QUERY = "/v1/speak?model=aura-2-thalia-en&encoding=mulaw&sample_rate=8000"
 SPEAK, FLUSH = '{"type": "Speak", "text": "Hi there."}', '{"type": "Flush"}'
 
 
-def opening(**kwargs: Any) -> type[ClientConnection]:
-    return cast(type[ClientConnection], functools.partial(SendOnOpenConnection, **kwargs))
+def opening(url: str, **kwargs: Any) -> type[ClientConnection]:
+    """The class to give connect() for ``url``, whose origin may have the credentials."""
+    factory = functools.partial(SendOnOpenConnection, origin=parse_uri(url), **kwargs)
+    return cast(type[ClientConnection], factory)
 
 
 async def test_the_first_frames_go_out_before_connect_returns(
@@ -33,7 +39,9 @@ async def test_the_first_frames_go_out_before_connect_returns(
 
     url = base.replace("http://", "ws://") + QUERY
     headers = {"Authorization": "Token test-key"}
-    ws = await connect(url, create_connection=opening(on_open=on_open, additional_headers=headers))
+    ws = await connect(
+        url, create_connection=opening(url, on_open=on_open, additional_headers=headers)
+    )
     seen.append("returned")
     assert seen == ["open", "returned"]
     audio = b""
@@ -58,7 +66,7 @@ async def test_nothing_to_send_on_open_leaves_an_ordinary_connection(
     ws = await connect(
         url,
         create_connection=opening(
-            on_open=lambda ws: [], additional_headers=headers, user_agent_header=None
+            url, on_open=lambda ws: [], additional_headers=headers, user_agent_header=None
         ),
     )
     await ws.send(SPEAK)
@@ -75,10 +83,31 @@ async def test_a_refused_handshake_raises_and_never_asks_for_frames(
     asked: list[ClientConnection] = []
     fake.refuse_ws(429)
     url = base.replace("http://", "ws://") + QUERY
-    factory = opening(on_open=lambda ws: asked.append(ws) or [], additional_headers={})
+    factory = opening(url, on_open=lambda ws: asked.append(ws) or [], additional_headers={})
     with pytest.raises(InvalidStatus) as info:
         await connect(url, create_connection=factory)
     assert info.value.response.status_code == 429 and asked == []
     with pytest.raises(InvalidStatus) as info:  # no key: the fake's 401, same path
         await connect(url, create_connection=factory)
     assert info.value.response.status_code == 401 and asked == []
+
+
+async def test_credentials_do_not_follow_a_redirect_to_another_origin(
+    base: str, fake: FakeDeepgram
+) -> None:
+    """As websockets does for its own redirects: the fake (another port, so another origin)
+    gets the request without the key, and refuses it."""
+    target = base.replace("http://", "ws://") + QUERY
+
+    def redirect(connection: ServerConnection, request: Request) -> Response:
+        return Response(302, "Found", Headers({"Location": target}))
+
+    async with serve(lambda ws: ws.close(), "127.0.0.1", 0, process_request=redirect) as server:
+        port = server.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}{QUERY}"
+        headers = {"Authorization": "Token test-key"}
+        factory = opening(url, on_open=lambda ws: [], additional_headers=headers)
+        with pytest.raises(InvalidStatus) as info:
+            await connect(url, create_connection=factory)
+    assert info.value.response.status_code == 401  # the fake's answer to a request with no key
+    assert "authorization" not in fake.requests[-1].headers and len(fake.requests) == 1

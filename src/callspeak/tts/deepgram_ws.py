@@ -12,8 +12,11 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   ``stream()`` waits for that connect and raises what it raised.
 * A ``stream()`` that finds no socket open queues its ``Speak`` and ``Flush`` for the socket being
   opened, which writes them in the callback that reads its handshake response
-  (:mod:`callspeak.tts.ws_send_on_open`) — unless the stream was cleared or closed by then. If
-  that socket fails to open, or opens without writing them, they are sent the usual way.
+  (:mod:`callspeak.tts.ws_send_on_open`) — unless the stream was cleared or closed by then. The
+  utterance counts as in flight from then, so a stream cancelled before it resumes still has it
+  cleared. If that socket fails to open, opens without writing them, or has closed by the time
+  the stream resumes, they are sent the usual way (on a new socket if need be).
+* A provider closed while a socket opens closes that socket rather than keeping it.
 * ``stream(text)`` sends the text as ≤2000-character ``Speak`` messages and one ``Flush``, then
   yields audio until ``Flushed``. No audio and no ``Flushed`` for ``receive_timeout`` s → the
   socket is dropped and a retryable :class:`TTSError` ("stalled") raised; a close mid-utterance
@@ -114,7 +117,7 @@ class DeepgramWebSocketService:
         #: The proxy for ``url`` from the environment (``wss_proxy``, ``https_proxy``, … and
         #: ``no_proxy``, as websockets reads them), looked up once: per connect, the lookup was
         #: ~40 % of opening a socket's CPU when 200 calls arrived together.
-        uri = parse_uri(self.url)
+        self.uri = uri = parse_uri(self.url)
         self.proxy: str | None = get_proxy(uri)
         #: The URL's host looked up once for the sockets opened within a few seconds, rather than
         #: by websockets on every connect (None: a proxy resolves it, or it is an IP address).
@@ -196,9 +199,8 @@ class DeepgramWebSocketProvider:
                     return
                 self._on_open = _messages(chunks)
             ws = await self._prepare()
-            if self._sent_on_open is ws:
-                self._utterance_sent()
-            else:
+            # Sent as it opened, and _connect counted it (a socket that closed since gets it again)
+            if self._sent_on_open is not ws or ws.state is not State.OPEN:
                 self._on_open = []
                 await self._respect_flush_limit()
                 if self._interrupted:
@@ -213,8 +215,8 @@ class DeepgramWebSocketProvider:
 
     def warm_up(self) -> None:
         """Start connecting now, in the background, unless a socket is open or opening (or the
-        credentials were refused, or the provider is closed)."""
-        if self._closed or self._ws is not None or self._warming is not None:
+        credentials were refused, the provider is closed, or a stream is connecting itself)."""
+        if self._closed or self._ws is not None or self._warming is not None or self._streaming:
             return
         if self._svc.auth_error is not None:
             return  # the first stream() raises it, with no connect attempt
@@ -330,6 +332,7 @@ class DeepgramWebSocketProvider:
                         functools.partial(
                             SendOnOpenConnection,
                             on_open=self._opened,
+                            origin=svc.uri,
                             additional_headers=svc.headers,
                         ),
                     ),
@@ -346,9 +349,19 @@ class DeepgramWebSocketProvider:
                     raise error from None
             except (OSError, TimeoutError, InvalidHandshake) as exc:
                 error = TTSError(_NAME, f"cannot connect: {exc!r}", retryable=True)
+            except ValueError as exc:  # e.g. a redirect websockets will not follow
+                raise TTSError(_NAME, f"cannot connect: {exc}", retryable=False) from None
             else:
+                if self._closed:  # closed while connecting: this socket is nobody's
+                    ws.transport.abort()
+                    raise TTSError(_NAME, "provider closed while connecting", retryable=False)
                 self._ws, self._opened_at, self.request_id = ws, svc.clock(), None
-                self._in_utterance, self._pending_clears = False, 0
+                self._pending_clears = 0
+                # Counted here, not when the stream resumes: a stream cancelled in between (a
+                # barge-in) must still find its utterance in flight, to Clear it.
+                self._in_utterance = self._sent_on_open is ws
+                if self._in_utterance:
+                    self._flushes.append(svc.clock())
                 return ws
             logger.warning("deepgram-ws connect attempt %d failed: %s", attempt + 1, error)
         raise TTSError(
@@ -361,25 +374,24 @@ class DeepgramWebSocketProvider:
         )
 
     async def _dial(self, **kwargs: Any) -> ClientConnection:
-        """``connect()`` to the service's URL: through the kept addresses when it has them, the
-        next one tried when one refuses (not after a timeout: ``open_timeout`` is for them all)."""
-        svc = self._svc
-        if svc.resolved_host is None:
+        """``connect()`` to the service's URL: through the kept addresses when it has them, in
+        turn until one connects, the lookup and all of them within ``connect_timeout``."""
+        svc, host = self._svc, self._svc.resolved_host
+        if host is None:
             return await svc.connect(svc.url, **kwargs)
         async with asyncio.timeout(svc.connect_timeout):
-            addresses = await svc.resolved_host.addresses()
-        for n, info in enumerate(addresses, 1):
-            try:
-                # websockets takes the port, Host and TLS's server name from the URL
-                return await svc.connect(svc.url, host=info[4][0], **kwargs)
-            except TimeoutError:
-                raise
-            except OSError as exc:
-                if n == len(addresses):
-                    svc.resolved_host.forget(addresses)  # none could be reached: look up afresh
-                    raise
-                logger.info("deepgram-ws: %s: %s; trying the next address", info[4][0], exc)
-        raise AssertionError("unreachable: a lookup answers at least one address")
+            errors = []
+            for info in await host.addresses():
+                try:
+                    # websockets takes the port, Host and TLS's server name from the URL
+                    return await svc.connect(svc.url, host=info[4][0], **kwargs)
+                except OSError as exc:  # refused, unreachable, or timed out (TimeoutError)
+                    host.failed(info)  # later sockets try the others first
+                    if isinstance(exc, TimeoutError):
+                        raise
+                    errors.append(f"{info[4][0]}: {exc}")
+            host.forget()  # none could be reached: look the name up afresh
+            raise OSError(f"no address of {host.host} could be reached ({'; '.join(errors)})")
 
     def _opened(self, ws: ClientConnection) -> list[str]:
         """The messages to write on ``ws`` as its handshake completes: those a ``stream()`` queued

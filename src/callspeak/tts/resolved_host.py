@@ -13,8 +13,11 @@ Contract of :meth:`ResolvedHost.addresses`:
   lookup for the others.
 * The answer is kept for ``ttl`` seconds on the injected ``clock``; the first call after that looks
   it up again. A failed lookup raises its ``OSError`` to every waiter and is not kept.
-* ``forget()`` (after no address of the answer could be reached) drops the kept answer, so the
-  next call looks the name up afresh rather than sending every call to dead addresses.
+* ``failed(address)`` (after a connect to it failed) moves it to the end of the kept answer, so
+  the sockets opened next try the others first; ``forget()`` (after none could be reached) drops
+  the kept answer, so the next call looks the name up afresh.
+* ``aclose()`` ends a lookup in flight; its waiters get an ``OSError`` (never a
+  ``CancelledError`` they did not ask for).
 * An answer with no address is a failed lookup (``socket.gaierror``). Addresses come in the
   resolver's order (RFC 6724 for ``getaddrinfo``); trying them in turn is the caller's job.
 """
@@ -82,14 +85,24 @@ class ResolvedHost:
             self.lookups += 1
             lookup = self._lookup = asyncio.ensure_future(self._look_up())
             lookup.add_done_callback(_retrieved)  # seen even if every waiter gave up
-        # shield: one waiter's timeout or cancellation must not end the lookup the others share
-        return await asyncio.shield(lookup)
+        try:
+            # shield: one waiter's timeout or cancellation must not end the lookup others share
+            return await asyncio.shield(lookup)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if lookup.cancelled() and task is not None and not task.cancelling():
+                raise OSError(f"the lookup of {self.host} was stopped (closing)") from None
+            raise
 
-    def forget(self, addresses: Sequence[AddrInfo]) -> None:
-        """None of ``addresses`` could be reached: look the name up again next time (unless a
-        newer answer is kept already)."""
-        if self._addresses is addresses:
-            self._addresses = None
+    def failed(self, address: AddrInfo) -> None:
+        """A connect to ``address`` failed: put it last in the kept answer, if it is there."""
+        kept = self._addresses
+        if kept is not None and address in kept:
+            self._addresses = [*(info for info in kept if info != address), address]
+
+    def forget(self) -> None:
+        """None of the kept addresses could be reached: look the name up again next time."""
+        self._addresses = None
 
     async def aclose(self) -> None:
         """Cancel a lookup in flight (its waiters get ``CancelledError``). Idempotent."""

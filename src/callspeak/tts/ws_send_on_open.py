@@ -14,12 +14,15 @@ Contract:
 
 * The upgrade request, with ``additional_headers`` and ``user_agent_header`` given to the class
   (not to ``connect()``, whose own are not used), is written in ``connection_made``; ``connect()``
-  then only waits for the response, and raises what websockets raises for it.
+  then only waits for the response, and raises what websockets raises for it. Credentials
+  (``Authorization``, ``Cookie``, ``Proxy-Authorization``) go only to ``origin``'s scheme, host
+  and port: a connection that websockets opens after a redirect elsewhere goes without them, as
+  websockets' own redirects do.
 * When the response is accepted (the protocol is ``OPEN``), ``on_open(self)`` is called once, from
   ``data_received``, before any coroutine sees the connection; each text it returns is written at
-  once as one text frame, in order. A refused or failed handshake never calls it. A failure to write
-  is kept as the connection's error, as websockets does for its own writes, and shows on the next
-  ``send``/``recv``.
+  once as one text frame, in order. A refused or failed handshake never calls it.
+* A write that fails aborts the connection: the handshake then fails at once (or, after it, the
+  next ``send``/``recv`` does), rather than waiting for a response to a request never sent.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.client import ClientProtocol
-from websockets.datastructures import HeadersLike
+from websockets.datastructures import Headers, HeadersLike
 from websockets.http11 import USER_AGENT
 from websockets.protocol import Event, State
+from websockets.uri import WebSocketURI
 
 __all__ = ["OnOpen", "SendOnOpenConnection"]
 
@@ -52,20 +56,27 @@ class SendOnOpenConnection(ClientConnection):
         protocol: ClientProtocol,
         *,
         on_open: OnOpen,
+        origin: WebSocketURI,
         additional_headers: HeadersLike | None = None,
         user_agent_header: str | None = USER_AGENT,
         **kwargs: Any,
     ) -> None:
         super().__init__(protocol, **kwargs)
         self._on_open: OnOpen | None = on_open
-        self._headers, self._user_agent = additional_headers, user_agent_header
+        self._headers = Headers(additional_headers or ())
+        if not _same_origin(protocol.uri, origin):
+            self._headers = Headers(
+                (name, value)
+                for name, value in self._headers.raw_items()
+                if name.lower() not in _CREDENTIALS
+            )
+        self._user_agent = user_agent_header
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         # What ClientConnection.handshake() does first, done here rather than once it resumes.
         self.request = self.protocol.connect()
-        if self._headers is not None:
-            self.request.headers.update(self._headers)
+        self.request.headers.update(self._headers)
         if self._user_agent is not None:
             self.request.headers.setdefault("User-Agent", self._user_agent)
         self.protocol.send_request(self.request)
@@ -74,8 +85,9 @@ class SendOnOpenConnection(ClientConnection):
     def _write(self) -> None:
         try:
             self.send_data()
-        except Exception as exc:  # as data_received does for websockets' own writes
+        except Exception as exc:  # kept as websockets keeps its own write errors, and ended
             self.set_connection_exc(exc)
+            self.transport.abort()
 
     async def handshake(
         self,
@@ -105,3 +117,10 @@ class SendOnOpenConnection(ClientConnection):
         for text in texts:
             self.protocol.send_text(text.encode())
         self._write()
+
+
+_CREDENTIALS = ("authorization", "cookie", "proxy-authorization")
+
+
+def _same_origin(a: WebSocketURI, b: WebSocketURI) -> bool:
+    return (a.secure, a.host, a.port) == (b.secure, b.host, b.port)
