@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -415,21 +415,30 @@ async def test_a_failed_warm_up_is_logged_and_the_first_stream_tries_afresh(
     await provider.aclose()
 
 
-async def test_the_first_utterance_is_sent_as_the_socket_opens(
-    ws_url: str, fake: FakeDeepgram
-) -> None:
-    """Speak and Flush leave in the callback that reads the handshake's response: the fake has
-    read them while connect() has not yet returned to the provider."""
-    read_before_return: list[list[str]] = []
+def returning_once_the_fake_read_two(
+    fake: FakeDeepgram, read: list[list[str]]
+) -> Callable[..., Awaitable[ClientConnection]]:
+    """A connect() that, once the socket is open, returns only after the fake has read two
+    messages (within 5 s), noting in ``read`` the kinds it had read by then."""
 
     async def slow_to_return(url: str, **kwargs: Any) -> ClientConnection:
         ws = await connect(url, **kwargs)
         async with asyncio.timeout(5):
             while len(fake.ws_messages) < 2:  # noqa: ASYNC110 (the fake's reads announce nothing)
                 await asyncio.sleep(0.01)
-        read_before_return.append([m["type"] for m in fake.ws_messages])
+        read.append([m["type"] for m in fake.ws_messages])
         return ws
 
+    return slow_to_return
+
+
+async def test_the_first_utterance_is_sent_as_the_socket_opens(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """Speak and Flush leave in the callback that reads the handshake's response: the fake has
+    read them while connect() has not yet returned to the provider."""
+    read_before_return: list[list[str]] = []
+    slow_to_return = returning_once_the_fake_read_two(fake, read_before_return)
     provider = make(ws_url, connect=slow_to_return).open()
     assert await collect(provider.stream("Hello there.")) == fake.audio_for("Hello there.")
     assert read_before_return == [["Speak", "Flush"]]
@@ -463,20 +472,12 @@ async def test_a_stream_cleared_while_the_socket_opens_sends_nothing_on_it(
 async def test_after_a_refused_handshake_the_utterance_goes_out_as_the_next_socket_opens(
     ws_url: str, fake: FakeDeepgram
 ) -> None:
-    read_before_return: list[int] = []
-
-    async def slow_to_return(url: str, **kwargs: Any) -> ClientConnection:
-        ws = await connect(url, **kwargs)  # the first attempt raises: refused
-        async with asyncio.timeout(5):
-            while len(fake.ws_messages) < 2:  # noqa: ASYNC110 (the fake's reads announce nothing)
-                await asyncio.sleep(0.01)
-        read_before_return.append(len(fake.ws_messages))
-        return ws
-
-    fake.refuse_ws(503, count=1)
+    read_before_return: list[list[str]] = []
+    slow_to_return = returning_once_the_fake_read_two(fake, read_before_return)
+    fake.refuse_ws(503, count=1)  # the first connect() raises: refused
     provider = make(ws_url, max_reconnects=1, connect=slow_to_return).open()
     assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
-    assert fake.ws_connections == 2 and read_before_return == [2]
+    assert fake.ws_connections == 2 and read_before_return == [["Speak", "Flush"]]
     assert [m["type"] for m in fake.ws_messages] == ["Speak", "Flush"]  # once, on the second
     await provider.aclose()
 

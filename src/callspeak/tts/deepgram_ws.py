@@ -356,12 +356,11 @@ class DeepgramWebSocketProvider:
                     ws.transport.abort()
                     raise TTSError(_NAME, "provider closed while connecting", retryable=False)
                 self._ws, self._opened_at, self.request_id = ws, svc.clock(), None
-                self._pending_clears = 0
-                # Counted here, not when the stream resumes: a stream cancelled in between (a
-                # barge-in) must still find its utterance in flight, to Clear it.
-                self._in_utterance = self._sent_on_open is ws
-                if self._in_utterance:
-                    self._flushes.append(svc.clock())
+                self._in_utterance, self._pending_clears = False, 0
+                if self._sent_on_open is ws:
+                    # Counted here, not when the stream resumes: a stream cancelled in between
+                    # (a barge-in) must still find its utterance in flight, to Clear it.
+                    self._utterance_sent()
                 return ws
             logger.warning("deepgram-ws connect attempt %d failed: %s", attempt + 1, error)
         raise TTSError(

@@ -105,7 +105,7 @@ class ResolvedHost:
         self._addresses = None
 
     async def aclose(self) -> None:
-        """Cancel a lookup in flight (its waiters get ``CancelledError``). Idempotent."""
+        """Cancel a lookup in flight (its waiters get an ``OSError``). Idempotent."""
         lookup = self._lookup
         if lookup is not None:
             lookup.cancel()
