@@ -13,10 +13,12 @@ the caller's socket (our overhead: reading the provider, framing, sending; stamp
 and time to first audio (start → first media frame at the caller), as median / p99 / max; with
 more than one call, time to first audio split at the fake: start → the fake has read the request
 (our server, the network and the fake's own queue), and request read → the fake's first byte
-(the configured delay plus the fake's scheduling); for 1, 50 and 200 calls answered in the same
-instant, and for 200 calls arriving over ``--ramp`` seconds (each measured while up to 199 others
-are in progress). Each row also gives the CPU the three processes used, as a share of one core:
-all three share the machine's cores, so a saturated machine shows there first.
+(the configured delay plus the fake's scheduling; the WebSocket's Flush is stamped in the
+callback that read it from the socket, a REST request once the fake's ASGI handler has its body);
+for 1, 50 and 200 calls answered in the same instant, and for 200 calls arriving over ``--ramp``
+seconds (each measured while up to 199 others are in progress). Each row also gives the CPU the
+three processes used, as a share of one core: all three share the machine's cores, so a
+saturated machine shows there first.
 
 ``--pin`` gives the server core 0 to itself and puts this process and the fake on the others,
 as in production, where the callers (Twilio) and Deepgram are other machines: the server's own

@@ -62,7 +62,7 @@ def fake() -> FakeDeepgram:
 @pytest.fixture
 async def base(fake: FakeDeepgram) -> AsyncIterator[str]:
     """``fake`` served on loopback: its ``http://`` base URL."""
-    async with serve_asgi(fake.app) as url:
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as url:
         yield url
 
 

@@ -269,7 +269,9 @@ async def test_https_trusts_the_ca_in_ssl_cert_file_and_nothing_else(
     cert, key = self_signed
     fake = FakeDeepgram(first_byte_delay=0.0)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
-    async with serve_asgi(fake.app, ssl_certfile=str(cert), ssl_keyfile=str(key)) as base:
+    async with serve_asgi(
+        fake.app, ws=fake.ws_protocol, ssl_certfile=str(cert), ssl_keyfile=str(key)
+    ) as base:
         assert base.startswith("https://")
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))
         trusting = DeepgramRestService("test-key", base_url=base)

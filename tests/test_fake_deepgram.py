@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import math
 import struct
@@ -23,6 +24,7 @@ from callspeak.testing.fake_deepgram.audio import (
     mulaw_encode,
     pcm_for_text,
 )
+from callspeak.testing.fake_deepgram.websocket import WebSocketSession
 from tests.fakes import SettableClock
 
 AUTH = {"Authorization": "Token test-key"}
@@ -375,7 +377,7 @@ async def test_ws_close_message_flushes_then_closes(base: str, fake: FakeDeepgra
 async def test_ws_flush_limit_warns_and_ignores() -> None:
     clock = SettableClock()
     fake = FakeDeepgram(first_byte_delay=0.0, clock=clock)
-    async with serve_asgi(fake.app) as base:
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as base:
         ws = await ws_connect(base)
         await ws.recv()
         for _ in range(20):
@@ -509,3 +511,149 @@ def test_synthesis_from_cached_characters_equals_whole_text_encoding(
     assert len(whole) == len(text) * int(rate * SECONDS_PER_CHAR) * (
         2 if encoding == "linear16" else 1
     )
+
+
+# -- the WebSocket's connection (speak_socket) ------------------------------------------------
+async def test_ws_other_paths_are_not_found(base: str, fake: FakeDeepgram) -> None:
+    url = base.replace("http://", "ws://") + "/v1/listen" + WS_QUERY
+    with pytest.raises(InvalidStatus) as info:
+        await connect(url, additional_headers=AUTH, open_timeout=5)
+    assert info.value.response.status_code == 404
+    assert fake.ws_connections == 0 and fake.requests == []
+
+
+async def test_ws_broken_handshake_gets_websockets_answer(base: str, fake: FakeDeepgram) -> None:
+    """An upgrade without a WebSocket key is refused by websockets (400), before the fake."""
+    reader, writer = await asyncio.open_connection(*base.removeprefix("http://").split(":"))
+    writer.write(
+        b"GET /v1/speak" + WS_QUERY.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Authorization: Token test-key\r\n\r\n"
+    )
+    async with asyncio.timeout(5):
+        status = await reader.readline()
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 400 ")
+    assert fake.ws_connections == 0
+
+
+async def test_ws_records_headers_and_query(base: str, fake: FakeDeepgram) -> None:
+    ws = await ws_connect(base)
+    await ws.close()
+    (record,) = fake.requests
+    assert (record.method, record.path, record.status) == ("GET", "/v1/speak", 101)
+    assert record.query == {"model": "aura-2-thalia-en", "encoding": "mulaw", "sample_rate": "8000"}
+    assert record.headers["authorization"] == "Token test-key"
+    assert record.headers["host"] == base.removeprefix("http://")
+
+
+async def test_ws_fragmented_speak_is_joined(base: str, fake: FakeDeepgram) -> None:
+    ws = await ws_connect(base)
+    await ws.recv()
+    await ws.send(iter(['{"type": "Speak", ', '"text": "Split in ', 'three."}']))
+    await send(ws, "Flush")
+    audio, _ = await until(ws, "Flushed")
+    assert audio == fake.audio_for("Split in three.")
+    await ws.close()
+
+
+async def test_ws_binary_message_closes_1003(base: str) -> None:
+    ws = await ws_connect(base)
+    await ws.recv()
+    await ws.send(b"\x00\x01")
+    with pytest.raises(ConnectionClosed) as info:
+        async with asyncio.timeout(5):
+            await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1003
+
+
+async def test_ws_invalid_utf8_closes_1007(base: str) -> None:
+    """A text frame that is not UTF-8 fails the socket (RFC 6455 §8.1), sent as raw bytes: a
+    well-behaved client cannot send one."""
+    ws = await ws_connect(base)
+    await ws.recv()
+    transport = ws.transport  # (uvloop's transports are not asyncio.WriteTransport subclasses)
+    key = b"\x01\x02\x03\x04"
+    payload = bytes(b ^ key[i % 4] for i, b in enumerate(b"\xff\xfe"))
+    transport.write(b"\x81\x82" + key + payload)  # FIN + text, masked, 2 bytes
+    async with asyncio.timeout(5):
+        await ws.wait_closed()
+    assert ws.close_code == 1007
+
+
+async def test_ws_open_sockets_close_1012_at_shutdown() -> None:
+    fake = FakeDeepgram(first_byte_delay=0.0)
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as base:
+        ws = await ws_connect(base)
+        await ws.recv()
+        assert fake.ws_open == 1
+    async with asyncio.timeout(5):
+        await ws.wait_closed()
+    assert ws.close_code == 1012 and fake.ws_open == 0
+
+
+class ScriptedPeer:
+    """A client's end for a session, without a socket: hands out ``messages`` (each with when it
+    was read), then waits until the test lets it go; records what the session sent."""
+
+    def __init__(self, messages: list[tuple[str | bytes, float]]) -> None:
+        self.messages, self.sent = list(messages), list[Any]()
+        self.done = asyncio.Event()
+
+    async def receive(self) -> tuple[str | bytes, float] | None:
+        if self.messages:
+            return self.messages.pop(0)
+        await self.done.wait()
+        return None
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+        if self.sent[-1]["type"] == "Flushed":
+            self.done.set()
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.done.set()
+
+
+async def test_ws_first_byte_delay_runs_from_the_flush_being_read() -> None:
+    """The session counts the delay from when the socket read the Flush, not from when its task
+    got to it: a fake kept busy meanwhile does not add its own lateness to Deepgram's."""
+    clock = SettableClock(now=5.0)  # the session runs at 5.0; the Flush was read at 2.0
+    fake = FakeDeepgram(first_byte_delay=0.2, clock=clock)
+    peer = ScriptedPeer(
+        [(json.dumps({"type": "Speak", "text": "Hi."}), 1.9), ('{"type": "Flush"}', 2.0)]
+    )
+    async with asyncio.timeout(5):
+        await WebSocketSession(fake, peer, "mulaw", 8000, collections.deque()).run()
+    assert fake.arrivals["Hi."] == 2.0
+    assert fake.first_bytes["Hi."] == 5.0  # 0.2 s after 2.0 had passed already: no more waiting
+    assert b"".join(m for m in peer.sent if isinstance(m, bytes)) == fake.audio_for("Hi.")
+
+
+async def test_ws_audio_waits_for_a_client_that_does_not_read() -> None:
+    """The fake writes no faster than the client reads: its write buffer stays bounded (about
+    uvicorn's 64 KiB high-water mark), and nothing is lost once the client reads again."""
+    peers: list[Any] = []
+
+    class Watched(FakeDeepgram):
+        def serve_ws(self, peer: Any, verdict: Any) -> Any:
+            peers.append(peer)
+            return super().serve_ws(peer, verdict)
+
+    fake = Watched(first_byte_delay=0.0)
+    text = "x" * 2000  # 11.5 MB as linear16 at 48 kHz: more than loopback's socket buffers
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as base:
+        ws = await ws_connect(base, "?encoding=linear16&sample_rate=48000")
+        await ws.recv()
+        await send(ws, "Speak", text=text)
+        await send(ws, "Flush")
+        await asyncio.sleep(0.5)  # the client reads nothing meanwhile
+        assert text in fake.first_bytes
+        (peer,) = peers
+        assert peer._transport.get_write_buffer_size() < 128 * 1024
+        audio, events = await until(ws, "Flushed")
+        await ws.close()
+    assert audio == fake.audio_for(text, "linear16", 48000) and events[-1]["type"] == "Flushed"

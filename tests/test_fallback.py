@@ -114,7 +114,7 @@ async def test_auth_failure_marks_unhealthy_and_everything_failing_plays_the_apo
 async def call_through(
     fake: FakeDeepgram, *, websocket: bool = False, backup: FakeService | None = None
 ) -> tuple[bytes, FakeService | None]:
-    async with serve_asgi(fake.app) as dg_url:
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
         if websocket:
             primary: object = DeepgramWebSocketService(
                 KEY,
@@ -234,7 +234,7 @@ async def test_refused_credentials_make_health_degraded_and_name_the_setting(
 
     fake = FakeDeepgram(KEY, first_byte_delay=0.01)
     fake.fail_next(401, {"err_code": "INVALID_AUTH", "err_msg": "Invalid credentials."}, count=None)
-    async with serve_asgi(fake.app) as dg_url:
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
         chain = FallbackService(
             [DeepgramRestService("wrong-key", base_url=dg_url), FakeService("backup")]
         )

@@ -3,8 +3,11 @@
 (https://developers.deepgram.com/reference/text-to-speech-api,
 https://developers.deepgram.com/docs/tts-websocket) and ``/work/shared/reference/deepgram-aura.md``.
 
-Serve :attr:`FakeDeepgram.app` with :func:`callspeak.testing.asgi_server.serve_asgi` and point a
-client's base URL at it. What it reproduces:
+Serve :attr:`FakeDeepgram.app` with uvicorn, giving it :attr:`FakeDeepgram.ws_protocol` as
+``ws=`` (``serve_asgi(fake.app, ws=fake.ws_protocol)``, see
+:func:`callspeak.testing.asgi_server.serve_asgi`), and point a client's base URLs at it: REST
+goes through the ASGI app, the WebSocket straight from the socket (:mod:`.speak_socket`). What it
+reproduces:
 
 * auth (``Token KEY`` or ``Bearer KEY``), model names, ``encoding``/``sample_rate``/``container``
   combinations and the documented error bodies ``{"err_code", "err_msg", "request_id"}``;
@@ -21,40 +24,63 @@ requests (REST), handshakes, or flushes (WebSocket); ``count=None`` makes a faul
 
 The package: :mod:`.audio` (the tone bursts and :func:`synthesize`), :mod:`.validation` (auth,
 model and format checks, :data:`MAX_CHARS`), :mod:`.faults` (the fault queue),
-:mod:`.rest_stream` (the streamed REST body), :mod:`.websocket` (one open socket), and here
+:mod:`.rest_stream` (the streamed REST body), :mod:`.speak_socket` (the WebSocket's connection),
+:mod:`.websocket` (one open socket's messages), and here
 :class:`FakeDeepgram` itself; ``python -m callspeak.testing.fake_deepgram`` runs :func:`main`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.routing import Route
 
 from callspeak.testing.fake_deepgram.audio import RAW_CONTENT_TYPES, SECONDS_PER_CHAR, synthesize
 from callspeak.testing.fake_deepgram.faults import Fault, take
 from callspeak.testing.fake_deepgram.rest_stream import AudioStream
+from callspeak.testing.fake_deepgram.speak_socket import speak_socket_protocol
 from callspeak.testing.fake_deepgram.validation import (
     MAX_CHARS,
     Reject,
     audio_params,
     check_auth_and_model,
 )
-from callspeak.testing.fake_deepgram.websocket import WebSocketSession
+from callspeak.testing.fake_deepgram.websocket import Peer, WebSocketSession
 
-__all__ = ["MAX_CHARS", "SECONDS_PER_CHAR", "FakeDeepgram", "RecordedRequest", "main", "synthesize"]
+__all__ = [
+    "MAX_CHARS",
+    "SECONDS_PER_CHAR",
+    "FakeDeepgram",
+    "RecordedRequest",
+    "WsVerdict",
+    "main",
+    "synthesize",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class WsVerdict:
+    """The fake's answer to one WebSocket handshake: ``status`` 101 with the socket's audio
+    format, or an error ``status`` with its JSON body (``error``)."""
+
+    request_id: str
+    status: int
+    error: str = ""
+    model: str = ""
+    encoding: str = ""
+    rate: int = 0
 
 
 @dataclass(slots=True)
@@ -106,10 +132,10 @@ class FakeDeepgram:
         #: When each text's request was read (REST: the whole body; WebSocket: its Flush).
         self.arrivals: dict[str, float] = {}
         self._faults: deque[Fault] = deque()
+        self._ws_protocol: type[asyncio.Protocol] | None = None
         self.app = Starlette(
             routes=[
                 Route("/v1/speak", self._speak_http, methods=["POST"]),
-                WebSocketRoute("/v1/speak", self._speak_ws),
                 # Not Deepgram's: lets a benchmark in another process read first-byte times.
                 Route("/_fake/first-bytes", self._first_bytes, methods=["GET"]),
                 Route("/_fake/arrivals", self._arrivals, methods=["GET"]),
@@ -208,7 +234,9 @@ class FakeDeepgram:
         return synthesize(text, encoding, sample_rate, container)
 
     # -- shared checks --------------------------------------------------------------------
-    def _record(self, method: str, conn: Request | WebSocket) -> RecordedRequest:
+    def _record(
+        self, method: str, path: str, query: Mapping[str, str], headers: Mapping[str, str]
+    ) -> RecordedRequest:
         keep = (
             "authorization",
             "content-type",
@@ -218,17 +246,15 @@ class FakeDeepgram:
             "host",
         )
         record = RecordedRequest(
-            method,
-            conn.url.path,
-            dict(conn.query_params),
-            {k: conn.headers[k] for k in keep if k in conn.headers},
+            method, path, dict(query), {k: headers[k] for k in keep if k in headers}
         )
         self.requests.append(record)
         return record
 
     # -- REST -------------------------------------------------------------------------------
     async def _speak_http(self, request: Request) -> Response:
-        record, rid = self._record("POST", request), str(uuid.uuid4())
+        record = self._record("POST", request.url.path, request.query_params, request.headers)
+        rid = str(uuid.uuid4())
         body = await request.body()
         fault = take(self._faults, "fail")
         if fault is not None:
@@ -274,40 +300,56 @@ class FakeDeepgram:
         return stream
 
     # -- WebSocket --------------------------------------------------------------------------
-    async def _speak_ws(self, ws: WebSocket) -> None:
+    @property
+    def ws_protocol(self) -> type[asyncio.Protocol]:
+        """The class to give uvicorn as ``ws=`` when serving :attr:`app`: the ``/v1/speak``
+        WebSocket is served by it (see :mod:`.speak_socket`), not through ASGI."""
+        if self._ws_protocol is None:
+            self._ws_protocol = speak_socket_protocol(self)
+        return self._ws_protocol
+
+    def answer_ws_handshake(
+        self, path: str, query: Mapping[str, str], headers: Mapping[str, str]
+    ) -> WsVerdict:
+        """Record a ``/v1/speak`` handshake and decide it: 101, or a documented error
+        (``headers`` lower-cased; an injected ``refuse`` fault is taken first)."""
         self.ws_connections += 1
-        record, rid = self._record("GET", ws), str(uuid.uuid4())
+        record, rid = self._record("GET", path, query, headers), str(uuid.uuid4())
         try:
             fault = take(self._faults, "refuse")
             if fault is not None:
                 error = json.loads(fault.body)
                 raise Reject(fault.status, error.get("err_code", ""), error.get("err_msg", ""))
-            model = check_auth_and_model(ws.headers, ws.query_params, self.api_key)
-            encoding, rate, _ = audio_params(ws.query_params, websocket=True)
+            model = check_auth_and_model(headers, query, self.api_key)
+            encoding, rate, _ = audio_params(query, websocket=True)
         except Reject as reject:
             record.status = reject.status
             error = json.dumps(
                 {"err_code": reject.code, "err_msg": reject.message, "request_id": rid}
             )
-            headers = {"dg-request-id": rid, "dg-error": error}
-            await ws.send_denial_response(
-                Response(error, reject.status, headers, "application/json")
-            )
-            return
+            return WsVerdict(rid, reject.status, error=error)
         record.status = 101
-        await ws.accept(headers=[(b"dg-request-id", rid.encode())])
+        return WsVerdict(rid, 101, model=model, encoding=encoding, rate=rate)
+
+    def serve_ws(self, peer: Peer, verdict: WsVerdict) -> Coroutine[Any, Any, None]:
+        """Count the socket open now; the coroutine sends ``Metadata``, then serves the
+        session until either side closes."""
         self.ws_open += 1
+        return self._served(peer, verdict)
+
+    async def _served(self, peer: Peer, verdict: WsVerdict) -> None:
         try:
-            await ws.send_json(
-                {
-                    "type": "Metadata",
-                    "request_id": rid,
-                    "model_name": model,
-                    "model_version": "fake",
-                    "model_uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, model)),
-                }
-            )
-            await WebSocketSession(self, ws, encoding, rate, self._faults).run()
+            metadata = {
+                "type": "Metadata",
+                "request_id": verdict.request_id,
+                "model_name": verdict.model,
+                "model_version": "fake",
+                "model_uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, verdict.model)),
+            }
+            with contextlib.suppress(ConnectionError):  # the client left straight away
+                await peer.send_text(json.dumps(metadata))
+                session = WebSocketSession(self, peer, verdict.encoding, verdict.rate, self._faults)
+                await session.run()
         finally:
             self.ws_open -= 1
 
@@ -340,4 +382,6 @@ def main(argv: list[str] | None = None) -> None:
     # another company's fleet: its own collector's passes would read as Deepgram being slow.
     freeze_startup_objects()
     collect_young_less_often()
-    uvicorn.run(fake.app, host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(
+        fake.app, host="127.0.0.1", port=args.port, log_level="warning", ws=fake.ws_protocol
+    )

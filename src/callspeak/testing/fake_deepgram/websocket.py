@@ -1,7 +1,8 @@
 """One accepted ``/v1/speak`` WebSocket after the handshake (which :class:`FakeDeepgram` does).
 
 Contract: client messages are handled strictly in order. ``Speak`` texts are buffered; ``Flush``
-sends the buffer's audio in ``fake.chunk_size`` binary messages after ``fake.first_byte_delay``,
+sends the buffer's audio in ``fake.chunk_size`` binary messages ``fake.first_byte_delay`` after
+the Flush was read from the socket (as Deepgram's time to first byte runs from its arrival),
 then ``Flushed`` with a sequence id counting from 0, unless the flush limit (``fake.flush_limit``
 per ``fake.flush_window`` seconds) is reached, when a ``FLUSH_LIMIT`` ``Warning`` replaces it.
 ``Clear`` drops the buffer and any audio of earlier flushes not yet sent, then sends ``Cleared``.
@@ -16,9 +17,7 @@ import asyncio
 import contextlib
 import json
 from collections import deque
-from typing import TYPE_CHECKING, Any
-
-from starlette.websockets import WebSocket
+from typing import TYPE_CHECKING, Any, Protocol
 
 from callspeak.testing.fake_deepgram.audio import synthesize
 from callspeak.testing.fake_deepgram.faults import Fault, take
@@ -27,7 +26,27 @@ from callspeak.testing.fake_deepgram.validation import MAX_CHARS
 if TYPE_CHECKING:
     from callspeak.testing.fake_deepgram import FakeDeepgram
 
-__all__ = ["WebSocketSession"]
+__all__ = ["Peer", "WebSocketSession"]
+
+
+class Peer(Protocol):
+    """The client's end of an accepted socket, as the session needs it."""
+
+    async def receive(self) -> tuple[str | bytes, float] | None:
+        """The next message and when it was read from the socket (``fake.clock()``); None once
+        the client has closed or gone."""
+
+    async def send_text(self, text: str) -> None:
+        """Raises ``ConnectionError`` once the socket is closing or gone."""
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Raises ``ConnectionError`` once the socket is closing or gone."""
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+def _json(message: dict[str, Any]) -> str:
+    return json.dumps(message, separators=(",", ":"))
 
 
 class WebSocketSession:
@@ -35,7 +54,7 @@ class WebSocketSession:
     writer that performs them, so a ``Clear`` can stop audio of earlier flushes mid-way."""
 
     def __init__(
-        self, fake: FakeDeepgram, ws: WebSocket, encoding: str, rate: int, faults: deque[Fault]
+        self, fake: FakeDeepgram, ws: Peer, encoding: str, rate: int, faults: deque[Fault]
     ) -> None:
         self.fake, self.ws, self.encoding, self.rate = fake, ws, encoding, rate
         self.faults = faults
@@ -59,15 +78,16 @@ class WebSocketSession:
     async def _read_loop(self) -> bool:
         """Turn client messages into ops; True when the writer should be let finish."""
         while True:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
+            received = await self.ws.receive()
+            if received is None:
                 self.woken.set()
                 return False
-            if message.get("text") is None:
+            message, at = received
+            if isinstance(message, bytes):
                 self.ops.put_nowait(("close", (1003, "Binary messages are not accepted.")))
                 return True
             try:
-                data = json.loads(message["text"])
+                data = json.loads(message)
                 kind = data["type"]
             except (ValueError, TypeError, KeyError):
                 self.ops.put_nowait(("warn", ("Could not parse the message.", "INVALID_MESSAGE")))
@@ -82,7 +102,7 @@ class WebSocketSession:
                     return True
                 self.buffer.append(text)
             elif kind == "Flush":
-                self._flush()
+                self._flush(at)
             elif kind == "Clear":
                 self.buffer.clear()
                 self.generation += 1
@@ -90,7 +110,7 @@ class WebSocketSession:
                 self.ops.put_nowait(("clear", None))
             elif kind == "Close":
                 if self.buffer:
-                    self.ops.put_nowait(("flush", (self.generation, "".join(self.buffer))))
+                    self.ops.put_nowait(("flush", (self.generation, "".join(self.buffer), at)))
                 self.ops.put_nowait(("close", (1000, "")))
                 return True
             else:
@@ -98,8 +118,7 @@ class WebSocketSession:
                     ("warn", (f"Unknown message type {kind!r}.", "INVALID_MESSAGE"))
                 )
 
-    def _flush(self) -> None:
-        now = self.fake.clock()
+    def _flush(self, now: float) -> None:
         while self.flush_times and now - self.flush_times[0] >= self.fake.flush_window:
             self.flush_times.popleft()
         if len(self.flush_times) >= self.fake.flush_limit:
@@ -110,7 +129,7 @@ class WebSocketSession:
             self.ops.put_nowait(("warn", (description, "FLUSH_LIMIT")))
             return
         self.flush_times.append(now)
-        self.ops.put_nowait(("flush", (self.generation, "".join(self.buffer))))
+        self.ops.put_nowait(("flush", (self.generation, "".join(self.buffer), now)))
         self.buffer.clear()
 
     async def _write_loop(self) -> None:
@@ -120,11 +139,12 @@ class WebSocketSession:
                 if op == "flush" and not await self._speak(*arg):
                     return
                 if op == "clear":
-                    await self.ws.send_json({"type": "Cleared", "sequence_id": self.cleared_seq})
+                    cleared = {"type": "Cleared", "sequence_id": self.cleared_seq}
+                    await self.ws.send_text(_json(cleared))
                     self.cleared_seq += 1
                 elif op == "warn":
-                    await self.ws.send_json(
-                        {"type": "Warning", "description": arg[0], "code": arg[1]}
+                    await self.ws.send_text(
+                        _json({"type": "Warning", "description": arg[0], "code": arg[1]})
                     )
                 elif op == "close":
                     await self.ws.close(*arg)
@@ -132,16 +152,17 @@ class WebSocketSession:
         except Exception:  # the client went away mid-send: nothing left to do
             return
 
-    async def _speak(self, generation: int, text: str) -> bool:
-        """Audio of one flush, then ``Flushed``. False when the socket was closed by a fault."""
+    async def _speak(self, generation: int, text: str, arrived: float) -> bool:
+        """Audio of one flush (read at ``arrived``), then ``Flushed``. False when the socket was
+        closed by a fault."""
         if generation != self.generation:
             return True
         fake = self.fake
-        fake.arrivals[text] = arrived = fake.clock()
+        fake.arrivals[text] = arrived
         fault = take(self.faults, "ws_close", "ws_stall", "ws_warn", "ws_close_flushed")
         if fault is not None and fault.kind == "ws_warn":
-            await self.ws.send_json(
-                {"type": "Warning", "description": fault.body.decode(), "code": fault.reason}
+            await self.ws.send_text(
+                _json({"type": "Warning", "description": fault.body.decode(), "code": fault.reason})
             )
         if fault is not None and fault.kind == "ws_stall":
             self.woken.clear()
@@ -166,7 +187,7 @@ class WebSocketSession:
         if fault is not None and closing:
             await self.ws.close(fault.code, fault.reason)
             return False
-        await self.ws.send_json({"type": "Flushed", "sequence_id": self.flushed_seq})
+        await self.ws.send_text(_json({"type": "Flushed", "sequence_id": self.flushed_seq}))
         self.flushed_seq += 1
         if fault is not None and fault.kind == "ws_close_flushed":
             await self.ws.close(fault.code, fault.reason)
