@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from callspeak.testing.asgi_server import serve_asgi
-from callspeak.testing.fake_deepgram import FakeDeepgram, synthesize
+from callspeak.testing.fake_deepgram import FakeDeepgram, WsVerdict, synthesize
 from callspeak.testing.fake_deepgram.audio import (
     SECONDS_PER_CHAR,
     alaw_encode,
@@ -657,3 +657,79 @@ async def test_ws_audio_waits_for_a_client_that_does_not_read() -> None:
         audio, events = await until(ws, "Flushed")
         await ws.close()
     assert audio == fake.audio_for(text, "linear16", 48000) and events[-1]["type"] == "Flushed"
+
+
+async def test_ws_refusal_with_a_status_http_does_not_name(base: str, fake: FakeDeepgram) -> None:
+    fake.refuse_ws(529, {"err_code": "OVERLOADED", "err_msg": "try later"})
+    with pytest.raises(InvalidStatus) as info:
+        await ws_connect(base)
+    response = info.value.response
+    assert response.status_code == 529
+    assert json.loads(response.headers["dg-error"])["err_code"] == "OVERLOADED"
+    assert json.loads(bytes(response.body or b""))["err_msg"] == "try later"
+
+
+async def test_ws_socket_is_closed_when_the_session_gives_up() -> None:
+    """A Close whose flush stalls: the session stops waiting after stall_limit, and the socket
+    is closed then rather than left open with nobody serving it."""
+    fake = FakeDeepgram(first_byte_delay=0.0, stall_limit=0.3)
+    fake.ws_stall()
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as base:
+        ws = await ws_connect(base)
+        await ws.recv()
+        await send(ws, "Speak", text="Hi.")
+        await send(ws, "Flush")
+        await send(ws, "Close")
+        async with asyncio.timeout(3):
+            await ws.wait_closed()
+        assert ws.close_code == 1000 and fake.ws_open == 0
+
+
+async def test_ws_shutdown_does_not_wait_for_a_client_that_never_answers() -> None:
+    fake = FakeDeepgram(first_byte_delay=0.0)
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as base:
+        host, port = base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"GET /v1/speak" + WS_QUERY.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Token test-key\r\n\r\n"
+        )
+        async with asyncio.timeout(5):
+            assert (await reader.readline()).startswith(b"HTTP/1.1 101 ")
+        leaving = time.monotonic()
+    took = time.monotonic() - leaving  # serve_asgi allows 2 s for a graceful shutdown
+    async with asyncio.timeout(5):
+        rest = await reader.read()  # the 1012 close frame, then EOF: the fake hung up
+    writer.close()
+    assert took < 1.5 and b"\x88" in rest and fake.ws_open == 0
+
+
+async def test_ws_open_count_survives_a_session_cancelled_before_it_ran() -> None:
+    fake = FakeDeepgram(first_byte_delay=0.0)
+    verdict = WsVerdict("rid", 101, model="aura-2-thalia-en", encoding="mulaw", rate=8000)
+    task = fake.serve_ws(ScriptedPeer([]), verdict)
+    assert fake.ws_open == 1
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert fake.ws_open == 0
+
+
+async def test_ws_session_failure_is_logged_and_closed_1011(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Failing(ScriptedPeer):
+        closed: tuple[int, str] | None = None
+
+        async def receive(self) -> tuple[str | bytes, float] | None:
+            raise RuntimeError("a bug")
+
+        async def close(self, code: int = 1000, reason: str = "") -> None:
+            self.closed = (code, reason)
+
+    fake, peer = FakeDeepgram(first_byte_delay=0.0), Failing([])
+    verdict = WsVerdict("rid", 101, model="aura-2-thalia-en", encoding="mulaw", rate=8000)
+    async with asyncio.timeout(5):
+        await fake.serve_ws(peer, verdict)
+    assert peer.closed == (1011, "internal error") and fake.ws_open == 0
+    assert "WebSocket session failed" in caplog.text

@@ -32,13 +32,13 @@ model and format checks, :data:`MAX_CHARS`), :mod:`.faults` (the fault queue),
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import logging
 import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,8 @@ from callspeak.testing.fake_deepgram.validation import (
     check_auth_and_model,
 )
 from callspeak.testing.fake_deepgram.websocket import Peer, WebSocketSession
+
+log = logging.getLogger("callspeak.testing.fake_deepgram")
 
 __all__ = [
     "MAX_CHARS",
@@ -331,27 +333,39 @@ class FakeDeepgram:
         record.status = 101
         return WsVerdict(rid, 101, model=model, encoding=encoding, rate=rate)
 
-    def serve_ws(self, peer: Peer, verdict: WsVerdict) -> Coroutine[Any, Any, None]:
-        """Count the socket open now; the coroutine sends ``Metadata``, then serves the
-        session until either side closes."""
+    def serve_ws(self, peer: Peer, verdict: WsVerdict) -> asyncio.Task[None]:
+        """Serve an accepted socket in a new task: ``Metadata``, then the session until either
+        side closes; then the socket is closed (1011 if the session failed). :attr:`ws_open`
+        counts the socket from now until the task is done, however it ends."""
         self.ws_open += 1
-        return self._served(peer, verdict)
+        task = asyncio.get_running_loop().create_task(self._served(peer, verdict))
+        task.add_done_callback(self._ws_closed)
+        return task
+
+    def _ws_closed(self, task: asyncio.Task[None]) -> None:
+        self.ws_open -= 1
 
     async def _served(self, peer: Peer, verdict: WsVerdict) -> None:
+        metadata = {
+            "type": "Metadata",
+            "request_id": verdict.request_id,
+            "model_name": verdict.model,
+            "model_version": "fake",
+            "model_uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, verdict.model)),
+        }
+        code, reason = 1000, ""
         try:
-            metadata = {
-                "type": "Metadata",
-                "request_id": verdict.request_id,
-                "model_name": verdict.model,
-                "model_version": "fake",
-                "model_uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, verdict.model)),
-            }
-            with contextlib.suppress(ConnectionError):  # the client left straight away
-                await peer.send_text(json.dumps(metadata))
-                session = WebSocketSession(self, peer, verdict.encoding, verdict.rate, self._faults)
-                await session.run()
+            await peer.send_text(json.dumps(metadata))
+            await WebSocketSession(self, peer, verdict.encoding, verdict.rate, self._faults).run()
+        except ConnectionError:  # the client left
+            pass
+        except Exception:  # a bug in the fake: say so, and do not leave the client waiting
+            log.exception("the fake Deepgram's WebSocket session failed")
+            code, reason = 1011, "internal error"
         finally:
-            self.ws_open -= 1
+            # The session may end with the socket still open (e.g. a Close whose audio outlasted
+            # stall_limit): close it, as an ASGI server closes a socket its handler left.
+            await peer.close(code, reason)
 
 
 def main(argv: list[str] | None = None) -> None:

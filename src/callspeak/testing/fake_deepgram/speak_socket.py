@@ -3,14 +3,17 @@
 
 Why not Starlette's WebSocket route, as the REST side uses Starlette: in a benchmark the fake
 shares a 2-core machine with the server under test and stands in for Deepgram's own fleet. Through
-uvicorn's WebSocket protocol, the ASGI app and Starlette's routing, each handshake cost the fake
-about 0.2 ms of CPU, so 200 calls connecting together queued behind the fake's own work. Here the
-handshake is answered in the callback that reads it, at about half the CPU per socket.
+uvicorn's WebSocket protocol, the ASGI app and Starlette's routing, a socket that connects, asks
+for one text and takes its first audio cost the fake ~0.35 ms of CPU (~0.25 ms here), so 200
+calls connecting together queued behind the fake's own work. Here the handshake is answered in
+the callback that reads it.
 
 :func:`speak_socket_protocol` gives uvicorn (``ws=``) the class. uvicorn builds it with
 ``config``, ``server_state`` and ``app_state``, calls ``connection_made``, hands it the whole
 upgrade request, re-serialized, in the first ``data_received``, and makes it the transport's
-protocol (uvicorn 0.54, as ``callspeak.uvicorn_ws`` relies on too). ``server_state.connections``
+protocol (uvicorn 0.54 and 0.55, as ``callspeak.uvicorn_ws`` relies on too). Not reproduced:
+permessage-deflate and keepalive pings (callspeak's client offers no extensions and needs no
+pings from Deepgram). ``server_state.connections``
 and ``tasks`` are uvicorn's bookkeeping for graceful shutdown.
 
 Contract, as :class:`~callspeak.testing.fake_deepgram.websocket.WebSocketSession` sees it
@@ -25,17 +28,22 @@ the client does not answer within ``close_timeout`` seconds.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final, cast
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
+from websockets.datastructures import Headers
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 if TYPE_CHECKING:
-    from callspeak.testing.fake_deepgram import FakeDeepgram
+    from callspeak.testing.fake_deepgram import FakeDeepgram, WsVerdict
+
+log = logging.getLogger("callspeak.testing.fake_deepgram")
 
 __all__ = ["CLOSE_TIMEOUT", "SpeakSocket", "speak_socket_protocol"]
 
@@ -113,17 +121,20 @@ class SpeakSocket(asyncio.Protocol):
         self._resume_senders()
 
     def shutdown(self) -> None:
-        """uvicorn's server is stopping: close with 1012 (service restart)."""
+        """uvicorn's server is stopping: close with 1012 (service restart) and drop the
+        connection once that is written, without waiting for the client's answer (as uvicorn's
+        own WebSocket protocols do: a client that does not answer must not hold the shutdown)."""
         if self._conn.state is State.OPEN:
             self._conn.send_close(1012, "server shutting down")
             self._flush()
-        elif self._conn.state is State.CONNECTING and self._transport is not None:
-            self._transport.close()
+        if self._transport is not None and not self._lost:
+            self._transport.close()  # after the buffered bytes are written
         self._end_input()
 
     # -- Peer -----------------------------------------------------------------------------
 
     async def receive(self) -> tuple[str | bytes, float] | None:
+        """The next message and when it was read; None once the socket is closing or gone."""
         inbox = self._inbox
         while not inbox:
             if self._ended:
@@ -163,28 +174,32 @@ class SpeakSocket(asyncio.Protocol):
         conn = self._conn
         response = conn.accept(request)
         url = urlsplit(request.path)
-        if response.status_code == 101 and url.path != SPEAK_PATH:
+        path = unquote(url.path)  # as uvicorn gives ASGI apps the path
+        if response.status_code == 101 and path != SPEAK_PATH:
             response = conn.reject(404, "Not Found\n")
         verdict = None
         if response.status_code == 101:
-            headers: dict[str, str] = {}
-            for name, value in request.headers.raw_items():
-                headers.setdefault(name.lower(), value)  # the first one wins
-            query = dict(parse_qsl(url.query, keep_blank_values=True))
-            verdict = self.fake.answer_ws_handshake(url.path, query, headers)
-            if verdict.status == 101:
-                response.headers["dg-request-id"] = verdict.request_id
-            else:
-                response = conn.reject(verdict.status, verdict.error)
-                del response.headers["Content-Type"]
-                response.headers["Content-Type"] = "application/json"
-                response.headers["dg-request-id"] = verdict.request_id
-                response.headers["dg-error"] = verdict.error
+            try:
+                verdict = self._verdict(request, path, url.query)
+                if verdict.status == 101:
+                    response.headers["dg-request-id"] = verdict.request_id
+                else:
+                    response = _refusal(verdict)
+            except Exception:  # a bug in the fake: answer, rather than drop the connection
+                log.exception("the fake Deepgram failed to answer a WebSocket handshake")
+                verdict, response = None, conn.reject(500, "Internal Server Error\n")
         conn.send_response(response)
         if verdict is not None and verdict.status == 101:
-            task = self._loop.create_task(self.fake.serve_ws(self, verdict))
+            task = self.fake.serve_ws(self, verdict)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _verdict(self, request: Request, path: str, query: str) -> WsVerdict:
+        headers: dict[str, str] = {}
+        for name, value in request.headers.raw_items():
+            headers.setdefault(name.lower(), value)  # the first one wins
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        return self.fake.answer_ws_handshake(path, params, headers)
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -268,6 +283,27 @@ class SpeakSocket(asyncio.Protocol):
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
+
+
+def _refusal(verdict: WsVerdict) -> Response:
+    """The HTTP answer refusing a handshake, as Deepgram's: the JSON error as the body and in
+    ``dg-error``. Built here, not with ``ServerProtocol.reject``, which knows only the statuses
+    ``http.HTTPStatus`` names (a test may inject any, e.g. 529)."""
+    try:
+        phrase = HTTPStatus(verdict.status).phrase
+    except ValueError:
+        phrase = ""
+    body = verdict.error.encode()
+    headers = Headers(
+        [
+            ("Connection", "close"),
+            ("Content-Length", str(len(body))),
+            ("Content-Type", "application/json"),
+            ("dg-request-id", verdict.request_id),
+            ("dg-error", verdict.error),
+        ]
+    )
+    return Response(verdict.status, phrase, headers, body)
 
 
 def speak_socket_protocol(
