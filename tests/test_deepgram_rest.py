@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from callspeak.tasks import EAGER_START, start_task
 from callspeak.testing.asgi_server import serve_asgi
 from callspeak.testing.fake_deepgram import FakeDeepgram
 from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService
@@ -213,6 +214,43 @@ async def test_injected_session_is_not_closed(base: str, fake: FakeDeepgram) -> 
         assert not session.closed
         with pytest.raises(RuntimeError):
             service.open()
+
+
+async def test_with_a_connection_idle_in_the_pool_the_request_leaves_in_the_first_step(
+    base: str, fake: FakeDeepgram
+) -> None:
+    """A stream run by start_task, as a call's producer is: on Python 3.12+ its request is
+    written before start_task returns (no loop iteration between the caller's say() and
+    Deepgram being asked), when the pool holds an idle connection; on 3.11, a loop iteration
+    or two later (the task's start, then aiohttp's body writer)."""
+    sent: list[bytes] = []
+
+    async def on_chunk(
+        session: aiohttp.ClientSession, context: object, params: aiohttp.TraceRequestChunkSentParams
+    ) -> None:
+        sent.append(bytes(params.chunk))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_chunk_sent.append(on_chunk)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+        service = DeepgramRestService("test-key", base_url=base, http_session=session)
+        provider = service.open()
+        assert await collect(provider.stream("Warm.")) == fake.audio_for("Warm.")  # keep-alive
+        sent.clear()
+        stream = provider.stream("Now.")
+
+        async def first_audio() -> bytes:
+            return await anext(stream)
+
+        first = start_task(first_audio())
+        if EAGER_START:
+            assert sent == [b'{"text": "Now."}']
+        else:
+            assert sent == []
+        assert fake.audio_for("Now.").startswith(await first)
+        assert sent == [b'{"text": "Now."}'] and len(fake.requests) == 2
+        await stream.aclose()
+        await service.aclose()
 
 
 async def test_waiting_for_a_pooled_connection_is_bounded_by_connect_timeout(

@@ -23,6 +23,7 @@ from callspeak.speech import SpeechStatus
 from tests.fakes import DirectTransport, FakeProvider, FakeTransport
 from tests.test_session import (
     SID,
+    TASK_STARTS_AFTER,
     Harness,
     MarkerDetector,
     caller_speaks,
@@ -113,7 +114,7 @@ async def test_the_opening_is_handled_as_it_arrives_and_asks_the_voice_at_once()
     transport.push(start_json())
     assert transport.direct == 2
     assert session.phase is Phase.STREAMING and session.call_sid == "CAtest"
-    assert await loop_iterations_until(lambda: bool(provider.texts)) == 1
+    assert await loop_iterations_until(lambda: bool(provider.texts)) == TASK_STARTS_AFTER
     await transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
     transport.push(start_json())  # a second start: refused there too, and counted
     assert transport.direct == 3 and session.rejected == 1
@@ -148,7 +149,7 @@ async def test_an_opened_session_handles_its_opening_before_run_and_warms_the_vo
     assert session.phase is Phase.STREAMING and [u.text for u in session.utterances] == [
         "Hello there."
     ]
-    assert await loop_iterations_until(lambda: bool(provider.texts)) == 1
+    assert await loop_iterations_until(lambda: bool(provider.texts)) == TASK_STARTS_AFTER
     task = asyncio.create_task(session.run())
     await transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
     assert provider.warmed == 1  # not again in run()

@@ -11,7 +11,9 @@ call has been cancelled and awaited and the provider closed.
 Latency: the voice is warmed up (``warm_up()``) in ``open()``, as the stream is accepted and before
 ``start``, and from then on a transport that can (:class:`DirectDelivery`) hands ``start`` and media
 to the session in the callback that read them. Speech
-queued while the call has nothing to speak starts synthesising in ``say()`` itself, and audio the
+queued while the call has nothing to speak starts synthesising in ``say()`` itself (its producer
+is started with :func:`~callspeak.tasks.start_task`: on Python 3.12+ the voice is asked before
+``say()`` returns, on 3.11 a loop iteration later), and audio the
 sender is idle waiting for is sent by the producer as it arrives — each a loop iteration saved,
 which a server busy with hundreds of calls would spend in tens of milliseconds.
 
@@ -67,7 +69,7 @@ from callspeak.protocol import (
     parse_message,
 )
 from callspeak.speech import SpeechStatus, Utterance, mark_name, parse_mark_name
-from callspeak.tasks import wait_cancelled
+from callspeak.tasks import start_task, wait_cancelled
 from callspeak.tts.base import TTSError, TTSProvider, aclose_stream, warm_up
 from callspeak.tts.sentences import split_sentences
 
@@ -666,7 +668,7 @@ class CallSession:
     def _begin(self, utterance: Utterance) -> _Production:
         """Start synthesising ``utterance`` into a frame queue of its own."""
         frames: asyncio.Queue[tuple[int, bytes | None]] = asyncio.Queue(FRAME_BUFFER)
-        return frames, asyncio.create_task(self._produce(utterance, frames), name="producer")
+        return frames, start_task(self._produce(utterance, frames), name="producer")
 
     async def _drop_early(self) -> None:
         """Cancel the early producer, if there is one, and wait for it to end."""

@@ -19,13 +19,15 @@ free pooled connection) with ``connect_timeout``, reported as such only when it 
 the two (with both at their default of 5 s the first-byte deadline, started first, ends it).
 
 ``warm_up()`` — the session calls it as the call's stream is accepted, before ``start`` — opens a
-pooled connection in the background (TCP and TLS; no request), so the call's first request finds
-one idle instead of connecting after ``start``: on a cold pool that is the handshakes off the time
-to first audio, and when hundreds of calls arrive together, several loop iterations. The first
-``stream()`` waits for it, within its first-byte deadline; a failure is only logged (the request
-connects afresh and reports its own). With a warm pool it takes an idle connection and puts it
-back, and opens nothing. Not done for an injected ``http_session``: its proxy settings decide
-which connection a request takes, and they are not public.
+pooled connection in the background (TCP and TLS; no request; on Python 3.12+ the connect starts
+before ``warm_up()`` returns, see :func:`~callspeak.tasks.start_task`), so the call's first
+request finds one idle instead of connecting after ``start``: on a cold pool that is the
+handshakes off the time to first audio, and when hundreds of calls arrive together, several loop
+iterations. The first ``stream()`` waits for it if it is still connecting, within its first-byte
+deadline; a failure is only logged (the request connects afresh and reports its own). With a warm
+pool it takes an idle connection and puts it back, and opens nothing. Not done for an injected
+``http_session``: its proxy settings decide which connection a request takes, and they are not
+public.
 
 Why aiohttp rather than httpx: every call opens a request per sentence, so at a few hundred calls
 the pool sees thousands of request opens and closes a minute. httpcore's pool does O(open
@@ -50,7 +52,7 @@ import certifi
 from yarl import URL
 
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
-from callspeak.tasks import wait_cancelled
+from callspeak.tasks import start_task, wait_cancelled
 from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text
@@ -229,7 +231,7 @@ class DeepgramRestProvider:
         if not service.owns_session:
             return  # an injected session's proxy settings pick the connection: unknown here
         self._warmed = True
-        self._warming = asyncio.create_task(service.preconnect(), name="deepgram-rest-connect")
+        self._warming = start_task(service.preconnect(), name="deepgram-rest-connect")
         self._warming.add_done_callback(self._warm_done)
 
     def _warm_done(self, task: asyncio.Task[None]) -> None:
@@ -291,9 +293,12 @@ class DeepgramRestProvider:
         try:
             try:
                 async with asyncio.timeout_at(when) as self._deadline:
-                    if self._warming is not None:
+                    warming = self._warming
+                    if warming is not None and not warming.done():
                         # Its connection is the one to use; a failure is found again below.
-                        await asyncio.wait({self._warming})
+                        # (A warm-up already done has its connection in the pool: waiting on
+                        # it would still cost a loop iteration.)
+                        await asyncio.wait({warming})
                         self._check_open()  # closed meanwhile: no request
                     # A request waiting for a pooled connection is cancelled by aiohttp when the
                     # service closes the pool: see the CancelledError clause below.
