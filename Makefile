@@ -4,6 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# A Python 3.12, where one is found (on PATH, or installed by pyenv), for the tests' uvloop pass:
+# there tasks that callspeak starts eagerly (callspeak/tasks.py) run their first steps at once,
+# so both ways of starting them are tested. Empty: that pass runs on $(PYTHON) too.
+ifeq ($(origin PYTHON312), undefined)
+PYTHON312 := $(shell for p in python3.12 "$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do \
+	"$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
+endif
+VENV312 ?= .venv-3.12
 
 .PHONY: demo test lint bench clean
 
@@ -12,6 +20,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[local,dev]'
 	touch $(STAMP)
+
+$(VENV312)/.installed: pyproject.toml
+	$(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV312)/bin/python -m pip install --quiet -e '.[local,dev]'
+	touch $@
 
 demo: $(STAMP)
 	$(BIN)/callspeak demo --wav demo.wav
@@ -23,11 +37,17 @@ lint: $(STAMP)
 
 test: lint
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest --cov --cov-report=term:skip-covered
-	# again on uvloop, the loop `callspeak serve` runs on (its transports differ from asyncio's)
+	# again on uvloop, the loop `callspeak serve` runs on (its transports differ from asyncio's),
+	# under Python 3.12 where one is found (see PYTHON312)
+ifneq ($(strip $(PYTHON312)),)
+	$(MAKE) --no-print-directory $(VENV312)/.installed
+	TEST_EVENT_LOOP=uvloop PYTHONASYNCIODEBUG=1 $(VENV312)/bin/pytest -q
+else
 	TEST_EVENT_LOOP=uvloop PYTHONASYNCIODEBUG=1 $(BIN)/pytest -q
+endif
 
 bench: $(STAMP)
 	$(BIN)/python bench/time_to_first_audio.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage demo.wav
+	rm -rf $(VENV) $(VENV312) .pytest_cache .mypy_cache .ruff_cache .coverage demo.wav
