@@ -4,12 +4,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# A Python 3.12, where one is found (on PATH, or installed by pyenv), for the tests' uvloop pass:
-# there tasks that callspeak starts eagerly (callspeak/tasks.py) run their first steps at once,
-# so both ways of starting them are tested. Empty: that pass runs on $(PYTHON) too.
+# When $(PYTHON) is 3.11: a Python 3.12 that can make a venv, where one is found (on PATH, or
+# installed by pyenv), for the tests' uvloop pass. From 3.12 on, the tasks callspeak starts with
+# callspeak.tasks.start_task run their first steps at once, so both ways of starting them are
+# tested. Empty: that pass runs on $(PYTHON) too.
 ifeq ($(origin PYTHON312), undefined)
-PYTHON312 := $(shell for p in python3.12 "$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do \
-	"$$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null && { echo "$$p"; break; }; done)
+PYTHON312 := $(shell $(PYTHON) -c 'import sys; sys.exit(sys.version_info >= (3, 12))' 2>/dev/null && \
+	for p in python3.12 "$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do \
+	"$$p" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null \
+	&& { echo "$$p"; break; }; done)
 endif
 VENV312 ?= .venv-3.12
 

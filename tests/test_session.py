@@ -436,9 +436,10 @@ async def loop_iterations_until(done: Callable[[], bool], limit: int = 10) -> in
 
 
 async def test_speech_for_an_idle_call_is_asked_for_before_the_speaker_runs() -> None:
-    """say() on a call with nothing to speak starts synthesis itself: the voice is asked in
-    the next loop iteration, not after the speaker's and the utterance's task switches (three
-    iterations, each tens of milliseconds on a server busy with hundreds of calls)."""
+    """say() on a call with nothing to speak starts synthesis itself: the voice is asked within
+    say() (Python 3.12+) or in the next loop iteration, not after the speaker's and the
+    utterance's task switches (three iterations, each tens of milliseconds on a server busy with
+    hundreds of calls)."""
     provider = FakeProvider(chunk=160)
     async with Harness(provider, greeting=None) as h:
         await h.start_idle()
@@ -452,7 +453,7 @@ async def test_speech_for_an_idle_call_is_asked_for_before_the_speaker_runs() ->
     assert provider.texts == ["Right away."]  # asked once: the speaker took over that synthesis
 
 
-async def test_clear_before_the_speaker_takes_early_speech_stops_it_unasked() -> None:
+async def test_clear_before_the_speaker_takes_early_speech_stops_it_unheard() -> None:
     provider = FakeProvider(chunk=160)
     async with Harness(provider, greeting=None) as h:
         await h.start_idle()

@@ -12,8 +12,9 @@ Latency: the voice is warmed up (``warm_up()``) in ``open()``, as the stream is 
 ``start``, and from then on a transport that can (:class:`DirectDelivery`) hands ``start`` and media
 to the session in the callback that read them. Speech
 queued while the call has nothing to speak starts synthesising in ``say()`` itself (its producer
-is started with :func:`~callspeak.tasks.start_task`: on Python 3.12+ the voice is asked before
-``say()`` returns, on 3.11 a loop iteration later), and audio the
+is started with :func:`~callspeak.tasks.start_task`: on Python 3.12+ it starts asking the voice
+before ``say()`` returns — the request is written then when the voice has a connection ready —
+on 3.11 a loop iteration later), and audio the
 sender is idle waiting for is sent by the producer as it arrives — each a loop iteration saved,
 which a server busy with hundreds of calls would spend in tens of milliseconds.
 
