@@ -16,9 +16,13 @@ more than one call, time to first audio split at the fake: start → the fake ha
 (the configured delay plus the fake's scheduling; the WebSocket's Flush is stamped in the
 callback that read it from the socket, a REST request once the fake's ASGI handler has its body);
 for 1, 50 and 200 calls answered in the same instant, and for 200 calls arriving over ``--ramp``
-seconds (each measured while up to 199 others are in progress). Each row also gives the CPU the
-three processes used, as a share of one core: all three share the machine's cores, so a
-saturated machine shows there first.
+seconds (each measured while up to 199 others are in progress); with more than one call, the
+p99 of each round on its own too, since one round's tail can differ from the next by a third.
+Each row also gives the CPU the three processes used, as a share of one core: all three share
+the machine's cores, so a saturated machine shows there first. A machine reference (CPU to parse
+one media message, median of 5 x 20000) is printed from before and after each voice's rows: this
+machine's speed varies 2-3x between days and by half within a run, and figures compare only
+beside it.
 
 ``--pin`` gives the server core 0 to itself and puts this process and the fake on the others,
 as in production, where the callers (Twilio) and Deepgram are other machines: the server's own
@@ -50,7 +54,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _server import callspeak_server_process, cpu_seconds, free_port, percentile  # noqa: E402
+from _server import (  # noqa: E402
+    callspeak_server_process,
+    cpu_seconds,
+    free_port,
+    machine_reference_us,
+    percentile,
+)
 from callspeak import eventloop  # noqa: E402
 from callspeak.emulator import CallReport, DialOptions, dial  # noqa: E402
 from callspeak.heap import collect_young_less_often, freeze_startup_objects  # noqa: E402
@@ -121,6 +131,7 @@ async def measure(
     calls: int, rounds: int, ramp: float, label: str,
 ) -> list[str]:  # fmt: skip
     url = f"ws://127.0.0.1:{port}/twilio"
+    reference = machine_reference_us()
     await round_of_calls(url, 1, f"warmup-{label}")
     lines = []
     scenarios = [(n, 0.0) for n in sorted({1, 50, calls})] + [(calls, ramp)] * (ramp > 0)
@@ -128,8 +139,12 @@ async def measure(
         results: list[tuple[str, CallReport]] = []
         pids = (server_pid, fake.pid, os.getpid())
         cpu_before, wall_before = [cpu_seconds(pid) for pid in pids], time.monotonic()
+        round_p99s = []  # how much one round's tail differs from the next
         for r in range(rounds if n > 1 else rounds * 5):
-            results += await round_of_calls(url, n, f"{label}-{n}-{spread}-{r}", spread)
+            done = await round_of_calls(url, n, f"{label}-{n}-{spread}-{r}", spread)
+            heard = [report.first_audio_at for _, report in done]
+            round_p99s.append(percentile([t * 1000 for t in heard if t is not None], 99))
+            results += done
         wall = time.monotonic() - wall_before
         used = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
         cpu = [seconds / wall for seconds in used]
@@ -152,6 +167,9 @@ async def measure(
         lines.append(stats(f"{label}, {how}: provider first byte -> our first frame", ours))
         lines.append(stats(f"{label}, {how}:   ... -> read by the emulated caller", overhead))
         lines.append(stats(f"{label}, {how}: time to first audio", ttfa))
+        if n > 1:
+            per_round = " / ".join(f"{p:.0f}" for p in round_p99s)
+            lines.append(f"{label}, {how}:   time to first audio p99 of each round: {per_round} ms")
         if n > 1:  # where the time to first audio went (each a distribution of its own)
             lines.append(stats(f"{label}, {how}:   start -> request read by the fake", to_fake))
             lines.append(stats(f"{label}, {how}:   request read -> fake's first byte", in_fake))
@@ -161,6 +179,10 @@ async def measure(
         )
         if silent:
             lines.append(f"{label}, {how}: {silent} of {len(results)} heard nothing in 8 s")
+    lines.append(
+        f"{label}: machine reference (CPU to parse one media message, in this process) "
+        f"{reference:.2f} us before these rows, {machine_reference_us():.2f} us after"
+    )
     return lines
 
 
