@@ -60,7 +60,7 @@ from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
-from callspeak.tasks import wait_cancelled
+from callspeak.tasks import start_task, wait_cancelled
 from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
 from callspeak.tts.resolved_host import Resolve, ResolvedHost, getaddrinfo_tcp, needs_lookup
@@ -215,12 +215,14 @@ class DeepgramWebSocketProvider:
 
     def warm_up(self) -> None:
         """Start connecting now, in the background, unless a socket is open or opening (or the
-        credentials were refused, the provider is closed, or a stream is connecting itself)."""
+        credentials were refused, the provider is closed, or a stream is connecting itself). On
+        Python 3.12+ the connect begins before this returns (:func:`~callspeak.tasks.start_task`)
+        when the host's addresses are known."""
         if self._closed or self._ws is not None or self._warming is not None or self._streaming:
             return
         if self._svc.auth_error is not None:
             return  # the first stream() raises it, with no connect attempt
-        self._warming = asyncio.create_task(self._connect(), name="deepgram-ws-connect")
+        self._warming = start_task(self._connect(), name="deepgram-ws-connect")
         self._warming.add_done_callback(self._warmed)
 
     def _warmed(self, task: asyncio.Task[ClientConnection]) -> None:
