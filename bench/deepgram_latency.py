@@ -167,10 +167,9 @@ async def measure(
         lines.append(stats(f"{label}, {how}: provider first byte -> our first frame", ours))
         lines.append(stats(f"{label}, {how}:   ... -> read by the emulated caller", overhead))
         lines.append(stats(f"{label}, {how}: time to first audio", ttfa))
-        if n > 1:
+        if n > 1:  # each round's tail, and where the time to first audio went
             per_round = " / ".join(f"{p:.0f}" for p in round_p99s)
             lines.append(f"{label}, {how}:   time to first audio p99 of each round: {per_round} ms")
-        if n > 1:  # where the time to first audio went (each a distribution of its own)
             lines.append(stats(f"{label}, {how}:   start -> request read by the fake", to_fake))
             lines.append(stats(f"{label}, {how}:   request read -> fake's first byte", in_fake))
         lines.append(
