@@ -8,7 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from callspeak.testing.processes import wait_until_listening
@@ -65,17 +65,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def machine_reference_us(runs: int = 5, messages: int = 20_000) -> float:
-    """This machine's speed now, as µs of CPU to parse one inbound media message in Twilio's form
-    (the server's hottest pure path; median of ``runs``). The machine's speed varies 2-3x from
-    day to day: figures from different runs compare only beside this."""
-    from callspeak.protocol import Media, StreamSid, parse_message
-
-    text = Media(41, StreamSid("MZ" + "0" * 32), "inbound", 40, 800, b"\xff" * 160).to_json()
+def per_call_us(work: Callable[[], object], runs: int, calls: int = 20_000) -> float:
+    """µs of CPU one call of ``work`` takes: the median of ``runs`` runs of ``calls`` calls."""
     timings = []
     for _ in range(runs):
         start = time.process_time()
-        for _ in range(messages):
-            parse_message(text)
+        for _ in range(calls):
+            work()
         timings.append(time.process_time() - start)
-    return statistics.median(timings) / messages * 1e6
+    return statistics.median(timings) / calls * 1e6
+
+
+def machine_reference_us(runs: int = 5) -> float:
+    """This machine's speed now, as µs of CPU to parse one inbound media message in Twilio's form
+    (the server's hottest pure path; median of ``runs`` runs of 20 000). The machine's speed
+    varies 2-3x from day to day: figures from different runs compare only beside this."""
+    from callspeak.protocol import Media, StreamSid, parse_message
+
+    text = Media(41, StreamSid("MZ" + "0" * 32), "inbound", 40, 800, b"\xff" * 160).to_json()
+    return per_call_us(lambda: parse_message(text), runs)

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 
+from _server import per_call_us
 from callspeak.audio.mulaw import pcm16_to_mulaw
 from callspeak.bargein import SpeechOnsetDetector
 from callspeak.call_state import CallState
@@ -34,16 +32,6 @@ from callspeak.protocol import (
 
 N = 20_000
 SID = StreamSid("MZ" + "0123456789abcdef" * 2)
-
-
-def per_message_us(work: Callable[[], object], runs: int) -> float:
-    timings = []
-    for _ in range(runs):
-        start = time.process_time()
-        for _ in range(N):
-            work()
-        timings.append(time.process_time() - start)
-    return statistics.median(timings) / N * 1e6
 
 
 def main() -> None:
@@ -86,7 +74,7 @@ def main() -> None:
     ]
     costs = {}
     for name, work in rows:
-        costs[name] = per_message_us(work, runs)
+        costs[name] = per_call_us(work, runs, N)
         print(f"{name:<48} {costs[name]:6.2f} µs")
     inbound = costs["call state: parse + apply a media message"]
     with_vad = inbound + costs["barge-in detector, one silent frame"]
