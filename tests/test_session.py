@@ -693,3 +693,28 @@ async def test_speech_queued_during_a_clear_is_not_synthesised_until_it_ends() -
         assert h.audio()[-len(audio) - 160 :].find(audio) >= 0  # its audio, whole, before its mark
         slow.push(echo(h.marks()[-1]))
         assert await asyncio.wait_for(second.wait(), 5) is SpeechStatus.PLAYED
+
+
+async def test_speech_said_while_a_clear_is_under_way_follows_the_speech_it_kept() -> None:
+    """Kept (non-interruptible) speech stays ahead in the queue: text said while the clear
+    waits for the stopped speech to end is spoken after it, as it was said after it."""
+    provider = FakeProvider(chunk=160, delay=0.01)
+    async with Harness(provider, greeting=None, max_lead=0.1) as h:
+        await h.start_idle()
+        chat = h.session.say("Some chatter that goes on.")
+        legal = h.session.say("Legal notice.", interruptible=False)
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMedia) for m in ms))
+        clearing = asyncio.create_task(h.session.clear(only_interruptible=True))
+        await asyncio.sleep(0)  # the clear now waits for the chatter's synthesis to end
+        assert chat.status is SpeechStatus.SPEAKING
+        later = h.session.say("Said during the clear.")
+        assert await clearing == [chat]
+        await h.transport.wait_for(lambda ms: sum(isinstance(m, OutboundMark) for m in ms) >= 2)
+        assert provider.texts[1:] == ["Legal notice.", "Said during the clear."]
+        assert [m.rpartition(".")[0] for m in h.marks()] == ["g1.u2", "g1.u3"]
+        sent = h.transport.messages()
+        clear_at = next(i for i, m in enumerate(sent) if isinstance(m, Clear))
+        legal_audio = tone_for("Legal notice.")
+        after_clear = b"".join(m.payload for m in sent[clear_at:] if isinstance(m, OutboundMedia))
+        assert after_clear.startswith(legal_audio)  # none of it went out before the clear
+        assert legal.status is SpeechStatus.SPEAKING and later.status is SpeechStatus.SPEAKING

@@ -337,11 +337,16 @@ class CallSession:
                 self._no_clear.set()
 
     async def _clear(self, stopped: list[Utterance], reason: str) -> list[Utterance]:
+        # Kept (non-interruptible) utterances stay queued, in order, ahead of anything said
+        # while this clear waits below. None of their audio can go out before the clear and be
+        # dropped by it: the speaker waits for _no_clear before speaking what it takes.
         kept: list[Utterance] = []
         while not self._queue.empty():
             queued = self._queue.get_nowait()
             if queued not in stopped:
                 kept.append(queued)
+        for queued in kept:
+            self._queue.put_nowait(queued)
         # Even when its utterance is kept: the voice's clear below may drop what it was making
         # (one Deepgram socket per call); the speaker makes it afresh when it gets there.
         await self._drop_early()
@@ -350,8 +355,6 @@ class CallSession:
             task.cancel()
             await wait_cancelled(task)
         if self._state.start is None or self._closed:
-            for queued in kept:
-                self._queue.put_nowait(queued)
             for utterance in stopped:
                 utterance.finish(SpeechStatus.CANCELLED)
             return stopped
@@ -361,10 +364,6 @@ class CallSession:
         self._pacer.reset()
         with contextlib.suppress(TransportClosed):
             await self._send(encode_clear(StreamSid(self.stream_sid)))
-        # Kept (non-interruptible) utterances go back only now, so none of their audio can be
-        # sent before the clear and be dropped by it.
-        for queued in kept:
-            self._queue.put_nowait(queued)
         with contextlib.suppress(TTSError):
             await self._provider.clear()
         for utterance in stopped:
