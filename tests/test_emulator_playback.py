@@ -13,7 +13,21 @@ def test_mark_echoes_only_after_the_audio_before_it_played() -> None:
     frame, taken, echoed = buf.play(160)
     assert (frame, taken, echoed) == (b"\x01" * 160, 160, [])
     frame, taken, echoed = buf.play(160)
-    assert taken == 140 and frame == b"\x01" * 140 + b"\xff" * 20 and echoed == ["m1"]
+    assert taken == 140 and frame == b"\x01" * 140 + b"\xff" * 20 and echoed == []
+    # That frame plays until the next tick: the echo comes then, not while it plays.
+    frame, taken, echoed = buf.play(160)
+    assert (taken, echoed) == (0, ["m1"])
+
+
+def test_a_mark_sent_while_the_last_frame_plays_echoes_once_it_has_played() -> None:
+    buf = PlaybackBuffer()
+    buf.add_audio(b"\x01" * 160)
+    assert buf.play(160)[1:] == (160, [])
+    assert buf.buffered == 0
+    assert buf.add_mark("end") == []  # nothing queued, but the frame is still playing
+    assert buf.pending_marks == ("end",)
+    assert buf.play(160)[1:] == (0, ["end"])
+    assert buf.add_mark("idle") == ["idle"]  # nothing queued or playing: at once
 
 
 def test_mark_with_nothing_queued_echoes_at_once_and_marks_keep_order() -> None:
@@ -22,6 +36,7 @@ def test_mark_with_nothing_queued_echoes_at_once_and_marks_keep_order() -> None:
     buf.add_audio(b"\x02" * 160)
     buf.add_mark("a")
     buf.add_mark("b")  # no audio between a and b: both echo together, in order
+    assert buf.play(160)[2] == []
     assert buf.play(160)[2] == ["a", "b"]
 
 
@@ -38,7 +53,11 @@ def test_clear_drops_audio_and_echoes_pending_marks() -> None:
     assert taken == 0 and frame == b"\xff" * 160 and echoed == []
     buf.add_audio(b"\x04" * 10)
     buf.add_mark("z")
+    assert buf.play(160)[2] == []
     assert buf.play(160)[2] == ["z"]
+    buf.add_audio(b"\x05" * 160)
+    buf.play(160)
+    assert buf.clear() == [] and buf.add_mark("after clear") == ["after clear"]
 
 
 def test_buffer_refuses_audio_past_its_limit() -> None:
@@ -68,3 +87,12 @@ def test_report_gaps_and_speech_window() -> None:
     report.clears = [0.06]  # in the tick of a clear and the next, silence is intended
     assert report.gaps() == [Gap(0.1, 80 / 8000)]
     assert "summary:" in report.timeline()
+
+
+def test_a_gap_before_the_last_partial_frame_counts_and_that_frame_does_not() -> None:
+    report = CallReport("CA1", "MZ1")
+    report.played_per_tick = [160, 0, 0, 80]
+    report.heard = bytearray(160 * 4)
+    assert report.gaps() == [Gap(0.02, 320 / 8000)]
+    report.played_per_tick = [160, 80]
+    assert report.gaps() == []

@@ -152,15 +152,16 @@ async def test_the_emulator_speaks_twilios_protocol_on_a_20_ms_clock(clock: Cloc
     ]
     assert report.dtmf_sent == [(0.2, "#"), (0.2, "5")]
 
-    # Marks: each echoed once, in order; "a" and "e" in the tick that played the audio before
-    # them (just before that tick's media), "b" at once, "c" and "d" by the clear.
+    # Marks: each echoed once, in order; "a" and "e" once the audio before them has finished
+    # playing — in the tick after the one that began its last frame, just before that tick's
+    # media — "b" at once, "c" and "d" by the clear.
     echoes = [(i, e.name) for i, e in enumerate(events) if isinstance(e, Mark)]
     assert [name for _, name in echoes] == ["a", "b", "c", "d", "e"]
     at = {name: i for i, name in echoes}
     for name, audio_before in (("a", 500), ("e", len(report.played))):
         tick = first_tick_with_played(report, audio_before)
         following = events[at[name] + 1]
-        assert isinstance(following, Media) and following.chunk == tick + 1, name
+        assert isinstance(following, Media) and following.chunk == tick + 2, name
     records = {m.name: m for m in report.marks}
     assert [m.name for m in report.marks] == ["a", "b", "c", "d", "e"]
     assert [records[n].flushed for n in "abcde"] == [False, False, True, True, False]

@@ -1,8 +1,11 @@
 """Twilio's playback buffer for one stream, as a pure data structure.
 
-Audio is played in order, at 8000 bytes a second. A mark is queued at the position of the audio
-received before it and echoed once that audio has played; a mark received while nothing is
-queued is echoed at once. ``clear`` drops every queued byte and echoes every pending mark.
+Audio is played in order, at 8000 bytes a second, a frame per :meth:`PlaybackBuffer.play` (one
+call per 20 ms tick: the frame it returns plays until the next tick). A mark is queued at the
+position of the audio received before it and echoed once that audio has *finished* playing — at
+the first tick after its last frame, never while that frame is still playing; a mark received
+while nothing is queued or playing is echoed at once. ``clear`` drops every queued byte and
+echoes every pending mark.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class PlaybackBuffer:
         self._queued = 0  # bytes ever queued (positions of marks are in this scale)
         self._played = 0  # bytes ever played
         self._marks: deque[tuple[int, str]] = deque()
+        self._playing = False  # the frame the last play() returned holds audio, still playing
         self.overflowed_bytes = 0
 
     @property
@@ -54,16 +58,22 @@ class PlaybackBuffer:
         return True
 
     def add_mark(self, name: str) -> list[str]:
-        """Queue a mark; returns it at once (to echo) when no audio is queued."""
-        if self.buffered == 0 and not self._marks:
+        """Queue a mark; returns it at once (to echo) when no audio is queued or playing."""
+        if self.buffered == 0 and not self._marks and not self._playing:
             return [name]
         self._marks.append((self._queued, name))
         return []
 
     def play(self, nbytes: int) -> tuple[bytes, int, list[str]]:
-        """Play up to ``nbytes``: (``nbytes`` of audio padded with silence, bytes of real audio
-        taken, marks whose audio has now all played)."""
+        """Start playing the next ``nbytes``: (``nbytes`` of audio padded with silence, bytes of
+        real audio taken, marks whose audio finished playing by now — with the frames of
+        earlier calls, not this one, which plays until the next call)."""
+        echoed: list[str] = []
+        marks = self._marks
+        while marks and marks[0][0] <= self._played:
+            echoed.append(marks.popleft()[1])
         take = min(nbytes, self._queued - self._played)
+        self._playing = take > 0
         if take:
             chunk = bytes(self._audio[self._head : self._head + take])
             self._head += take
@@ -75,10 +85,6 @@ class PlaybackBuffer:
                 chunk += _silence(nbytes - take)
         else:  # nothing queued: most ticks of most calls
             chunk = _silence(nbytes)
-        echoed: list[str] = []
-        marks = self._marks
-        while marks and marks[0][0] <= self._played:
-            echoed.append(marks.popleft()[1])
         return chunk, take, echoed
 
     def clear(self) -> list[str]:
@@ -88,4 +94,5 @@ class PlaybackBuffer:
         self._audio.clear()
         self._head = 0
         self._played = self._queued
+        self._playing = False  # playback stops with the buffer
         return echoed

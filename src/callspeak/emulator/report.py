@@ -82,14 +82,16 @@ class CallReport:
         gaps: list[Gap] = []
         missing = 0
         run_start: int | None = None
-        for i in range(played[0], played[-1] + 1):
-            short = FRAME_BYTES - ticks[i]
+        last = played[-1]
+        for i in range(played[0], last + 1):
+            # The last frame of audio is often partial: that is where the speech ends, not a gap.
+            short = FRAME_BYTES - ticks[i] if i != last else 0
             if short and not any(c <= i <= c + 1 for c in clear_ticks):
                 if run_start is None:
                     run_start = i
                 missing += short
             elif run_start is not None:
-                if ticks[i] or i == played[-1]:
+                if ticks[i]:
                     gaps.append(Gap(run_start * 0.02, missing / _BYTES_PER_SECOND))
                 run_start, missing = None, 0
         return [g for g in gaps if g.seconds > min_seconds]
