@@ -90,6 +90,34 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
 # -- speaking ---------------------------------------------------------------------------------
 
 
+async def test_every_unfinished_utterance_stays_reachable_and_finished_ones_are_capped(
+    api: Api,
+) -> None:
+    """The call's detail and each ``Location`` show every utterance not yet finished, however
+    many are queued; once finished, only the last ``HISTORY`` (20) said through the API stay."""
+    async with live_call(api) as (session, _):
+        sid = session.call_sid
+        locations = []
+        texts = [f"Sentence number {n}." for n in range(25)]
+        texts[0] = "A first sentence that goes on " + "and on " * 50 + "for four seconds."
+        for text in texts:
+            r = await api.http.post(f"/calls/{sid}/say", json={"text": text})
+            assert r.status_code == 202, r.text
+            locations.append(r.headers["location"])
+        first = await api.http.get(locations[0])  # the one speaking, or about to
+        assert first.status_code == 200, first.text
+        assert first.json()["status"] in ("queued", "speaking")
+        detail = (await api.http.get(f"/calls/{sid}")).json()
+        assert [u["text"] for u in detail["utterances"]] == texts
+        r = await api.http.post(f"/calls/{sid}/clear")
+        assert r.status_code == 200, r.text
+        detail = (await api.http.get(f"/calls/{sid}")).json()
+        assert [u["text"] for u in detail["utterances"]] == texts[5:]
+        assert {u["status"] for u in detail["utterances"]} <= {"interrupted", "cancelled"}
+        assert_error(await api.http.get(locations[0]), 404, "unknown_utterance")
+
+
+
 async def test_say_into_a_live_call_is_heard_exactly_after_the_greeting() -> None:
     async with api_server(greeting="Hi.") as api, live_call(api) as (session, call):
         sid = session.call_sid

@@ -222,9 +222,14 @@ class _ControlApi:
         )
 
     def _recent(self, session: CallSession) -> list[Utterance]:
+        """Oldest first: every unfinished utterance (at most the speech queue's limit, plus the
+        one speaking — each is still reachable at the Location ``say`` gave it), and the last
+        :data:`HISTORY` finished ones said through the API."""
         by_id = {u.id: u for u in self._history.get(session, ())}
         by_id.update({u.id: u for u in session.utterances})
-        return [by_id[i] for i in sorted(by_id)][-HISTORY:]
+        ordered = [by_id[i] for i in sorted(by_id)]
+        kept = {u.id for u in [u for u in ordered if u.status.final][-HISTORY:]}
+        return [u for u in ordered if not u.status.final or u.id in kept]
 
     # -- acting ----------------------------------------------------------------------------
 
