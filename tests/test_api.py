@@ -117,7 +117,6 @@ async def test_every_unfinished_utterance_stays_reachable_and_finished_ones_are_
         assert_error(await api.http.get(locations[0]), 404, "unknown_utterance")
 
 
-
 async def test_say_into_a_live_call_is_heard_exactly_after_the_greeting() -> None:
     async with api_server(greeting="Hi.") as api, live_call(api) as (session, call):
         sid = session.call_sid
@@ -393,6 +392,12 @@ def test_with_a_token_any_client_with_it_is_served() -> None:
         assert error is not None and error.status == 401, header
 
 
+async def test_a_token_set_with_surrounding_spaces_is_the_token_without_them() -> None:
+    async with api_server(api_token=f"  {TOKEN}\n") as api:
+        right = await api.http.get("/calls", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert right.status_code == 200, right.text
+
+
 def test_an_empty_token_setting_means_no_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CALLSPEAK_API_TOKEN", "  ")
     assert Settings(validate_signatures=False).api_token is None
@@ -418,6 +423,35 @@ def test_an_empty_token_setting_means_no_token(monkeypatch: pytest.MonkeyPatch) 
 async def test_unknown_call_is_404(api: Api, method: str, path: str) -> None:
     response = await api.http.request(method, path, json={"text": "hello"})
     assert "CAnope" in assert_error(response, 404, "unknown_call")["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/calls/CA1/utterances/abc", 404, "not_found"),
+        ("GET", "/calls/CA1/nothing-here", 404, "not_found"),
+        ("DELETE", "/calls/CA1", 405, "method_not_allowed"),
+        ("PUT", "/calls", 405, "method_not_allowed"),
+        ("GET", "/calls/CA1/say", 405, "method_not_allowed"),
+        ("POST", "/openapi.json", 405, "method_not_allowed"),
+    ],
+)
+async def test_paths_and_methods_the_api_lacks_answer_in_its_json_error_shape(
+    api: Api, method: str, path: str, status: int, code: str
+) -> None:
+    response = await api.http.request(method, path)
+    assert path in assert_error(response, status, code)["message"]
+    if status == 405:
+        assert "DELETE" not in response.headers["allow"] and response.headers["allow"]
+
+
+async def test_paths_outside_the_api_keep_plain_text_404_and_405(api: Api) -> None:
+    missing = await api.http.get("/nothing-here")
+    assert (missing.status_code, missing.text) == (404, "Not Found")
+    wrong = await api.http.delete("/healthz")
+    assert (wrong.status_code, wrong.text) == (405, "Method Not Allowed")
+    assert set(wrong.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    assert (await api.http.put("/voice")).text == "Method Not Allowed"
 
 
 async def test_invalid_bodies_are_422_with_pydantic_errors(api: Api) -> None:

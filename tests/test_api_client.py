@@ -83,6 +83,16 @@ def test_unreachable_server_is_a_clear_error(capsys: pytest.CaptureFixture[str])
             client.calls()
 
 
+@pytest.mark.parametrize("server", ["http://[::1", "http://127.0.0.1:port"])
+def test_a_malformed_server_url_is_a_clear_error(
+    server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["calls", "--server", server]) == 1  # like a server that cannot be reached
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"callspeak calls: invalid server URL {server!r}")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_a_reply_that_is_not_an_api_error_body_is_reported_as_is() -> None:
     def proxy(request: httpx.Request) -> httpx.Response:
         return httpx.Response(502, text="<html>Bad Gateway</html>")

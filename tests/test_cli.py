@@ -96,3 +96,74 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     args = _build_parser().parse_args(["serve", "--port", "7002"])
     settings = _settings_from(args)
     assert settings.greeting == "from env" and settings.port == 7002
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """What a failed command printed: one line on stderr (no traceback), nothing on stdout."""
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("public_url", "message"),
+    [
+        ("https://", "names no host"),
+        ("https://example.com:abc", "port from 1 to 65535"),
+        ("http://127.0.0.1:5000", "must start with https://"),
+    ],
+)
+def test_serve_refuses_a_public_url_twilio_cannot_use_in_one_line(
+    public_url: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", "t0ken")
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    assert main(["serve", "--public-url", public_url]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("callspeak: invalid setting: public_url") and message in err
+
+
+def test_dial_reports_bad_input_in_one_line_with_a_usage_exit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"ws://127.0.0.1:{free_port()}/twilio"
+    assert main(["dial", url, "--header", "novalue"]) == 2
+    assert "--header takes name=value, not 'novalue'" in one_line_error(capsys)
+    assert main(["dial", url, "--audio", str(tmp_path / "missing.wav")]) == 2
+    assert "cannot use --audio" in one_line_error(capsys)
+    (tmp_path / "notes.wav").write_text("not audio")
+    assert main(["dial", url, "--audio", str(tmp_path / "notes.wav")]) == 2
+    assert "not a RIFF/WAVE stream" in one_line_error(capsys)
+    assert main(["dial", url.replace("ws://", "http://")]) == 2
+    assert "dial takes a ws:// or wss:// URL" in one_line_error(capsys)
+
+
+def test_dial_reports_an_unreachable_server_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"ws://127.0.0.1:{free_port()}/twilio"  # nothing listens there
+    assert main(["dial", url]) == 1
+    assert f"callspeak: the call to {url} failed:" in one_line_error(capsys)
+
+
+def test_dial_reports_a_wav_it_cannot_write_after_the_call(served: int, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *CALLSPEAK,
+            "dial",
+            f"ws://127.0.0.1:{served}/twilio",
+            "--param",
+            "say=Hi.",
+            "--wav",
+            str(tmp_path / "no" / "such" / "dir.wav"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "time to first audio" in result.stdout  # the call itself went through
+    # Python 3.11's wave module may add an "Exception ignored in Wave_write.__del__" notice.
+    assert result.stderr.startswith("callspeak: cannot write --wav")
+    assert "No such file or directory" in result.stderr.splitlines()[0]

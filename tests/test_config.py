@@ -68,3 +68,34 @@ def test_signature_problem_fails_closed() -> None:
 def test_inconsistent_settings_are_refused(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         Settings(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("public_url", "message"),
+    [
+        ("https://example.com:abc", "not a valid URL"),
+        ("https://example.com:99999", "not a valid URL"),
+        ("https://[::1", "not a valid URL"),
+        ("https://example.com:0", "port 0"),
+        ("https://", "names no host"),
+        ("https://:8443/prefix", "names no host"),
+        ("http://127.0.0.1:5000", "must start with https://"),
+        ("example.ngrok.app", "must start with https://"),
+    ],
+)
+def test_a_public_url_twilio_cannot_use_is_refused_up_front(public_url: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(public_url=public_url)
+
+
+def test_a_public_url_with_port_and_prefix_is_kept_without_its_trailing_slash() -> None:
+    assert (
+        Settings(public_url="https://h.example:8443/cs/").public_url == "https://h.example:8443/cs"
+    )
+    assert Settings(public_url="https://[::1]:8443").public_url == "https://[::1]:8443"
+
+
+def test_api_token_is_stripped_and_a_blank_one_means_no_token() -> None:
+    token = Settings(api_token=" abc \n").api_token
+    assert token is not None and token.get_secret_value() == "abc"
+    assert Settings(api_token=" \t ").api_token is None

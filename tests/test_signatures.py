@@ -153,6 +153,14 @@ def test_construction_refusals() -> None:
         TwilioSignatureVerifier(TOKEN, "h.example")
 
 
+@pytest.mark.parametrize("public", ["https://h.example:abc", "https://h.example:99999"])
+def test_a_public_url_with_a_bad_port_is_refused_at_construction_not_per_request(
+    public: str,
+) -> None:
+    with pytest.raises(TwiMLError, match="port from 1 to 65535"):
+        TwilioSignatureVerifier(TOKEN, public)
+
+
 def test_call_tokens() -> None:
     a, b = new_call_token(), new_call_token()
     assert a != b and len(a) >= 43

@@ -133,7 +133,17 @@ def test_stream_url_custom_path_and_result_is_accepted_by_twiml() -> None:
 
 
 @pytest.mark.parametrize(
-    "public", ["https://h.example?x=1", "https://h.example/#f", "ftp://h.example", "h.example"]
+    "public",
+    [
+        "https://h.example?x=1",
+        "https://h.example/#f",
+        "ftp://h.example",
+        "h.example",
+        "https://h.example:abc",
+        "https://h.example:99999",
+        "https://h.example:0",
+        "https://[::1",
+    ],
 )
 def test_public_url_refusals(public: str) -> None:
     with pytest.raises(TwiMLError):

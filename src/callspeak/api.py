@@ -13,9 +13,11 @@ Access (:func:`check_access`): with ``CALLSPEAK_API_TOKEN`` set, every ``/calls`
 ``Authorization: Bearer <token>`` (401 otherwise), loopback clients included; without a token only
 loopback clients are served (403 otherwise). The spec and docs pages carry no call data and are
 public. Errors are ``{"error": {"code", "message"[, "errors"]}}``: 401 ``unauthorized``,
-403 ``forbidden``, 404 ``unknown_call``/``unknown_utterance``, 409 ``call_ended``,
-413 ``body_too_large``, 422 ``invalid_json``/``invalid_request``/``nothing_to_say``,
-429 ``speech_queue_full``/``too_many_subscribers``.
+403 ``forbidden``, 404 ``unknown_call``/``unknown_utterance``/``not_found``,
+405 ``method_not_allowed``, 409 ``call_ended``, 413 ``body_too_large``,
+422 ``invalid_json``/``invalid_request``/``nothing_to_say``,
+429 ``speech_queue_full``/``too_many_subscribers``. Starlette's own 404 and 405 get that shape on
+the API's paths through :func:`api_exception_handlers`.
 """
 
 from __future__ import annotations
@@ -30,10 +32,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, SecretStr, ValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import HTTPExceptionHandler, Receive, Scope, Send
 
 from callspeak.api_events import DEFAULT_HEARTBEAT, DEFAULT_QUEUE_LIMIT, EventSubscription
 from callspeak.api_models import (
@@ -54,7 +63,15 @@ from callspeak.speech import Utterance
 if TYPE_CHECKING:  # server.py mounts these routes: a runtime import would be circular
     from callspeak.server import AppState
 
-__all__ = ["WAIT_LIMIT", "ApiError", "api_routes", "check_access", "is_loopback"]
+__all__ = [
+    "WAIT_LIMIT",
+    "ApiError",
+    "api_exception_handlers",
+    "api_routes",
+    "check_access",
+    "is_api_path",
+    "is_loopback",
+]
 
 #: Longest ``?wait=true`` on ``say``, in seconds.
 WAIT_LIMIT = 60.0
@@ -398,3 +415,30 @@ def api_routes(
     ``queue_limit`` how many events a subscriber may fall behind before it is dropped.
     """
     return _ControlApi(heartbeat=heartbeat, queue_limit=queue_limit).routes()
+
+
+def is_api_path(path: str) -> bool:
+    """True for the control API's paths: ``/calls`` and everything under it, the spec, the docs."""
+    return path == "/calls" or path.startswith("/calls/") or path in ("/openapi.json", "/docs")
+
+
+def api_exception_handlers() -> dict[Any, HTTPExceptionHandler]:
+    """Handlers for the app's ``exception_handlers``: Starlette's 404 (no route matches, e.g.
+    ``/calls/CA1/utterances/abc``) and 405 (e.g. ``DELETE /calls/CA1``) as the API's JSON
+    errors ``not_found`` and ``method_not_allowed`` on :func:`is_api_path` paths, and as
+    Starlette's plain text everywhere else."""
+    return {404: _http_error, 405: _http_error}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    if not is_api_path(path):
+        return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        allowed = headers.get("Allow", "")
+        message = f"{request.method} is not allowed on {path} (allowed: {allowed})"
+        return ApiError(405, "method_not_allowed", message, headers=headers).response()
+    message = f"no such resource: {path} (the API is described at /openapi.json)"
+    return ApiError(exc.status_code, "not_found", message, headers=headers).response()

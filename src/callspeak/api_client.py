@@ -51,9 +51,14 @@ class ApiClient:
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._server = server.rstrip("/")
-        self._http = httpx.Client(
-            base_url=self._server, headers=headers, timeout=timeout, transport=transport
-        )
+        try:
+            self._http = httpx.Client(
+                base_url=self._server, headers=headers, timeout=timeout, transport=transport
+            )
+        except httpx.InvalidURL as exc:  # e.g. "http://[::1" or a port that is no number
+            raise ApiClientError(
+                f"invalid server URL {server!r} (--server / CALLSPEAK_SERVER): {exc}"
+            ) from exc
 
     def __enter__(self) -> ApiClient:
         return self

@@ -96,12 +96,12 @@ def _env_settings() -> Settings:
     return _settings_from(argparse.Namespace())
 
 
-def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
+def _parse_params(pairs: Sequence[str], flag: str = "--param") -> dict[str, str]:
     params: dict[str, str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise UsageError(f"--param takes name=value, not {pair!r}")
+            raise UsageError(f"{flag} takes name=value, not {pair!r}")
         params[name] = value
     return params
 
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_api_command(args)
     except ValidationError as exc:
-        print(f"callspeak: invalid setting: {exc}", file=sys.stderr)
+        print(f"callspeak: invalid setting: {_one_line(exc)}", file=sys.stderr)
         return 2
     except (ConfigError, UsageError) as exc:
         print(f"callspeak: {exc}", file=sys.stderr)
@@ -272,6 +272,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     parser.error(f"unknown command {args.command!r}")
     return 2  # pragma: no cover - parser.error exits
+
+
+def _one_line(exc: ValidationError) -> str:
+    """The problems pydantic found, one line (no input values: they may be secrets)."""
+    problems = []
+    for error in exc.errors():
+        field = ".".join(map(str, error["loc"])) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(message if message.startswith(field) else f"{field}: {message}")
+    return "; ".join(problems)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -356,27 +366,42 @@ def _dial_options(args: argparse.Namespace, url: str) -> Any:
         dtmf=_parse_dtmf(args.dtmf),
         duration=args.duration,
         quiet_seconds=args.quiet,
-        headers=_parse_params(args.header),
+        headers=_parse_params(args.header, "--header"),
         sign_with=args.sign_with,
         signed_url=args.signed_url,
     )
 
 
 async def _dial(args: argparse.Namespace) -> int:
-    from websockets.exceptions import InvalidStatus
+    from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
+    from callspeak.audio.wav import WavError
     from callspeak.emulator import dial
 
     try:
-        report = await dial(_dial_options(args, args.url))
+        options = _dial_options(args, args.url)
+    except (OSError, WavError) as exc:
+        raise UsageError(f"cannot use --audio {args.audio}: {exc}") from exc
+    try:
+        report = await dial(options)
+    except InvalidURI as exc:
+        raise UsageError(f"dial takes a ws:// or wss:// URL: {exc}") from exc
     except InvalidStatus as exc:
         body = exc.response.body.decode(errors="replace").strip() if exc.response.body else ""
         status = exc.response.status_code
         print(f"callspeak: the server refused the call: HTTP {status} {body}", file=sys.stderr)
         return 1
+    except (OSError, InvalidHandshake) as exc:  # refused, unreachable, timed out, TLS, not WS
+        reason = str(exc) or type(exc).__name__
+        print(f"callspeak: the call to {args.url} failed: {reason}", file=sys.stderr)
+        return 1
     print(report.timeline())
     if args.wav:
-        report.write_wav(args.wav)
+        try:
+            report.write_wav(args.wav)
+        except OSError as exc:
+            print(f"callspeak: cannot write --wav {args.wav}: {exc}", file=sys.stderr)
+            return 1
         print(f"wrote {args.wav}: {report.duration:.2f} s, {report.seconds_heard:.2f} s of speech")
     return 0 if report.first_audio_at is not None else 1
 

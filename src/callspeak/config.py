@@ -15,6 +15,7 @@ emulator on loopback, does so itself, so it keeps working without a Twilio accou
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -145,10 +146,30 @@ class Settings(BaseSettings):
     def _check_public_url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        if not value.startswith(("https://", "http://")):
-            raise ValueError("public_url must start with https:// (or http:// for local tests)")
+        # https:// only, local tests included: TwiML's <Stream> must be wss:// (built from this
+        # URL), and the emulator dials ws:// on loopback while signing wss:// as Twilio does.
+        if not value.startswith("https://"):
+            raise ValueError(
+                "public_url must start with https:// (Twilio only opens wss:// media streams); "
+                "for local tests use e.g. https://127.0.0.1:5000, or leave it unset with "
+                "--no-validate-signatures"
+            )
         if "?" in value or "#" in value:
             raise ValueError("public_url must not carry a query string or fragment")
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError as exc:  # "https://h:abc", "https://h:99999", "https://[::1"
+            raise ValueError(
+                f"public_url {value!r} is not a valid URL ({exc}): give a host and optionally "
+                "a port from 1 to 65535"
+            ) from None
+        if not parts.hostname:
+            raise ValueError(
+                f"public_url {value!r} names no host: give e.g. https://example.ngrok.app"
+            )
+        if port == 0:
+            raise ValueError(f"public_url {value!r} has port 0: give a port from 1 to 65535")
         return value.rstrip("/")
 
     @field_validator("deepgram_url", "deepgram_ws_url", "twilio_api_url")
@@ -190,10 +211,11 @@ class Settings(BaseSettings):
     @field_validator("api_token")
     @classmethod
     def _no_empty_token(cls, value: SecretStr | None) -> SecretStr | None:
-        # CALLSPEAK_API_TOKEN= (set but empty) must not become a token that matches "Bearer ".
-        if value is None or not value.get_secret_value().strip():
-            return None
-        return value
+        # CALLSPEAK_API_TOKEN= (set but empty or blank) must not become a token that matches
+        # "Bearer ": it means no token. Surrounding spaces are dropped, as they are from the
+        # token a client presents (a header value cannot carry them).
+        token = value.get_secret_value().strip() if value is not None else ""
+        return SecretStr(token) if token else None
 
     @model_validator(mode="after")
     def _check_together(self) -> Settings:

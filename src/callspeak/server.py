@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from callspeak.api import api_routes
+from callspeak.api import api_exception_handlers, api_routes
 from callspeak.bargein import SpeechOnsetDetector
 from callspeak.call_tokens import TOKEN_PARAMETER, CallTokenStore
 from callspeak.clock import Clock, MonotonicClock
@@ -276,6 +276,7 @@ def create_app(
             Route("/metrics", _metrics),
             *api_routes(),
         ],
+        exception_handlers=api_exception_handlers(),
         lifespan=lifespan,
     )
     app.state.callspeak = state

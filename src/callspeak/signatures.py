@@ -59,7 +59,8 @@ class TwilioSignatureVerifier:
 
     ``public_url`` is what Twilio is told to call, e.g. ``https://abc.ngrok.app`` or
     ``https://example.com:8443/callspeak``. Raises :class:`ValueError` for an empty ``auth_token``
-    and :class:`callspeak.twiml.TwiMLError` (a ``ValueError``) for a malformed ``public_url``.
+    and :class:`callspeak.twiml.TwiMLError` (a ``ValueError``) for a malformed ``public_url``
+    (scheme, host or port), so a bad one fails here rather than on every request.
     """
 
     def __init__(self, auth_token: str, public_url: str) -> None:

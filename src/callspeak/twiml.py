@@ -103,8 +103,9 @@ def stream_url_from_public(public_url: str, path: str = "/twilio") -> str:
     becomes ``ws://``, which is only useful against a local Twilio emulator: real Twilio refuses
     ``ws://`` (error 31922) and :func:`connect_stream_twiml` refuses it too.
 
-    Raises :class:`TwiMLError` if ``public_url`` is not an absolute http(s) URL, or if it or
-    ``path`` carries a query string or fragment (Twilio would strip or refuse it).
+    Raises :class:`TwiMLError` if ``public_url`` is not an absolute http(s) URL with a valid
+    port, or if it or ``path`` carries a query string or fragment (Twilio would strip or refuse
+    it).
     """
     if "?" in path or "#" in path:
         raise TwiMLError(
@@ -120,20 +121,29 @@ def webhook_url_from_public(public_url: str, path: str) -> str:
     """Join the server's public base URL and a webhook path: ``https://host[/prefix]/voice``.
 
     ``path`` may carry a query string (Twilio signs the URL including it); ``public_url`` may not.
-    Raises :class:`TwiMLError` if ``public_url`` is not an absolute http(s) URL without a query
-    string or fragment.
+    Raises :class:`TwiMLError` if ``public_url`` is not an absolute http(s) URL with a valid port
+    and without a query string or fragment.
     """
     return _check_public_url(public_url) + _normalise_path(path)
 
 
 def _check_public_url(public_url: str) -> str:
     """Return ``public_url`` without a trailing slash, or raise :class:`TwiMLError`."""
-    parts = urlsplit(public_url)
+    try:
+        parts = urlsplit(public_url)
+        port = parts.port
+    except ValueError as exc:  # a port that is no number or out of range, an unclosed "[::1"
+        raise TwiMLError(
+            f"public URL {public_url!r} is not a valid URL ({exc}): give a host and optionally "
+            "a port from 1 to 65535"
+        ) from None
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise TwiMLError(
             f"public URL {public_url!r} must be an absolute https:// URL such as "
             "https://example.ngrok.app (http:// only for a local emulator)"
         )
+    if port == 0:
+        raise TwiMLError(f"public URL {public_url!r} has port 0: give a port from 1 to 65535")
     if "?" in public_url or "#" in public_url:
         raise TwiMLError(
             f"public URL {public_url!r} must not have a query string or fragment; "
