@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
+from callspeak.clock import Clock
 from callspeak.protocol import OutboundMessage, parse_outbound
 from callspeak.tts.base import TTSError
 
@@ -18,6 +19,11 @@ class FakeTransport:
         self.sent: list[str] = []
         self.closed: tuple[int, str] | None = None
         self.sent_event = asyncio.Event()
+        #: Set it to have the socket drop (a peer gone) once that many messages were sent.
+        self.drop_after: int | None = None
+        #: Set it to record in ``sent_at`` when (on this clock) each message was sent.
+        self.clock: Clock | None = None
+        self.sent_at: list[float] = []
 
     def push(self, message: str | bytes | None) -> None:
         self.inbound.put_nowait(message)
@@ -28,10 +34,14 @@ class FakeTransport:
         return await self.inbound.get()
 
     async def send(self, text: str) -> None:
+        if self.drop_after is not None and len(self.sent) >= self.drop_after:
+            await self.close(1006, "dropped")
         if self.closed is not None:
             from callspeak.session import TransportClosed
 
             raise TransportClosed("closed")
+        if self.clock is not None:
+            self.sent_at.append(self.clock.now())
         self.sent.append(text)
         self.sent_event.set()
 
@@ -202,3 +212,18 @@ class SettableClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class InstantClock:
+    """A :class:`~callspeak.clock.Clock` whose sleeps take no real time: each moves it on at once
+    (by the time slept) and yields once. For one sleeper at a time: the session's sender."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.t += max(0.0, seconds)
+        await asyncio.sleep(0)

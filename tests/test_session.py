@@ -25,9 +25,9 @@ from callspeak.protocol import (
     StreamSid,
 )
 from callspeak.session import CallSession, SessionClosed, SpeechQueueFull, TextTooLong
-from callspeak.speech import SpeechStatus
+from callspeak.speech import HeardRecord, SpeechStatus
 from callspeak.tasks import EAGER_START
-from tests.fakes import DirectTransport, FakeProvider, FakeTransport, tone_for
+from tests.fakes import DirectTransport, FakeProvider, FakeTransport, InstantClock, tone_for
 
 SID = StreamSid("MZtest")
 
@@ -221,9 +221,8 @@ async def test_stop_ends_the_call_cancels_synthesis_and_refuses_more_speech() ->
 async def test_tts_failure_is_reported_and_the_next_utterance_still_speaks() -> None:
     async with Harness(FakeProvider(fail_on="boom"), greeting="boom") as h:
         h.transport.push(start_json())
-        first = h.session.utterances[0] if h.session.utterances else None
-        await asyncio.sleep(0.05)
-        first = h.session.utterances[0]
+        await h.session.wait_started()
+        [first] = h.session.utterances  # the greeting, said at start (failed ones are forgotten)
         assert await asyncio.wait_for(first.wait(), 5) is SpeechStatus.FAILED
         assert "refused" in (first.error or "")
         second = h.session.say("fine")
@@ -471,19 +470,21 @@ async def test_clear_before_the_speaker_takes_early_speech_stops_it_unheard() ->
 
 
 async def test_kept_speech_whose_early_synthesis_a_clear_dropped_is_spoken_whole() -> None:
-    """A barge-in clear spares non-interruptible speech, but the voice's own clear may drop
-    what it was synthesising (one Deepgram socket per call): such speech is made afresh."""
+    """A barge-in clear spares non-interruptible speech still queued, but the voice's own clear
+    may drop what it was synthesising for it (one Deepgram socket per call): such speech is made
+    afresh. (Once the speaker has taken it, it is speaking, and a barge-in leaves all alone.)"""
     provider = FakeProvider(chunk=160)
     async with Harness(provider, greeting=None) as h:
         await h.start_idle()
         legal = h.session.say("Legal notice.", interruptible=False)
         chat = h.session.say("Chatter.")
-        await asyncio.sleep(0)  # the early synthesis asks; the speaker picks the notice
-        assert provider.texts == ["Legal notice."]
+        # Still queued; where say() itself asks the voice (Python 3.12+), synthesising.
+        assert legal.status is SpeechStatus.QUEUED
+        assert provider.texts == (["Legal notice."] if EAGER_START else [])
         assert await h.session.clear(only_interruptible=True) == [chat]
         assert provider.cleared == 1
         await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
-        assert provider.texts == ["Legal notice.", "Legal notice."]
+        assert provider.texts == ["Legal notice."] * (2 if EAGER_START else 1)
         assert h.marks() == ["g1.u1.s0"]
         sent = h.transport.messages()
         assert isinstance(sent[0], Clear)  # nothing of the notice went out before the clear
@@ -718,3 +719,194 @@ async def test_speech_said_while_a_clear_is_under_way_follows_the_speech_it_kept
         after_clear = b"".join(m.payload for m in sent[clear_at:] if isinstance(m, OutboundMedia))
         assert after_clear.startswith(legal_audio)  # none of it went out before the clear
         assert legal.status is SpeechStatus.SPEAKING and later.status is SpeechStatus.SPEAKING
+
+
+class StallingProvider(FakeProvider):
+    """A FakeProvider whose synthesis of a text containing ``stall_on`` never gets going, and
+    whose streams, abandoned, take ``wind_down`` seconds to end (as Deepgram's, which sends a
+    Clear then)."""
+
+    def __init__(self, *, stall_on: str = "", wind_down: float = 0.0, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.stall_on = stall_on
+        self.wind_down = wind_down
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        try:
+            if self.stall_on and self.stall_on in text:
+                self.texts.append(text)
+                await asyncio.Event().wait()
+            async for chunk in super().stream(text, continuation=continuation, ahead=ahead):
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            await asyncio.sleep(self.wind_down)
+            raise
+
+
+async def test_speech_heard_whole_while_a_clear_waits_ends_played_and_is_not_stopped() -> None:
+    """clear() first waits for the synthesis it cancels to wind down; the last mark of earlier
+    speech may echo meanwhile. That speech was heard whole: it ends once, as played — not also
+    reported interrupted, nor among the utterances the clear stopped."""
+    provider = StallingProvider(stall_on="Second", wind_down=0.05)
+    async with Harness(provider, greeting=None) as h:
+        await h.start_idle()
+        first = h.session.say("First.")
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        second = h.session.say("Second.")
+        await asyncio.sleep(0.01)
+        assert h.session.speaking is second  # its synthesis stalls; "First." is still playing
+        clearing = asyncio.create_task(h.session.clear())
+        await asyncio.sleep(0.01)  # clear() waits for that synthesis to wind down
+        h.transport.push(echo("g0.u1.s0"))  # meanwhile Twilio: "First." has played
+        assert await asyncio.wait_for(clearing, 5) == [second]
+    assert first.status is SpeechStatus.PLAYED
+    assert first.record == HeardRecord(("First.",), None, None, ())
+    assert [e.type for e in h.events if e.data.get("utterance") == first.id] == [
+        "speech.started",
+        "speech.heard",
+        "speech.done",
+    ]
+    assert second.status is SpeechStatus.INTERRUPTED
+
+
+async def test_a_synthesis_failure_a_clear_reaches_first_ends_the_speech_once() -> None:
+    """Synthesis fails and a clear() comes before the speaker has woken to the failure: the
+    clear ends the utterance, and the speaker does not report it failed as well."""
+    async with Harness(FakeProvider(fail_on="boom"), greeting=None) as h:
+        await h.start_idle()
+        utterance = h.session.say("boom")
+
+        def sender_gave_up() -> bool:  # on the failure; the speaker is not woken to it yet
+            task = h.session._current_task
+            return task is not None and task.done()
+
+        assert await loop_iterations_until(sender_gave_up, 100) < 100
+        assert await h.session.clear() == [utterance]
+        await asyncio.sleep(0.01)  # the speaker wakes to the failure
+        assert utterance.status is SpeechStatus.INTERRUPTED
+    assert [e.type for e in h.events if e.data.get("utterance") == utterance.id] == [
+        "speech.interrupted"
+    ]
+
+
+@pytest.mark.parametrize("drop_after", [2, 4, 6])
+async def test_a_socket_drop_while_the_voice_winds_down_still_ends_the_call_cleanly(
+    drop_after: int,
+) -> None:
+    """The socket drops under a send while the voice is still synthesising, and the abandoned
+    stream takes a moment to end; the call's end cancels the speaker in that moment. The call
+    still ends as any other: run() returns, the speech ends, the voice is closed and
+    call.stopped is reported."""
+    provider = StallingProvider(chunk=800, delay=0.005, wind_down=0.02)
+    async with Harness(provider, greeting=None) as h:
+        await h.start_idle()
+        h.transport.drop_after = drop_after
+        utterance = h.session.say("A long greeting that goes on. " * 5)
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)  # run() ends without raising
+    assert utterance.status is SpeechStatus.CANCELLED
+    assert provider.closed and h.types()[-1] == "call.stopped"
+
+
+@pytest.mark.parametrize("max_lead", [0.04, 0.06, 0.08, 1.0])
+async def test_audio_ready_in_time_plays_without_gaps_at_any_lead_allowed(
+    max_lead: float,
+) -> None:
+    """The sender waits for room for a whole message (100 ms) only if max_lead can hold one:
+    under it (max_lead_ms may be as low as 40) room for five frames never comes, and waiting
+    for it let the caller's buffer run dry before every message."""
+    clock = InstantClock()
+    provider = FakeProvider(chunk=80_000)  # all 2 s of audio at once
+    async with Harness(provider, greeting="x" * 200, max_lead=max_lead, clock=clock) as h:
+        h.transport.clock = clock
+        h.transport.push(start_json())
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+    sent = [
+        (at, len(m.payload) / 8000)
+        for m, at in zip(h.transport.messages(), h.transport.sent_at, strict=True)
+        if isinstance(m, OutboundMedia)
+    ]
+    play_end, silence = sent[0][0], 0.0
+    for at, seconds in sent:
+        silence += max(0.0, at - play_end)
+        play_end = max(play_end, at) + seconds
+        assert play_end - at <= max_lead + 1e-9  # and never further ahead than max_lead
+    assert silence < 1e-9
+    assert play_end - sent[0][0] >= 2.0
+
+
+async def test_a_sentence_none_of_whose_audio_was_sent_is_unheard_not_cut() -> None:
+    """The echo of a sentence's mark is when the next starts playing — if some of its audio has
+    been sent; one still being synthesised starts when its audio goes out. A clear before then
+    leaves it unheard, not cut with nothing of it heard."""
+    provider = StallingProvider(stall_on="Two")
+    async with Harness(provider, greeting=None) as h:
+        await h.start_idle()
+        utterance = h.session.say("One. Two.")
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        h.transport.push(echo("g0.u1.s0"))
+        await asyncio.sleep(0.05)
+        assert isinstance(h.transport.messages()[-1], OutboundMark)  # nothing of "Two." sent
+        assert await h.session.clear() == [utterance]
+    assert utterance.status is SpeechStatus.INTERRUPTED
+    assert utterance.record == HeardRecord(("One.",), None, None, ("Two.",))
+    interrupted = next(e for e in h.events if e.type == "speech.interrupted")
+    assert interrupted.data["cut"] is None and interrupted.data["unheard"] == ["Two."]
+
+
+class CuttingVoice(FakeProvider):
+    """One socket per call, like Deepgram: its clear() drops the rest of what it synthesises."""
+
+    def __init__(self) -> None:
+        super().__init__(chunk=160)
+        self.clears = 0
+        self.cut: list[str] = []
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        self.texts.append(text)
+        clears = self.clears
+        audio = tone_for(text)
+        for i in range(0, len(audio), self.chunk):
+            await asyncio.sleep(0.001)
+            if self.clears != clears:
+                self.cut.append(text)
+                return
+            yield audio[i : i + self.chunk]
+
+    async def clear(self) -> None:
+        await asyncio.sleep(0.005)  # a round trip
+        self.clears += 1
+
+
+async def test_a_barge_in_as_the_speaker_takes_kept_speech_leaves_it_whole() -> None:
+    """Non-interruptible speech counts as speaking from when the speaker takes it, not from its
+    task's first step: a barge-in in between leaves all speech alone, as it would a moment
+    later, rather than clear the voice while the kept speech begins synthesising."""
+    provider = CuttingVoice()
+    async with Harness(provider, greeting=None) as h:
+        await h.start_idle()
+        chat = h.session.say("Chat.")
+        legal = h.session.say("Legal notice that must be heard.", interruptible=False)
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        assert await loop_iterations_until(lambda: h.session.speaking is legal) < 10
+        assert provider.texts == ["Chat."]  # the notice's synthesis has not begun
+        stopped = await h.session.clear(only_interruptible=True, reason="barge-in")
+        await h.transport.wait_for(lambda ms: sum(isinstance(m, OutboundMark) for m in ms) == 2)
+        assert provider.cut == [] and tone_for(legal.text) in h.audio()
+        assert stopped == [] and provider.clears == 0
+        assert h.marks() == ["g0.u1.s0", "g0.u2.s0"]
+        assert chat.status is SpeechStatus.SPEAKING  # still playing: its mark has not echoed
+
+
+async def test_failed_speech_is_forgotten_like_finished_speech() -> None:
+    """The call keeps only unfinished utterances: a long call must not grow with failures."""
+    async with Harness(FakeProvider(fail_on="boom"), greeting=None) as h:
+        await h.start_idle()
+        for _ in range(3):
+            utterance = h.session.say("boom")
+            assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.FAILED
+        assert h.session.utterances == []

@@ -190,6 +190,11 @@ class CallSession:
         #: Why the server ended the stream itself ("idle timeout", a refusal…), or None.
         self.closed_because: str | None = None
         self._pacer = Pacer(max_lead)
+        #: Frames the sender waits to have room for: a whole message, or what max_lead holds
+        #: when that is less (room for more never comes). 1e-9: 0.06 / 0.02 is 2.99999…
+        self._message_frames = max(
+            1, min(MAX_FRAMES_PER_MESSAGE, int(max_lead / FRAME_SECONDS + 1e-9))
+        )
         self._state = CallState()
         self._listeners: list[EventListener] = [on_event] if on_event else []
         self._queue: asyncio.Queue[Utterance] = asyncio.Queue(MAX_QUEUED_UTTERANCES)
@@ -354,6 +359,9 @@ class CallSession:
         if task is not None and not task.done() and self._current in stopped:
             task.cancel()
             await wait_cancelled(task)
+        # One may have ended while this waited: played (its last mark echoed) or failed. It
+        # keeps that end, and is not reported stopped. (Echoes after the clear count as flushed.)
+        stopped = [u for u in stopped if not u.status.final]
         if self._state.start is None or self._closed:
             for utterance in stopped:
                 utterance.finish(SpeechStatus.CANCELLED)
@@ -366,6 +374,7 @@ class CallSession:
             await self._send(encode_clear(StreamSid(self.stream_sid)))
         with contextlib.suppress(TTSError):
             await self._provider.clear()
+        stopped = [u for u in stopped if not u.status.final]  # the speaker ended it meanwhile
         for utterance in stopped:
             record = utterance.interrupt(now)
             self._emit(
@@ -623,8 +632,9 @@ class CallSession:
         if utterance is None or not played or utterance.status.final:
             return
         sentence = utterance.sentences[index]
-        if index + 1 < len(utterance.sentences):
-            # The next sentence starts playing now, unless its audio is late.
+        if index + 1 < len(utterance.sentences) and utterance.sent_seconds[index + 1]:
+            # The next sentence starts playing now. (If none of its audio was sent yet, it
+            # starts when it is: _send_audio stamps that.)
             utterance.play_starts[index + 1] = self._clock.now()
         self._emit("speech.heard", utterance=utterance_id, sentence=index, text=sentence)
         if utterance.sentence_heard(index):
@@ -641,6 +651,9 @@ class CallSession:
                 await self._drop_early()
                 continue
             self._current = utterance
+            # Speaking from now, not from the task's first step: a barge-in clear in between
+            # must see non-interruptible speech playing, or its voice clear would cut it.
+            utterance.status = SpeechStatus.SPEAKING
             task = asyncio.create_task(self._speak(utterance))
             self._current_task = task
             try:
@@ -648,9 +661,10 @@ class CallSession:
             finally:
                 if not task.done():  # the speaker itself is being cancelled
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                elif not task.cancelled():
+                    # Not `await task`: what it ends with (TransportClosed, say) would replace
+                    # the speaker's cancellation, and the call's end would not expect it.
+                    await asyncio.wait({task})
+                if not task.cancelled():
                     task.exception()  # retrieved here even when the speaker is cancelled below
                 self._current_task = None
                 if self._current is utterance:
@@ -658,12 +672,17 @@ class CallSession:
             if task.cancelled():
                 continue
             exc = task.exception()
+            if exc is None:
+                continue
             if isinstance(exc, TransportClosed):
                 utterance.finish(SpeechStatus.CANCELLED, error="the call ended")
-            elif exc is not None:
+            else:
                 log.error("speaking utterance %d failed: %r", utterance.id, exc, extra=self._ids())
+                if utterance.status.final:  # a clear() ended it before the speaker woke to this
+                    continue
                 utterance.finish(SpeechStatus.FAILED, error=str(exc))
                 self._emit("speech.failed", utterance=utterance.id, error=str(exc))
+            self._forget(utterance)
 
     def _begin(self, utterance: Utterance) -> _Production:
         """Start synthesising ``utterance`` into a frame queue of its own."""
@@ -683,7 +702,6 @@ class CallSession:
             log.error("synthesis of utterance %d failed: %r", early[0].id, exc, extra=self._ids())
 
     async def _speak(self, utterance: Utterance) -> None:
-        utterance.status = SpeechStatus.SPEAKING
         if self._early is not None and self._early[0] is utterance:
             (_, (frames, producer)), self._early = self._early, None
         else:
@@ -784,8 +802,9 @@ class CallSession:
             # Frames go out MAX_FRAMES_PER_MESSAGE at a time (100 ms of audio a message) once
             # the lead has room for them all: five times fewer messages than one per 20 ms, for
             # the same audio and the same bound on the lead. Fewer are sent when fewer are ready
-            # (the first frame of an utterance never waits for company).
-            wait = pacer.delay(now, FRAME_SECONDS * min(MAX_FRAMES_PER_MESSAGE, 1 + frames.qsize()))
+            # (the first frame of an utterance never waits for company), or when max_lead is
+            # under 100 ms: waiting for room it never has would let the caller's buffer run dry.
+            wait = pacer.delay(now, FRAME_SECONDS * min(self._message_frames, 1 + frames.qsize()))
             if wait > 0:
                 await clock.sleep(wait)
                 now = clock.now()
@@ -849,8 +868,11 @@ class CallSession:
         speaker, self._speaker = self._speaker, None
         if speaker is not None:
             speaker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await speaker
+            try:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await speaker
+            except Exception as exc:  # a bug: logged, and the call still ends and is released
+                log.error("the speaker failed: %r", exc, extra=self._ids())
         await self._drop_early()
         for utterance in self._utterances.values():
             utterance.finish(SpeechStatus.CANCELLED)

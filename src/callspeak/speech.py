@@ -99,17 +99,22 @@ class Utterance:
         return False
 
     def interrupt(self, now: float) -> HeardRecord:
-        """Close the record at a ``clear`` sent at ``now``."""
+        """Close the record at a ``clear`` sent at ``now``. An utterance already ended keeps its
+        status and record (returned)."""
+        if self.status.final:
+            assert self.record is not None  # finish() made it
+            return self.record
         heard = self.sentences[: self.heard_count]
         rest = self.sentences[self.heard_count :]
         cut: str | None = None
         cut_seconds: float | None = None
         if rest and self.status is SpeechStatus.SPEAKING:
             start = self.play_starts[self.heard_count]
-            # Less than a frame of it played: the caller heard none of it.
-            if start is not None and now - start >= 0.02:
+            sent = self.sent_seconds[self.heard_count]
+            # None of it sent, or less than a frame of it played: the caller heard none of it.
+            if start is not None and sent > 0 and now - start >= 0.02:
                 cut = rest[0]
-                cut_seconds = min(now - start, self.sent_seconds[self.heard_count])
+                cut_seconds = min(now - start, sent)
                 rest = rest[1:]
         self.record = HeardRecord(heard, cut, cut_seconds, rest)
         started = self.status is SpeechStatus.SPEAKING
