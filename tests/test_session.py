@@ -260,6 +260,25 @@ async def test_hangup_after_speech_waits_for_the_last_mark() -> None:
         assert h.transport.closed == (1000, "hangup")
 
 
+async def test_hangup_after_speech_waits_for_speech_said_while_it_waits() -> None:
+    """A goodbye said while the hang-up waits (a hook answering the greeting's end, say) is
+    heard too: the stream closes once no speech is left unfinished."""
+    async with Harness() as h:
+        h.transport.push(start_json())
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        hangup = asyncio.create_task(h.session.hangup(after_speech=True, grace=5))
+        await asyncio.sleep(0.01)
+        goodbye = h.session.say("Goodbye.")
+        h.transport.push(echo("g0.u1.s0"))
+        await h.transport.wait_for(lambda ms: h.marks()[-1:] == ["g0.u2.s0"])
+        await asyncio.sleep(0.05)
+        assert not hangup.done() and h.transport.closed is None
+        h.transport.push(echo("g0.u2.s0"))
+        await asyncio.wait_for(hangup, 5)
+        assert h.transport.closed == (1000, "hangup")
+        assert goodbye.status is SpeechStatus.PLAYED
+
+
 class MarkerDetector:
     """Barge-in stand-in: 'hears' the caller when a payload starts with 0x00."""
 

@@ -92,7 +92,8 @@ class HangupRequest(BaseModel):
     after_speech: bool = Field(
         False,
         alias="afterSpeech",
-        description="Hang up once queued speech has been heard (at most 30 s), not at once.",
+        description="Hang up once queued speech, and any said meanwhile, has been heard (at most "
+        "30 s), not at once.",
     )
 
 

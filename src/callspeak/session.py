@@ -388,13 +388,17 @@ class CallSession:
         return stopped
 
     async def hangup(self, *, after_speech: bool = False, grace: float = 30.0) -> None:
-        """Close the media stream; with ``after_speech``, once queued speech has been heard
-        (waiting at most ``grace`` seconds)."""
+        """Close the media stream; with ``after_speech``, once no speech is left unfinished —
+        what was queued, and what is said while this waits (a goodbye answering a hook's event)
+        — waiting at most ``grace`` seconds in all."""
         if after_speech:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
-                    for utterance in list(self._utterances.values()):
-                        await utterance.wait()
+                    while unfinished := [
+                        u for u in self._utterances.values() if not u.status.final
+                    ]:
+                        for utterance in unfinished:
+                            await utterance.wait()
         self._closed = True
         await self._transport.close(1000, "hangup")
 
