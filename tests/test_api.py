@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from callspeak.api import api_routes, check_access, is_loopback
+from callspeak.api import api_routes, check_access, is_loopback, names_loopback
 from callspeak.api_events import PING, EventSubscription, sse_frame
 from callspeak.audio.mulaw import MULAW_SILENCE
 from callspeak.config import Settings
@@ -365,20 +365,77 @@ async def test_without_a_token_loopback_clients_are_served(api: Api) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"])
 def test_loopback_addresses(host: str) -> None:
     assert is_loopback(host)
-    assert check_access(None, None, host) is None
+    assert check_access(None, None, host, "127.0.0.1:5000") is None
 
 
 @pytest.mark.parametrize("host", ["10.0.0.7", "192.168.1.2", "::ffff:10.0.0.1", "testclient", None])
 def test_without_a_token_other_clients_are_refused_with_403(host: str | None) -> None:
-    error = check_access(None, f"Bearer {TOKEN}", host)
+    error = check_access(None, f"Bearer {TOKEN}", host, "127.0.0.1:5000")
     assert error is not None and error.status == 403 and error.code == "forbidden"
     assert "CALLSPEAK_API_TOKEN" in error.message
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        "127.0.0.1:5000",
+        "127.0.0.1",
+        "localhost:5000",
+        "LOCALHOST",
+        "localhost.",
+        "app.localhost",
+        "[::1]:5000",
+        "[::1]",
+        "127.1.2.3:80",
+    ],
+)
+def test_host_headers_naming_this_machine(header: str) -> None:
+    assert names_loopback(header)
+    assert check_access(None, None, "127.0.0.1", header) is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "calls.example.com",
+        "abc.ngrok.app:443",
+        "10.0.0.7:5000",
+        "[2001:db8::1]:5000",
+        "localhost.example.com",
+        "evil.com:5000",
+        "",
+        None,
+        "[::1",
+    ],
+)
+def test_a_loopback_client_naming_another_host_is_refused_without_a_token(
+    header: str | None,
+) -> None:
+    """A proxy or tunnel on this machine connects from loopback but asks for the public host;
+    a page whose name resolves to 127.0.0.1 (DNS rebinding) asks for its own."""
+    assert not names_loopback(header)
+    error = check_access(None, None, "127.0.0.1", header)
+    assert error is not None and error.status == 403 and error.code == "forbidden"
+    assert "CALLSPEAK_API_TOKEN" in error.message and "proxy" in error.message
+
+
+async def test_through_a_same_machine_proxy_the_api_needs_the_token(api: Api) -> None:
+    """nginx on this machine without X-Forwarded-For: the request comes from loopback with
+    the public Host; without a token it is refused, with X-Forwarded-For it is refused too."""
+    proxied = await api.http.get("/calls", headers={"Host": "calls.example.com"})
+    assert_error(proxied, 403, "forbidden")
+    forwarded = await api.http.get("/calls", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert "203.0.113.9" in assert_error(forwarded, 403, "forbidden")["message"]
+    assert (await api.http.get("/calls")).status_code == 200  # curl on the machine itself
+    async with api_server(api_token=TOKEN) as with_token:
+        headers = {"Host": "calls.example.com", "Authorization": f"Bearer {TOKEN}"}
+        assert (await with_token.http.get("/calls", headers=headers)).status_code == 200
+
+
 def test_with_a_token_any_client_with_it_is_served() -> None:
     token = SecretStr(TOKEN)
-    assert check_access(token, f"Bearer {TOKEN}", "203.0.113.9") is None
-    assert check_access(token, f"Bearer {TOKEN}", "127.0.0.1") is None
+    assert check_access(token, f"Bearer {TOKEN}", "203.0.113.9", "calls.example.com") is None
+    assert check_access(token, f"Bearer {TOKEN}", "127.0.0.1", "127.0.0.1:5000") is None
     for header in (
         None,
         "",
@@ -388,7 +445,7 @@ def test_with_a_token_any_client_with_it_is_served() -> None:
         "Bearer wrong",
         "Bearer sécret",
     ):
-        error = check_access(token, header, "127.0.0.1")
+        error = check_access(token, header, "127.0.0.1", "127.0.0.1:5000")
         assert error is not None and error.status == 401, header
 
 

@@ -11,7 +11,8 @@ the full contract is served at ``GET /openapi.json`` and rendered at ``GET /docs
 
 Access (:func:`check_access`): with ``CALLSPEAK_API_TOKEN`` set, every ``/calls`` request needs
 ``Authorization: Bearer <token>`` (401 otherwise), loopback clients included; without a token only
-loopback clients are served (403 otherwise). The spec and docs pages carry no call data and are
+loopback clients that also name a loopback host (``Host: 127.0.0.1:5000``, ``localhost``) are
+served (403 otherwise). The spec and docs pages carry no call data and are
 public. Errors are ``{"error": {"code", "message"[, "errors"]}}``: 401 ``unauthorized``,
 403 ``forbidden``, 404 ``unknown_call``/``unknown_utterance``/``not_found``,
 405 ``method_not_allowed``, 409 ``call_ended``, 413 ``body_too_large``,
@@ -71,6 +72,7 @@ __all__ = [
     "check_access",
     "is_api_path",
     "is_loopback",
+    "names_loopback",
 ]
 
 #: Longest ``?wait=true`` on ``say``, in seconds.
@@ -123,24 +125,53 @@ def is_loopback(host: str | None) -> bool:
     return address.is_loopback
 
 
+def names_loopback(host_header: str | None) -> bool:
+    """True when a ``Host`` header names this machine: ``localhost`` (or a ``.localhost``
+    name, RFC 6761) or a loopback address, with or without a port. A missing header is not."""
+    if not host_header:
+        return False
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [::1]:5000
+        host = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    host = host.removesuffix(".")
+    return host == "localhost" or host.endswith(".localhost") or is_loopback(host)
+
+
 def check_access(
-    token: SecretStr | None, authorization: str | None, client_host: str | None
+    token: SecretStr | None,
+    authorization: str | None,
+    client_host: str | None,
+    host_header: str | None,
 ) -> ApiError | None:
     """The access rule, as a pure function: None to serve the request, else the error to send.
 
     With a token configured the request must carry ``Authorization: Bearer <token>`` (compared
     in constant time), wherever it comes from. Without one, only loopback clients are served:
-    a server exposed for Twilio's webhook must not also hand out control of its calls.
+    a server exposed for Twilio's webhook must not also hand out control of its calls. The
+    request must then also name a loopback host (``host_header``): a reverse proxy or tunnel
+    on the same machine (nginx without ``X-Forwarded-For``, a tunnel's agent) connects from
+    loopback but passes on the public host it was asked for, and a web page whose name was
+    made to resolve to 127.0.0.1 (DNS rebinding) names its own.
     """
     if token is None:
-        if is_loopback(client_host):
-            return None
-        return ApiError(
-            403,
-            "forbidden",
-            f"the control API serves only loopback clients until CALLSPEAK_API_TOKEN is set "
-            f"(this request came from {client_host or 'an unknown address'})",
-        )
+        if not is_loopback(client_host):
+            return ApiError(
+                403,
+                "forbidden",
+                f"the control API serves only loopback clients until CALLSPEAK_API_TOKEN is "
+                f"set (this request came from {client_host or 'an unknown address'})",
+            )
+        if not names_loopback(host_header):
+            return ApiError(
+                403,
+                "forbidden",
+                f"the control API serves only requests made to this machine by name "
+                f"(Host: 127.0.0.1 or localhost) until CALLSPEAK_API_TOKEN is set; this one "
+                f"asked for {host_header or 'no host'!r}, as through a proxy or tunnel",
+            )
+        return None
     scheme, _, credentials = (authorization or "").strip().partition(" ")
     if scheme.lower() != "bearer" or not credentials.strip():
         return ApiError(
@@ -206,6 +237,7 @@ class _ControlApi:
                 state.settings.api_token,
                 request.headers.get("authorization"),
                 request.client.host if request.client else None,
+                request.headers.get("host"),
             )
             if denied is not None:
                 return denied.response()
