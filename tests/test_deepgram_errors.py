@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from websockets.datastructures import Headers
 
 from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
@@ -81,3 +82,14 @@ def test_long_and_binary_bodies_are_one_bounded_line() -> None:
     assert len(error.message) <= 300 and "\n" not in str(error)
     assert parse_error(500, b"", {}).message == "HTTP 500 with no error text"
     assert parse_error(500, b"[1, 2]", {}).message == "[1, 2]"
+
+
+def test_repeated_headers_of_a_refused_handshake_are_read_not_raised() -> None:
+    """websockets' ``Headers`` (a refused WebSocket handshake) raise ``MultipleValuesError`` when
+    a repeated name is read as a mapping: a load balancer's two ``Set-Cookie``, or two ids."""
+    cookies = Headers([("Set-Cookie", "AWSALB=a"), ("Set-Cookie", "AWSALBCORS=b")])
+    error = parse_error(502, b"Bad Gateway", cookies)
+    assert error.retryable and error.message == "Bad Gateway" and error.request_id is None
+    ids = Headers([("dg-request-id", "first"), ("DG-Request-Id", "second")])
+    refused = parse_error(401, b"", ids)
+    assert isinstance(refused, TTSAuthError) and refused.request_id == "first"

@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidStatus
+from websockets.http11 import Response
 
 from callspeak.testing.fake_deepgram import FakeDeepgram
 from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService
@@ -133,6 +136,83 @@ async def test_abandoned_stream_does_not_leak_into_next(ws_url: str, fake: FakeD
     await provider.aclose()
 
 
+async def test_a_clear_cancelled_while_its_send_waits_for_the_network_still_drops_old_audio(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """``Clear`` is written, but its send still waits for a full TCP buffer to drain when the
+    task calling ``clear()`` is cancelled: its ``Cleared`` is still awaited before the next
+    utterance, so the old audio that arrived meanwhile is discarded, not played in its place."""
+    sockets: list[ClientConnection] = []
+
+    async def keep(url: str, **kwargs: Any) -> ClientConnection:
+        sockets.append(await connect(url, **kwargs))
+        return sockets[-1]
+
+    fake.bytes_per_second = 16000
+    provider = make(ws_url, connect=keep).open()
+    stream = provider.stream(LONG)
+    assert await anext(stream)
+    await asyncio.sleep(0.1)  # more of the old audio arrives, unread
+    ws = sockets[0]
+    ws.pause_writing()  # what the transport calls when its buffer is over the high mark
+    clearing = asyncio.create_task(provider.clear())
+    async with asyncio.timeout(5):
+        while not ws.drain_waiters:  # noqa: ASYNC110 (a send that waits announces nothing)
+            await asyncio.sleep(0)
+    clearing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await clearing
+    ws.resume_writing()
+    with pytest.raises(StopAsyncIteration):  # the cleared stream ends quietly
+        await anext(stream)
+    fake.bytes_per_second = None
+    assert await collect(provider.stream("Fresh.")) == fake.audio_for("Fresh.")
+    assert fake.ws_connections == 1
+    await provider.aclose()
+
+
+@pytest.mark.parametrize("waiting_on", ["Speak", "Flush"])
+async def test_a_barge_in_while_a_send_waits_for_the_network_clears_what_it_wrote(
+    ws_url: str, fake: FakeDeepgram, waiting_on: str
+) -> None:
+    """The speaker task is cancelled while its send of ``Speak`` (or ``Flush``) waits for a full
+    TCP buffer to drain — the message is already written: the utterance is cleared, so its text
+    is not spoken with the next one, nor its audio played in the next one's place."""
+    sockets: list[ClientConnection] = []
+
+    async def keep(url: str, **kwargs: Any) -> ClientConnection:
+        sockets.append(await connect(url, **kwargs))
+        return sockets[-1]
+
+    provider = make(ws_url, connect=keep).open()
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    ws = sockets[0]
+    send = ws.send
+
+    async def send_into_a_full_buffer(message: Any, **kwargs: Any) -> None:
+        if f'"{waiting_on}"' in message and not ws.paused:
+            ws.pause_writing()  # what the transport calls when its buffer is over the high mark
+        await send(message, **kwargs)
+
+    ws.send = send_into_a_full_buffer  # type: ignore[method-assign]
+    speaker = asyncio.create_task(collect(provider.stream(LONG)))
+    async with asyncio.timeout(5):
+        while not ws.drain_waiters:  # noqa: ASYNC110 (a send that waits announces nothing)
+            await asyncio.sleep(0)
+    speaker.cancel()  # a barge-in
+    asyncio.get_running_loop().call_later(0.05, ws.resume_writing)  # the buffer drains
+    with pytest.raises(asyncio.CancelledError):
+        await speaker
+    ws.send = send  # type: ignore[method-assign]
+    await provider.clear()  # what the session does next
+    assert await collect(provider.stream("New.")) == fake.audio_for("New.")
+    kinds = [m["type"] for m in fake.ws_messages]
+    cancelled = ["Speak", "Clear"] if waiting_on == "Speak" else ["Speak", "Flush", "Clear"]
+    assert kinds == ["Speak", "Flush", *cancelled, "Speak", "Flush"]
+    assert fake.ws_connections == 1
+    await provider.aclose()
+
+
 async def test_stall_raises_then_recovers(ws_url: str, fake: FakeDeepgram) -> None:
     fake.ws_stall()
     provider = make(ws_url, receive_timeout=0.2).open()
@@ -182,8 +262,24 @@ async def test_handshake_failures_retry_with_backoff(ws_url: str, fake: FakeDeep
     provider = make(ws_url, max_reconnects=2).open()
     with pytest.raises(TTSError, match="after 3 attempts") as info:
         await collect(provider.stream("Hi."))
-    assert info.value.retryable and info.value.status == 429
+    # Retried here already: a fallback takes over at once rather than running these again.
+    assert not info.value.retryable and info.value.status == 429
     assert fake.ws_connections == 6
+
+
+async def test_a_handshake_refused_with_a_repeated_header_is_a_tts_error(ws_url: str) -> None:
+    """A load balancer's refusal with two ``Set-Cookie``: websockets' ``Headers`` raise for a
+    repeated name when read as a mapping, which must not escape the error's parsing."""
+    headers = Headers([("Set-Cookie", "AWSALB=a"), ("Set-Cookie", "AWSALBCORS=b")])
+
+    async def refused(url: str, **kwargs: Any) -> ClientConnection:
+        raise InvalidStatus(Response(502, "Bad Gateway", headers, b"Bad Gateway"))
+
+    provider = make(ws_url, connect=refused, max_reconnects=1).open()
+    with pytest.raises(TTSError, match="after 2 attempts: Bad Gateway") as info:
+        await collect(provider.stream("Hi."))
+    assert info.value.status == 502
+    await provider.aclose()
 
 
 async def test_reconnects_after_server_close_between_utterances(
@@ -222,9 +318,54 @@ async def test_flush_limit_waits_or_fails_fast(ws_url: str, fake: FakeDeepgram) 
     with pytest.raises(TTSError, match="flush limit") as info:
         await collect(provider.stream("b"))
     assert info.value.retryable and info.value.code == "FLUSH_LIMIT"
-    clock.now += 59.8  # the oldest flush leaves the window in 0.2 s: wait for it
+    clock.now += 60.8  # the oldest flush leaves the window (60 s and the margin) in 0.2 s
     assert await collect(provider.stream("c")) == fake.audio_for("c")
     assert slept == [pytest.approx(0.2)]
+    await provider.aclose()
+
+
+async def test_a_flush_at_the_window_edge_waits_out_the_network_jitter(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """The first flush of the window took 50 ms to reach Deepgram, the 21st takes 10 ms: sent the
+    instant our own 60 s had passed, Deepgram would count it within its 60 s and ignore it."""
+    clock = SettableClock()
+    latency = [0.05]
+    fake.clock = lambda: clock.now + latency[0]  # when a message reaches Deepgram
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    provider = make(ws_url, clock=clock, sleep=sleep, flush_wait=1.5, receive_timeout=0.5).open()
+    for _ in range(20):
+        await collect(provider.stream("a"))
+    clock.now += 59.8
+    latency[0] = 0.01
+    assert await collect(provider.stream("c")) == fake.audio_for("c")
+    assert slept == [pytest.approx(1.2)]  # 0.2 s to our window's edge, then the 1 s margin
+    await provider.aclose()
+
+
+async def test_a_flush_deepgram_ignores_fails_at_once_and_its_text_is_cleared(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """Deepgram counted more flushes than we did (another clock, another window) and answers
+    the Flush with a Warning, not audio: the stream fails with FLUSH_LIMIT straight away, not as
+    a stall after ``receive_timeout``, and the text it left unspoken is not said later."""
+    fake.flush_limit = 1
+    provider = make(ws_url, receive_timeout=3.0).open()
+    assert await collect(provider.stream("One.")) == fake.audio_for("One.")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TTSError, match="ignored the Flush") as info:
+        await collect(provider.stream("Two."))
+    assert loop.time() - started < 1.0
+    assert info.value.code == "FLUSH_LIMIT" and not info.value.retryable  # fall back at once
+    fake.flush_limit = 20  # Deepgram's window has room again
+    assert await collect(provider.stream("Three.")) == fake.audio_for("Three.")
+    assert fake.ws_connections == 1  # the socket is kept
     await provider.aclose()
 
 
@@ -241,11 +382,11 @@ async def test_replaces_old_socket_between_utterances(ws_url: str, fake: FakeDee
 async def test_warning_is_logged(
     ws_url: str, fake: FakeDeepgram, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fake.ws_warn("Too many flushes", "FLUSH_RATE")
+    fake.ws_warn("Text was normalised before synthesis", "TEXT_NORMALIZED")
     provider = make(ws_url).open()
     with caplog.at_level(logging.WARNING, "callspeak.tts.deepgram_ws"):
         assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
-    assert "FLUSH_RATE" in caplog.text and "Too many flushes" in caplog.text
+    assert "TEXT_NORMALIZED" in caplog.text and "normalised before" in caplog.text
     await provider.aclose()
 
 
@@ -265,6 +406,30 @@ async def test_injected_connect_and_service_aclose(ws_url: str, fake: FakeDeepgr
     await service.aclose()
     with pytest.raises(TTSError, match="closed"):
         await collect(provider.stream("Hi."))
+
+
+async def test_closing_a_provider_whose_socket_cannot_write_still_closes_the_socket(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """Deepgram stopped reading: ``Close`` cannot be written within ``receive_timeout``.
+    ``aclose()`` neither raises (a fallback chain or the service would stop closing the rest)
+    nor leaves the socket open (the provider has let go of it: nothing else would close it)."""
+    sockets: list[ClientConnection] = []
+
+    async def keep(url: str, **kwargs: Any) -> ClientConnection:
+        sockets.append(await connect(url, **kwargs))
+        return sockets[-1]
+
+    provider = make(ws_url, connect=keep, receive_timeout=0.3).open()
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    ws = sockets[0]
+    ws.pause_writing()  # the buffer is full...
+    ws.send_data = lambda: None  # type: ignore[method-assign]  # ...and nothing more gets out
+    await asyncio.wait_for(provider.aclose(), 2)
+    await asyncio.wait_for(ws.wait_closed(), 2)
+    async with asyncio.timeout(5):
+        while fake.ws_open:  # noqa: ASYNC110 (the fake's close announces nothing)
+            await asyncio.sleep(0.01)
 
 
 async def test_the_proxy_is_read_from_the_environment_once_and_used_for_every_socket(
@@ -368,6 +533,56 @@ async def test_closing_during_a_warm_up_stops_it(ws_url: str, fake: FakeDeepgram
     assert [t for t in asyncio.all_tasks() if t.get_name() == "deepgram-ws-connect"] == []
     with pytest.raises(TTSError, match="closed"):
         await collect(provider.stream("Hi."))
+
+
+async def test_closing_while_a_stream_waits_for_the_warm_up_gives_that_stream_a_tts_error(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """``aclose()`` (a hang-up) stops the warm-up's connect: the stream waiting for it ends with
+    a :class:`TTSError`, not with that connect's cancellation, which nobody asked of it."""
+
+    async def hanging_connect(url: str, **kwargs: Any) -> ClientConnection:
+        await asyncio.Event().wait()  # a handshake that never completes
+        raise AssertionError("unreachable")
+
+    provider = make(ws_url, connect=hanging_connect).open()
+    provider.warm_up()
+    speaking = asyncio.create_task(collect(provider.stream("Hello.")))
+    await asyncio.sleep(0.05)
+    await provider.aclose()
+    await asyncio.wait({speaking}, timeout=2)
+    assert speaking.done() and not speaking.cancelled()
+    with pytest.raises(TTSError, match="closed") as info:
+        speaking.result()
+    assert not info.value.retryable
+
+
+async def test_a_stream_cancelled_while_the_warm_up_connects_leaves_the_socket_to_the_next(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """A barge-in cancels the first stream while it waits for the warm-up's connect: the connect
+    goes on, and the next stream speaks on its socket rather than opening another."""
+    go = asyncio.Event()
+    dials = 0
+
+    async def held_connect(url: str, **kwargs: Any) -> ClientConnection:
+        nonlocal dials
+        dials += 1
+        await go.wait()
+        return await connect(url, **kwargs)
+
+    provider = make(ws_url, connect=held_connect).open()
+    provider.warm_up()
+    speaking = asyncio.create_task(collect(provider.stream("Never said.")))
+    await asyncio.sleep(0.05)
+    speaking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await speaking
+    go.set()
+    assert await collect(provider.stream("Said.")) == fake.audio_for("Said.")
+    assert dials == 1 and fake.ws_connections == 1
+    assert [m.get("text") for m in fake.ws_messages if m["type"] == "Speak"] == ["Said."]
+    await provider.aclose()
 
 
 async def test_a_reconnect_after_the_warm_up_socket_closed_opens_a_new_one(
@@ -594,6 +809,39 @@ async def test_an_address_that_refuses_is_skipped_for_the_next_one(
     await provider.aclose()
 
 
+async def test_an_address_that_hangs_is_tried_last_by_the_next_attempt(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """The connect to the first address is never answered (a blackholed IP): the attempt times
+    out, and the next one dials the other address rather than the same dead one."""
+    resolver = CountingResolver(["192.0.2.1", "127.0.0.1"])  # TEST-NET-1: nothing answers
+    dialled: list[str] = []
+
+    async def blackholed_first(url: str, *, host: str, **kwargs: Any) -> ClientConnection:
+        dialled.append(host)
+        if host == "192.0.2.1":
+            async with asyncio.timeout(kwargs["open_timeout"]):  # as websockets' connect() does
+                await asyncio.Event().wait()
+        return await connect(url, host=host, **kwargs)
+
+    service = make(
+        named(ws_url),
+        resolve=resolver,
+        connect=blackholed_first,
+        connect_timeout=0.3,
+        max_reconnects=1,
+    )
+    provider = service.open()
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    assert dialled == ["192.0.2.1", "127.0.0.1"]
+    assert service.resolved_host is not None
+    assert [info[4][0] for info in await service.resolved_host.addresses()] == [
+        "127.0.0.1",
+        "192.0.2.1",
+    ]
+    await provider.aclose()
+
+
 async def test_an_answer_with_no_address_reached_is_looked_up_again(
     ws_url: str, fake: FakeDeepgram, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -605,12 +853,13 @@ async def test_an_answer_with_no_address_reached_is_looked_up_again(
     await provider.aclose()
 
 
-async def test_a_failed_lookup_is_a_retryable_connect_error(ws_url: str) -> None:
+async def test_a_failed_lookup_is_a_connect_failure_retried_like_any_other(ws_url: str) -> None:
     resolver = CountingResolver(socket.gaierror(-2, "Name or service not known"))
     provider = make(named(ws_url), resolve=resolver, max_reconnects=1).open()
-    with pytest.raises(TTSError, match="Name or service not known") as info:
+    with pytest.raises(TTSError, match="after 2 attempts: .*Name or service not known") as info:
         await collect(provider.stream("Hi."))
-    assert info.value.retryable and resolver.asked == 2  # not kept: looked up per attempt
+    assert resolver.asked == 2  # not kept: looked up per attempt
+    assert not info.value.retryable  # retried here already
     await provider.aclose()
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from websockets.asyncio.client import ClientConnection
 
 from callspeak.config import Settings
 from callspeak.emulator import DialOptions, dial
@@ -106,6 +109,29 @@ async def test_auth_failure_marks_unhealthy_and_everything_failing_plays_the_apo
     assert await collect(chain, TEXT) == b"\x01sorry"
     assert primary.texts == [TEXT]  # an auth failure is never retried
     assert load_apology()[:4] != b"RIFF" and len(load_apology()) > 8000
+
+
+async def test_a_deepgram_socket_that_cannot_connect_hands_over_after_its_own_retries() -> None:
+    """The WebSocket voice retries its connect itself: its final error is not retried again by
+    the fallback, which would double the caller's silence (with the defaults, 8 connect timeouts
+    of 5 s rather than 4 before the next voice speaks)."""
+    dials = 0
+
+    async def hanging(url: str, **kwargs: Any) -> ClientConnection:
+        nonlocal dials
+        dials += 1
+        async with asyncio.timeout(kwargs["open_timeout"]):  # as websockets' connect() does
+            await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    deepgram = DeepgramWebSocketService(
+        KEY, ws_url="ws://127.0.0.1:9", connect=hanging, connect_timeout=0.05, backoff=0.01
+    )
+    backup = FakeService("backup")
+    chain = FallbackService([deepgram, backup], apology=b"sorry")
+    assert await collect(chain, TEXT) == tone_for(TEXT)
+    assert dials == deepgram.max_reconnects + 1 and backup.providers[0].texts == [TEXT]
+    await chain.aclose()
 
 
 # -- against the fake Deepgram, over real sockets, through the server and the emulator ----------

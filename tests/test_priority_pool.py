@@ -52,6 +52,22 @@ async def test_cancelled_job_is_skipped_and_errors_propagate() -> None:
         await pool.run(lambda: 1)
 
 
+async def test_shutdown_cancels_queued_jobs_and_lets_the_running_one_finish() -> None:
+    pool = PriorityPool(1)
+    gate = threading.Event()
+    ran: list[str] = []
+    running = asyncio.ensure_future(pool.run(gate.wait))
+    await asyncio.sleep(0.05)
+    queued = asyncio.ensure_future(pool.run(lambda: ran.append("queued")))
+    await asyncio.sleep(0.01)
+    threading.Timer(0.1, gate.set).start()  # the running job ends while shutdown() waits
+    pool.shutdown()
+    assert await running is True
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert ran == []
+
+
 def test_needs_a_worker() -> None:
     with pytest.raises(ValueError):
         PriorityPool(0)

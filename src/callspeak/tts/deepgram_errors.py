@@ -14,7 +14,7 @@ retryable; every other status (400, 413, 415, 422…) is not.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from callspeak.tts.base import TTSAuthError, TTSError
 
@@ -32,13 +32,16 @@ def is_retryable_status(status: int) -> bool:
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
-    """Case-insensitive header lookup that works for plain dicts too."""
-    value = headers.get(name)
-    if value is None:
-        for key, candidate in headers.items():
-            if key.lower() == name:
-                return candidate
-    return value
+    """The first value of header ``name`` (lower case), matched case-insensitively, from a plain
+    dict, aiohttp's multidict or websockets' ``Headers`` — whose ``get()`` and ``items()`` raise
+    ``MultipleValuesError`` for any name sent twice (a load balancer's two ``Set-Cookie``), so
+    its ``raw_items()`` are read instead."""
+    raw_items = getattr(headers, "raw_items", None)
+    pairs: Iterable[tuple[str, str]] = raw_items() if callable(raw_items) else headers.items()
+    for key, value in pairs:
+        if key.lower() == name:
+            return value
+    return None
 
 
 def _one_line(text: str) -> str:

@@ -9,7 +9,8 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
 * The socket (``encoding=mulaw&sample_rate=8000``) opens on the first ``stream()``, or earlier
   with ``warm_up()``: the session calls it as the call's stream is accepted, so Deepgram's
   handshake (TCP, TLS, upgrade) runs while Twilio is still sending ``start``. The first
-  ``stream()`` waits for that connect and raises what it raised.
+  ``stream()`` waits for that connect and raises what it raised (the closed provider's
+  :class:`TTSError` if ``aclose()`` stops it); cancelling that stream does not stop the connect.
 * A ``stream()`` that finds no socket open queues its ``Speak`` and ``Flush`` for the socket being
   opened, which writes them in the callback that reads its handshake response
   (:mod:`callspeak.tts.ws_send_on_open`) — unless the stream was cleared or closed by then. The
@@ -27,11 +28,17 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   ``stream()`` also ends that stream quietly.
 * A handshake refused with 401/403 raises :class:`TTSAuthError`, marks the service unhealthy and
   is never retried (no reconnect loop on bad credentials). Other connect failures are retried
-  ``max_reconnects`` times with exponential backoff, then raise a retryable :class:`TTSError`.
-* Flush limit (20 per 60 s): flushes are counted per provider in a sliding window. When a 21st
-  would be sent, ``stream()`` *waits* for the window to free a slot if that takes at most
-  ``flush_wait`` s, else raises a retryable ``TTSError(code="FLUSH_LIMIT")`` at once so the caller
-  can fall back (e.g. to REST). Merging is left to callers: speak a whole reply in one ``stream()``.
+  ``max_reconnects`` times with exponential backoff, then raise a :class:`TTSError` that is not
+  retryable: the retrying is done, and a fallback should take over at once rather than repeat it.
+  An address whose connect fails or hangs is tried last by the next attempt.
+* Flush limit (20 per 60 s): flushes are counted per provider in a sliding window of 60 s plus
+  a margin (:data:`FLUSH_MARGIN`: our clock reads when a flush is sent, Deepgram's when it
+  arrives). When a 21st would be sent, ``stream()`` *waits* for the window to free a slot if that
+  takes at most ``flush_wait`` s, else raises a retryable ``TTSError(code="FLUSH_LIMIT")`` at once
+  so the caller can fall back (e.g. to REST). A ``Warning`` about flushes during an utterance (its
+  ``Flush`` ignored: Deepgram counted more) raises ``TTSError(code="FLUSH_LIMIT")``, not retryable,
+  at once rather than a stall later; the utterance's text is cleared. Merging is left to callers:
+  speak a whole reply in one ``stream()``.
 * A socket older than ``max_connection_age`` (55 min; Deepgram allows 60) is closed and replaced
   before the next utterance, never during one.
 
@@ -63,20 +70,36 @@ from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
 from callspeak.tasks import start_task, wait_cancelled
 from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
-from callspeak.tts.resolved_host import Resolve, ResolvedHost, getaddrinfo_tcp, needs_lookup
+from callspeak.tts.resolved_host import (
+    AddrInfo,
+    Resolve,
+    ResolvedHost,
+    getaddrinfo_tcp,
+    needs_lookup,
+)
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text
 from callspeak.tts.ws_send_on_open import SendOnOpenConnection
 
-__all__ = ["FLUSH_LIMIT", "FLUSH_WINDOW", "DeepgramWebSocketProvider", "DeepgramWebSocketService"]
+__all__ = [
+    "FLUSH_LIMIT",
+    "FLUSH_MARGIN",
+    "FLUSH_WINDOW",
+    "DeepgramWebSocketProvider",
+    "DeepgramWebSocketService",
+]
 
 logger = logging.getLogger(__name__)
 
 _NAME = "deepgram-ws"
 FLUSH_LIMIT = 20
 FLUSH_WINDOW = 60.0
+#: Seconds a flush stays counted beyond ``FLUSH_WINDOW``: the first flush of a window may take
+#: longer to reach Deepgram than the one sent as it leaves, and Deepgram would ignore that one.
+FLUSH_MARGIN = 1.0
 _FLUSH = json.dumps({"type": "Flush"})
 _CLEAR = json.dumps({"type": "Clear"})
 _CLOSE = json.dumps({"type": "Close"})
+_FLUSH_IGNORED = "Warning (flush ignored)"  # what _handle_event calls a flush-limit Warning
 
 Connect = Callable[..., Awaitable[ClientConnection]]
 
@@ -256,9 +279,11 @@ class DeepgramWebSocketProvider:
                 await wait_cancelled(warming)
         ws, self._ws = self._ws, None
         if ws is not None:
-            with contextlib.suppress(ConnectionClosed):
-                await self._bounded(ws.send(_CLOSE))
-            await self._shut(ws)
+            try:
+                with contextlib.suppress(ConnectionClosed, TimeoutError):  # (not reading)
+                    await self._bounded(ws.send(_CLOSE))
+            finally:
+                await self._shut(ws)  # nothing else will: it is no longer self._ws
 
     # -- helpers -------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -306,9 +331,11 @@ class DeepgramWebSocketProvider:
         self._in_utterance = False
         if ws is None:
             return
+        # Counted before the send returns: a Clear written, its send waiting for a full TCP
+        # buffer to drain when the stream is cancelled, still has a Cleared to come.
+        self._pending_clears += 1
         try:
             await self._bounded(ws.send(_CLEAR))
-            self._pending_clears += 1
         except (ConnectionClosed, TimeoutError):
             await self._drop()
 
@@ -365,10 +392,10 @@ class DeepgramWebSocketProvider:
                     self._utterance_sent()
                 return ws
             logger.warning("deepgram-ws connect attempt %d failed: %s", attempt + 1, error)
-        raise TTSError(
+        raise TTSError(  # not retryable: retrying it again would keep the caller waiting longer
             _NAME,
             f"could not connect after {svc.max_reconnects + 1} attempts: {error.message}",
-            retryable=True,
+            retryable=False,
             status=error.status,
             code=error.code,
             request_id=error.request_id,
@@ -380,19 +407,25 @@ class DeepgramWebSocketProvider:
         svc, host = self._svc, self._svc.resolved_host
         if host is None:
             return await svc.connect(svc.url, **kwargs)
-        async with asyncio.timeout(svc.connect_timeout):
-            errors = []
-            for info in await host.addresses():
-                try:
-                    # websockets takes the port, Host and TLS's server name from the URL
-                    return await svc.connect(svc.url, host=info[4][0], **kwargs)
-                except OSError as exc:  # refused, unreachable, or timed out (TimeoutError)
-                    host.failed(info)  # later sockets try the others first
-                    if isinstance(exc, TimeoutError):
-                        raise
-                    errors.append(f"{info[4][0]}: {exc}")
-            host.forget()  # none could be reached: look the name up afresh
-            raise OSError(f"no address of {host.host} could be reached ({'; '.join(errors)})")
+        info: AddrInfo | None = None  # the address being dialled
+        try:
+            async with asyncio.timeout(svc.connect_timeout):
+                errors = []
+                for info in await host.addresses():
+                    try:
+                        # websockets takes the port, Host and TLS's server name from the URL
+                        return await svc.connect(svc.url, host=info[4][0], **kwargs)
+                    except OSError as exc:  # refused or unreachable; a timeout is seen below
+                        if isinstance(exc, TimeoutError):
+                            raise
+                        host.failed(info)  # later sockets try the others first
+                        errors.append(f"{info[4][0]}: {exc}")
+                host.forget()  # none could be reached: look the name up afresh
+                raise OSError(f"no address of {host.host} could be reached ({'; '.join(errors)})")
+        except TimeoutError:  # websockets' open_timeout or this one (which starts first)
+            if info is not None:
+                host.failed(info)  # it hung: later sockets try the others first
+            raise
 
     def _opened(self, ws: ClientConnection) -> list[str]:
         """The messages to write on ``ws`` as its handshake completes: those a ``stream()`` queued
@@ -432,16 +465,23 @@ class DeepgramWebSocketProvider:
         """The socket warm_up() is still opening (its error if that fails), or a new one."""
         warming = self._warming
         if warming is not None and not warming.done():
-            return await warming
+            try:
+                # shielded: a stream cancelled meanwhile (a barge-in) leaves the connect running
+                return await asyncio.shield(warming)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not warming.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this stream was cancelled
+                self._check_open()  # aclose() stopped the connect: a TTSError, not a cancel
         return await self._connect()
 
     async def _respect_flush_limit(self) -> None:
-        clock, svc = self._svc.clock, self._svc
-        while self._flushes and clock() - self._flushes[0] >= FLUSH_WINDOW:
+        clock, svc, window = self._svc.clock, self._svc, FLUSH_WINDOW + FLUSH_MARGIN
+        while self._flushes and clock() - self._flushes[0] >= window:
             self._flushes.popleft()
         if len(self._flushes) < FLUSH_LIMIT:
             return
-        wait = self._flushes[0] + FLUSH_WINDOW - clock()
+        wait = self._flushes[0] + window - clock()
         if wait > svc.flush_wait:
             raise TTSError(
                 _NAME,
@@ -470,6 +510,13 @@ class DeepgramWebSocketProvider:
             except TimeoutError:
                 await self._drop()
                 raise self._error("stalled while sending text") from None
+            except asyncio.CancelledError:
+                # Cancelled (a barge-in) while a send waited for a full TCP buffer to drain: what
+                # it wrote is on the socket, so the utterance is in flight for stream() to Clear.
+                # (Not counted before the sends: a clear() meanwhile would put its Clear ahead
+                # of our Flush, and Deepgram would answer that Flush after the Cleared.)
+                self._utterance_sent()
+                raise
             self._utterance_sent()
             break
         return ws
@@ -500,14 +547,24 @@ class DeepgramWebSocketProvider:
                 if message:
                     when = loop.time() + timeout
                     yield message
-            elif self._handle_event(message) == "Flushed":
+            elif (kind := self._handle_event(message)) == "Flushed":
                 self._in_utterance = False
                 return
+            elif kind == _FLUSH_IGNORED:  # no Flushed will come; stream()'s Clear drops the text
+                raise TTSError(
+                    _NAME,
+                    f"Deepgram ignored the Flush: its limit of {FLUSH_LIMIT} per"
+                    f" {FLUSH_WINDOW:g} s was reached (it counted more flushes than we did)",
+                    retryable=False,
+                    code="FLUSH_LIMIT",
+                    request_id=self.request_id,
+                )
         if self._closed:
             raise self._error("closed")
 
     def _handle_event(self, raw: str) -> str | None:
-        """Log a JSON server message and return its ``type``."""
+        """Log a JSON server message and return its ``type`` (:data:`_FLUSH_IGNORED` for a
+        ``Warning`` about flushes: Deepgram warns so when it ignores a ``Flush``)."""
         try:
             event = json.loads(raw)
             kind = event.get("type")
@@ -518,9 +575,10 @@ class DeepgramWebSocketProvider:
             self.request_id = event.get("request_id")
             logger.debug("deepgram-ws metadata: %s", event)
         elif kind == "Warning":
-            logger.warning(
-                "deepgram-ws warning %s: %s", event.get("code"), event.get("description")
-            )
+            code, description = event.get("code"), event.get("description")
+            logger.warning("deepgram-ws warning %s: %s", code, description)
+            if "flush" in f"{code} {description}".lower():
+                return _FLUSH_IGNORED
         elif kind not in ("Flushed", "Cleared"):
             logger.debug("deepgram-ws: unhandled message %s", event)
         return kind if isinstance(kind, str) else None

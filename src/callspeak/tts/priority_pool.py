@@ -79,10 +79,21 @@ class PriorityPool:
         return await future
 
     def shutdown(self, *, timeout: float = 5.0) -> None:
-        """Stop the workers; blocks up to ``timeout`` per worker for a running job to end."""
+        """Cancel the queued jobs and stop the workers; blocks up to ``timeout`` per worker for a
+        running job to end."""
         if self._closed:
             return
         self._closed = True
+        while True:  # emptied first: the sentinels sort after them, and workers would run them
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job.future is not None and job.loop is not None:
+                try:
+                    job.loop.call_soon_threadsafe(job.future.cancel)
+                except RuntimeError:  # the loop is closed: nobody is waiting
+                    pass
         for _ in self._threads:
             # Sentinels sort after every real job priority.
             self._queue.put(_Job((float("inf"), 0.0), next(self._seq), None, None, None))
