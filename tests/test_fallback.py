@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -284,3 +285,97 @@ async def test_warm_up_reaches_the_first_healthy_voice_only() -> None:
     primary.healthy = False  # e.g. Deepgram refused the key: the next voice is the one used
     chain.open().warm_up()
     assert [p.warmed for p in primary.providers + backup.providers] == [1, 0, 0, 1]
+
+
+class RaisingProvider(FakeProvider):
+    """A voice that fails with its engine's own exception, not a TTSError."""
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        self.texts.append(text)
+        raise KeyError("an engine's own exception")
+        yield b""  # pragma: no cover - makes this an async generator
+
+
+async def test_an_unexpected_error_from_a_voice_falls_back_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    primary = RaisingProvider()
+    chain = FallbackService(
+        [ScriptedService(primary), FakeService("backup")],  # type: ignore[arg-type]
+        apology=b"sorry",
+    )
+    with caplog.at_level(logging.WARNING, "callspeak.tts"):
+        assert await collect(chain, TEXT) == tone_for(TEXT)
+    assert primary.texts == [TEXT]  # not retried: it would most likely fail again
+    assert "unexpected error: KeyError" in caplog.text and "falling back" in caplog.text
+
+
+async def test_when_every_voice_fails_an_utterance_hears_the_apology_once() -> None:
+    chain = FallbackService(
+        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"SORRY"
+    )
+    provider = chain.open()
+    heard = b""
+    for index, sentence in enumerate(["One sentence.", "Another one.", "The last sentence."]):
+        stream = provider.stream(sentence, continuation=index > 0)  # as the session asks
+        heard += b"".join([chunk async for chunk in stream])
+    assert heard == b"SORRY"
+    assert b"".join([c async for c in provider.stream("A new utterance.")]) == b"SORRY"
+
+
+def wav_headed(audio: bytes) -> bytes:
+    fmt = struct.pack("<HHIIHH", 7, 1, 8000, 8000, 1, 8)  # μ-law, mono, 8 kHz
+    return (
+        b"RIFF" + struct.pack("<I", 36 + len(audio)) + b"WAVE"
+        + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+        + b"data" + struct.pack("<I", len(audio)) + audio
+    )  # fmt: skip
+
+
+class HeadedThenCut(FakeProvider):
+    """Answers with a WAV header (as a Deepgram ignoring ``container=none`` would) and is cut
+    after ``cut`` bytes of its first answer; its later answers are whole."""
+
+    def __init__(self, cut: int) -> None:
+        super().__init__()
+        self.cut = cut
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        self.texts.append(text)
+        answer = wav_headed(tone_for(text))
+        if len(self.texts) == 1:
+            yield answer[: self.cut]
+            raise TTSError("primary", "connection cut", retryable=True)
+        yield answer
+
+
+async def test_a_cut_inside_a_wav_header_is_retried_since_nothing_was_heard() -> None:
+    primary = HeadedThenCut(cut=20)
+    chain = FallbackService([ScriptedService(primary), FakeService("backup")])  # type: ignore[arg-type]
+    heard = await collect(chain, TEXT)
+    assert primary.texts == [TEXT, TEXT]
+    assert heard == tone_for(TEXT)  # the retry's header stripped too
+
+
+async def test_after_a_wav_headed_answer_is_cut_the_next_voice_is_heard_whole() -> None:
+    """The first answer's header declares its length: the next voice's audio must not be cut
+    to what was left of it (one header per answer, not one per sentence)."""
+    primary = HeadedThenCut(cut=44 + 800)
+    chain = FallbackService(
+        [ScriptedService(primary), FakeService("backup", chunk=333)],  # type: ignore[arg-type]
+    )
+    heard = await collect(chain, TEXT, continuation=True)  # mid-utterance: no retry
+    tone = tone_for(TEXT)
+    assert heard == tone[:800] + tone  # the next voice says the text again, from its start
+
+
+async def test_a_fallback_voice_whose_key_is_refused_makes_health_degraded() -> None:
+    backup = FakeService("deepgram")
+    chain = FallbackService([FakeService("piper"), backup])
+    assert chain.healthy
+    backup.healthy = False  # what a 401 from Deepgram does
+    assert not chain.healthy

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 from callspeak.audio.format import TWILIO_FORMAT
 from callspeak.audio.mulaw import decode
+from callspeak.tts.base import TTSError
 from callspeak.tts.piper import PiperService, PiperUnavailable, priority, split_first_clause
 
 
@@ -33,6 +35,37 @@ async def test_rendered_sentences_are_cached_and_prerender_fills_the_cache(
     first = piper.render_sentence("A sentence for the cache.")
     # Piper samples noise, so a fresh synthesis would differ: equality proves the cache served it.
     assert piper.render_sentence("A sentence for the cache.") == first
+
+
+async def test_a_prerendered_long_greeting_is_served_whole_from_the_cache(
+    piper: PiperService,
+) -> None:
+    greeting = "Thank you for calling Acme Plumbing, how can I help you this afternoon?"
+    assert len(split_first_clause(greeting)) == 2  # long enough to be split when not cached
+    await piper.prerender([greeting])
+    prerendered = piper.cached(greeting)
+    assert prerendered is not None
+    provider = piper.open()
+    # A call's first words (ahead=0): the cached sentence whole, not two clauses synthesised live.
+    chunks = [c async for c in provider.stream(greeting, ahead=0.0)]
+    assert chunks == [prerendered]
+    await provider.aclose()
+
+
+async def test_an_onnx_runtime_failure_is_raised_as_a_non_retryable_tts_error(
+    piper: PiperService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(sentence: str) -> bytes:
+        raise Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code")
+
+    monkeypatch.setattr(piper, "render_sentence", fail)
+    provider = piper.open()
+    with pytest.raises(TTSError, match="Fail: .*Non-zero status code") as caught:
+        _ = [c async for c in provider.stream("This sentence breaks the engine.")]
+    assert caught.value.provider == "piper"
+    assert caught.value.retryable is False
+    assert isinstance(caught.value.__cause__, Fail)
+    await provider.aclose()
 
 
 def test_long_openings_split_after_the_first_clause() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -929,3 +930,38 @@ async def test_failed_speech_is_forgotten_like_finished_speech() -> None:
             utterance = h.session.say("boom")
             assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.FAILED
         assert h.session.utterances == []
+
+
+class UndecodableFirstVoice(FakeProvider):
+    """Its first stream is a WAV header the converter refuses (two channels): a WavError, not a
+    TTSError, raised inside the session's producer."""
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        self.texts.append(text)
+        if len(self.texts) == 1:
+            fmt = struct.pack("<HHIIHH", 1, 2, 8000, 32000, 4, 16)  # PCM, 2 channels
+            header = b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt "
+            header += struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", 0xFFFFFFFF)
+            yield header + b"\x00" * 640
+            return
+        yield tone_for(text)
+
+
+async def test_a_voice_failing_with_an_unexpected_error_fails_that_speech_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Any error in synthesis or conversion, not only a TTSError, ends its utterance as failed
+    and the call goes on: the sender must not wait forever for frames that will not come."""
+    async with Harness(UndecodableFirstVoice(), greeting="Hello there.") as h:
+        h.transport.push(start_json())
+        await h.session.wait_started()
+        greeting = next(iter(h.session.utterances))
+        assert await asyncio.wait_for(greeting.wait(), 3) is SpeechStatus.FAILED
+        assert "internal error: WavError" in (greeting.error or "")
+        after = h.session.say("Second utterance.")
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        assert h.marks() == [f"g0.u{after.id}.s0"]
+    assert "speech.failed" in h.types()
+    assert "synthesising utterance 1 failed" in caplog.text

@@ -756,6 +756,12 @@ class CallSession:
             # utterance as if its own send had failed.
             await frames.put((_SOCKET_CLOSED, None))
             return
+        except Exception as exc:  # a bug in a voice or the audio it sent: fail this utterance
+            # only; the sender, waiting on these frames, would otherwise wait forever.
+            log.exception("synthesising utterance %d failed", utterance.id, extra=self._ids())
+            utterance.error = f"internal error: {exc!r}"
+            await frames.put((_FAILED, None))
+            return
         await frames.put((_END_OF_UTTERANCE, None))
 
     async def _send_now(self, utterance: Utterance, index: int, ready: list[bytes]) -> list[bytes]:

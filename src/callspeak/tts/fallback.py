@@ -9,7 +9,14 @@ sentence by sentence) its provider tries the engines in order:
 * any other failure moves on to the next engine — a text cut mid-stream is spoken again from its
   start by the next voice (where the cut fell in the text is unknowable), and the rest of that
   utterance stays on the voice that took over;
-* when every engine has failed, the pre-rendered apology is yielded instead.
+* an engine failing with anything but a :class:`TTSError` (a bug, an engine's own exception, audio
+  the converter refuses) is treated as a failure that is not retried;
+* when every engine has failed, the pre-rendered apology is yielded instead — once an utterance:
+  its later sentences are then skipped, not apologised for again.
+
+A WAV header at the start of an engine's answer is stripped per answer (per attempt), so a retry
+or the next voice starts clean, and an attempt counts as having yielded audio only once audio
+past such a header came.
 
 Every failure is logged with its cause (status, Deepgram's ``err_code``, request id). Output is
 always Twilio's format; an engine with another format is converted on the way.
@@ -63,8 +70,9 @@ class FallbackService:
 
     @property
     def healthy(self) -> bool:
-        """The preferred engine is usable (the others are there for bad moments)."""
-        return self._services[0].healthy
+        """Every engine is usable: one whose credentials were refused, preferred or fallback,
+        needs attention (``/healthz`` says ``degraded``) even while calls are still spoken."""
+        return all(service.healthy for service in self._services)
 
     async def start(self) -> None:
         """Start every engine. A fallback that cannot start is dropped with an error in the log;
@@ -103,6 +111,7 @@ class _FallbackProvider:
         self._chain = chain
         self._apology = apology
         self._first = 0  # index of the engine the current utterance stays on
+        self._apologised = False  # the current utterance got the apology: say nothing more
 
     @property
     def name(self) -> str:
@@ -116,7 +125,9 @@ class _FallbackProvider:
         self, text: str, *, continuation: bool = False, ahead: float = 0.0
     ) -> AsyncIterator[bytes]:
         if not continuation:
-            self._first = 0  # a new utterance tries the preferred voice again
+            self._first, self._apologised = 0, False  # a new utterance tries the preferred voice
+        elif self._apologised:
+            return  # every voice failed this utterance, and the caller was told so once
         failures: list[TTSError] = []
         for index in range(self._first, len(self._chain)):
             service, provider = self._chain[index]
@@ -132,7 +143,8 @@ class _FallbackProvider:
                     if index != self._first:
                         self._first = index
                     return
-                except TTSError as exc:
+                except Exception as raised:
+                    exc = _as_tts_error(provider.name, raised)
                     failures.append(exc)
                     again = retry and not yielded and exc.retryable
                     retry = False
@@ -143,19 +155,17 @@ class _FallbackProvider:
             self._first = min(index + 1, len(self._chain) - 1)
         causes = "; ".join(str(exc) for exc in failures) or "no engine is healthy"
         log.error("every voice failed, playing the apology: %s", causes)
+        self._apologised = True
         yield self._apology
 
     async def _converted(
         self, provider: TTSProvider, text: str, continuation: bool, ahead: float
     ) -> AsyncIterator[bytes]:
-        source = provider.audio_format
+        """One attempt's audio in Twilio's format, in whole frames: a converter per attempt, so
+        a WAV header is stripped from each answer (μ-law 8 kHz goes through untouched)."""
         stream = provider.stream(text, continuation=continuation, ahead=ahead)
         try:
-            if source == TWILIO_FORMAT:
-                async for chunk in stream:
-                    yield chunk
-                return
-            converter = TwilioAudioConverter(source)
+            converter = TwilioAudioConverter(provider.audio_format)
             async for chunk in stream:
                 frames = converter.push(chunk)
                 if frames:
@@ -184,6 +194,15 @@ class _FallbackProvider:
     async def aclose(self) -> None:
         for _, provider in self._chain:
             await provider.aclose()
+
+
+def _as_tts_error(name: str, exc: Exception) -> TTSError:
+    """``exc`` as the TTSError the chain acts on: not retryable unless it is a retryable
+    TTSError (an engine's own exception or a bug would most likely happen again)."""
+    if isinstance(exc, TTSError):
+        return exc
+    log.error("voice %s failed unexpectedly", name, exc_info=exc)
+    return TTSError(name, f"unexpected error: {exc!r}", retryable=False)
 
 
 def _log_failure(name: str, exc: TTSError, *, yielded: bool, retrying: bool) -> None:

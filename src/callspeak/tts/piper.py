@@ -11,7 +11,8 @@ continues what a caller is hearing before any call's first words (see :func:`pri
 that is speaking never runs dry while other calls start.
 
 Rendered sentences are kept in a bounded LRU cache (greetings and menu prompts repeat across
-calls); :meth:`PiperService.prerender` fills it at start-up.
+calls); :meth:`PiperService.prerender` fills it at start-up. A first sentence found in the cache is
+served whole, not split at its first clause.
 """
 
 from __future__ import annotations
@@ -233,8 +234,17 @@ class PiperService:
         self._cache.put(sentence, mulaw)
         return mulaw
 
+    def cached(self, sentence: str) -> bytes | None:
+        """The rendered audio of ``sentence`` if it is in the cache, else ``None``."""
+        return self._cache.get(sentence)
+
     async def synthesize_sentence(self, sentence: str, *, priority: Priority) -> bytes:
-        """Render one sentence on the pool; a cache hit returns without queueing."""
+        """Render one sentence on the pool; a cache hit returns without queueing.
+
+        Any engine failure (ONNX Runtime's own errors derive from :class:`Exception` only) is
+        raised as a non-retryable :class:`~callspeak.tts.base.TTSError` naming its cause;
+        cancellation passes through.
+        """
         cached = self._cache.get(sentence)
         if cached is not None:
             return cached
@@ -242,8 +252,12 @@ class PiperService:
             raise RuntimeError("PiperService.start() was not awaited")
         try:
             return await self._pool.run(lambda: self.render_sentence(sentence), priority=priority)
-        except (RuntimeError, OSError, ValueError) as exc:
-            raise TTSError("piper", f"synthesis failed: {exc}", retryable=False) from exc
+        except TTSError:
+            raise
+        except Exception as exc:
+            raise TTSError(
+                "piper", f"synthesis failed: {type(exc).__name__}: {exc}", retryable=False
+            ) from exc
 
     async def prerender(self, texts: Iterable[str]) -> None:
         """Render ``texts`` into the cache now, so calls that speak them start at once."""
@@ -278,7 +292,9 @@ class _PiperProvider:
         self, text: str, *, continuation: bool = False, ahead: float = 0.0
     ) -> AsyncIterator[bytes]:
         pieces = split_sentences(text)
-        if ahead <= 0 and pieces:
+        # Nothing playing yet: split a long first sentence so its first clause is heard sooner —
+        # unless the whole sentence is cached (a pre-rendered greeting), which is sooner still.
+        if ahead <= 0 and pieces and self._service.cached(pieces[0]) is None:
             pieces[:1] = split_first_clause(pieces[0])
         for piece in pieces:
             audio = await self._service.synthesize_sentence(piece, priority=priority(ahead))
