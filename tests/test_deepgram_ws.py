@@ -842,6 +842,37 @@ async def test_an_address_that_hangs_is_tried_last_by_the_next_attempt(
     await provider.aclose()
 
 
+async def test_a_stream_waits_for_its_socket_twice_connect_timeout_at_most(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """Every address hangs: four attempts would keep the caller silent four times
+    ``connect_timeout``; the stream gives up after two (the first attempt and the start of the
+    second), with an error the fallback voice acts on at once. The first answer is that
+    budget's; a warm-up's connect carries on alone."""
+    dialled: list[str] = []
+
+    async def hangs(url: str, *, host: str, **kwargs: Any) -> ClientConnection:
+        dialled.append(host)
+        async with asyncio.timeout(kwargs["open_timeout"]):  # as websockets' connect() does
+            await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    service = make(
+        named(ws_url),
+        resolve=CountingResolver(["192.0.2.1"]),  # TEST-NET-1: nothing answers
+        connect=hangs,
+        connect_timeout=0.2,
+        max_reconnects=3,
+        backoff=0.1,  # the second attempt hangs from 0.3 s: the budget (0.4 s) ends it
+    )
+    provider = service.open()
+    with pytest.raises(TTSError, match=r"no connection within 0.4 s") as raised:
+        await collect(provider.stream("Hi."))
+    assert not raised.value.retryable
+    assert len(dialled) == 2  # four without the budget
+    await provider.aclose()
+
+
 async def test_an_answer_with_no_address_reached_is_looked_up_again(
     ws_url: str, fake: FakeDeepgram, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -30,6 +30,9 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   is never retried (no reconnect loop on bad credentials). Other connect failures are retried
   ``max_reconnects`` times with exponential backoff, then raise a :class:`TTSError` that is not
   retryable: the retrying is done, and a fallback should take over at once rather than repeat it.
+  Each attempt has ``connect_timeout`` (2.5 s: TCP, TLS and the upgrade take a few round trips),
+  and a ``stream()`` waits at most twice that in all for its socket — room for one hung address
+  and the next, where hung attempts would otherwise add up to four — then raises such an error.
   An address whose connect fails or hangs is tried last by the next attempt.
 * Flush limit (20 per 60 s): flushes are counted per provider in a sliding window of 60 s plus
   a margin (:data:`FLUSH_MARGIN`: our clock reads when a flush is sent, Deepgram's when it
@@ -127,7 +130,7 @@ class DeepgramWebSocketService:
         max_reconnects: int = 3,
         backoff: float = 0.2,
         connect: Connect | None = None,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = 2.5,
         flush_wait: float = 3.0,
         max_connection_age: float = 55 * 60.0,
         clock: Callable[[], float] = time.monotonic,
@@ -456,24 +459,40 @@ class DeepgramWebSocketProvider:
                 self._check_open()
                 logger.warning("deepgram-ws: no Cleared in time; replacing the socket")
                 await self._drop()
-                return await self._connect()
+                return await self._connected()
             if isinstance(message, str) and self._handle_event(message) == "Cleared":
                 self._pending_clears -= 1
         return ws
 
     async def _connected(self) -> ClientConnection:
-        """The socket warm_up() is still opening (its error if that fails), or a new one."""
-        warming = self._warming
-        if warming is not None and not warming.done():
-            try:
-                # shielded: a stream cancelled meanwhile (a barge-in) leaves the connect running
-                return await asyncio.shield(warming)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if not warming.cancelled() or (task is not None and task.cancelling()):
-                    raise  # this stream was cancelled
-                self._check_open()  # aclose() stopped the connect: a TTSError, not a cancel
-        return await self._connect()
+        """The socket warm_up() is still opening (its error if that fails), or a new one —
+        within twice ``connect_timeout`` in all, however many attempts that covers: a caller
+        waits in silence meanwhile. Past it, a :class:`TTSError` that is not retryable hands the
+        text to the fallback voice; a warm-up's connect goes on, for the next utterance."""
+        limit = 2 * self._svc.connect_timeout
+        budget = asyncio.timeout(limit)
+        try:
+            async with budget:
+                warming = self._warming
+                if warming is not None and not warming.done():
+                    try:
+                        # shielded: a stream cancelled meanwhile (a barge-in, the budget) leaves
+                        # the connect running
+                        return await asyncio.shield(warming)
+                    except asyncio.CancelledError:
+                        task = asyncio.current_task()
+                        if not warming.cancelled() or (task is not None and task.cancelling()):
+                            raise  # this stream was cancelled
+                        self._check_open()  # aclose() stopped the connect: a TTSError
+                return await self._connect()
+        except TimeoutError:
+            if not budget.expired():
+                raise
+            raise TTSError(
+                _NAME,
+                f"no connection within {limit:g} s (twice connect_timeout)",
+                retryable=False,
+            ) from None
 
     async def _respect_flush_limit(self) -> None:
         clock, svc, window = self._svc.clock, self._svc, FLUSH_WINDOW + FLUSH_MARGIN
