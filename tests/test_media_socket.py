@@ -9,8 +9,9 @@ import logging
 import socket
 import struct
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import websockets
@@ -20,9 +21,11 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.uri import parse_uri
 
+from callspeak import media_socket
 from callspeak.config import Settings
 from callspeak.emulator import DialOptions, dial
 from callspeak.emulator.frames import ClientTextFrames
+from callspeak.frame_reader import FrameAt, frame_at
 from callspeak.media_socket import INBOX_HIGH, INBOX_LOW, MediaSocket
 from callspeak.protocol import Connected
 from callspeak.server import Refusal, create_app
@@ -584,3 +587,177 @@ async def test_accepted_streams_are_logged_and_refusals_name_the_forwarded_clien
     assert any('"WebSocket /twilio?x=1" [accepted]' in m for m in messages)
     refusals = [m for m in messages if m.startswith("refused media stream")]
     assert refusals and refusals[0].startswith("refused media stream from 203.0.113.7:")
+
+
+# -- what a peer can make the socket hold or do: bounded by what it sends -------------------------
+
+
+class Watched(MediaSocket):
+    """A MediaSocket that keeps its transport where a test can see it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports are not asyncio.Transport subclasses, but have its methods.)
+        self.transport = cast(asyncio.Transport, transport)
+        super().connection_made(transport)
+
+
+async def test_a_peer_that_pings_but_does_not_read_is_not_read_either_until_it_reads() -> None:
+    """websockets answers every ping with a pong. While the peer takes none of them (writing
+    paused), reading pauses too, so the pongs waiting in the transport stay near its high-water
+    mark instead of growing with every ping; once the peer reads, every ping is answered."""
+    loop = asyncio.get_running_loop()
+    small = 16 * 1024  # kernel buffers, so that the transport's own buffer is what fills
+    opened: list[Watched] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(sock: MediaSocket) -> None:
+        while await sock.receive() is not None:
+            pass
+
+    def socket_with_small_buffers() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, small)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, small)
+        sock.setblocking(False)
+        return sock
+
+    def accept() -> Watched:
+        opened.append(
+            Watched(lambda r, c: None, serve, max_size=2**20, connections=set(), tasks=tasks)
+        )
+        return opened[-1]
+
+    listener = socket_with_small_buffers()  # the accepted socket inherits its buffer sizes
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    server = await loop.create_server(accept, sock=listener)
+    raw = socket_with_small_buffers()
+    pings = 32_000
+    flood = memoryview(Frame(Opcode.PING, b"p" * 125).serialize(mask=True) * pings)  # 4.2 MB
+    pongs = Frame(Opcode.PONG, b"p" * 125).serialize(mask=False) * pings
+    try:
+        await loop.sock_connect(raw, listener.getsockname())
+        client = ClientProtocol(parse_uri("ws://test/twilio"))
+        client.send_request(client.connect())
+        await loop.sock_sendall(raw, b"".join(client.data_to_send()))
+        answer = await loop.sock_recv(raw, 4096)
+        assert answer.startswith(b"HTTP/1.1 101") and answer.endswith(b"\r\n\r\n")
+        sent = idle = 0
+        while sent < len(flood) and idle < 20:  # until the server has taken none for 0.2 s
+            try:
+                sent += raw.send(flood[sent : sent + 65536])
+                idle = 0
+            except BlockingIOError:
+                idle += 1
+                await asyncio.sleep(0.01)  # the server's turn to read
+        held = opened[0].transport.get_write_buffer_size()
+        # Under the high-water mark (64 KiB) plus the pongs to one read (256 KiB of pings).
+        assert sent < len(flood) and held < 1_000_000, (sent, held)
+
+        async def read_pongs() -> bytes:
+            got = bytearray()
+            while len(got) < len(pongs) and (chunk := await loop.sock_recv(raw, 65536)):
+                got += chunk
+            return bytes(got)
+
+        answered, _ = await asyncio.wait_for(
+            asyncio.gather(read_pongs(), loop.sock_sendall(raw, flood[sent:])), 30
+        )
+        assert answered == pongs
+    finally:
+        raw.close()
+        server.close()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+
+async def test_reading_resumes_only_once_neither_the_inbox_nor_the_writes_hold_it_paused() -> None:
+    go = asyncio.Event()
+
+    async def serve(sock: MediaSocket) -> None:
+        await go.wait()
+        while await sock.receive() is not None:
+            pass
+
+    wired = Wired(serve)
+    sock, transport = wired.socket, wired.transport
+    sock.pause_writing()
+    assert (transport.paused, transport.resumed) == (1, 0)
+    sock.resume_writing()
+    assert (transport.paused, transport.resumed) == (1, 1)
+    for n in range(INBOX_HIGH):
+        wired.send_text(f"m{n}")
+    assert (transport.paused, transport.resumed) == (2, 1)  # the inbox is full
+    sock.pause_writing()
+    sock.resume_writing()  # the inbox still is
+    assert (transport.paused, transport.resumed) == (2, 1)
+    sock.pause_writing()
+    go.set()
+    for _ in range(5):
+        await asyncio.sleep(0)  # the call catches up, writing is still paused
+    assert (transport.paused, transport.resumed) == (2, 1)
+    sock.resume_writing()
+    assert (transport.paused, transport.resumed) == (2, 2)
+    await wired.finish()
+
+
+async def test_a_large_frame_arriving_in_small_pieces_is_parsed_once_it_is_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pieces of a frame are collected once its header gives its length: not joined and
+    parsed again at each piece, which made n pieces of a frame cost n times its size."""
+    scanned: list[int] = []  # bytes from the position parsed to the end of the buffer, per call
+
+    def counting_frame_at(buffer: bytes, pos: int) -> FrameAt | None:
+        scanned.append(len(buffer) - pos)
+        return frame_at(buffer, pos)
+
+    got: list[str | bytes] = []
+
+    async def serve(sock: MediaSocket) -> None:
+        while (message := await sock.receive()) is not None:
+            got.append(message)
+
+    size = 2**20  # `callspeak serve`'s ws_max_size
+    wired = Wired(serve, max_size=size)
+    await asyncio.sleep(0)
+    monkeypatch.setattr(media_socket, "frame_at", counting_frame_at)
+    wired.pieces = 64
+    wired.send_text("x" * (size - 16))  # in 16,384 pieces
+    wired.pieces = None
+    wired.send_text("after")
+    await asyncio.sleep(0)
+    assert got == ["x" * (size - 16), "after"]
+    assert len(scanned) < 10 and sum(scanned) < 2 * size, (len(scanned), sum(scanned))
+    await wired.finish()
+
+
+async def test_empty_continuation_frames_take_no_memory() -> None:
+    got: list[str | bytes] = []
+
+    async def serve(sock: MediaSocket) -> None:
+        while (message := await sock.receive()) is not None:
+            got.append(message)
+
+    def held_by_media_socket() -> int:
+        only = [tracemalloc.Filter(True, media_socket.__file__)]
+        stats = tracemalloc.take_snapshot().filter_traces(only).statistics("filename")
+        return sum(stat.size for stat in stats)
+
+    wired = Wired(serve)
+    await asyncio.sleep(0)
+    wired.client.send_text(b"x", fin=False)
+    wired.deliver()
+    flood = Frame(Opcode.CONT, b"", fin=False).serialize(mask=True) * 20_000
+    tracemalloc.start()
+    try:
+        before = held_by_media_socket()
+        wired.socket.data_received(flood)
+        grown = held_by_media_socket() - before
+    finally:
+        tracemalloc.stop()
+    wired.client.send_continuation(b"y", fin=True)
+    wired.deliver()
+    await asyncio.sleep(0)
+    assert got == ["xy"]
+    assert grown < 4096, grown  # a list of 20,000 empty pieces held 160 kB
+    await wired.finish()

@@ -21,7 +21,9 @@ Contract of the socket, as the session sees it (:class:`~callspeak.session.Trans
 * at most :data:`INBOX_HIGH` messages wait unread: beyond that, reading from the socket pauses
   until the session has caught up to :data:`INBOX_LOW`.
 * ``send()`` waits while the kernel's send buffer is full (uvicorn's high-water mark) and raises
-  :class:`~callspeak.session.TransportClosed` once the socket is closing or gone.
+  :class:`~callspeak.session.TransportClosed` once the socket is closing or gone. Reading from
+  the socket pauses meanwhile too: a peer that sends pings but takes nothing would otherwise
+  pile our pongs up in the transport's buffer without limit.
 * ``close()`` sends a close frame and ends ``receive()``; the TCP connection is dropped if the
   peer does not answer within :data:`CLOSE_TIMEOUT` seconds.
 * server shutdown (uvicorn's ``shutdown()``) closes open streams with 1012 (service restart).
@@ -111,10 +113,18 @@ class MediaSocket(asyncio.Protocol):
         self._reader_busy = False
         self._handler: Handler | None = None
         self._max_size = max_size
-        self._buffer = b""  # the start of a frame (or of the request) still arriving
+        #: The start of a frame (or of the request) still arriving, and how many more bytes it
+        #: needs before it is worth reading again: the rest of the frame once its header is in
+        #: (so a large frame arriving in small pieces is collected, not re-read at each piece),
+        #: else 1.
+        self._buffer = bytearray()
+        self._missing = 0
         self._bypass = False  # every byte goes to websockets from now on
-        self._fragments: list[bytes] = []
+        #: The fragmented message being received (None between messages), joined as it comes.
+        self._fragments: bytearray | None = None
         self._fragment_opcode = Opcode.TEXT
+        #: Reading is paused for either of two reasons, each lifted on its own: the inbox is
+        #: full (INBOX_HIGH), or writing is (the peer is not taking what we send).
         self._reading_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -135,8 +145,14 @@ class MediaSocket(asyncio.Protocol):
             self.client = f"{peer[0]}:{peer[1]}"
 
     def data_received(self, data: bytes) -> None:
-        if self._buffer:
-            data, self._buffer = self._buffer + data, b""
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            self._missing -= len(data)
+            if self._missing > 0:
+                return  # still short of a whole frame: nothing to read yet
+            data = bytes(buffer)
+            buffer.clear()
         state = self._conn.state
         if self._bypass or (state is not State.OPEN and state is not State.CONNECTING):
             self._to_websockets(data)
@@ -167,10 +183,16 @@ class MediaSocket(asyncio.Protocol):
         self._resume_senders()
 
     def pause_writing(self) -> None:
+        # Reading pauses too: websockets answers every ping it reads, and _flush() writes the
+        # pong at once, so a peer pinging without reading would grow the write buffer unbounded.
         self._write_paused = True
+        if not self._reading_paused and self._transport is not None and not self._lost:
+            self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if not self._reading_paused and self._transport is not None and not self._lost:
+            self._transport.resume_reading()  # unless the inbox still holds it paused
         self._resume_senders()
 
     def shutdown(self) -> None:
@@ -198,7 +220,8 @@ class MediaSocket(asyncio.Protocol):
         self._reader_busy = True
         if self._reading_paused and len(inbox) <= INBOX_LOW and self._transport is not None:
             self._reading_paused = False
-            self._transport.resume_reading()
+            if not self._write_paused:  # else resume_writing resumes it
+                self._transport.resume_reading()
         return message
 
     async def send(self, text: str) -> None:
@@ -277,7 +300,7 @@ class MediaSocket(asyncio.Protocol):
                 self._bypass = True  # websockets refuses it
                 self._to_websockets(data)
             else:
-                self._buffer = data
+                self._keep(data, 1)
             return
         self._to_websockets(data[: end + 4])
         rest = data[end + 4 :]
@@ -298,7 +321,11 @@ class MediaSocket(asyncio.Protocol):
                 break
             if end > size:
                 break  # the rest is still arriving
-            if (first == WHOLE_TEXT or first == WHOLE_BINARY) and key >= 0 and not self._fragments:
+            if (
+                (first == WHOLE_TEXT or first == WHOLE_BINARY)
+                and key >= 0
+                and self._fragments is None
+            ):
                 self._message(
                     Opcode.TEXT if first == WHOLE_TEXT else Opcode.BINARY, unmask(data, frame)
                 )
@@ -310,8 +337,13 @@ class MediaSocket(asyncio.Protocol):
                 break
         if self._bypass:
             self._to_websockets(data[pos:])
-        elif pos < size:
-            self._buffer = data[pos:]
+        elif pos < size:  # a frame's header still arriving, or (frame's end known) its payload
+            self._keep(data[pos:], 1 if frame is None else frame[3] - size)
+
+    def _keep(self, start: bytes, missing: int) -> None:
+        """Keep ``start`` (of a frame or of the request) until ``missing`` more bytes arrive."""
+        self._buffer += start
+        self._missing = missing
 
     def _to_websockets(self, data: bytes) -> None:
         if not data:
@@ -328,13 +360,14 @@ class MediaSocket(asyncio.Protocol):
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if not frame.fin:
                 self._fragment_opcode = opcode
-                self._fragments = [bytes(frame.data)]
+                self._fragments = bytearray(frame.data)
                 return
             self._message(opcode, bytes(frame.data))
-        elif opcode is Opcode.CONT:
-            self._fragments.append(bytes(frame.data))
+        elif opcode is Opcode.CONT and self._fragments is not None:  # (websockets refuses others)
+            # Bytes, not a list of pieces: empty continuation frames must cost no memory.
+            self._fragments += frame.data
             if frame.fin:
-                data, self._fragments = b"".join(self._fragments), []
+                data, self._fragments = bytes(self._fragments), None
                 self._message(self._fragment_opcode, data)
         # PING is answered and CLOSE echoed by the protocol itself; PONG needs nothing.
 
@@ -366,7 +399,8 @@ class MediaSocket(asyncio.Protocol):
         inbox.append(message)
         if len(inbox) >= INBOX_HIGH and not self._reading_paused and self._transport is not None:
             self._reading_paused = True
-            self._transport.pause_reading()
+            if not self._write_paused:  # else already paused for that
+                self._transport.pause_reading()
 
     def _flush(self) -> None:
         transport = self._transport
@@ -394,7 +428,10 @@ class MediaSocket(asyncio.Protocol):
             self._inbox.append(_END)
             if self._reading_paused and self._transport is not None and not self._lost:
                 self._reading_paused = False
-                self._transport.resume_reading()  # to see the peer's close and EOF
+                # To see the peer's close and EOF; while writing is paused, once it resumes
+                # (websockets still answers pings while closing).
+                if not self._write_paused:
+                    self._transport.resume_reading()
 
     def _wake(self) -> None:
         waiter = self._waiter
