@@ -164,6 +164,30 @@ async def test_long_text_is_split_into_limited_requests(
     assert audio == b"".join(fake.audio_for(t) for t in texts)
 
 
+async def test_wav_headers_deepgram_sends_anyway_are_dropped_from_every_answer(
+    service: DeepgramRestService, fake: FakeDeepgram
+) -> None:
+    """A Deepgram ignoring ``container=none``: each request of a long text answers with a
+    header, declaring its length. Dropped from each answer, not only the first: one left in the
+    middle would be heard as a click, and the first's declared length would cut the rest."""
+    fake.answer_in_wav(count=None)
+    text = " ".join(f"This is sentence {i}." for i in range(250))  # three requests
+    audio = await collect(service.open().stream(text))
+    texts = [r.text or "" for r in fake.requests]
+    assert len(texts) == 3
+    assert audio == b"".join(fake.audio_for(t) for t in texts)  # raw μ-law, headers gone
+    assert fake.audio_for(texts[0], container="wav")[:4] == b"RIFF"
+
+
+async def test_an_answer_in_other_audio_than_asked_fails_for_the_fallback(
+    service: DeepgramRestService, fake: FakeDeepgram
+) -> None:
+    fake.answer_in_wav("linear16", 24000)
+    with pytest.raises(TTSError, match="not the μ-law 8 kHz asked for") as info:
+        await collect(service.open().stream("Hi."))
+    assert not info.value.retryable  # asking again would get the same: the next voice speaks
+
+
 async def test_abandoned_streams_release_connections(base: str, fake: FakeDeepgram) -> None:
     fake.bytes_per_second = 8000  # real time: bodies would take seconds to finish
     service = DeepgramRestService("test-key", base_url=base, max_connections=2, connect_timeout=1.0)

@@ -52,6 +52,7 @@ import certifi
 from yarl import URL
 
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
+from callspeak.audio.wav import WavHeaderStripper
 from callspeak.tasks import start_task, wait_cancelled
 from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
@@ -212,14 +213,34 @@ class DeepgramRestProvider:
     async def stream(
         self, text: str, *, continuation: bool = False, ahead: float = 0.0
     ) -> AsyncIterator[bytes]:
-        """Audio of ``text``: one request per ≤2000-character chunk, in order, streamed."""
-        for chunk in chunk_text(text, DEFAULT_CHUNK_LIMIT):
+        """Audio of ``text``: one request per ≤2000-character chunk, in order, streamed.
+
+        Raw μ-law 8 kHz, as asked for. Should Deepgram answer with a WAV header anyway
+        (``container=none`` ignored), each answer's is dropped here — one header in the middle
+        of the stream would be heard as a click, and its declared length would cut the answers
+        after it — and a header declaring any other audio raises a :class:`TTSError` that is not
+        retryable (the fallback voice takes over).
+        """
+        for index, chunk in enumerate(chunk_text(text, DEFAULT_CHUNK_LIMIT)):
             self._check_open()
+            header = WavHeaderStripper()
             # Closed with this iterator, not later by the garbage collector: the connection goes
             # back to the pool at once, and a late cleanup cannot touch the next stream's state.
             async with contextlib.aclosing(self._stream_chunk(chunk)) as audio_chunks:
                 async for audio in audio_chunks:
-                    yield audio
+                    payload = header.push(audio)  # raw audio (always, in practice): unchanged
+                    info = header.info
+                    if info is not None and not info.format.is_twilio_native:
+                        raise TTSError(
+                            _NAME,
+                            f"answered part {index + 1} as {info.format}, not the μ-law 8 kHz "
+                            "asked for",
+                            retryable=False,
+                        )
+                    if payload:
+                        yield payload
+            if tail := header.flush():  # an answer under 4 bytes that began like "RIFF"
+                yield tail
 
     def warm_up(self) -> None:
         """Open a pooled connection now, in the background, so the call's first request finds

@@ -197,6 +197,13 @@ class FakeDeepgram:
         """Next REST responses send ``n_bytes`` of audio, then drop the connection."""
         self._faults.append(Fault("cut", count, n_bytes=n_bytes))
 
+    def answer_in_wav(
+        self, encoding: str = "", sample_rate: int = 0, *, count: int | None = 1
+    ) -> None:
+        """Answer the next REST requests in a WAV container whatever ``container`` asked (a
+        Deepgram ignoring ``container=none``), in ``encoding``/``sample_rate`` when given."""
+        self._faults.append(Fault("wav", count, reason=encoding, n_bytes=sample_rate))
+
     def refuse_ws(
         self, status: int, body: dict[str, Any] | None = None, *, count: int | None = 1
     ) -> None:
@@ -288,6 +295,8 @@ class FakeDeepgram:
             error = {"err_code": reject.code, "err_msg": reject.message, "request_id": rid}
             return JSONResponse(error, reject.status, {"dg-request-id": rid})
         record.status = 200
+        if (wav := take(self._faults, "wav")) is not None:
+            encoding, rate, container = wav.reason or encoding, wav.n_bytes or rate, "wav"
         headers = {
             "content-type": "audio/wav" if container == "wav" else RAW_CONTENT_TYPES[encoding],
             "dg-request-id": rid,
