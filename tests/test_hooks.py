@@ -101,3 +101,23 @@ async def test_handlers_get_the_call_and_errors_do_not_end_it() -> None:
     )
     assert seen == ["Ada", "played"]
     assert played.rstrip(b"\xff") == tone_for("Hello Ada.", PACE)
+
+
+async def test_a_digit_during_a_waiting_on_start_is_handled_once_on_start_returns() -> None:
+    """A call's handlers run one at a time, in event order: the digit pressed while on_start
+    waits for its greeting to be heard reaches on_dtmf after on_start, never alongside it."""
+    hooks = CallHooks()
+    order: list[str] = []
+
+    @hooks.on_start
+    async def greet(call: Call) -> None:
+        order.append("start")
+        await call.say("A greeting that takes a while to say.", wait=True)
+        order.append("start done")
+
+    @hooks.on_dtmf
+    async def pressed(call: Call, digit: str) -> None:
+        order.append(f"digit {digit}")
+
+    await run_call(hooks, Settings(validate_signatures=False), dtmf=[(0.3, "5")], quiet_seconds=0.3)
+    assert order == ["start", "start done", "digit 5"]

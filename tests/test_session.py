@@ -965,3 +965,29 @@ async def test_a_voice_failing_with_an_unexpected_error_fails_that_speech_only(
         assert h.marks() == [f"g0.u{after.id}.s0"]
     assert "speech.failed" in h.types()
     assert "synthesising utterance 1 failed" in caplog.text
+
+
+async def test_protocol_error_labels_never_carry_text_from_the_message() -> None:
+    """Each distinct label is a time series kept for good: an event name or size a caller
+    invents must not make a new one."""
+    async with Harness(greeting=None, max_message_bytes=2000) as h:
+        await h.start_idle()
+        for n in range(20):
+            h.transport.push(f'{{"event": "made-up-{n}", "streamSid": "MZtest"}}')
+            h.transport.push("x" * (2001 + n))
+        h.transport.push("{not json")
+        h.transport.push(Mark(30, SID, "never-sent").to_json())
+        await asyncio.sleep(0.05)
+        assert h.session.rejected == 42
+    samples = [
+        (sample.labels["reason"], sample.value)
+        for metric in h.metrics.protocol_errors.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    ]
+    assert sorted(samples) == [
+        ("malformed", 1.0),
+        ("mark", 1.0),
+        ("too_large", 20.0),
+        ("unknown_event", 20.0),
+    ]

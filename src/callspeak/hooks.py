@@ -13,9 +13,14 @@
 
     app = create_app(settings, hooks=hooks)   # or: callspeak serve --hooks mymodule:hooks
 
-Each handler runs as a task owned by the call (cancelled when the call ends; an exception is
-logged and does not end the call). Handlers of one event run in registration order, one after
-another; handlers of different events may overlap. When any ``on_start`` handler is registered,
+A call's handlers run one at a time, in the order of their events (and, for one event, of
+registration), in a task owned by the call: cancelled when the call ends; an exception is logged
+and does not end the call. So no two handlers of a call ever race on its state — and a handler
+that waits (``say(..., wait=True)``, a slow request) holds the events after it: a digit pressed
+while ``on_start`` waits for its menu to be heard reaches ``on_dtmf`` only once ``on_start``
+returns. Say a menu without waiting, as above, for digits to be handled while it plays
+(``CALLSPEAK_INTERRUPT_DIGITS`` stops the speech itself at once either way). At most 64 events
+wait; beyond that they are dropped with a warning. When any ``on_start`` handler is registered,
 the server does not speak its greeting or the ``say`` parameter: the handler decides.
 """
 

@@ -157,6 +157,23 @@ _SOCKET_CLOSED = -3
 _Production = tuple[asyncio.Queue[tuple[int, bytes | None]], "asyncio.Task[None]"]
 
 
+#: Events Twilio sends: the only event names a metric label may carry.
+_TWILIO_EVENTS = frozenset(("connected", "start", "media", "mark", "dtmf", "stop"))
+
+
+def _error_kind(reason: str, event: str | None) -> str:
+    """The ``callspeak_protocol_errors`` label for a message refused for ``reason``: the name of
+    the Twilio event it was, or one of a few fixed kinds — never text from the message, since
+    every distinct label is a time series the registry keeps for good."""
+    if event is not None:
+        return event if event in _TWILIO_EVENTS else "unknown_event"
+    if reason.startswith("binary frame"):
+        return "binary_frame"
+    if reason.startswith("message of "):
+        return "too_large"
+    return "malformed"
+
+
 class CallSession:
     def __init__(
         self,
@@ -623,8 +640,7 @@ class CallSession:
 
     def _reject(self, reason: str, event: str | None) -> None:
         self.rejected += 1
-        kind = reason.split(":")[0].split(" (")[0][:60]
-        self._metrics.protocol_errors.labels(kind if event is None else event).inc()
+        self._metrics.protocol_errors.labels(_error_kind(reason, event)).inc()
         log.warning("ignored inbound message: %s", reason, extra=self._ids())
 
     def _on_mark(self, name: str, *, played: bool) -> None:
