@@ -261,8 +261,12 @@ async def test_events_arrive_in_order_and_end_with_call_stopped(api: Api) -> Non
             async with asyncio.timeout(5):
                 events = await read_events(stream)
         await call
-    # Exactly what the call emitted, in its order, with ids counting from 1.
-    assert [data for _, _, data in events] == [r.to_dict() for r in direct]
+    # call.started first (emitted before the call could be found), then exactly what the call
+    # emitted, in its order, with ids counting from 1.
+    assert session.started_event is not None
+    expected = [session.started_event.to_dict()] + [r.to_dict() for r in direct]
+    assert [data for _, _, data in events] == expected
+    assert events[0][1] == "call.started"
     assert [i for i, _, _ in events] == list(range(1, len(events) + 1))
     assert [kind for _, kind, data in events] == [data["type"] for _, _, data in events]
     times = [data["timestamp"] for _, _, data in events]

@@ -339,7 +339,9 @@ class _ControlApi:
                 f"call {session.call_sid} already has {count} event subscribers",
             )
         # Subscribe before answering: once the client has the headers, no event is missed.
-        subscription = EventSubscription(session, limit=self.queue_limit)
+        subscription = EventSubscription(
+            session, limit=self.queue_limit, first=session.started_event
+        )
         self._subscribers[session] = count + 1
         sid = session.call_sid
 

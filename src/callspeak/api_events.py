@@ -53,13 +53,23 @@ class EventSubscription:
     """One reader of one call's events. Subscribes on construction; :meth:`close` (idempotent,
     also run when :meth:`frames` ends or is closed) unsubscribes."""
 
-    def __init__(self, source: EventSource, *, limit: int = DEFAULT_QUEUE_LIMIT) -> None:
+    def __init__(
+        self,
+        source: EventSource,
+        *,
+        limit: int = DEFAULT_QUEUE_LIMIT,
+        first: CallEventRecord | None = None,
+    ) -> None:
+        """``first``: an event emitted before this subscription, shown ahead of the rest (the
+        call's ``call.started``, emitted before the call could be found)."""
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self._source = source
         self._limit = limit
         # One slot more than the limit, so the overflow marker (None) always fits.
         self._queue: asyncio.Queue[CallEventRecord | None] = asyncio.Queue(limit + 1)
+        if first is not None:
+            self._queue.put_nowait(first)
         self.overflowed = False
         self.closed = False
         source.add_listener(self._on_event)

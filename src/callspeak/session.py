@@ -206,6 +206,9 @@ class CallSession:
         self._last_inbound = self._clock.now()
         #: Why the server ended the stream itself ("idle timeout", a refusal…), or None.
         self.closed_because: str | None = None
+        #: The ``call.started`` event once emitted: emitted before the call can be looked up by
+        #: its callSid, it is what a later event subscriber is shown first.
+        self.started_event: CallEventRecord | None = None
         self._pacer = Pacer(max_lead)
         #: Frames the sender waits to have room for: a whole message, or what max_lead holds
         #: when that is less (room for more never comes). 1e-9: 0.06 / 0.02 is 2.99999…
@@ -606,7 +609,7 @@ class CallSession:
             extra=self._ids(),
         )
         self._speaker = asyncio.create_task(self._speak_loop(), name=f"speaker-{start.call_sid}")
-        self._emit("call.started", parameters=dict(start.custom_parameters))
+        self.started_event = self._emit("call.started", parameters=dict(start.custom_parameters))
         self._started.set()
         said = start.custom_parameters.get("say") if self._speak_parameter else None
         text = said or self._greeting
@@ -916,13 +919,14 @@ class CallSession:
         # Finished utterances are dropped so a long call does not grow without bound.
         self._utterances.pop(utterance.id, None)
 
-    def _emit(self, kind: EventType, **data: Any) -> None:
+    def _emit(self, kind: EventType, **data: Any) -> CallEventRecord:
         record = CallEventRecord(kind, self.call_sid, self.stream_sid, time.time(), data)
         for listener in list(self._listeners):
             try:
                 listener(record)
             except Exception:  # a broken listener must not break the call
                 log.exception("event listener failed", extra=self._ids())
+        return record
 
     def _ids(self) -> dict[str, str]:
         return {"call_sid": self.call_sid or "-", "stream_sid": self.stream_sid or "-"}
