@@ -67,6 +67,35 @@ async def test_cli_token_from_flag_or_environment(
         assert capsys.readouterr().out.strip() == "[]"
 
 
+async def test_cli_drops_spaces_around_the_token_as_the_server_does(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with api_server(api_token=f" {TOKEN} ") as api:
+        url = api.base_url
+        monkeypatch.setenv("CALLSPEAK_API_TOKEN", f" {TOKEN}\n")
+        assert await run_cli("calls", "--server", url) == 0
+        assert capsys.readouterr().out.strip() == "no live calls"
+        assert await run_cli("calls", "--server", url, "--token", f"  {TOKEN} ") == 0
+        assert capsys.readouterr().out.strip() == "no live calls"
+        assert await run_cli("calls", "--server", url, "--token", " \t ") == 1  # blank: none
+        assert "401 unauthorized: missing bearer token" in capsys.readouterr().err
+
+
+def test_client_sends_a_stripped_token_and_no_header_for_a_blank_one() -> None:
+    seen: list[httpx.Request] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"calls": []})
+
+    for token in (" t0k\n", "  "):
+        with ApiClient("http://x.test", token=token, transport=httpx.MockTransport(server)) as c:
+            assert c.calls() == []
+    stripped, blank = seen
+    assert stripped.headers["authorization"] == "Bearer t0k"
+    assert "authorization" not in blank.headers
+
+
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         cli.main(["say", "CA123"])  # no text

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
-from callspeak.cli import _build_parser, _settings_from, main, uvicorn_options
-from callspeak.config import Settings
+from callspeak.cli import _build_parser, _rest_client, _settings_from, main, uvicorn_options
+from callspeak.config import ConfigError, Settings
 from callspeak.emulator import DialOptions, dial
 from callspeak.server import create_app
 from callspeak.testing.asgi_server import serve_asgi
@@ -140,6 +141,65 @@ async def test_call_reports_twilio_refusals_and_missing_credentials(
     monkeypatch.delenv("TWILIO_AUTH_TOKEN")
     assert await asyncio.to_thread(main, argv) == 2
     assert "set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["call", "--to", "+15559870000", "--from", "+15551230000", "--url", "wss://h/twilio"],
+        ["end-call", "CA" + "0" * 32],
+    ],
+)
+def test_call_and_end_call_refuse_a_twilio_api_url_without_a_scheme_in_one_line(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT)
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("CALLSPEAK_TWILIO_API_URL", "api.twilio.com")
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(
+        "callspeak: invalid setting: twilio_api_url 'api.twilio.com' is not an absolute http(s) "
+        "URL with a host, e.g. https://api.twilio.com"
+    )
+
+
+def test_the_rest_client_turns_a_refused_base_url_into_a_config_error() -> None:
+    # Settings refuses such URLs first; should the two checks ever differ, still no traceback.
+    settings = Settings.model_construct(
+        twilio_account_sid=ACCOUNT, twilio_auth_token=SecretStr(TOKEN), twilio_api_url="h:1"
+    )
+    with pytest.raises(ConfigError, match=r"api_base_url 'h:1' .* \(CALLSPEAK_TWILIO_API_URL\)"):
+        _rest_client(settings)
+
+
+async def test_call_and_end_call_report_a_page_that_is_not_twilio_json_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    async def portal(request: object) -> HTMLResponse:
+        return HTMLResponse("<html><title>Sign in to Hotel Wi-Fi</title></html>")
+
+    app = Starlette(routes=[Route("/{path:path}", portal, methods=["POST"])])
+    async with serve_asgi(app) as url:
+        monkeypatch.setenv("TWILIO_ACCOUNT_SID", ACCOUNT)
+        monkeypatch.setenv("TWILIO_AUTH_TOKEN", TOKEN)
+        monkeypatch.setenv("CALLSPEAK_TWILIO_API_URL", url)
+        call = ["call", "--to", "+15559870000", "--from", "+15551230000", "--url", "wss://h/twilio"]
+        calls = f"{url}/2010-04-01/Accounts/{ACCOUNT}/Calls"
+        sid = "CA" + "0" * 32
+        for argv, uri in [(call, f"{calls}.json"), (["end-call", sid], f"{calls}/{sid}.json")]:
+            assert await asyncio.to_thread(main, argv) == 1
+            out, err = capsys.readouterr()
+            assert out == "" and err.count("\n") == 1
+            assert err.startswith(
+                f"callspeak: Twilio API HTTP 200: POST {uri} answered with something other than "
+                "Twilio's JSON (the body starts '<html><title>Sign in to Hotel Wi-Fi</title>"
+            )
 
 
 # -- serve's start-up checks and flags -----------------------------------------------------------

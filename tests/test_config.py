@@ -99,3 +99,31 @@ def test_api_token_is_stripped_and_a_blank_one_means_no_token() -> None:
     token = Settings(api_token=" abc \n").api_token
     assert token is not None and token.get_secret_value() == "abc"
     assert Settings(api_token=" \t ").api_token is None
+
+
+@pytest.mark.parametrize(
+    ("twilio_api_url", "message"),
+    [
+        ("api.twilio.com", "is not an absolute http.s. URL with a host"),
+        ("ftp://api.twilio.com", "is not an absolute http.s. URL with a host"),
+        ("https://", "is not an absolute http.s. URL with a host"),
+        ("https://api.twilio.com:abc", "is not a valid URL"),
+        ("https://[::1", "is not a valid URL"),
+        ("https://api.twilio.com:0", "port 0"),
+        ("https://api.twilio.com?x=1", "must not carry a query string or fragment"),
+        ("https://api.twilio.com#top", "must not carry a query string or fragment"),
+    ],
+)
+def test_a_twilio_api_url_the_rest_client_cannot_use_is_refused_up_front(
+    twilio_api_url: str, message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(twilio_api_url=twilio_api_url)
+
+
+def test_a_regional_or_prefixed_twilio_api_url_is_kept_without_its_trailing_slash() -> None:
+    regional = "https://api.dublin.ie1.twilio.com"
+    assert Settings(twilio_api_url=regional + "/").twilio_api_url == regional
+    assert Settings(twilio_api_url="http://127.0.0.1:9/fake/").twilio_api_url == (
+        "http://127.0.0.1:9/fake"
+    )

@@ -344,12 +344,75 @@ def test_problem_details_error_is_mapped() -> None:
     ]
 
 
-def test_error_without_json_body_is_mapped() -> None:
+def test_an_error_status_without_json_body_names_the_url_and_the_start_of_the_body() -> None:
     client = TwilioRestClient(
         TwilioCredentials(ACCOUNT, TOKEN), http_client=_CannedHttpClient(502, "Bad Gateway")
     )
     with pytest.raises(TwilioApiError) as caught:
         client.place_call(to="+1", from_="+2", twiml="<Response/>")
     assert (caught.value.status, caught.value.code) == (502, None)
-    assert caught.value.message == "Unable to create record"
+    url = f"https://api.twilio.com/2010-04-01/Accounts/{ACCOUNT}/Calls.json"
+    assert caught.value.message.startswith(
+        f"POST {url} answered with something other than Twilio's JSON "
+        "(the body starts 'Bad Gateway'): check the API base URL"
+    )
+    assert (caught.value.method, caught.value.uri) == ("POST", url)
     assert caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("body", "quoted"),
+    [
+        ("", "the body is empty"),
+        ("[]", "the body starts '[]'"),
+        ('"queued"', "the body starts '\"queued\"'"),
+        ("x" * 500, f"the body starts '{'x' * 120}'"),
+    ],
+)
+def test_a_2xx_reply_that_is_not_a_json_object_is_an_api_error(body: str, quoted: str) -> None:
+    client = TwilioRestClient(
+        TwilioCredentials(ACCOUNT, TOKEN), http_client=_CannedHttpClient(201, body)
+    )
+    with pytest.raises(TwilioApiError) as caught:
+        client.place_call(to="+1", from_="+2", twiml="<Response/>")
+    assert (caught.value.status, caught.value.code) == (201, None)
+    assert f"({quoted})" in caught.value.message
+    assert not caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [(200, {}), (302, {"Location": "http://portal.example/login"}), (503, {})],
+)
+async def test_an_html_page_instead_of_twilio_is_an_api_error_for_every_request(
+    status: int, headers: dict[str, str]
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    async def portal(request: Any) -> HTMLResponse:
+        page = "<html>\n  <title>Sign in to Hotel Wi-Fi</title>\n</html>"
+        return HTMLResponse(page, status_code=status, headers=headers)
+
+    app = Starlette(routes=[Route("/{path:path}", portal, methods=["GET", "POST"])])
+    async with serve_asgi(app) as url:
+        with TwilioRestClient(TwilioCredentials(ACCOUNT, TOKEN, api_base_url=url)) as client:
+            calls = f"{url}/2010-04-01/Accounts/{ACCOUNT}/Calls"
+            sid = "CA" + "0" * 32
+            for request, uri in [
+                (lambda: client.place_call(to="+1", from_="+2", twiml=TWIML), f"{calls}.json"),
+                (lambda: client.hangup(sid), f"{calls}/{sid}.json"),
+                (lambda: client.redirect(sid, TWIML), f"{calls}/{sid}.json"),
+            ]:
+                with pytest.raises(TwilioApiError) as caught:
+                    await asyncio.to_thread(request)
+                err = caught.value
+                assert (err.status, err.code, err.method, err.uri) == (status, None, "POST", uri)
+                assert str(err) == (
+                    f"Twilio API HTTP {status}: POST {uri} answered with something other than "
+                    "Twilio's JSON (the body starts '<html> <title>Sign in to Hotel Wi-Fi</title> "
+                    "</html>'): check the API base URL; a proxy or captive portal may be "
+                    "answering instead"
+                )
+                assert err.retryable is (status == 503)

@@ -49,6 +49,9 @@ class ApiClient:
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        # Surrounding spaces are dropped, as the server drops them from CALLSPEAK_API_TOKEN (a
+        # header value cannot carry them); a blank token means none.
+        token = token.strip() if token else None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._server = server.rstrip("/")
         try:

@@ -489,9 +489,11 @@ def _rest_client(settings: Settings) -> Any:
     token = settings.twilio_auth_token.get_secret_value() if settings.twilio_auth_token else ""
     if not settings.twilio_account_sid or not token:
         raise ConfigError("set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN to use Twilio's REST API")
-    return TwilioRestClient(
-        TwilioCredentials(settings.twilio_account_sid, token, settings.twilio_api_url)
-    )
+    try:
+        credentials = TwilioCredentials(settings.twilio_account_sid, token, settings.twilio_api_url)
+    except ValueError as exc:  # Settings checks the URL too; never let this be a traceback
+        raise ConfigError(f"{exc} (CALLSPEAK_TWILIO_API_URL)") from exc
+    return TwilioRestClient(credentials)
 
 
 def _call(args: argparse.Namespace) -> int:

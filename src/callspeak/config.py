@@ -172,9 +172,32 @@ class Settings(BaseSettings):
             raise ValueError(f"public_url {value!r} has port 0: give a port from 1 to 65535")
         return value.rstrip("/")
 
-    @field_validator("deepgram_url", "deepgram_ws_url", "twilio_api_url")
+    @field_validator("deepgram_url", "deepgram_ws_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("twilio_api_url")
+    @classmethod
+    def _check_twilio_api_url(cls, value: str) -> str:
+        # At least TwilioCredentials' rule for api_base_url, checked here so `callspeak call` and
+        # `end-call` refuse a bad CALLSPEAK_TWILIO_API_URL as a setting, before any request.
+        example = "e.g. https://api.twilio.com"
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError as exc:  # "https://h:abc", "https://h:99999", "https://[::1"
+            raise ValueError(
+                f"twilio_api_url {value!r} is not a valid URL ({exc}), {example}"
+            ) from None
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(
+                f"twilio_api_url {value!r} is not an absolute http(s) URL with a host, {example}"
+            )
+        if port == 0:
+            raise ValueError(f"twilio_api_url {value!r} has port 0: give a port from 1 to 65535")
+        if parts.query or parts.fragment or value.endswith(("?", "#")):
+            raise ValueError(f"twilio_api_url {value!r} must not carry a query string or fragment")
         return value.rstrip("/")
 
     @field_validator("interrupt_digits")

@@ -3,7 +3,9 @@
 A thin wrapper over the ``twilio`` package's ``Client``, which is synchronous (``requests``). The
 CLI calls it directly; async code must call it with ``asyncio.to_thread`` so a slow Twilio never
 blocks the event loop. Each method is one HTTP request with a timeout; nothing is retried here
-(``TwilioApiError.retryable`` tells the caller whether retrying could help).
+(``TwilioApiError.retryable`` tells the caller whether retrying could help). Twilio answers every
+request made here with a JSON object; any other reply (a proxy's or captive portal's HTML page, a
+wrong base URL) is a :class:`TwilioApiError` naming the URL, the status and the start of the body.
 
 The API base URL is configurable (:attr:`TwilioCredentials.api_base_url`) so tests and the local
 emulator can point the client at :class:`callspeak.testing.fake_twilio_rest.FakeTwilioRest`.
@@ -16,6 +18,7 @@ https://www.twilio.com/docs/voice/api/call-resource
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -79,10 +82,11 @@ class TwilioError(Exception):
 
 
 class TwilioApiError(TwilioError):
-    """Twilio answered with an error status.
+    """Twilio answered with an error status, or something answered that is not Twilio's JSON.
 
     ``status`` is the HTTP status, ``code`` Twilio's error code (https://www.twilio.com/docs/errors/
-    + code) when it gave one, ``message`` its explanation.
+    + code) when it gave one, ``message`` its explanation (for a reply that is not Twilio's JSON,
+    the URL and the start of the body).
     """
 
     def __init__(
@@ -132,7 +136,7 @@ class TwilioRestClient:
             username=credentials.account_sid,
             password=credentials.auth_token,
             account_sid=credentials.account_sid,
-            http_client=self._http_client,
+            http_client=_JsonOnlyHttpClient(self._http_client),
         )
         # ClientBase.get_hostname rewrites every request's host when edge or region is set, and
         # the constructor reads both from os.environ; the base URL below must be used verbatim.
@@ -157,7 +161,8 @@ class TwilioRestClient:
         ``status_callback_events`` are sent only with a ``status_callback`` URL. Raises
         :class:`callspeak.twiml.TwiMLError` for TwiML over :data:`MAX_TWIML_LENGTH` characters,
         :class:`ValueError` for an unknown status event, :class:`TwilioApiError` when Twilio refuses
-        and :class:`TwilioConnectionError` when it cannot be reached.
+        (or the reply is not Twilio's JSON) and :class:`TwilioConnectionError` when it cannot be
+        reached.
         """
         _check_twiml(twiml)
         unknown = [e for e in status_callback_events if e not in CALL_STATUS_EVENTS]
@@ -217,6 +222,45 @@ class TwilioRestClient:
             ) from exc
         except OSError as exc:  # every requests.RequestException is an OSError
             raise TwilioConnectionError(f"could not reach Twilio: {exc}") from exc
+
+
+class _JsonOnlyHttpClient(HttpClient):  # type: ignore[misc]
+    """Passes requests to ``inner``; raises :class:`TwilioApiError` for a reply that is not a JSON
+    object, before the twilio package parses it.
+
+    The package would raise ``json.JSONDecodeError`` for a 2xx reply that is not JSON, and turn a
+    non-2xx one into a bare "Unable to create record" without the body that explains it.
+    """
+
+    def __init__(self, inner: HttpClient) -> None:
+        super().__init__(inner.logger, inner.is_async, inner.timeout)
+        self._inner = inner
+
+    def request(self, method: str, uri: str, **kwargs: Any) -> Any:
+        response = self._inner.request(method, uri, **kwargs)
+        if response.status_code == 204:  # No Content (a DELETE): nothing to parse
+            return response
+        text = response.text or ""
+        try:
+            is_object = isinstance(json.loads(text), dict)
+        except ValueError:  # json.JSONDecodeError, or bytes that are not UTF-8
+            is_object = False
+        if not is_object:
+            start = " ".join(text.split())[:_BODY_START]
+            body = f"the body starts {start!r}" if start else "the body is empty"
+            raise TwilioApiError(
+                response.status_code,
+                None,
+                f"{method} {uri} answered with something other than Twilio's JSON ({body}): "
+                "check the API base URL; a proxy or captive portal may be answering instead",
+                method=method,
+                uri=uri,
+            )
+        return response
+
+
+_BODY_START: Final = 120
+"""Characters of a reply that is not Twilio's JSON quoted in the error."""
 
 
 def _strip_prefix(message: str) -> str:
