@@ -188,6 +188,17 @@ async def test_an_answer_in_other_audio_than_asked_fails_for_the_fallback(
     assert not info.value.retryable  # asking again would get the same: the next voice speaks
 
 
+async def test_an_answer_with_no_audio_is_a_failure_not_silence(
+    service: DeepgramRestService, fake: FakeDeepgram
+) -> None:
+    """200 with an empty body: retryable, so it is asked again, then the next voice speaks."""
+    fake.fail_next(200, b"")
+    with pytest.raises(TTSError, match="answered 200 with no audio") as info:
+        await collect(service.open().stream("Hi."))
+    assert info.value.retryable
+    assert await collect(service.open().stream("Hi.")) == fake.audio_for("Hi.")
+
+
 async def test_abandoned_streams_release_connections(base: str, fake: FakeDeepgram) -> None:
     fake.bytes_per_second = 8000  # real time: bodies would take seconds to finish
     service = DeepgramRestService("test-key", base_url=base, max_connections=2, connect_timeout=1.0)

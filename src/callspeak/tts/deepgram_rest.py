@@ -345,6 +345,8 @@ class DeepgramRestProvider:
                     yield audio
                     self._check_open()
                     when = loop.time() + service.stall_timeout
+                if received == 0:  # a 200 with nothing to play: the caller would hear silence
+                    raise self._error("answered 200 with no audio")
             finally:
                 self._deadline = None
         except aiohttp.ServerTimeoutError as exc:  # aiohttp's connect timeout: a TimeoutError too
