@@ -873,6 +873,18 @@ async def test_a_stream_waits_for_its_socket_twice_connect_timeout_at_most(
     await provider.aclose()
 
 
+async def test_a_flush_answered_with_no_audio_is_a_failure_not_silence(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    provider = make(ws_url).open()
+    fake.ws_silent()
+    with pytest.raises(TTSError, match="flushed with no audio") as info:
+        await collect(provider.stream("Hi."))
+    assert info.value.retryable  # asked again once, then the next voice speaks
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    await provider.aclose()
+
+
 async def test_an_answer_with_no_address_reached_is_looked_up_again(
     ws_url: str, fake: FakeDeepgram, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -548,6 +548,7 @@ class DeepgramWebSocketProvider:
     async def _receive(self, ws: ClientConnection) -> AsyncIterator[bytes]:
         loop, timeout = asyncio.get_running_loop(), self._svc.receive_timeout
         when = loop.time() + timeout
+        heard = False
         while not self._interrupted:
             try:
                 message = await self._recv(ws, when)
@@ -564,10 +565,12 @@ class DeepgramWebSocketProvider:
                 ) from None
             if isinstance(message, bytes):
                 if message:
-                    when = loop.time() + timeout
+                    when, heard = loop.time() + timeout, True
                     yield message
             elif (kind := self._handle_event(message)) == "Flushed":
                 self._in_utterance = False
+                if not heard:  # the caller would hear silence for this text
+                    raise self._error("flushed with no audio")
                 return
             elif kind == _FLUSH_IGNORED:  # no Flushed will come; stream()'s Clear drops the text
                 raise TTSError(

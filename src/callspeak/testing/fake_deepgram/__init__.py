@@ -227,6 +227,10 @@ class FakeDeepgram:
         """The next flushes produce neither audio nor ``Flushed`` (until a Clear or a close)."""
         self._faults.append(Fault("ws_stall", count))
 
+    def ws_silent(self, *, count: int | None = 1) -> None:
+        """Answer the next flushes with ``Flushed`` and no audio."""
+        self._faults.append(Fault("ws_silent", count))
+
     def ws_warn(
         self, description: str, code: str = "FAKE_WARNING", *, count: int | None = 1
     ) -> None:

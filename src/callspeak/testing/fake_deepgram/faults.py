@@ -19,7 +19,8 @@ class Fault:
 
     ``fail``/``refuse``: ``status``, ``body``, ``content_type``. ``stall``/``cut``/``ws_close``:
     ``n_bytes`` of audio first. ``ws_close``/``ws_close_flushed``: close ``code`` and ``reason``.
-    ``ws_warn``: ``body`` is the description and ``reason`` the warning code. ``ws_stall``: none.
+    ``ws_warn``: ``body`` is the description and ``reason`` the warning code.
+    ``ws_stall``, ``ws_silent``: none.
     ``wav``: ``reason`` an encoding and ``n_bytes`` a sample rate to answer in instead ("", 0: as
     asked).
     """

@@ -159,7 +159,9 @@ class WebSocketSession:
             return True
         fake = self.fake
         fake.arrivals[text] = arrived
-        fault = take(self.faults, "ws_close", "ws_stall", "ws_warn", "ws_close_flushed")
+        fault = take(
+            self.faults, "ws_close", "ws_stall", "ws_warn", "ws_close_flushed", "ws_silent"
+        )
         if fault is not None and fault.kind == "ws_warn":
             await self.ws.send_text(
                 _json({"type": "Warning", "description": fault.body.decode(), "code": fault.reason})
@@ -170,7 +172,8 @@ class WebSocketSession:
                 async with asyncio.timeout(fake.stall_limit):
                     await self.woken.wait()
             return True
-        audio = synthesize(text, self.encoding, self.rate) if text.strip() else b""
+        silent = not text.strip() or (fault is not None and fault.kind == "ws_silent")
+        audio = b"" if silent else synthesize(text, self.encoding, self.rate)
         closing = fault is not None and fault.kind == "ws_close"
         limit = min(fault.n_bytes, len(audio)) if fault is not None and closing else len(audio)
         await fake.hold_first_byte(arrived)
