@@ -164,6 +164,7 @@ def test_dial_reports_a_wav_it_cannot_write_after_the_call(served: int, tmp_path
     )
     assert result.returncode == 1
     assert "time to first audio" in result.stdout  # the call itself went through
-    # Python 3.11's wave module may add an "Exception ignored in Wave_write.__del__" notice.
-    assert result.stderr.startswith("callspeak: cannot write --wav")
-    assert "No such file or directory" in result.stderr.splitlines()[0]
+    # (Under PYTHONASYNCIODEBUG, as make test runs, asyncio's slow-callback lines come first.)
+    assert "callspeak: cannot write --wav" in result.stderr
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
+    assert "No such file or directory" in result.stderr

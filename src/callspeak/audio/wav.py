@@ -212,8 +212,11 @@ class WavHeaderStripper:
 
 
 def write_wav(path: str | os.PathLike[str], mulaw: bytes, *, sample_rate: int = 8000) -> None:
-    """Write μ-law audio to ``path`` as a mono 16-bit PCM WAV (playable everywhere)."""
-    with wave.open(os.fspath(path), "wb") as out:
+    """Write μ-law audio to ``path`` as a mono 16-bit PCM WAV (playable everywhere). Raises
+    :class:`OSError` when ``path`` cannot be written."""
+    # The file is opened first: wave.open(path) failing to open it leaves a half-made writer
+    # whose __del__ prints an AttributeError ("Exception ignored …") on Python 3.11.
+    with open(path, "wb") as file, wave.open(file, "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
         out.setframerate(sample_rate)
