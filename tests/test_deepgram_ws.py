@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.datastructures import Headers
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
+from websockets.frames import Close
 from websockets.http11 import Response
 
 from callspeak.testing.fake_deepgram import FakeDeepgram
@@ -870,6 +871,40 @@ async def test_a_stream_waits_for_its_socket_twice_connect_timeout_at_most(
         await collect(provider.stream("Hi."))
     assert not raised.value.retryable
     assert len(dialled) == 2  # four without the budget
+    await provider.aclose()
+
+
+async def test_a_reconnect_while_sending_text_waits_within_the_same_bound(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """The socket turns out closed as the second text is sent, and every address then hangs:
+    that reconnect, too, gives up after twice ``connect_timeout``."""
+    dials = 0
+
+    async def first_then_hang(url: str, **kwargs: Any) -> ClientConnection:
+        nonlocal dials
+        dials += 1
+        if dials == 1:
+            ws = await connect(url, **kwargs)
+            send = ws.send
+
+            async def closed_on_the_second_text(message: Any, **kw: Any) -> None:
+                if '"Speak"' in message and "Second" in message:
+                    raise ConnectionClosedError(Close(1011, "gone"), None)
+                await send(message, **kw)
+
+            ws.send = closed_on_the_second_text  # type: ignore[method-assign]
+            return ws
+        async with asyncio.timeout(kwargs["open_timeout"]):  # a hung address, as websockets does
+            await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    # Attempts hang 0.2 s each, 0.1 s apart: the third is under way when the bound (0.4 s) ends it.
+    provider = make(ws_url, connect=first_then_hang, connect_timeout=0.2, backoff=0.1).open()
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    with pytest.raises(TTSError, match="no connection within 0.4 s"):
+        await collect(provider.stream("Second."))
+    assert dials == 3  # 1 + 4 attempts without the bound
     await provider.aclose()
 
 

@@ -314,11 +314,12 @@ async def test_when_every_voice_fails_an_utterance_hears_the_apology_once() -> N
         [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"SORRY"
     )
     provider = chain.open()
-    heard = b""
-    for index, sentence in enumerate(["One sentence.", "Another one.", "The last sentence."]):
-        stream = provider.stream(sentence, continuation=index > 0)  # as the session asks
-        heard += b"".join([chunk async for chunk in stream])
-    assert heard == b"SORRY"
+    assert b"".join([c async for c in provider.stream("One sentence.")]) == b"SORRY"
+    # The utterance's next sentence fails outright: it is not heard, and not apologised for.
+    with pytest.raises(TTSError, match="every voice failed earlier") as info:
+        async for _ in provider.stream("Another one.", continuation=True):
+            pass
+    assert not info.value.retryable
     assert b"".join([c async for c in provider.stream("A new utterance.")]) == b"SORRY"
 
 

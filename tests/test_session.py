@@ -28,7 +28,15 @@ from callspeak.protocol import (
 from callspeak.session import CallSession, SessionClosed, SpeechQueueFull, TextTooLong
 from callspeak.speech import HeardRecord, SpeechStatus
 from callspeak.tasks import EAGER_START
-from tests.fakes import DirectTransport, FakeProvider, FakeTransport, InstantClock, tone_for
+from callspeak.tts.fallback import FallbackService
+from tests.fakes import (
+    DirectTransport,
+    FakeProvider,
+    FakeService,
+    FakeTransport,
+    InstantClock,
+    tone_for,
+)
 
 SID = StreamSid("MZtest")
 
@@ -991,3 +999,16 @@ async def test_protocol_error_labels_never_carry_text_from_the_message() -> None
         ("too_large", 20.0),
         ("unknown_event", 20.0),
     ]
+
+
+async def test_an_utterance_every_voice_failed_hears_the_apology_once_and_ends_failed() -> None:
+    """Its later sentences are not spoken — and not reported heard either."""
+    chain = FallbackService(
+        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 1600
+    )
+    async with Harness(chain.open(), greeting=None) as h:  # type: ignore[arg-type]
+        await h.start_idle()
+        utterance = h.session.say("One sentence. Another one. The last sentence.")
+        assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.FAILED
+        assert h.audio() == b"\x01" * 1600 and h.marks() == ["g0.u1.s0"]
+    assert "speech.heard" not in h.types() and "speech.failed" in h.types()

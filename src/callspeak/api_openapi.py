@@ -42,7 +42,8 @@ def _json(name: str, description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     text = {
         401: "Missing or wrong bearer token (a token is configured).",
-        403: "No token is configured and the client is not on loopback.",
+        403: "No token is configured, and the client is not on loopback or asked for a host "
+        "other than loopback (as through a proxy or tunnel).",
         404: "No live call with this callSid (code unknown_call).",
         409: "The call has ended (code call_ended).",
         413: "The body is far larger than any valid request (code body_too_large).",

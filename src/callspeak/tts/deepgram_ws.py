@@ -524,7 +524,7 @@ class DeepgramWebSocketProvider:
                 await self._drop()
                 if retry:
                     raise self._error("socket closed while sending text") from None
-                ws = await self._connect()
+                ws = await self._connected()  # within the same bound as any wait for a socket
                 continue
             except TimeoutError:
                 await self._drop()

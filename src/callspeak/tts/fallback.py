@@ -12,7 +12,8 @@ sentence by sentence) its provider tries the engines in order:
 * an engine failing with anything but a :class:`TTSError` (a bug, an engine's own exception, audio
   the converter refuses) is treated as a failure that is not retried;
 * when every engine has failed, the pre-rendered apology is yielded instead — once an utterance:
-  its later sentences are then skipped, not apologised for again.
+  its later sentences then raise a :class:`TTSError` (not retryable), so the utterance ends
+  failed rather than heard, and the caller is not apologised to again.
 
 A WAV header at the start of an engine's answer is stripped per answer (per attempt), so a retry
 or the next voice starts clean, and an attempt counts as having yielded audio only once audio
@@ -126,8 +127,10 @@ class _FallbackProvider:
     ) -> AsyncIterator[bytes]:
         if not continuation:
             self._first, self._apologised = 0, False  # a new utterance tries the preferred voice
-        elif self._apologised:
-            return  # every voice failed this utterance, and the caller was told so once
+        elif self._apologised:  # every voice failed this utterance; the caller was told once
+            raise TTSError(
+                "fallback", "every voice failed earlier in this utterance", retryable=False
+            )
         failures: list[TTSError] = []
         for index in range(self._first, len(self._chain)):
             service, provider = self._chain[index]
