@@ -197,6 +197,8 @@ async def test_an_answer_with_no_audio_is_a_failure_not_silence(
         await collect(service.open().stream("Hi."))
     assert info.value.retryable
     assert await collect(service.open().stream("Hi.")) == fake.audio_for("Hi.")
+    fake.fail_next(200, b"")
+    assert await collect(service.open().stream("...")) == b""  # nothing to say, rightly silent
 
 
 async def test_abandoned_streams_release_connections(base: str, fake: FakeDeepgram) -> None:

@@ -917,6 +917,8 @@ async def test_a_flush_answered_with_no_audio_is_a_failure_not_silence(
         await collect(provider.stream("Hi."))
     assert info.value.retryable  # asked again once, then the next voice speaks
     assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    fake.ws_silent()
+    assert await collect(provider.stream("—")) == b""  # a dash: nothing to say
     await provider.aclose()
 
 

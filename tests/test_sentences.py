@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from callspeak.tts.sentences import chunk_text, split_sentences
+from callspeak.tts.sentences import chunk_text, has_words, split_sentences
 
 
 @pytest.mark.parametrize(
@@ -60,3 +60,8 @@ def test_chunk_of_2000_limit_keeps_text() -> None:
 def test_chunk_rejects_a_useless_limit() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         chunk_text("hi", 0)
+
+
+def test_has_words_tells_text_to_say_from_punctuation_alone() -> None:
+    assert has_words("Hi.") and has_words("42") and has_words("Ça va ?")
+    assert not has_words("...") and not has_words("—") and not has_words(" !? ")

@@ -56,7 +56,7 @@ from callspeak.audio.wav import WavHeaderStripper
 from callspeak.tasks import start_task, wait_cancelled
 from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
-from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text
+from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text, has_words
 
 __all__ = ["DeepgramRestProvider", "DeepgramRestService"]
 
@@ -345,7 +345,7 @@ class DeepgramRestProvider:
                     yield audio
                     self._check_open()
                     when = loop.time() + service.stall_timeout
-                if received == 0:  # a 200 with nothing to play: the caller would hear silence
+                if received == 0 and has_words(text):  # the caller would hear silence
                     raise self._error("answered 200 with no audio")
             finally:
                 self._deadline = None

@@ -80,7 +80,7 @@ from callspeak.tts.resolved_host import (
     getaddrinfo_tcp,
     needs_lookup,
 )
-from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text
+from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text, has_words
 from callspeak.tts.ws_send_on_open import SendOnOpenConnection
 
 __all__ = [
@@ -232,7 +232,7 @@ class DeepgramWebSocketProvider:
                 if self._interrupted:
                     return
                 ws = await self._send_utterance(ws, chunks)
-            async for audio in self._receive(ws):
+            async for audio in self._receive(ws, expect_audio=has_words(text)):
                 yield audio
         finally:
             self._streaming, self._on_open, self._sent_on_open = False, [], None
@@ -545,7 +545,9 @@ class DeepgramWebSocketProvider:
         self._in_utterance = True
 
     # -- receiving -----------------------------------------------------------------------
-    async def _receive(self, ws: ClientConnection) -> AsyncIterator[bytes]:
+    async def _receive(self, ws: ClientConnection, *, expect_audio: bool) -> AsyncIterator[bytes]:
+        """The utterance's audio until its ``Flushed``; with ``expect_audio``, a ``Flushed``
+        before any audio is an error (the text has words: the caller would hear silence)."""
         loop, timeout = asyncio.get_running_loop(), self._svc.receive_timeout
         when = loop.time() + timeout
         heard = False
@@ -569,7 +571,7 @@ class DeepgramWebSocketProvider:
                     yield message
             elif (kind := self._handle_event(message)) == "Flushed":
                 self._in_utterance = False
-                if not heard:  # the caller would hear silence for this text
+                if expect_audio and not heard:  # the caller would hear silence for this text
                     raise self._error("flushed with no audio")
                 return
             elif kind == _FLUSH_IGNORED:  # no Flushed will come; stream()'s Clear drops the text

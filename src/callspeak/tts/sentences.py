@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["DEFAULT_CHUNK_LIMIT", "chunk_text", "split_sentences"]
+__all__ = ["DEFAULT_CHUNK_LIMIT", "chunk_text", "has_words", "split_sentences"]
 
 #: Deepgram's documented per-request (and per-``Speak``) character limit.
 DEFAULT_CHUNK_LIMIT = 2000
@@ -43,6 +43,12 @@ def _is_abbreviation(text: str, end: int) -> bool:
     if word.count(".") == 1 and word[:-1].lower() in _ABBREVIATIONS:
         return True
     return bool(_DOTTED.search(word))
+
+
+def has_words(text: str) -> bool:
+    """True when ``text`` has a letter or digit to say: a voice may rightly answer text of
+    punctuation, dashes or emoji alone ("...", "—") with no audio at all."""
+    return any(char.isalnum() for char in text)
 
 
 def split_sentences(text: str) -> list[str]:
