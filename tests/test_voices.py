@@ -35,6 +35,10 @@ def test_deepgram_rest_is_configured_from_the_settings() -> None:
 def test_deepgram_ws_and_missing_key() -> None:
     engine = make_engine(settings(deepgram_api_key="k"), "deepgram-ws")
     assert isinstance(engine, DeepgramWebSocketService)
+    assert (engine.receive_timeout, engine.connect_timeout) == (2.0, 2.5)  # the defaults
+    tuned = settings(deepgram_api_key="k", deepgram_connect_timeout=4.0)
+    engine = make_engine(tuned, "deepgram-ws")
+    assert isinstance(engine, DeepgramWebSocketService) and engine.connect_timeout == 4.0
     with pytest.raises(VoiceSetupError, match="DEEPGRAM_API_KEY"):
         make_engine(settings(), "deepgram")
 

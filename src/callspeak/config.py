@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     deepgram_stall_timeout: float = Field(
         1.5, gt=0, description="Seconds Deepgram may go silent mid-stream before we give up."
     )
+    deepgram_connect_timeout: float = Field(
+        2.5,
+        gt=0,
+        description="Seconds for one attempt to open the WebSocket voice's socket (TCP, TLS, "
+        "upgrade); a text waits twice that at most before the fallback voice speaks.",
+    )
     fallback: str = Field(
         "piper",
         description="Comma-separated voices to fall back to, in order, when the chosen one "
