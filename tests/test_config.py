@@ -106,7 +106,7 @@ def test_api_token_is_stripped_and_a_blank_one_means_no_token() -> None:
     [
         ("api.twilio.com", "is not an absolute http.s. URL with a host"),
         ("ftp://api.twilio.com", "is not an absolute http.s. URL with a host"),
-        ("https://", "is not an absolute http.s. URL with a host"),
+        ("https://", "names no host"),
         ("https://api.twilio.com:abc", "is not a valid URL"),
         ("https://[::1", "is not a valid URL"),
         ("https://api.twilio.com:0", "port 0"),

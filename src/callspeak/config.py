@@ -31,6 +31,32 @@ class ConfigError(ValueError):
     """Settings that are each valid but cannot serve together (the message says how to fix it)."""
 
 
+def _checked_url(name: str, value: str, schemes: str, example: str) -> str:
+    """``value`` without a trailing slash, or a ValueError naming setting ``name``: it must be an
+    absolute URL of ``schemes`` ("https" or "http(s)") with a host, a port from 1 to 65535 if it
+    gives one, and no query string or fragment."""
+    if "?" in value or "#" in value:
+        raise ValueError(f"{name} {value!r} must not carry a query string or fragment")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:  # "https://h:abc", "https://h:99999", "https://[::1"
+        raise ValueError(
+            f"{name} {value!r} is not a valid URL ({exc}): give a host and optionally a port "
+            f"from 1 to 65535, {example}"
+        ) from None
+    allowed = ("https",) if schemes == "https" else ("https", "http")
+    if parts.scheme not in allowed:
+        raise ValueError(
+            f"{name} {value!r} is not an absolute {schemes} URL with a host, {example}"
+        )
+    if not parts.hostname:
+        raise ValueError(f"{name} {value!r} names no host, {example}")
+    if port == 0:
+        raise ValueError(f"{name} {value!r} has port 0: give a port from 1 to 65535")
+    return value.rstrip("/")
+
+
 class Settings(BaseSettings):
     """Everything a callspeak server can be told. See the README's configuration table."""
 
@@ -160,23 +186,7 @@ class Settings(BaseSettings):
                 "for local tests use e.g. https://127.0.0.1:5000, or leave it unset with "
                 "--no-validate-signatures"
             )
-        if "?" in value or "#" in value:
-            raise ValueError("public_url must not carry a query string or fragment")
-        try:
-            parts = urlsplit(value)
-            port = parts.port
-        except ValueError as exc:  # "https://h:abc", "https://h:99999", "https://[::1"
-            raise ValueError(
-                f"public_url {value!r} is not a valid URL ({exc}): give a host and optionally "
-                "a port from 1 to 65535"
-            ) from None
-        if not parts.hostname:
-            raise ValueError(
-                f"public_url {value!r} names no host: give e.g. https://example.ngrok.app"
-            )
-        if port == 0:
-            raise ValueError(f"public_url {value!r} has port 0: give a port from 1 to 65535")
-        return value.rstrip("/")
+        return _checked_url("public_url", value, "https", "e.g. https://example.ngrok.app")
 
     @field_validator("deepgram_url", "deepgram_ws_url")
     @classmethod
@@ -188,23 +198,7 @@ class Settings(BaseSettings):
     def _check_twilio_api_url(cls, value: str) -> str:
         # At least TwilioCredentials' rule for api_base_url, checked here so `callspeak call` and
         # `end-call` refuse a bad CALLSPEAK_TWILIO_API_URL as a setting, before any request.
-        example = "e.g. https://api.twilio.com"
-        try:
-            parts = urlsplit(value)
-            port = parts.port
-        except ValueError as exc:  # "https://h:abc", "https://h:99999", "https://[::1"
-            raise ValueError(
-                f"twilio_api_url {value!r} is not a valid URL ({exc}), {example}"
-            ) from None
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise ValueError(
-                f"twilio_api_url {value!r} is not an absolute http(s) URL with a host, {example}"
-            )
-        if port == 0:
-            raise ValueError(f"twilio_api_url {value!r} has port 0: give a port from 1 to 65535")
-        if parts.query or parts.fragment or value.endswith(("?", "#")):
-            raise ValueError(f"twilio_api_url {value!r} must not carry a query string or fragment")
-        return value.rstrip("/")
+        return _checked_url("twilio_api_url", value, "http(s)", "e.g. https://api.twilio.com")
 
     @field_validator("interrupt_digits")
     @classmethod
