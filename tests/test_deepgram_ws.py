@@ -558,30 +558,43 @@ async def test_closing_while_a_stream_waits_for_the_warm_up_gives_that_stream_a_
     assert not info.value.retryable
 
 
+class HeldConnect:
+    """A connect that dials only once ``go`` is set, counting the dials."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.dials = 0
+
+    async def __call__(self, url: str, **kwargs: Any) -> ClientConnection:
+        self.dials += 1
+        await self.go.wait()
+        return await connect(url, **kwargs)
+
+
+async def a_stream_waiting_for_the_warm_up(
+    ws_url: str,
+) -> tuple[HeldConnect, TTSProvider, asyncio.Task[bytes]]:
+    """A provider warming up on a held connect, and a stream of "Never said." waiting for it."""
+    held = HeldConnect()
+    provider = make(ws_url, connect=held).open()
+    provider.warm_up()
+    speaking = asyncio.create_task(collect(provider.stream("Never said.")))
+    await asyncio.sleep(0.05)
+    return held, provider, speaking
+
+
 async def test_a_stream_cancelled_while_the_warm_up_connects_leaves_the_socket_to_the_next(
     ws_url: str, fake: FakeDeepgram
 ) -> None:
     """A barge-in cancels the first stream while it waits for the warm-up's connect: the connect
     goes on, and the next stream speaks on its socket rather than opening another."""
-    go = asyncio.Event()
-    dials = 0
-
-    async def held_connect(url: str, **kwargs: Any) -> ClientConnection:
-        nonlocal dials
-        dials += 1
-        await go.wait()
-        return await connect(url, **kwargs)
-
-    provider = make(ws_url, connect=held_connect).open()
-    provider.warm_up()
-    speaking = asyncio.create_task(collect(provider.stream("Never said.")))
-    await asyncio.sleep(0.05)
+    held, provider, speaking = await a_stream_waiting_for_the_warm_up(ws_url)
     speaking.cancel()
     with pytest.raises(asyncio.CancelledError):
         await speaking
-    go.set()
+    held.go.set()
     assert await collect(provider.stream("Said.")) == fake.audio_for("Said.")
-    assert dials == 1 and fake.ws_connections == 1
+    assert held.dials == 1 and fake.ws_connections == 1
     assert [m.get("text") for m in fake.ws_messages if m["type"] == "Speak"] == ["Said."]
     await provider.aclose()
 
@@ -666,18 +679,9 @@ async def test_the_first_utterance_is_sent_as_the_socket_opens(
 async def test_a_stream_cleared_while_the_socket_opens_sends_nothing_on_it(
     ws_url: str, fake: FakeDeepgram
 ) -> None:
-    go = asyncio.Event()
-
-    async def held_connect(url: str, **kwargs: Any) -> ClientConnection:
-        await go.wait()
-        return await connect(url, **kwargs)
-
-    provider = make(ws_url, connect=held_connect).open()
-    provider.warm_up()
-    speaking = asyncio.create_task(collect(provider.stream("Never said.")))
-    await asyncio.sleep(0.05)
+    held, provider, speaking = await a_stream_waiting_for_the_warm_up(ws_url)
     await provider.clear()
-    go.set()
+    held.go.set()
     assert await speaking == b""
     assert await collect(provider.stream("Said.")) == fake.audio_for("Said.")
     assert [m.get("text") for m in fake.ws_messages if m["type"] == "Speak"] == ["Said."]
@@ -772,6 +776,19 @@ class CountingResolver:
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answer]
 
 
+async def address_order(service: DeepgramWebSocketService) -> list[str]:
+    """The addresses the next socket of ``service`` will try, in order."""
+    assert service.resolved_host is not None
+    return [info[4][0] for info in await service.resolved_host.addresses()]
+
+
+async def hang(open_timeout: float) -> None:
+    """A connect to a blackholed address: nothing answers until ``open_timeout``, as websockets'
+    ``connect()`` gives up."""
+    async with asyncio.timeout(open_timeout):
+        await asyncio.Event().wait()
+
+
 def named(ws_url: str) -> str:
     """``ws_url`` with a host name that only the injected resolver knows."""
     return ws_url.replace("127.0.0.1", "deepgram.callspeak.invalid")
@@ -802,11 +819,7 @@ async def test_an_address_that_refuses_is_skipped_for_the_next_one(
     provider = service.open()
     assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
     assert resolver.asked == 1
-    assert service.resolved_host is not None  # the refusing address was tried, and put last:
-    assert [info[4][0] for info in await service.resolved_host.addresses()] == [
-        "127.0.0.1",
-        "127.0.0.2",
-    ]
+    assert await address_order(service) == ["127.0.0.1", "127.0.0.2"]  # the refusing one last
     await provider.aclose()
 
 
@@ -821,8 +834,7 @@ async def test_an_address_that_hangs_is_tried_last_by_the_next_attempt(
     async def blackholed_first(url: str, *, host: str, **kwargs: Any) -> ClientConnection:
         dialled.append(host)
         if host == "192.0.2.1":
-            async with asyncio.timeout(kwargs["open_timeout"]):  # as websockets' connect() does
-                await asyncio.Event().wait()
+            await hang(kwargs["open_timeout"])
         return await connect(url, host=host, **kwargs)
 
     service = make(
@@ -835,11 +847,7 @@ async def test_an_address_that_hangs_is_tried_last_by_the_next_attempt(
     provider = service.open()
     assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
     assert dialled == ["192.0.2.1", "127.0.0.1"]
-    assert service.resolved_host is not None
-    assert [info[4][0] for info in await service.resolved_host.addresses()] == [
-        "127.0.0.1",
-        "192.0.2.1",
-    ]
+    assert await address_order(service) == ["127.0.0.1", "192.0.2.1"]
     await provider.aclose()
 
 
@@ -854,8 +862,7 @@ async def test_a_stream_waits_for_its_socket_twice_connect_timeout_at_most(
 
     async def hangs(url: str, *, host: str, **kwargs: Any) -> ClientConnection:
         dialled.append(host)
-        async with asyncio.timeout(kwargs["open_timeout"]):  # as websockets' connect() does
-            await asyncio.Event().wait()
+        await hang(kwargs["open_timeout"])
         raise AssertionError("unreachable")
 
     service = make(
@@ -895,8 +902,7 @@ async def test_a_reconnect_while_sending_text_waits_within_the_same_bound(
 
             ws.send = closed_on_the_second_text  # type: ignore[method-assign]
             return ws
-        async with asyncio.timeout(kwargs["open_timeout"]):  # a hung address, as websockets does
-            await asyncio.Event().wait()
+        await hang(kwargs["open_timeout"])
         raise AssertionError("unreachable")
 
     # Attempts hang 0.2 s each, 0.1 s apart: the third is under way when the bound (0.4 s) ends it.
