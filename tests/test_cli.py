@@ -126,6 +126,37 @@ def test_serve_refuses_a_public_url_twilio_cannot_use_in_one_line(
     assert err.startswith("callspeak: invalid setting: public_url") and message in err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--tts", "deepgram"], "the deepgram voice needs DEEPGRAM_API_KEY to be set"),
+        (["serve", "--tts", "deepgram-ws"], "needs DEEPGRAM_API_KEY"),
+        (["serve", "--piper-model", "/nonexistent/voice.onnx"], "is not a file"),
+        (["demo", "--tts", "deepgram"], "needs DEEPGRAM_API_KEY"),
+    ],
+)
+def test_a_voice_that_cannot_be_built_is_refused_in_one_line(
+    args: list[str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    assert main([*args, "--no-validate-signatures"] if args[0] == "serve" else args) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("callspeak: ") and message in err
+
+
+def test_a_settings_error_without_a_field_has_no_made_up_prefix(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    assert main(["serve", "--no-validate-signatures", "--certfile", "/tmp/cert.pem"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("callspeak: invalid setting: certfile and keyfile go together"), err
+
+
 def test_dial_reports_bad_input_in_one_line_with_a_usage_exit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -268,6 +268,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UsageError) as exc:
         print(f"callspeak: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:
+        # (Imported here: the voices pull numpy in, which the API commands do without.)
+        from callspeak.voices import VoiceSetupError
+
+        if not isinstance(exc, VoiceSetupError):
+            raise
+        print(f"callspeak: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command!r}")
@@ -278,7 +286,7 @@ def _one_line(exc: ValidationError) -> str:
     """The problems pydantic found, one line (no input values: they may be secrets)."""
     problems = []
     for error in exc.errors():
-        field = ".".join(map(str, error["loc"])) or "settings"
+        field = ".".join(map(str, error["loc"]))
         message = error["msg"].removeprefix("Value error, ")
         problems.append(message if message.startswith(field) else f"{field}: {message}")
     return "; ".join(problems)

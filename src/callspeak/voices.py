@@ -27,6 +27,11 @@ def make_engine(
         from callspeak.tts.piper import PiperService
 
         model = Path(settings.piper_model) if settings.piper_model else None
+        if model is not None and not model.is_file():  # found now, not in the server's start-up
+            raise VoiceSetupError(
+                f"piper_model {str(model)!r} is not a file: give a Piper .onnx voice, or leave "
+                "it unset for the embedded one"
+            )
         return PiperService(
             model,
             workers=settings.synth_workers or None,
