@@ -201,7 +201,8 @@ def run_api_command(
         with ApiClient(server, token=token or None, transport=transport) as client:
             if args.command == "calls":
                 calls = client.calls()
-                print(json.dumps(calls, indent=2) if args.json else _calls_table(calls), file=out)
+                listed = json.dumps({"calls": calls}, indent=2)  # as GET /calls answers
+                print(listed if args.json else _calls_table(calls), file=out)
                 return 0
             if args.command == "say":
                 result = client.say(

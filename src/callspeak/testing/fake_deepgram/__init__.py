@@ -393,11 +393,33 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m callspeak.testing.fake_deepgram",
         description="A fake Deepgram Aura server for tests/benches.",
     )
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--api-key", default="test-key")
-    parser.add_argument("--first-byte-delay", type=float, default=0.15)
-    parser.add_argument("--chunk-size", type=int, default=333)
-    parser.add_argument("--bytes-per-second", type=float, default=None)
+    parser.add_argument("--port", type=int, required=True, help="port to listen on")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--api-key",
+        default="test-key",
+        help="the key clients must send as DEEPGRAM_API_KEY (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--first-byte-delay",
+        type=float,
+        default=0.15,
+        help="seconds from a request (or Flush) to its first audio (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=333,
+        help="bytes of audio per chunk or frame sent (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--bytes-per-second",
+        type=float,
+        default=None,
+        help="pace the audio at this rate (default: as fast as it can; 8000 is real time)",
+    )
     args = parser.parse_args(argv)
     fake = FakeDeepgram(
         args.api_key,
@@ -409,6 +431,11 @@ def main(argv: list[str] | None = None) -> None:
     # another company's fleet: its own collector's passes would read as Deepgram being slow.
     freeze_startup_objects()
     collect_young_less_often()
-    uvicorn.run(
-        fake.app, host="127.0.0.1", port=args.port, log_level="warning", ws=fake.ws_protocol
+    # One line on what to point callspeak at (uvicorn's own lines are at warning level).
+    base = f"{args.host}:{args.port}"
+    print(
+        f"fake Deepgram starting: CALLSPEAK_DEEPGRAM_URL=http://{base} "
+        f"CALLSPEAK_DEEPGRAM_WS_URL=ws://{base} DEEPGRAM_API_KEY={args.api_key}",
+        flush=True,
     )
+    uvicorn.run(fake.app, host=args.host, port=args.port, log_level="warning", ws=fake.ws_protocol)
