@@ -236,3 +236,10 @@ async def test_call_tokens_from_voice_admit_one_stream_each(serve: Serve) -> Non
                 assert ws.close_reason == f"missing, unknown, expired or reused {TOKEN_PARAMETER}"
         assert sample(server, "callspeak_calls_refused_total", reason="token") == 2
         assert sample(server, "callspeak_calls_started_total") == 1
+        # The emulator says why the server ended the call, as `callspeak dial` prints it.
+        refused = await dial(DialOptions(url=server.ws_url, **signed))
+        assert refused.ended_by == "server" and refused.close_code == 1008
+        assert refused.timeline().endswith(
+            f"ended by server (close 1008 'missing, unknown, expired or reused {TOKEN_PARAMETER}')"
+        )
+        assert first.close_code == 1000 and "(close" not in first.timeline()

@@ -190,6 +190,8 @@ class EmulatedCall:
                 await receiver
             self.report.duration = self.elapsed()
             await self._hang_up()
+            self.report.close_code = self._ws.close_code
+            self.report.close_reason = self._ws.close_reason or ""
         return self.report
 
     # -- server -> caller ---------------------------------------------------------------

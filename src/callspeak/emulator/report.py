@@ -52,6 +52,9 @@ class CallReport:
     #: Per tick: bytes of real (server) audio played in it.
     played_per_tick: list[int] = field(default_factory=list)
     ended_by: str = ""
+    #: The WebSocket close code and reason the call ended with (whoever closed), once closed.
+    close_code: int | None = None
+    close_reason: str = ""
     duration: float = 0.0
 
     @property
@@ -96,6 +99,13 @@ class CallReport:
                 run_start, missing = None, 0
         return [g for g in gaps if g.seconds > min_seconds]
 
+    def _close(self) -> str:
+        """`` (close 1008 'reason')`` when the server ended the call with an unusual code."""
+        if self.ended_by != "server" or self.close_code in (None, 1000):
+            return ""
+        reason = f" {self.close_reason!r}" if self.close_reason else ""
+        return f" (close {self.close_code}{reason})"
+
     def write_wav(self, path: str | os.PathLike[str]) -> None:
         write_wav(path, bytes(self.heard))
 
@@ -123,6 +133,6 @@ class CallReport:
             f"summary: time to first audio {ttfa}; heard {self.seconds_heard:.2f} s of speech in "
             f"{self.duration:.2f} s; {len(gaps)} gaps (longest {longest * 1000:.0f} ms); "
             f"{len(self.marks)} marks; {len(self.clears)} clears; {len(self.warnings)} warnings; "
-            f"ended by {self.ended_by or 'unknown'}"
+            f"ended by {self.ended_by or 'unknown'}{self._close()}"
         )
         return "\n".join(lines)
