@@ -161,13 +161,13 @@ def _check_stream_url(url: str) -> None:
     if parts.scheme != "wss" or not parts.hostname:
         raise TwiMLError(
             f"stream URL {url!r} must start with wss:// and name a host: Twilio only opens "
-            "secure WebSockets for <Stream> (use stream_url_from_public with an https:// "
-            "public URL)"
+            "secure WebSockets for <Stream> (build it from the server's https:// public URL)"
         )
     if "?" in url or "#" in url:
         raise TwiMLError(
             f"stream URL {url!r} has a query string or fragment, which Twilio strips or "
-            "refuses; pass per-call data in `parameters` (<Parameter>) instead"
+            "refuses; pass per-call data as <Parameter>s instead (`parameters`; --param on the "
+            "command line)"
         )
 
 
