@@ -143,9 +143,24 @@ def test_a_voice_that_cannot_be_built_is_refused_in_one_line(
 ) -> None:
     monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
     monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
-    assert main([*args, "--no-validate-signatures"] if args[0] == "serve" else args) == 2
+    serving = [*args, "--no-validate-signatures", "--port", "0"]
+    assert main(serving if args[0] == "serve" else args) == 2
     err = one_line_error(capsys)
     assert err.startswith("callspeak: ") and message in err
+
+
+def test_a_port_in_use_is_refused_in_one_line_before_the_voice_loads(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    built: list[object] = []
+    monkeypatch.setattr("callspeak.server.create_app", lambda *a, **k: built.append(a))
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--no-validate-signatures", "--port", str(port)]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"callspeak: cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert built == []  # refused before the app (and its voice) was made
 
 
 def test_a_settings_error_without_a_field_has_no_made_up_prefix(
