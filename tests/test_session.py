@@ -1012,3 +1012,29 @@ async def test_an_utterance_every_voice_failed_hears_the_apology_once_and_ends_f
         assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.FAILED
         assert h.audio() == b"\x01" * 1600 and h.marks() == ["g0.u1.s0"]
     assert "speech.heard" not in h.types() and "speech.failed" in h.types()
+
+
+class YieldingClear(FakeProvider):
+    """A voice whose clear() yields to the loop, as Deepgram's WebSocket (it writes a Clear)."""
+
+    async def clear(self) -> None:
+        await asyncio.sleep(0)
+        await super().clear()
+
+
+async def test_text_said_right_after_a_clear_that_kept_speech_is_not_synthesised_early() -> None:
+    """The speaker holds the kept speech while the clear finishes: text said then comes after
+    it, so asking the voice for it early would only be thrown away (a wasted request; with
+    Deepgram's WebSocket, one of its 20 flushes a minute)."""
+    provider = YieldingClear(chunk=160, delay=0.01)
+    async with Harness(provider, greeting=None, max_lead=0.1) as h:
+        await h.start_idle()
+        h.session.say("Some chatter that goes on.")
+        legal = h.session.say("Legal notice.", interruptible=False)
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMedia) for m in ms))
+        await h.session.clear(only_interruptible=True)
+        answer = h.session.say("How can I help?")  # a hook answering the barge-in at once
+        await h.transport.wait_for(lambda ms: sum(isinstance(m, OutboundMark) for m in ms) >= 2)
+        assert provider.texts == ["Some chatter that goes on.", "Legal notice.", "How can I help?"]
+        assert provider.cancelled == 1  # the chatter's only
+        assert legal.status is SpeechStatus.SPEAKING and answer.status is SpeechStatus.SPEAKING

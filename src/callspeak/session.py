@@ -222,6 +222,9 @@ class CallSession:
         self._next_id = 0
         self._generation = 0
         self._current: Utterance | None = None
+        #: What the speaker took from the queue and holds while a clear() finishes: it is next,
+        #: whatever say() queues meanwhile.
+        self._held: Utterance | None = None
         self._current_task: asyncio.Task[None] | None = None
         self._speaker: asyncio.Task[None] | None = None
         #: The next utterance, already being synthesised: started by say() when the call had
@@ -326,6 +329,7 @@ class CallSession:
         if (
             self._speaker is not None
             and self._current is None
+            and self._held is None  # (it speaks before this one: nothing to start early)
             and self._early is None
             and not self._clearing
             and self._queue.qsize() == 1
@@ -669,7 +673,11 @@ class CallSession:
     async def _speak_loop(self) -> None:
         while True:
             utterance = await self._queue.get()
-            await self._no_clear.wait()  # at once unless a clear() is under way
+            self._held = utterance
+            try:
+                await self._no_clear.wait()  # at once unless a clear() is under way
+            finally:
+                self._held = None
             if utterance.status.final:
                 await self._drop_early()
                 continue
