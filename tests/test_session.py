@@ -1038,3 +1038,45 @@ async def test_text_said_right_after_a_clear_that_kept_speech_is_not_synthesised
         assert provider.texts == ["Some chatter that goes on.", "Legal notice.", "How can I help?"]
         assert provider.cancelled == 1  # the chatter's only
         assert legal.status is SpeechStatus.SPEAKING and answer.status is SpeechStatus.SPEAKING
+
+
+async def test_a_task_that_ignores_its_cancellation_does_not_keep_the_call_from_ending(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hook swallowing CancelledError: the call still ends, closes its voice and says so."""
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue  # a bug in an application's handler
+
+    async with Harness(greeting=None) as h:
+        await h.start_idle()
+        h.session.task_grace = 0.1
+        h.session.spawn(stubborn(), name="stubborn-hook")
+        h.transport.push(Stop(9, SID, AccountSid("AC1"), CallSid("CAtest")).to_json())
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+    assert h.provider.closed and h.types()[-1] == "call.stopped"
+    assert "task stubborn-hook of the call did not end within 0.1 s" in caplog.text
+    release.set()
+
+
+class FailsToClose(FakeProvider):
+    async def aclose(self) -> None:
+        raise RuntimeError("a bug in a voice")
+
+
+async def test_a_voice_failing_to_close_still_lets_the_call_end_and_say_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with Harness(FailsToClose(), greeting=None) as h:
+        await h.start_idle()
+        h.transport.push(Stop(9, SID, AccountSid("AC1"), CallSid("CAtest")).to_json())
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+    assert h.types()[-1] == "call.stopped"
+    assert "closing the voice failed" in caplog.text

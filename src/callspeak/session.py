@@ -175,6 +175,10 @@ def _error_kind(reason: str, event: str | None) -> str:
 
 
 class CallSession:
+    #: Seconds the end of a call waits for the tasks it owns (hooks' included) to end once
+    #: cancelled.
+    task_grace: float = 5.0
+
     def __init__(
         self,
         transport: Transport,
@@ -901,7 +905,17 @@ class CallSession:
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            # Bounded: a hook that swallows its cancellation must not keep the call from ending
+            # (its slot, its voice, call.stopped); it is left running, and named in the log.
+            _, stuck = await asyncio.wait(set(self._tasks), timeout=self.task_grace)
+            for task in stuck:
+                log.error(
+                    "task %s of the call did not end within %g s of being cancelled; the call "
+                    "ends without it",
+                    task.get_name(),
+                    self.task_grace,
+                    extra=self._ids(),
+                )
         speaker, self._speaker = self._speaker, None
         if speaker is not None:
             speaker.cancel()
@@ -913,7 +927,10 @@ class CallSession:
         await self._drop_early()
         for utterance in self._utterances.values():
             utterance.finish(SpeechStatus.CANCELLED)
-        await self._provider.aclose()
+        try:
+            await self._provider.aclose()
+        except Exception as exc:  # a bug in a voice: logged; the call still ends and says so
+            log.error("closing the voice failed: %r", exc, extra=self._ids())
         if self._started.is_set():
             self._emit("call.stopped", framesSent=self.frames_sent, rejected=self.rejected)
         log.info(
