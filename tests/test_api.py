@@ -630,3 +630,36 @@ async def test_docs_page_is_self_contained(api: Api) -> None:
     for path in ("/calls/{callSid}/say", "/calls/{callSid}/events", "SayRequest"):
         assert path in page.text
     assert "<script" not in page.text and "http://" not in page.text and "https://" not in page.text
+
+
+async def test_an_event_stream_whose_client_reads_nothing_is_dropped_and_its_slot_freed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A send that waits longer than the stream's send timeout (a client that stopped reading,
+    its network buffers full) ends the response, and the subscriber's slot is given back."""
+    from callspeak.api import _EventStreamResponse
+
+    async def frames() -> AsyncIterator[bytes]:
+        while True:
+            yield b"data: {}\n\n"
+            await asyncio.sleep(0)
+
+    closed: list[bool] = []
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and len(sent) > 3:
+            await asyncio.Event().wait()  # the client's buffers are full: never drains
+
+    async def receive() -> Any:
+        await asyncio.Event().wait()  # no disconnect: the client is there, just not reading
+
+    response = _EventStreamResponse(
+        frames(), on_close=lambda: closed.append(True), send_timeout=0.2
+    )
+    scope = {"type": "http", "client": ("127.0.0.1", 5555), "asgi": {"spec_version": "2.4"}}
+    async with asyncio.timeout(5):
+        await response(scope, receive, send)
+    assert closed == [True]
+    assert "read nothing for 0.2 s; dropped" in caplog.text

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import secrets
 import weakref
 from collections import deque
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, SecretStr, ValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import (
     HTMLResponse,
     JSONResponse,
@@ -43,7 +44,7 @@ from starlette.responses import (
     StreamingResponse,
 )
 from starlette.routing import BaseRoute, Route
-from starlette.types import HTTPExceptionHandler, Receive, Scope, Send
+from starlette.types import HTTPExceptionHandler, Message, Receive, Scope, Send
 
 from callspeak.api_events import DEFAULT_HEARTBEAT, DEFAULT_QUEUE_LIMIT, EventSubscription
 from callspeak.api_models import (
@@ -74,6 +75,8 @@ __all__ = [
     "is_loopback",
     "names_loopback",
 ]
+
+log = logging.getLogger("callspeak.api")
 
 #: Longest ``?wait=true`` on ``say``, in seconds.
 WAIT_LIMIT = 60.0
@@ -354,6 +357,9 @@ class _ControlApi:
                 heartbeat=self.heartbeat, alive=lambda: state.calls.get(sid) is session
             ),
             on_close=release,
+            # A client that stops reading holds its subscriber slot and the call's events until
+            # the network gives up: bounded instead, as two heartbeats it did not take.
+            send_timeout=max(2 * self.heartbeat, 10.0),
         )
 
     # -- documentation ---------------------------------------------------------------------
@@ -373,9 +379,17 @@ class _ControlApi:
 
 class _EventStreamResponse(StreamingResponse):
     """A ``text/event-stream`` response that runs ``on_close`` however it ends: finished,
-    cancelled because the client went away, or failed before the first frame."""
+    cancelled because the client went away, failed before the first frame, or given up on
+    because one send waited ``send_timeout`` seconds for a client that does not read (the
+    connection is then dropped)."""
 
-    def __init__(self, frames: AsyncIterator[bytes], *, on_close: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        *,
+        on_close: Callable[[], None],
+        send_timeout: float,
+    ) -> None:
         super().__init__(
             frames,
             media_type="text/event-stream",
@@ -383,10 +397,31 @@ class _EventStreamResponse(StreamingResponse):
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self._on_close = on_close
+        self._send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        expired = False
+
+        async def bounded(message: Message) -> None:
+            nonlocal expired
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    await send(message)
+            except TimeoutError:
+                expired = True
+                raise
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, bounded)
+        except (TimeoutError, ClientDisconnect):  # (Starlette turns an OSError into the latter)
+            if not expired:
+                raise
+            # Returning with the response unfinished makes the server drop the connection.
+            log.warning(
+                "event stream client %s read nothing for %g s; dropped",
+                scope.get("client"),
+                self._send_timeout,
+            )
         finally:
             self._on_close()
 
