@@ -15,10 +15,11 @@ emulator on loopback, does so itself, so it keeps working without a Twilio accou
 from __future__ import annotations
 
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from callspeak.base_urls import checked_base_url
 
 __all__ = ["DEFAULT_GREETING", "ConfigError", "Settings", "TTSChoice"]
 
@@ -29,32 +30,6 @@ TTSChoice = Literal["auto", "piper", "deepgram", "deepgram-ws"]
 
 class ConfigError(ValueError):
     """Settings that are each valid but cannot serve together (the message says how to fix it)."""
-
-
-def _checked_url(name: str, value: str, schemes: str, example: str) -> str:
-    """``value`` without a trailing slash, or a ValueError naming setting ``name``: it must be an
-    absolute URL of ``schemes`` ("https" or "http(s)") with a host, a port from 1 to 65535 if it
-    gives one, and no query string or fragment."""
-    if "?" in value or "#" in value:
-        raise ValueError(f"{name} {value!r} must not carry a query string or fragment")
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError as exc:  # "https://h:abc", "https://h:99999", "https://[::1"
-        raise ValueError(
-            f"{name} {value!r} is not a valid URL ({exc}): give a host and optionally a port "
-            f"from 1 to 65535, {example}"
-        ) from None
-    allowed = ("https",) if schemes == "https" else ("https", "http")
-    if parts.scheme not in allowed:
-        raise ValueError(
-            f"{name} {value!r} is not an absolute {schemes} URL with a host, {example}"
-        )
-    if not parts.hostname:
-        raise ValueError(f"{name} {value!r} names no host, {example}")
-    if port == 0:
-        raise ValueError(f"{name} {value!r} has port 0: give a port from 1 to 65535")
-    return value.rstrip("/")
 
 
 class Settings(BaseSettings):
@@ -186,7 +161,7 @@ class Settings(BaseSettings):
                 "for local tests use e.g. https://127.0.0.1:5000, or leave it unset with "
                 "--no-validate-signatures"
             )
-        return _checked_url("public_url", value, "https", "e.g. https://example.ngrok.app")
+        return checked_base_url("public_url", value, "https", "e.g. https://example.ngrok.app")
 
     @field_validator("deepgram_url", "deepgram_ws_url")
     @classmethod
@@ -198,7 +173,7 @@ class Settings(BaseSettings):
     def _check_twilio_api_url(cls, value: str) -> str:
         # At least TwilioCredentials' rule for api_base_url, checked here so `callspeak call` and
         # `end-call` refuse a bad CALLSPEAK_TWILIO_API_URL as a setting, before any request.
-        return _checked_url("twilio_api_url", value, "http(s)", "e.g. https://api.twilio.com")
+        return checked_base_url("twilio_api_url", value, "http(s)", "e.g. https://api.twilio.com")
 
     @field_validator("interrupt_digits")
     @classmethod

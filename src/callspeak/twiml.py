@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from twilio.twiml.voice_response import Connect, Parameter, Stream, VoiceResponse
 
+from callspeak.base_urls import checked_base_url
+
 __all__ = [
     "MAX_PARAMETER_LENGTH",
     "TwiMLError",
@@ -128,28 +130,17 @@ def webhook_url_from_public(public_url: str, path: str) -> str:
 
 
 def _check_public_url(public_url: str) -> str:
-    """Return ``public_url`` without a trailing slash, or raise :class:`TwiMLError`."""
+    """Return ``public_url`` without a trailing slash, or raise :class:`TwiMLError`: an absolute
+    http(s) URL with a host, a valid port and no query string or fragment."""
     try:
-        parts = urlsplit(public_url)
-        port = parts.port
-    except ValueError as exc:  # a port that is no number or out of range, an unclosed "[::1"
-        raise TwiMLError(
-            f"public URL {public_url!r} is not a valid URL ({exc}): give a host and optionally "
-            "a port from 1 to 65535"
-        ) from None
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise TwiMLError(
-            f"public URL {public_url!r} must be an absolute https:// URL such as "
-            "https://example.ngrok.app (http:// only for a local emulator)"
+        return checked_base_url(
+            "public URL",
+            public_url,
+            "http(s)",
+            "e.g. https://example.ngrok.app (http:// only for a local emulator)",
         )
-    if port == 0:
-        raise TwiMLError(f"public URL {public_url!r} has port 0: give a port from 1 to 65535")
-    if "?" in public_url or "#" in public_url:
-        raise TwiMLError(
-            f"public URL {public_url!r} must not have a query string or fragment; "
-            "give only scheme, host, optional port and optional path prefix"
-        )
-    return public_url.rstrip("/")
+    except ValueError as exc:
+        raise TwiMLError(str(exc)) from None
 
 
 def _normalise_path(path: str) -> str:
