@@ -171,6 +171,13 @@ async def test_the_emulator_speaks_twilios_protocol_on_a_20_ms_clock(clock: Cloc
 
     # The report agrees with what was sent and played.
     assert report.media_messages == 4 and report.audio_bytes_received == 500 + 1600 + 160 + 320
+    # Three runs of audio began arriving with nothing left to play: at 0.0, at 0.24 (the 500
+    # bytes played out by 0.08 s; the 160 behind the 1600 joins their run) and at 0.4 (the
+    # clear emptied the buffer). Times are the caller's, a loopback trip after the script's.
+    assert len(report.audio_starts) == 3
+    for got, scripted in zip(report.audio_starts, (0.0, 0.24, 0.40), strict=True):
+        assert scripted <= got < scripted + 0.05, (got, scripted)
+    assert report.audio_starts[0] == report.first_audio_at
     warnings = [text for _, text in report.warnings]
     assert len(warnings) == 2
     assert warnings[0].startswith("31951 invalid message: message is not valid JSON")

@@ -223,6 +223,8 @@ class EmulatedCall:
             self.report.audio_bytes_received += len(message.payload)
             if self.report.first_audio_at is None:
                 self.report.first_audio_at = now
+            if self._buffer.idle:
+                self.report.audio_starts.append(now)
             if not self._buffer.add_audio(message.payload):
                 self._warn("31931 more than 10 minutes of audio buffered; media discarded")
         elif isinstance(message, OutboundMark):

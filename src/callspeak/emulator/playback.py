@@ -45,6 +45,11 @@ class PlaybackBuffer:
         return self._queued - self._played
 
     @property
+    def idle(self) -> bool:
+        """Nothing received is left to play, and no frame of it is still playing."""
+        return self.buffered == 0 and not self._playing
+
+    @property
     def pending_marks(self) -> tuple[str, ...]:
         return tuple(name for _, name in self._marks)
 
@@ -59,7 +64,7 @@ class PlaybackBuffer:
 
     def add_mark(self, name: str) -> list[str]:
         """Queue a mark; returns it at once (to echo) when no audio is queued or playing."""
-        if self.buffered == 0 and not self._marks and not self._playing:
+        if self.idle and not self._marks:
             return [name]
         self._marks.append((self._queued, name))
         return []

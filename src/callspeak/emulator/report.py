@@ -37,6 +37,10 @@ class CallReport:
     #: The emulator's clock reading when ``start`` was sent; other times are relative to it.
     started_at: float = 0.0
     first_audio_at: float | None = None  # first media message received, seconds since start
+    #: When each run of the server's audio began arriving, seconds since start: the first media
+    #: message, and each one received while nothing of the server's was left to play (a reply
+    #: after silence; or the end of an underrun, see gaps()).
+    audio_starts: list[float] = field(default_factory=list)
     marks: list[MarkRecord] = field(default_factory=list)
     clears: list[float] = field(default_factory=list)
     dtmf_sent: list[tuple[float, str]] = field(default_factory=list)
