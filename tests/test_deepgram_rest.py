@@ -415,6 +415,7 @@ class CountingRelay:
         host, port = target.removeprefix("http://").rsplit(":", 1)
         self._target = (host, int(port))
         self.connections = 0
+        self._connecting = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
 
@@ -430,9 +431,22 @@ class CountingRelay:
         await asyncio.gather(*self._pipes, return_exceptions=True)
         await self._server.wait_closed()
 
+    async def drop_all(self) -> None:
+        """Close every relayed connection, as a server closing idle keep-alive connections."""
+        while self._connecting:  # accepted, the fake not connected yet: no pipes to cancel
+            await asyncio.sleep(0.01)
+        pipes = list(self._pipes)
+        for pipe in pipes:
+            pipe.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
+
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._connecting += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        finally:
+            self._connecting -= 1
         for source, sink in ((reader, up_writer), (up_reader, writer)):
             pipe = asyncio.create_task(self._pipe(source, sink))
             self._pipes.add(pipe)
@@ -484,6 +498,87 @@ async def test_a_stream_started_during_warm_up_waits_for_its_connection(
         assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
         assert relay.connections == 1  # not a second connection of its own
         await service.aclose()
+
+
+async def kept() -> None:
+    """Until the connections each provider keeps for its next text are taken."""
+    if tasks := warm_up_tasks():
+        await asyncio.wait(tasks, timeout=2)
+
+
+async def test_each_call_keeps_a_connection_so_replies_asked_at_once_open_none(
+    base: str, fake: FakeDeepgram
+) -> None:
+    """Calls greeted one after another need one connection between them; if each did not keep
+    one for its next text, their replies asked for in the same instant would each open one
+    (TCP and TLS, at the moment the caller waits)."""
+    relay = CountingRelay(base)
+    async with relay as relayed:
+        service = DeepgramRestService("test-key", base_url=relayed)
+        providers = [service.open() for _ in range(4)]
+        for provider in providers:
+            provider.warm_up()
+            assert await collect(provider.stream("Hello.")) == fake.audio_for("Hello.")
+            await kept()
+        assert relay.connections == 4  # one kept per call
+        texts = [f"Reply number {n}." for n in range(4)]
+        replies = await asyncio.gather(
+            *(collect(p.stream(t)) for p, t in zip(providers, texts, strict=True))
+        )
+        assert replies == [fake.audio_for(t) for t in texts]
+        assert relay.connections == 4  # none opened for the replies
+        await kept()
+        await service.aclose()
+
+
+async def test_a_kept_connection_the_server_closed_is_replaced_by_the_request(
+    base: str, fake: FakeDeepgram
+) -> None:
+    relay = CountingRelay(base)
+    async with relay as relayed:
+        service = DeepgramRestService("test-key", base_url=relayed)
+        provider = service.open()
+        provider.warm_up()
+        await kept()
+        await relay.drop_all()  # e.g. Deepgram's idle timeout while the call was quiet
+        await asyncio.sleep(0.05)
+        assert await collect(provider.stream("Still here.")) == fake.audio_for("Still here.")
+        assert relay.connections == 2
+        await service.aclose()
+
+
+async def test_a_closed_call_gives_its_kept_connection_back_to_the_pool(
+    base: str, fake: FakeDeepgram
+) -> None:
+    relay = CountingRelay(base)
+    async with relay as relayed:
+        service = DeepgramRestService("test-key", base_url=relayed, max_connections=1)
+        first = service.open()
+        first.warm_up()
+        await kept()
+        await first.aclose()
+        second = service.open()  # the pool's only connection: it must not be held any more
+        assert await collect(second.stream("Next call.")) == fake.audio_for("Next call.")
+        assert relay.connections == 1
+        await kept()
+        await service.aclose()
+
+
+async def test_calls_keeping_every_connection_the_pool_allows_still_speak(
+    base: str, fake: FakeDeepgram
+) -> None:
+    """A kept connection counts against ``max_connections`` (one per call): a call gives its
+    own back before its request takes one, so none waits for another's."""
+    service = DeepgramRestService("test-key", base_url=base, max_connections=2)
+    providers = [service.open(), service.open()]
+    for provider in providers:
+        provider.warm_up()
+    await kept()
+    async with asyncio.timeout(3):
+        audio = await asyncio.gather(*(collect(p.stream("Both at once.")) for p in providers))
+    assert audio == [fake.audio_for("Both at once.")] * 2
+    await kept()
+    await service.aclose()
 
 
 async def test_no_warm_up_on_an_injected_session(base: str, fake: FakeDeepgram) -> None:

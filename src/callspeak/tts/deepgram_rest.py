@@ -18,14 +18,19 @@ Both raise a retryable :class:`TTSError`; aiohttp itself only bounds connecting 
 free pooled connection) with ``connect_timeout``, reported as such only when it is the shorter of
 the two (with both at their default of 5 s the first-byte deadline, started first, ends it).
 
-``warm_up()`` — the session calls it as the call's stream is accepted, before ``start`` — opens a
-pooled connection in the background (TCP and TLS; no request; on Python 3.12+ the connect starts
-before ``warm_up()`` returns, see :func:`~callspeak.tasks.start_task`), so the call's first
-request finds one idle instead of connecting after ``start``: on a cold pool that is the
-handshakes off the time to first audio, and when hundreds of calls arrive together, several loop
-iterations. The first ``stream()`` waits for it if it is still connecting, within its first-byte
-deadline; a failure is only logged (the request connects afresh and reports its own). With a warm
-pool it takes an idle connection and puts it back, and opens nothing. Not done for an injected
+``warm_up()`` — the session calls it as the call's stream is accepted, before ``start`` — takes a
+pooled connection in the background (opening it, TCP and TLS, when none is idle; no request; on
+Python 3.12+ the connect starts before ``warm_up()`` returns, see
+:func:`~callspeak.tasks.start_task`) and keeps it for the call's first request, so that request
+does not connect after ``start``: on a cold pool that is the handshakes off the time to first
+audio, and when hundreds of calls arrive together, several loop iterations. The first
+``stream()`` waits for it if it is still connecting, within its first-byte deadline; a failure is
+only logged (the request connects afresh and reports its own). Each text streamed after that
+keeps a connection again for the call's next one: a request gives the call's kept connection
+back to the pool just before it takes one, so every call in progress has one ready — replies
+asked for by many calls in the same instant open none — and a call never holds more than one
+(``max_connections`` is the number of calls). A kept connection the server has closed meanwhile
+is dropped by the pool, and the request connects as it would have. Not done for an injected
 ``http_session``: its proxy settings decide which connection a request takes, and they are not
 public.
 
@@ -45,10 +50,12 @@ import contextlib
 import logging
 import os
 import ssl
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import aiohttp
 import certifi
+from aiohttp.connector import Connection
 from yarl import URL
 
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
@@ -118,6 +125,7 @@ class DeepgramRestService:
         self._owns_session = http_session is None
         self._healthy = True
         self._closed = False
+        self._providers: weakref.WeakSet[DeepgramRestProvider] = weakref.WeakSet()
 
     @property
     def healthy(self) -> bool:
@@ -166,27 +174,38 @@ class DeepgramRestService:
     async def preconnect(self) -> None:
         """Make sure the pool holds a connection to Deepgram: take one — opening it (TCP, TLS)
         when none is idle — and put it straight back. Sends no request. Raises what connecting
-        raises (bounded by ``connect_timeout``).
+        raises (bounded by ``connect_timeout``)."""
+        (await self.take_connection()).release()
+
+    async def take_connection(self) -> Connection:
+        """A connection to Deepgram out of the pool — an idle one, else a new one (TCP, TLS) —
+        for the caller to hold and later ``release()`` back (or close). Sends no request. Raises
+        what connecting raises (bounded by ``connect_timeout``); waits while ``max_connections``
+        are taken.
 
         Through aiohttp's documented ``BaseConnector.connect``, with the request key a
-        ``session.post`` to the same URL uses, so the next request finds the connection idle.
+        ``session.post`` to the same URL uses, so a request finds the connection once released.
         """
         session = self.session
         request = aiohttp.ClientRequest(
             "POST", URL(f"{self.base_url}/v1/speak"), loop=asyncio.get_running_loop()
         )
-        connection = await session.connector.connect(request, [], self.request_timeout)  # type: ignore[union-attr]
-        connection.release()
+        return await session.connector.connect(request, [], self.request_timeout)  # type: ignore[union-attr]
 
     def open(self) -> DeepgramRestProvider:
         """A provider for one call. Raises :class:`RuntimeError` once the service is closed."""
         if self._closed:
             raise RuntimeError("DeepgramRestService is closed")
-        return DeepgramRestProvider(self)
+        provider = DeepgramRestProvider(self)
+        self._providers.add(provider)
+        return provider
 
     async def aclose(self) -> None:
-        """Close the pooled session if this service created it. Idempotent."""
+        """Close the pooled session if this service created it, and the connections calls kept
+        (see :meth:`DeepgramRestProvider.warm_up`). Idempotent."""
         self._closed = True
+        for provider in list(self._providers):
+            provider.close_kept_connection()
         if self._owns_session and self._session is not None:
             session, self._session = self._session, None
             await session.close()
@@ -207,8 +226,10 @@ class DeepgramRestProvider:
         self._service = service
         self._closed = False
         self._deadline: asyncio.Timeout | None = None  # the read in flight, so aclose can end it
-        self._warming: asyncio.Task[None] | None = None  # warm_up()'s connect
+        self._warming: asyncio.Task[None] | None = None  # warm_up()'s or a re-hold's connect
         self._warmed = False
+        #: The pooled connection this call keeps for its next request (see _hold).
+        self._held: Connection | None = None
 
     async def stream(
         self, text: str, *, continuation: bool = False, ahead: float = 0.0
@@ -221,6 +242,17 @@ class DeepgramRestProvider:
         after it — and a header declaring any other audio raises a :class:`TTSError` that is not
         retryable (the fallback voice takes over).
         """
+        try:
+            async with contextlib.aclosing(self._stream_text(text)) as audio:
+                async for payload in audio:
+                    yield payload
+        finally:
+            # For the call's next text: its request then finds a connection without opening
+            # one, even when every call asks at once (a connection ended mid-body is closed).
+            if self._warmed:
+                self._hold(first=False)
+
+    async def _stream_text(self, text: str) -> AsyncGenerator[bytes, None]:
         for index, chunk in enumerate(chunk_text(text, DEFAULT_CHUNK_LIMIT)):
             self._check_open()
             header = WavHeaderStripper()
@@ -243,17 +275,44 @@ class DeepgramRestProvider:
                 yield tail
 
     def warm_up(self) -> None:
-        """Open a pooled connection now, in the background, so the call's first request finds
-        one idle (see :meth:`DeepgramRestService.preconnect`). Once per provider; nothing when
-        closed or after Deepgram refused the credentials."""
+        """Take a pooled connection now, in the background — opening one when none is idle —
+        and keep it for the call's first request (see :meth:`DeepgramRestService.take_connection`).
+        Once per provider; nothing when closed or after Deepgram refused the credentials. Each
+        text streamed after that keeps one again, for the call's next request."""
+        if self._warmed:
+            return
+        self._hold(first=True)
+
+    def _hold(self, *, first: bool) -> None:
         service = self._service
-        if self._warmed or self._closed or service.closed or not service.healthy:
+        if self._closed or service.closed or not service.healthy or self._held is not None:
             return
         if not service.owns_session:
             return  # an injected session's proxy settings pick the connection: unknown here
+        if self._warming is not None and not self._warming.done():
+            return
         self._warmed = True
-        self._warming = start_task(service.preconnect(), name="deepgram-rest-connect")
-        self._warming.add_done_callback(self._warm_done)
+        self._warming = start_task(self._take(), name="deepgram-rest-connect")
+        self._warming.add_done_callback(self._warm_done if first else self._rehold_done)
+
+    async def _take(self) -> None:
+        connection = await self._service.take_connection()
+        if self._closed or self._held is not None:  # closed meanwhile: nobody to keep it for
+            connection.release()
+        else:
+            self._held = connection
+
+    def close_kept_connection(self) -> None:
+        """Close the connection kept for the next text, if any (the service is closing)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+
+    def _release_held(self) -> None:
+        """Back to the pool (idle, for any request): a closed connection is dropped there."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
 
     def _warm_done(self, task: asyncio.Task[None]) -> None:
         if self._warming is task:
@@ -263,6 +322,13 @@ class DeepgramRestProvider:
         if not self._closed and not self._service.closed:  # else: shutting down, not a fault
             # The request connects afresh and reports its own failure; this is the early sign.
             logger.warning("deepgram: opening a connection ahead of speech failed: %r", error)
+
+    def _rehold_done(self, task: asyncio.Task[None]) -> None:
+        if self._warming is task:
+            self._warming = None
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # Said once, at the call's start; here the next request reports its own failure.
+            logger.debug("deepgram: keeping a connection for the next text failed: %r", error)
 
     async def clear(self) -> None:
         """Nothing to drop: requests are per text and end when their iterator is closed."""
@@ -275,6 +341,7 @@ class DeepgramRestProvider:
             warming.cancel()
             with contextlib.suppress(Exception):  # of no use now; _warm_done has logged it
                 await wait_cancelled(warming)
+        self._release_held()
         deadline = self._deadline
         if deadline is not None:
             with contextlib.suppress(RuntimeError):  # already expiring or exited
@@ -321,6 +388,8 @@ class DeepgramRestProvider:
                         # it would still cost a loop iteration.)
                         await asyncio.wait({warming})
                         self._check_open()  # closed meanwhile: no request
+                    # Idle in the pool, where this request takes it (or another idle one).
+                    self._release_held()
                     # A request waiting for a pooled connection is cancelled by aiohttp when the
                     # service closes the pool: see the CancelledError clause below.
                     response = await session.post(
