@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -62,8 +63,12 @@ from _server import (  # noqa: E402
     percentile,
 )
 from callspeak import eventloop  # noqa: E402
-from callspeak.emulator import CallReport, DialOptions, dial  # noqa: E402
+from callspeak.emulator import DialOptions, dial  # noqa: E402
 from callspeak.heap import collect_young_less_often, freeze_startup_objects  # noqa: E402
+
+#: Seconds from the last call placed to the key press of "in progress, answered at once": every
+#: call's greeting ("Hello.", 0.4 s of the fake's audio) has been heard by then.
+PRESS_AFTER = 1.0
 
 
 def start_fake(
@@ -87,19 +92,58 @@ def start_fake(
             time.sleep(0.05)
 
 
-async def round_of_calls(
-    url: str, calls: int, tag: str, ramp: float = 0.0
-) -> list[tuple[str, CallReport]]:
-    """``calls`` calls of 8 s, each saying its own text; started together, or evenly over
-    ``ramp`` seconds."""
+@dataclass(frozen=True)
+class Asked:
+    """One utterance a call asked for: its text (the fake's key), when it was asked for and
+    when the caller began hearing it (both on the monotonic clock; None if it heard nothing)."""
+
+    text: str
+    asked_at: float
+    heard_at: float | None
+
+
+async def round_of_calls(url: str, calls: int, tag: str, ramp: float = 0.0) -> list[Asked]:
+    """``calls`` calls of 8 s, each greeted with its own text (asked for by ``start``); started
+    together, or evenly over ``ramp`` seconds."""
     texts = [f"Caller {n} of round {tag}, hello there." for n in range(calls)]
 
-    async def one(n: int, text: str) -> CallReport:
+    async def one(n: int, text: str) -> Asked:
         await asyncio.sleep(ramp * n / calls)
-        return await dial(DialOptions(url=url, parameters={"say": text}, duration=8.0))
+        report = await dial(DialOptions(url=url, parameters={"say": text}, duration=8.0))
+        heard = report.first_audio_at
+        start = report.started_at
+        return Asked(text, start, None if heard is None else start + heard)
 
-    reports = await asyncio.gather(*(one(n, t) for n, t in enumerate(texts)))
-    return list(zip(texts, reports, strict=True))
+    return list(await asyncio.gather(*(one(n, t) for n, t in enumerate(texts))))
+
+
+async def round_of_replies(url: str, calls: int, tag: str, ramp: float) -> list[Asked]:
+    """``calls`` calls placed evenly over ``ramp`` seconds and greeted; a second after the last
+    was placed (every greeting over), every caller presses 1 in the same instant — up to the
+    emulator's 20 ms tick and each call's own start — and the server answers each with its
+    own text, from its ``on_dtmf`` hook (``_first_frames``)."""
+    round_start = time.monotonic()
+    press_at = round_start + ramp + PRESS_AFTER
+
+    async def one(n: int) -> Asked:
+        await asyncio.sleep(ramp * n / calls)
+        reply = f"Reply to caller {n} of round {tag}, you pressed one."
+        lead = press_at - time.monotonic()  # the emulator counts from its start message
+        options = DialOptions(
+            url=url,
+            parameters={"say": "Hello.", "reply": reply},
+            dtmf=[(lead, "1")],
+            duration=lead + 1.5,
+        )
+        report = await dial(options)
+        if not report.dtmf_sent:
+            return Asked(reply, press_at, None)
+        pressed = report.dtmf_sent[0][0]
+        after = [t for t in report.audio_starts if t >= pressed]
+        start = report.started_at
+        return Asked(reply, start + pressed, start + after[0] if after else None)
+
+    return list(await asyncio.gather(*(one(n) for n in range(calls))))
 
 
 def pin_process(pid: int, cores: set[int]) -> None:
@@ -118,11 +162,12 @@ def stats(name: str, values: list[float]) -> str:
 
 
 def first_frames(path: Path) -> dict[str, float]:
-    """callSid → when its first media frame was sent, from the ``_first_frames`` hooks' file."""
+    """Text → when its utterance's first media frame was sent, from the ``_first_frames`` hooks'
+    file (each text is said once)."""
     sent: dict[str, float] = {}
     for line in path.read_text().splitlines():
-        call_sid, stamp = line.split()
-        sent.setdefault(call_sid, float(stamp))  # the call's first utterance
+        _call_sid, stamp, text = line.split(" ", 2)
+        sent[text] = float(stamp)
     return sent
 
 
@@ -134,16 +179,25 @@ async def measure(
     reference = machine_reference_us()
     await round_of_calls(url, 1, f"warmup-{label}")
     lines = []
-    scenarios = [(n, 0.0) for n in sorted({1, 50, calls})] + [(calls, ramp)] * (ramp > 0)
-    for n, spread in scenarios:
-        results: list[tuple[str, CallReport]] = []
+    # (calls, seconds they arrive over, whether the measured speech answers a key press)
+    scenarios = [(n, 0.0, False) for n in sorted({1, 50, calls})]
+    if ramp > 0:
+        scenarios += [(calls, ramp, False), (calls, ramp, True)]
+    for n, spread, replies in scenarios:
+        results: list[Asked] = []
         pids = (server_pid, fake.pid, os.getpid())
         cpu_before, wall_before = [cpu_seconds(pid) for pid in pids], time.monotonic()
-        round_p99s = []  # how much one round's tail differs from the next
+        round_p99s, press_spreads = [], []  # how much one round differs from the next
         for r in range(rounds if n > 1 else rounds * 5):
-            done = await round_of_calls(url, n, f"{label}-{n}-{spread}-{r}", spread)
-            heard = [report.first_audio_at for _, report in done]
-            round_p99s.append(percentile([t * 1000 for t in heard if t is not None], 99))
+            tag = f"{label}-{n}-{spread}-{r}"
+            if replies:
+                done = await round_of_replies(url, n, tag, spread)
+                pressed = [asked.asked_at for asked in done]
+                press_spreads.append((max(pressed) - min(pressed)) * 1000)
+            else:
+                done = await round_of_calls(url, n, tag, spread)
+            waited = [a.heard_at - a.asked_at for a in done if a.heard_at is not None]
+            round_p99s.append(percentile([t * 1000 for t in waited], 99))
             results += done
         wall = time.monotonic() - wall_before
         used = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
@@ -154,30 +208,40 @@ async def measure(
         sent = first_frames(sent_log)
         ours, overhead, ttfa, to_fake, in_fake = [], [], [], [], []
         silent = 0
-        for text, report in results:
-            if report.first_audio_at is None or text not in first:
+        for asked in results:
+            text = asked.text
+            if asked.heard_at is None or text not in first or text not in sent:
                 silent += 1  # heard nothing before hanging up: reported, not hidden
                 continue
-            ttfa.append(report.first_audio_at)
-            ours.append(sent[report.call_sid] - first[text])
-            overhead.append(report.started_at + report.first_audio_at - first[text])
-            to_fake.append(came[text] - report.started_at)
+            ttfa.append(asked.heard_at - asked.asked_at)
+            ours.append(sent[text] - first[text])
+            overhead.append(asked.heard_at - first[text])
+            to_fake.append(came[text] - asked.asked_at)
             in_fake.append(first[text] - came[text])
-        how = f"{n} call(s) at once" if not spread else f"{n} calls over {spread:g} s"
+        if replies:
+            how = f"{n} in progress, a key in each at once"
+            asked_at, waited_for = "key press", "reply"
+        else:
+            how = f"{n} call(s) at once" if not spread else f"{n} calls over {spread:g} s"
+            asked_at, waited_for = "start", "first audio"
         lines.append(stats(f"{label}, {how}: provider first byte -> our first frame", ours))
         lines.append(stats(f"{label}, {how}:   ... -> read by the emulated caller", overhead))
-        lines.append(stats(f"{label}, {how}: time to first audio", ttfa))
+        lines.append(stats(f"{label}, {how}: time to {waited_for} ({asked_at} ->)", ttfa))
         if n > 1:  # each round's tail, and where the time to first audio went
             per_round = " / ".join(f"{p:.0f}" for p in round_p99s)
-            lines.append(f"{label}, {how}:   time to first audio p99 of each round: {per_round} ms")
-            lines.append(stats(f"{label}, {how}:   start -> request read by the fake", to_fake))
+            lines.append(f"{label}, {how}:   p99 of each round: {per_round} ms")
+            to_fake_row = f"{label}, {how}:   {asked_at} -> request read by the fake"
+            lines.append(stats(to_fake_row, to_fake))
             lines.append(stats(f"{label}, {how}:   request read -> fake's first byte", in_fake))
+        if press_spreads:
+            spreads = " / ".join(f"{p:.0f}" for p in press_spreads)
+            lines.append(f"{label}, {how}:   first to last key press, each round: {spreads} ms")
         lines.append(
             f"{label}, {how}: CPU, share of one core: server {cpu[0]:.0%}, "
             f"fake Deepgram {cpu[1]:.0%}, emulated callers {cpu[2]:.0%}"
         )
         if silent:
-            lines.append(f"{label}, {how}: {silent} of {len(results)} heard nothing in 8 s")
+            lines.append(f"{label}, {how}: {silent} of {len(results)} heard nothing")
     lines.append(
         f"{label}: machine reference (CPU to parse one media message, in this process) "
         f"{reference:.2f} us before these rows, {machine_reference_us():.2f} us after"
