@@ -16,8 +16,13 @@ more than one call, time to first audio split at the fake: start → the fake ha
 (the configured delay plus the fake's scheduling; the WebSocket's Flush is stamped in the
 callback that read it from the socket, a REST request once the fake's ASGI handler has its body);
 for 1, 50 and 200 calls answered in the same instant, and for 200 calls arriving over ``--ramp``
-seconds (each measured while up to 199 others are in progress); with more than one call, the
-p99 of each round on its own too, since one round's tail can differ from the next by a third.
+seconds (each measured while up to 199 others are in progress); and for 200 calls in progress
+answered in the same instant: placed over ``--ramp`` seconds and greeted, then a second after
+the last was placed every caller presses a key (to the emulator's 20 ms tick) and the server
+says each its own reply from an ``on_dtmf`` hook, as an application would; timed from the key
+press to the reply's first audio at the caller, with the spread of the presses printed. With
+more than one call, the p99 of each round on its own too, since one round's tail can differ from
+the next by a third.
 Each row also gives the CPU the three processes used, as a share of one core: all three share
 the machine's cores, so a saturated machine shows there first. A machine reference (CPU to parse
 one media message, median of 5 x 20000) is printed from before and after each voice's rows: this
@@ -34,8 +39,12 @@ and the fake then share one core, so the fake's own first byte can run late unde
 server has a host name to look up, as it has with ``api.deepgram.com`` (here from /etc/hosts, not
 a DNS server, so it shows the server's own cost of a lookup, not the network's).
 
+``--tls`` has the fake serve https:// and wss:// with a throw-away certificate (the openssl
+command) that the server trusts through ``SSL_CERT_FILE``, as Deepgram is only reached over TLS:
+every connection the server opens then costs it a TLS handshake too.
+
     .venv/bin/python bench/deepgram_latency.py [--calls 200] [--rounds 3] [--ramp 2] [--pin]
-        [--by-name]
+        [--by-name] [--tls]
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import ssl
 import statistics
 import subprocess
 import sys
@@ -71,23 +81,85 @@ from callspeak.heap import collect_young_less_often, freeze_startup_objects  # n
 PRESS_AFTER = 1.0
 
 
+@dataclass(frozen=True)
+class FakeProcess:
+    """The fake Deepgram's process; over TLS (https://, wss://) when ``cert`` is set."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    cert: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def url(self, scheme: str, host: str = "127.0.0.1") -> str:
+        """``http``/``ws`` as given, or their TLS form when the fake serves TLS."""
+        return f"{scheme}{'s' if self.cert else ''}://{host}:{self.port}"
+
+    def client(self) -> httpx.AsyncClient:
+        """A client for the fake's own endpoints (``/_fake/...``), trusting its certificate."""
+        cert = self.cert
+        return httpx.AsyncClient(
+            base_url=self.url("http"),
+            verify=True if cert is None else ssl.create_default_context(cafile=cert),
+        )
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throw-away certificate and key for 127.0.0.1 and localhost (the openssl command), P-256
+    as api.deepgram.com's is an elliptic-curve one too."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],  # fmt: skip
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 def start_fake(
-    port: int, first_byte_delay: float, bytes_per_second: float | None = None
-) -> subprocess.Popen[bytes]:
+    port: int,
+    first_byte_delay: float,
+    bytes_per_second: float | None = None,
+    tls: tuple[Path, Path] | None = None,
+) -> FakeProcess:
     cmd = [
         sys.executable, "-m", "callspeak.testing.fake_deepgram",
         "--port", str(port), "--first-byte-delay", str(first_byte_delay),
     ]  # fmt: skip
     if bytes_per_second:
         cmd += ["--bytes-per-second", str(bytes_per_second)]
-    proc = subprocess.Popen(cmd)
+    if tls is not None:
+        cmd += ["--certfile", str(tls[0]), "--keyfile", str(tls[1])]
+    fake = FakeProcess(subprocess.Popen(cmd), port, None if tls is None else tls[0])
     deadline = time.monotonic() + 20
+    verify = True if fake.cert is None else ssl.create_default_context(cafile=fake.cert)
     while True:
         try:
-            httpx.get(f"http://127.0.0.1:{port}/_fake/first-bytes", timeout=0.5)
-            return proc
+            httpx.get(f"{fake.url('http')}/_fake/first-bytes", timeout=0.5, verify=verify)
+            return fake
         except httpx.HTTPError:
-            if time.monotonic() > deadline or proc.poll() is not None:
+            if time.monotonic() > deadline or fake.proc.poll() is not None:
                 raise RuntimeError("the fake Deepgram did not start") from None
             time.sleep(0.05)
 
@@ -172,7 +244,7 @@ def first_frames(path: Path) -> dict[str, float]:
 
 
 async def measure(
-    port: int, server_pid: int, fake: subprocess.Popen[bytes], fake_port: int, sent_log: Path,
+    port: int, server_pid: int, fake: FakeProcess, sent_log: Path,
     calls: int, rounds: int, ramp: float, label: str,
 ) -> list[str]:  # fmt: skip
     url = f"ws://127.0.0.1:{port}/twilio"
@@ -202,9 +274,9 @@ async def measure(
         wall = time.monotonic() - wall_before
         used = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
         cpu = [seconds / wall for seconds in used]
-        async with httpx.AsyncClient() as client:
-            first = (await client.get(f"http://127.0.0.1:{fake_port}/_fake/first-bytes")).json()
-            came = (await client.get(f"http://127.0.0.1:{fake_port}/_fake/arrivals")).json()
+        async with fake.client() as client:
+            first = (await client.get("/_fake/first-bytes")).json()
+            came = (await client.get("/_fake/arrivals")).json()
         sent = first_frames(sent_log)
         ours, overhead, ttfa, to_fake, in_fake = [], [], [], [], []
         silent = 0
@@ -269,6 +341,11 @@ def main() -> None:
         help="give the server core 0 to itself; the callers and the fake share the others",
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="the fake serves https:// and wss:// (a throw-away certificate), as Deepgram does",
+    )
+    parser.add_argument(
         "--by-name",
         action="store_true",
         help="name the fake's host (localhost) in the server's Deepgram URLs, as in production",
@@ -285,13 +362,13 @@ def main() -> None:
     # pause would be counted as ours.
     freeze_startup_objects()
     collect_young_less_often()
-    fake_port = free_port()
-    fake = start_fake(fake_port, args.first_byte_delay, args.bytes_per_second or None)
+    scratch = tempfile.TemporaryDirectory(prefix="callspeak-bench-")
+    tls = make_certificate(Path(scratch.name)) if args.tls else None
+    fake = start_fake(free_port(), args.first_byte_delay, args.bytes_per_second or None, tls)
     lines: list[str] = []
     # the _first_frames hooks, next to this script: when the server sent each call's first frame
     here = Path(__file__).resolve().parent
     path = [str(here), *filter(None, [os.environ.get("PYTHONPATH")])]
-    scratch = tempfile.TemporaryDirectory(prefix="callspeak-bench-")
     try:
         for tts, label in (("deepgram", "REST"), ("deepgram-ws", "WebSocket")):
             sent_log = Path(scratch.name) / f"first-frames-{tts}"
@@ -304,9 +381,11 @@ def main() -> None:
                 "CALLSPEAK_FALLBACK": "none",
                 "CALLSPEAK_BARGE_IN": "false",
                 "CALLSPEAK_MAX_CALLS": "1000",
-                "CALLSPEAK_DEEPGRAM_URL": f"http://{deepgram_host}:{fake_port}",
-                "CALLSPEAK_DEEPGRAM_WS_URL": f"ws://{deepgram_host}:{fake_port}",
+                "CALLSPEAK_DEEPGRAM_URL": fake.url("http", deepgram_host),
+                "CALLSPEAK_DEEPGRAM_WS_URL": fake.url("ws", deepgram_host),
                 "CALLSPEAK_DEEPGRAM_FIRST_BYTE_TIMEOUT": "10",
+                # the fake's certificate, trusted as a private CA would be
+                **({"SSL_CERT_FILE": str(fake.cert)} if fake.cert else {}),
             }
             hooks = ("--hooks", "_first_frames:hooks")
             with callspeak_server_process(env, *hooks) as (port, server):
@@ -314,18 +393,19 @@ def main() -> None:
                     pin_process(server.pid, {0})
                 lines += eventloop.run(
                     measure(
-                        port, server.pid, fake, fake_port, sent_log, args.calls, args.rounds,
+                        port, server.pid, fake, sent_log, args.calls, args.rounds,
                         args.ramp, label,
                     )
                 )  # fmt: skip
     finally:
-        fake.terminate()
-        fake.wait(10)
+        fake.proc.terminate()
+        fake.proc.wait(10)
         scratch.cleanup()
     print(
         f"Deepgram paths against the fake ({args.first_byte_delay * 1000:.0f} ms first byte), "
         f"{os.cpu_count()} cores, event loop {eventloop.loop_name()}, "
-        f"Deepgram at {deepgram_host}{' (server pinned to core 0)' if args.pin else ''}"
+        f"Deepgram at {fake.url('http', deepgram_host)}"
+        f"{' (server pinned to core 0)' if args.pin else ''}"
     )
     print("\n".join(lines))
     print(

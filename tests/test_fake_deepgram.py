@@ -6,9 +6,13 @@ import asyncio
 import collections
 import json
 import math
+import socket
 import struct
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from callspeak.testing.asgi_server import serve_asgi
 from callspeak.testing.fake_deepgram import FakeDeepgram, WsVerdict, synthesize
+from callspeak.testing.fake_deepgram import main as fake_deepgram_main
 from callspeak.testing.fake_deepgram.audio import (
     SECONDS_PER_CHAR,
     alaw_encode,
@@ -25,6 +30,9 @@ from callspeak.testing.fake_deepgram.audio import (
     pcm_for_text,
 )
 from callspeak.testing.fake_deepgram.websocket import WebSocketSession
+from callspeak.testing.processes import wait_until_listening
+from callspeak.tts.deepgram_rest import DeepgramRestService
+from callspeak.tts.deepgram_ws import DeepgramWebSocketService
 from tests.fakes import SettableClock
 
 AUTH = {"Authorization": "Token test-key"}
@@ -733,3 +741,59 @@ async def test_ws_session_failure_is_logged_and_closed_1011(
         await fake.serve_ws(peer, verdict)
     assert peer.closed == (1011, "internal error") and fake.ws_open == 0
     assert "WebSocket session failed" in caplog.text
+
+
+@pytest.fixture
+def fake_over_tls(self_signed: tuple[Path, Path]) -> Iterator[str]:
+    """The fake's command line serving https:// and wss:// with a throw-away certificate;
+    yields ``host:port``."""
+    cert, key = self_signed
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [
+        sys.executable, "-m", "callspeak.testing.fake_deepgram", "--port", str(port),
+        "--first-byte-delay", "0", "--certfile", str(cert), "--keyfile", str(key),
+    ]  # fmt: skip
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            wait_until_listening(proc, port, timeout=20)
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert f"CALLSPEAK_DEEPGRAM_URL=https://127.0.0.1:{port} " in line, line
+            assert f"CALLSPEAK_DEEPGRAM_WS_URL=wss://127.0.0.1:{port} " in line, line
+            assert line.rstrip().endswith(f"SSL_CERT_FILE={cert}"), line
+            yield f"127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+async def test_the_command_line_serves_both_voices_over_tls(
+    fake_over_tls: str, self_signed: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As Deepgram is reached (https://, wss://): the real clients, trusting the certificate
+    through ``SSL_CERT_FILE`` as a private CA would be, get the fake's audio."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(self_signed[0]))
+    text = "Over TLS."
+    rest = DeepgramRestService("test-key", base_url=f"https://{fake_over_tls}")
+    ws = DeepgramWebSocketService("test-key", ws_url=f"wss://{fake_over_tls}")
+    try:
+        for service in (rest, ws):
+            provider = service.open()
+            async with asyncio.timeout(10):
+                audio = b"".join([chunk async for chunk in provider.stream(text)])
+            await provider.aclose()
+            assert audio == synthesize(text), service.name
+    finally:
+        await rest.aclose()
+        await ws.aclose()
+
+
+def test_the_command_line_wants_a_key_with_a_certificate(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        fake_deepgram_main(["--port", "1", "--certfile", "cert.pem"])
+    assert exit_info.value.code == 2
+    assert "--certfile and --keyfile go together" in capsys.readouterr().err

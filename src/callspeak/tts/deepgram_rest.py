@@ -171,12 +171,6 @@ class DeepgramRestService:
         """Create the pooled session. Idempotent."""
         _ = self.session
 
-    async def preconnect(self) -> None:
-        """Make sure the pool holds a connection to Deepgram: take one — opening it (TCP, TLS)
-        when none is idle — and put it straight back. Sends no request. Raises what connecting
-        raises (bounded by ``connect_timeout``)."""
-        (await self.take_connection()).release()
-
     async def take_connection(self) -> Connection:
         """A connection to Deepgram out of the pool — an idle one, else a new one (TCP, TLS) —
         for the caller to hold and later ``release()`` back (or close). Sends no request. Raises

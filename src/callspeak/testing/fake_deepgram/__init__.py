@@ -420,7 +420,15 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="pace the audio at this rate (default: as fast as it can; 8000 is real time)",
     )
+    parser.add_argument(
+        "--certfile",
+        help="serve https:// and wss:// with this certificate (PEM), as Deepgram does; clients "
+        "trust it through SSL_CERT_FILE",
+    )
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     args = parser.parse_args(argv)
+    if (args.certfile is None) != (args.keyfile is None):
+        parser.error("--certfile and --keyfile go together")
     fake = FakeDeepgram(
         args.api_key,
         first_byte_delay=args.first_byte_delay,
@@ -433,9 +441,19 @@ def main(argv: list[str] | None = None) -> None:
     collect_young_less_often()
     # One line on what to point callspeak at (uvicorn's own lines are at warning level).
     base = f"{args.host}:{args.port}"
+    secure = "s" if args.certfile else ""
     print(
-        f"fake Deepgram starting: CALLSPEAK_DEEPGRAM_URL=http://{base} "
-        f"CALLSPEAK_DEEPGRAM_WS_URL=ws://{base} DEEPGRAM_API_KEY={args.api_key}",
+        f"fake Deepgram starting: CALLSPEAK_DEEPGRAM_URL=http{secure}://{base} "
+        f"CALLSPEAK_DEEPGRAM_WS_URL=ws{secure}://{base} DEEPGRAM_API_KEY={args.api_key}"
+        + (f" SSL_CERT_FILE={args.certfile}" if secure else ""),
         flush=True,
     )
-    uvicorn.run(fake.app, host=args.host, port=args.port, log_level="warning", ws=fake.ws_protocol)
+    uvicorn.run(
+        fake.app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        ws=fake.ws_protocol,
+        ssl_certfile=args.certfile,
+        ssl_keyfile=args.keyfile,
+    )
