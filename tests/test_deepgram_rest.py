@@ -415,9 +415,11 @@ class CountingRelay:
         host, port = target.removeprefix("http://").rsplit(":", 1)
         self._target = (host, int(port))
         self.connections = 0
-        self._connecting = 0
+        self._relayed = 0  # connections whose pipes to the fake are set up
+        self._relaying = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
 
     async def __aenter__(self) -> str:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
@@ -426,15 +428,20 @@ class CountingRelay:
     async def __aexit__(self, *_: object) -> None:
         assert self._server is not None
         self._server.close()
+        for writer in self._writers:  # a pipe cancelled before it ran never closes its own
+            writer.close()
         for pipe in self._pipes:
             pipe.cancel()
         await asyncio.gather(*self._pipes, return_exceptions=True)
         await self._server.wait_closed()
 
-    async def drop_all(self) -> None:
-        """Close every relayed connection, as a server closing idle keep-alive connections."""
-        while self._connecting:  # accepted, the fake not connected yet: no pipes to cancel
-            await asyncio.sleep(0.01)
+    async def drop_all(self, relayed: int) -> None:
+        """Once ``relayed`` connections are relayed, close every one, both ways, as a server
+        closing idle keep-alive connections."""
+        async with self._relaying:
+            await self._relaying.wait_for(lambda: self._relayed >= relayed)
+        for writer in self._writers:
+            writer.close()
         pipes = list(self._pipes)
         for pipe in pipes:
             pipe.cancel()
@@ -442,15 +449,15 @@ class CountingRelay:
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        self._connecting += 1
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        finally:
-            self._connecting -= 1
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers += (writer, up_writer)
         for source, sink in ((reader, up_writer), (up_reader, writer)):
             pipe = asyncio.create_task(self._pipe(source, sink))
             self._pipes.add(pipe)
             pipe.add_done_callback(self._pipes.discard)
+        async with self._relaying:
+            self._relayed += 1
+            self._relaying.notify_all()
 
     @staticmethod
     async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -540,7 +547,7 @@ async def test_a_kept_connection_the_server_closed_is_replaced_by_the_request(
         provider = service.open()
         provider.warm_up()
         await kept()
-        await relay.drop_all()  # e.g. Deepgram's idle timeout while the call was quiet
+        await relay.drop_all(relayed=1)  # e.g. Deepgram's idle timeout while the call was quiet
         await asyncio.sleep(0.05)
         assert await collect(provider.stream("Still here.")) == fake.audio_for("Still here.")
         assert relay.connections == 2

@@ -252,6 +252,36 @@ async def test_bad_key_never_reconnects(ws_url: str, fake: FakeDeepgram) -> None
     assert fake.ws_connections == 1
 
 
+async def test_refused_credentials_are_tried_again_after_auth_recheck(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """A minute (``auth_recheck``) after a refusal, a connect tries the key again, once per
+    interval: accepted, the service is healthy again; refused, the next try is a minute on."""
+    clock = SettableClock()
+    service = make(ws_url, key="granted-later", max_reconnects=5, auth_recheck=60, clock=clock)
+    with pytest.raises(TTSAuthError):
+        await collect(service.open().stream("Hi."))
+    clock.now += 59.9
+    with pytest.raises(TTSAuthError):  # not yet: no handshake
+        await collect(service.open().stream("Hi."))
+    assert fake.ws_connections == 1
+    clock.now += 0.1
+    with pytest.raises(TTSAuthError):  # tried, refused again
+        await collect(service.open().stream("Hi."))
+    assert fake.ws_connections == 2 and not service.healthy
+    clock.now += 30
+    with pytest.raises(TTSAuthError):  # the next try is 60 s from that refusal
+        await collect(service.open().stream("Hi."))
+    assert fake.ws_connections == 2
+    fake.api_key = "granted-later"  # e.g. the project's permission granted, its balance topped up
+    clock.now += 30
+    provider = service.open()
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    assert service.healthy and fake.ws_connections == 3
+    await provider.aclose()
+    await service.aclose()
+
+
 async def test_handshake_failures_retry_with_backoff(ws_url: str, fake: FakeDeepgram) -> None:
     fake.refuse_ws(503, count=2)
     provider = make(ws_url, max_reconnects=3).open()

@@ -20,7 +20,7 @@ from callspeak.tts.deepgram_rest import DeepgramRestService
 from callspeak.tts.deepgram_ws import DeepgramWebSocketService
 from callspeak.tts.fallback import FallbackService, load_apology
 from tests.conftest import serve_app
-from tests.fakes import FakeProvider, FakeService, tone_for
+from tests.fakes import FakeProvider, FakeService, SettableClock, tone_for
 
 KEY = "test-key"
 TEXT = "Your appointment is confirmed."
@@ -272,6 +272,46 @@ async def test_refused_credentials_make_health_degraded_and_name_the_setting(
     assert tone_for(TEXT) in bytes(report.played)
     assert health["status"] == "degraded" and health["voice"] == "deepgram > backup"
     assert "DEEPGRAM_API_KEY" in caplog.text
+
+
+async def test_a_refused_key_is_tried_again_every_auth_recheck_and_deepgram_comes_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Calls skip a refused Deepgram (no request) until a minute after the refusal, when one
+    tries it again: refused, another minute; accepted, Deepgram speaks again and the chain is
+    healthy — no restart (a balance topped up, a permission granted)."""
+
+    async def heard(chain: FallbackService, text: str) -> bytes:
+        return (await collect(chain, text)).rstrip(b"\xff")  # whole frames: the last padded
+
+    def heard_tone(text: str) -> bytes:
+        return tone_for(text).rstrip(b"\xff")
+
+    clock = SettableClock()
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01)
+    refusal = {"err_code": "INSUFFICIENT_PERMISSIONS", "err_msg": "Project lacks permission."}
+    fake.fail_next(403, refusal, count=2)
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
+        deepgram = DeepgramRestService(KEY, base_url=dg_url, auth_recheck=60, clock=clock)
+        chain = FallbackService([deepgram, FakeService("backup")], apology=b"sorry")
+        assert await heard(chain, "One.") == heard_tone("One.")
+        assert not chain.healthy and len(fake.requests) == 1
+        clock.now += 59.9
+        assert await heard(chain, "Two.") == heard_tone("Two.")  # skipped: no request
+        assert len(fake.requests) == 1
+        clock.now += 0.1
+        assert await heard(chain, "Three.") == heard_tone("Three.")  # tried, refused again
+        assert len(fake.requests) == 2 and not chain.healthy
+        clock.now += 59.9
+        assert await heard(chain, "Four.") == heard_tone("Four.")
+        assert len(fake.requests) == 2
+        clock.now += 0.1
+        with caplog.at_level(logging.INFO, "callspeak.tts"):
+            spoken = await heard(chain, "Five.")
+        assert spoken == fake.audio_for("Five.").rstrip(b"\xff")
+        assert chain.healthy and len(fake.requests) == 3
+        assert "accepted again" in caplog.text
+        await chain.aclose()
 
 
 async def test_warm_up_reaches_the_first_healthy_voice_only() -> None:

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         description="Seconds for one attempt to open the WebSocket voice's socket (TCP, TLS, "
         "upgrade); a text waits twice that at most before the fallback voice speaks.",
     )
+    deepgram_auth_recheck: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds after Deepgram refuses the key (401/403) before a call tries it "
+        "again; meanwhile calls skip to the fallback voice and /healthz says degraded.",
+    )
     fallback: str = Field(
         "piper",
         description="Comma-separated voices to fall back to, in order, when the chosen one "

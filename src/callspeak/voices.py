@@ -52,6 +52,7 @@ def make_engine(
             # A call streams one request at a time: a socket per call, so a full server never
             # waits for a pooled connection.
             max_connections=settings.max_calls,
+            auth_recheck=settings.deepgram_auth_recheck,
         )
     from callspeak.tts.deepgram_ws import DeepgramWebSocketService
 
@@ -61,6 +62,7 @@ def make_engine(
         ws_url=settings.deepgram_ws_url,
         receive_timeout=settings.deepgram_first_byte_timeout,
         connect_timeout=settings.deepgram_connect_timeout,
+        auth_recheck=settings.deepgram_auth_recheck,
     )
 
 

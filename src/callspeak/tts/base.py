@@ -23,7 +23,15 @@ from typing import Protocol, runtime_checkable
 
 from callspeak.audio.format import AudioFormat
 
-__all__ = ["TTSAuthError", "TTSError", "TTSProvider", "TTSService", "aclose_stream", "warm_up"]
+__all__ = [
+    "TTSAuthError",
+    "TTSError",
+    "TTSProvider",
+    "TTSService",
+    "aclose_stream",
+    "warm_up",
+    "worth_trying",
+]
 
 _log = logging.getLogger("callspeak.tts")
 
@@ -137,6 +145,15 @@ class TTSService(Protocol):
     async def aclose(self) -> None:
         """Release everything. Idempotent."""
         ...
+
+
+def worth_trying(service: TTSService) -> bool:
+    """Whether to ask ``service`` for speech now: it is healthy, or its refused credentials are
+    due to be tried again (an engine with a ``recheck_due()`` method, as Deepgram's voices)."""
+    if service.healthy:
+        return True
+    due = getattr(service, "recheck_due", None)
+    return bool(due is not None and due())
 
 
 def warm_up(provider: TTSProvider) -> None:

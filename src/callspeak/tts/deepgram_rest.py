@@ -50,8 +50,9 @@ import contextlib
 import logging
 import os
 import ssl
+import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import aiohttp
 import certifi
@@ -88,8 +89,12 @@ class DeepgramRestService:
     """Process-wide Deepgram REST engine: owns (or borrows) the pooled HTTP session.
 
     An injected ``http_session`` is used as is and never closed here (each request still asks for
-    our timeouts and for no compression). ``healthy`` turns False after Deepgram refuses the
-    credentials, and stays False: fix ``DEEPGRAM_API_KEY`` and restart.
+    our timeouts and for no compression). ``healthy`` turns False when Deepgram refuses the
+    credentials (401/403), and True again once a request is accepted: meanwhile a fallback chain
+    skips this voice, except that every ``auth_recheck`` seconds :meth:`recheck_due` lets the
+    calls asking in that moment try the key again (a topped-up balance, a permission granted, or
+    Deepgram's own auth trouble over, need no restart; a wrong key costs one refused request a
+    minute, not a request loop).
     """
 
     name = _NAME
@@ -105,8 +110,12 @@ class DeepgramRestService:
         stall_timeout: float = 3.0,
         http_session: aiohttp.ClientSession | None = None,
         max_connections: int = 200,
+        auth_recheck: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
+        self.auth_recheck, self._clock = auth_recheck, clock
+        self._refused_at: float | None = None  # when Deepgram last refused the credentials
         self.base_url = base_url.rstrip("/")
         self.first_byte_timeout = first_byte_timeout
         self.stall_timeout = stall_timeout
@@ -123,13 +132,18 @@ class DeepgramRestService:
         self.max_connections = max_connections
         self._session = http_session
         self._owns_session = http_session is None
-        self._healthy = True
         self._closed = False
         self._providers: weakref.WeakSet[DeepgramRestProvider] = weakref.WeakSet()
 
     @property
     def healthy(self) -> bool:
-        return self._healthy
+        """False from Deepgram refusing the credentials until it accepts a request again."""
+        return self._refused_at is None
+
+    def recheck_due(self) -> bool:
+        """Refused at least ``auth_recheck`` seconds ago: worth trying the key again."""
+        refused = self._refused_at
+        return refused is not None and self._clock() - refused >= self.auth_recheck
 
     @property
     def closed(self) -> bool:
@@ -141,8 +155,15 @@ class DeepgramRestService:
         return self._owns_session
 
     def mark_unhealthy(self) -> None:
-        """Record that Deepgram refused the credentials (called by providers)."""
-        self._healthy = False
+        """Record that Deepgram refused the credentials (called by providers); the next
+        re-check is due ``auth_recheck`` seconds from now."""
+        self._refused_at = self._clock()
+
+    def mark_accepted(self) -> None:
+        """Record that Deepgram accepted a request (called by providers): healthy again."""
+        if self._refused_at is not None:
+            self._refused_at = None
+            logger.info("deepgram: the API key is accepted again; calls use Deepgram again")
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -403,6 +424,7 @@ class DeepgramRestProvider:
                     if response.status != 200:
                         body = await _read_at_most(response.content, _ERROR_BODY_LIMIT)
                         raise self._status_error(response, body)
+                    service.mark_accepted()
                 while audio := await self._read(response.content, when):
                     received += len(audio)
                     yield audio

@@ -27,7 +27,10 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   ``Cleared`` (or replaces the socket if ``Cleared`` does not come). ``clear()`` during an active
   ``stream()`` also ends that stream quietly.
 * A handshake refused with 401/403 raises :class:`TTSAuthError`, marks the service unhealthy and
-  is never retried (no reconnect loop on bad credentials). Other connect failures are retried
+  is never retried (no reconnect loop on bad credentials): later connects fail at once with it,
+  until ``auth_recheck`` seconds after the refusal, when the connects asked for in that moment
+  try the key again (:meth:`DeepgramWebSocketService.recheck_due`); a handshake accepted makes
+  the service healthy again. Other connect failures are retried
   ``max_reconnects`` times with exponential backoff, then raise a :class:`TTSError` that is not
   retryable: the retrying is done, and a fallback should take over at once rather than repeat it.
   Each attempt has ``connect_timeout`` (2.5 s: TCP, TLS and the upgrade take a few round trips),
@@ -133,6 +136,7 @@ class DeepgramWebSocketService:
         connect_timeout: float = 2.5,
         flush_wait: float = 3.0,
         max_connection_age: float = 55 * 60.0,
+        auth_recheck: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         resolve: Resolve = getaddrinfo_tcp,
@@ -155,6 +159,8 @@ class DeepgramWebSocketService:
         self.max_connection_age, self.clock, self.sleep = max_connection_age, clock, sleep
         self.connect: Connect = connect if connect is not None else _default_connect
         self.auth_error: TTSAuthError | None = None
+        self.auth_recheck = auth_recheck
+        self._refused_at = 0.0  # when auth_error was set
         self._providers: weakref.WeakSet[DeepgramWebSocketProvider] = weakref.WeakSet()
 
     @property
@@ -162,8 +168,19 @@ class DeepgramWebSocketService:
         return self.auth_error is None
 
     def mark_unhealthy(self, error: TTSAuthError) -> None:
-        """Remember refused credentials: every later connect fails fast with ``error``."""
-        self.auth_error = error
+        """Remember refused credentials: later connects fail fast with ``error`` until
+        :meth:`recheck_due`."""
+        self.auth_error, self._refused_at = error, self.clock()
+
+    def recheck_due(self) -> bool:
+        """Refused at least ``auth_recheck`` seconds ago: worth trying the key again."""
+        return self.auth_error is not None and self.clock() - self._refused_at >= self.auth_recheck
+
+    def mark_accepted(self) -> None:
+        """A handshake was accepted: healthy again."""
+        if self.auth_error is not None:
+            self.auth_error = None
+            logger.info("deepgram-ws: the API key is accepted again; calls use Deepgram again")
 
     async def start(self) -> None:
         """Nothing to warm up: sockets open per call, on first use."""
@@ -346,7 +363,7 @@ class DeepgramWebSocketProvider:
     async def _connect(self) -> ClientConnection:
         svc = self._svc
         for attempt in range(svc.max_reconnects + 1):
-            if svc.auth_error is not None:
+            if svc.auth_error is not None and not svc.recheck_due():
                 raise svc.auth_error
             self._check_open()
             if attempt:
@@ -387,6 +404,7 @@ class DeepgramWebSocketProvider:
                 if self._closed:  # closed while connecting: this socket is nobody's
                     ws.transport.abort()
                     raise TTSError(_NAME, "provider closed while connecting", retryable=False)
+                svc.mark_accepted()
                 self._ws, self._opened_at, self.request_id = ws, svc.clock(), None
                 self._in_utterance, self._pending_clears = False, 0
                 if self._sent_on_open is ws:

@@ -3,7 +3,8 @@
 :class:`FallbackService` chains engines, e.g. Deepgram → Piper. For each text (the session asks
 sentence by sentence) its provider tries the engines in order:
 
-* an engine whose service is unhealthy (credentials refused) is skipped;
+* an engine whose service is unhealthy (credentials refused) is skipped, until its refused
+  credentials are due to be tried again (:func:`~callspeak.tts.base.worth_trying`);
 * a failure before any audio of the text was yielded, at the start of an utterance, is retried
   once on the same engine when it is retryable (429, 5xx, timeouts, a stall, a cut);
 * any other failure moves on to the next engine — a text cut mid-stream is spoken again from its
@@ -38,6 +39,7 @@ from callspeak.tts.base import (
     TTSService,
     aclose_stream,
     warm_up,
+    worth_trying,
 )
 
 __all__ = ["APOLOGY_TEXT", "FallbackService", "load_apology"]
@@ -134,7 +136,7 @@ class _FallbackProvider:
         failures: list[TTSError] = []
         for index in range(self._first, len(self._chain)):
             service, provider = self._chain[index]
-            if not service.healthy and index < len(self._chain) - 1:
+            if not worth_trying(service) and index < len(self._chain) - 1:
                 continue
             retry = not continuation
             while True:
