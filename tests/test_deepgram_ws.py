@@ -252,6 +252,25 @@ async def test_bad_key_never_reconnects(ws_url: str, fake: FakeDeepgram) -> None
     assert fake.ws_connections == 1
 
 
+async def test_reconnect_delays_are_jittered_around_the_exponential_backoff(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """Calls whose sockets Deepgram dropped together must not all reconnect in the same
+    instants: each delay is drawn from half to one and a half times ``backoff`` × 2ⁿ."""
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    draws = iter([0.0, 0.5, 0.99])
+    fake.refuse_ws(503, count=3)
+    service = make(ws_url, max_reconnects=3, backoff=0.2, sleep=sleep, jitter=lambda: next(draws))
+    provider = service.open()
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    assert slept == [pytest.approx(0.1), pytest.approx(0.4), pytest.approx(0.8 * 1.49)]
+    await provider.aclose()
+
+
 async def test_refused_credentials_are_tried_again_after_auth_recheck(
     ws_url: str, fake: FakeDeepgram
 ) -> None:

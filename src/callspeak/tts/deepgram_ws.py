@@ -31,7 +31,9 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   until ``auth_recheck`` seconds after the refusal, when the connects asked for in that moment
   try the key again (:meth:`DeepgramWebSocketService.recheck_due`); a handshake accepted makes
   the service healthy again. Other connect failures are retried
-  ``max_reconnects`` times with exponential backoff, then raise a :class:`TTSError` that is not
+  ``max_reconnects`` times with exponential backoff (``backoff`` × 2ⁿ, each delay drawn from
+  half to one and a half times that, so calls whose sockets Deepgram dropped together do not
+  reconnect in step), then raise a :class:`TTSError` that is not
   retryable: the retrying is done, and a fallback should take over at once rather than repeat it.
   Each attempt has ``connect_timeout`` (2.5 s: TCP, TLS and the upgrade take a few round trips),
   and a ``stream()`` waits at most twice that in all for its socket — room for one hung address
@@ -59,6 +61,7 @@ import contextlib
 import functools
 import json
 import logging
+import random
 import time
 import weakref
 from collections import deque
@@ -137,6 +140,7 @@ class DeepgramWebSocketService:
         flush_wait: float = 3.0,
         max_connection_age: float = 55 * 60.0,
         auth_recheck: float = 60.0,
+        jitter: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         resolve: Resolve = getaddrinfo_tcp,
@@ -156,6 +160,7 @@ class DeepgramWebSocketService:
             self.resolved_host = ResolvedHost(uri.host, uri.port, resolve=resolve, clock=clock)
         self.receive_timeout, self.connect_timeout = receive_timeout, connect_timeout
         self.max_reconnects, self.backoff, self.flush_wait = max_reconnects, backoff, flush_wait
+        self.jitter = jitter  # a number in [0, 1): where each backoff delay falls in its range
         self.max_connection_age, self.clock, self.sleep = max_connection_age, clock, sleep
         self.connect: Connect = connect if connect is not None else _default_connect
         self.auth_error: TTSAuthError | None = None
@@ -367,7 +372,7 @@ class DeepgramWebSocketProvider:
                 raise svc.auth_error
             self._check_open()
             if attempt:
-                await svc.sleep(svc.backoff * 2 ** (attempt - 1))
+                await svc.sleep(svc.backoff * 2 ** (attempt - 1) * (0.5 + svc.jitter()))
             try:
                 ws = await self._dial(
                     open_timeout=svc.connect_timeout,
