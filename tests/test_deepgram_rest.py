@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -15,7 +16,9 @@ from callspeak.testing.asgi_server import serve_asgi
 from callspeak.testing.fake_deepgram import FakeDeepgram
 from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService
 from callspeak.tts.deepgram_rest import DeepgramRestService
+from callspeak.tts.fallback import FallbackService
 from callspeak.tts.sentences import chunk_text
+from tests.fakes import FakeService, SettableClock, tone_for
 
 
 @pytest.fixture
@@ -569,6 +572,108 @@ async def test_a_closed_call_gives_its_kept_connection_back_to_the_pool(
         assert relay.connections == 1
         await kept()
         await service.aclose()
+
+
+async def test_a_connection_kept_half_the_keepalive_or_longer_is_not_reused(
+    base: str, fake: FakeDeepgram
+) -> None:
+    """The pool would take a kept connection given back as freshly idle, however long the call
+    kept it: past Deepgram's idle close, a request on it fails (aiohttp does not resend a POST).
+    Kept half ``keepalive`` or longer, it is closed and the request opens another."""
+    relay = CountingRelay(base)
+    async with relay as relayed:
+        service = DeepgramRestService("test-key", base_url=relayed, keepalive=0.4)
+        provider = service.open()
+        provider.warm_up()
+        assert await collect(provider.stream("One.")) == fake.audio_for("One.")
+        await kept()
+        await asyncio.sleep(0.1)  # a short pause: the kept connection serves the next text
+        assert await collect(provider.stream("Two.")) == fake.audio_for("Two.")
+        assert relay.connections == 1
+        await kept()
+        await asyncio.sleep(0.3)  # the caller talked a while: kept longer than 0.2 s
+        assert await collect(provider.stream("Three.")) == fake.audio_for("Three.")
+        assert relay.connections == 2
+        await kept()
+        await service.aclose()
+
+
+async def test_the_next_text_does_not_wait_for_its_connection_to_be_kept(
+    base: str, fake: FakeDeepgram, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sentence asked for right after the last one ended (as the call's producer does) goes
+    out in that step: on 3.11 the task keeping a connection has not even started then, and
+    waiting for it cost two loop iterations per sentence."""
+    loop = asyncio.get_running_loop()
+    ticks, running = [0], [True]
+
+    def tick() -> None:
+        ticks[0] += 1
+        if running[0]:
+            loop.call_soon(tick)
+
+    posted: list[int] = []
+    real_post = aiohttp.ClientSession.post
+
+    def post(self: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> Any:
+        posted.append(ticks[0])  # observed only: the request itself is aiohttp's
+        return real_post(self, *args, **kwargs)
+
+    monkeypatch.setattr(aiohttp.ClientSession, "post", post)
+    service = DeepgramRestService("test-key", base_url=base)
+    provider = service.open()
+    provider.warm_up()
+    await kept()
+    assert await collect(provider.stream("One.")) == fake.audio_for("One.")
+    loop.call_soon(tick)
+    before = ticks[0]
+    assert await collect(provider.stream("Two.")) == fake.audio_for("Two.")
+    running[0] = False
+    assert posted[-1] - before == 0
+    await kept()
+    await service.aclose()
+
+
+async def test_calls_begun_while_the_key_was_refused_keep_connections_once_accepted(
+    base: str, fake: FakeDeepgram
+) -> None:
+    clock = SettableClock()
+    relay = CountingRelay(base)
+    async with relay as relayed:
+        service = DeepgramRestService("test-key", base_url=relayed, clock=clock)
+        chain = FallbackService([service, FakeService("backup")], apology=b"sorry")
+        service.mark_unhealthy()
+        providers = [chain.open() for _ in range(3)]
+        for provider in providers:
+            provider.warm_up()  # the backup's: Deepgram is refused
+        clock.now += 60
+        for n, provider in enumerate(providers):  # one after another: one connection would do
+            await collect(provider.stream(f"Accepted again, {n}."))
+            await kept()
+        assert service.healthy and relay.connections == 3  # each call keeps one
+        await asyncio.gather(*(collect(p.stream(f"Reply {n}.")) for n, p in enumerate(providers)))
+        assert relay.connections == 3
+        await kept()
+        await chain.aclose()
+
+
+async def test_a_due_recheck_sends_one_request_however_many_calls_ask(
+    base: str, fake: FakeDeepgram
+) -> None:
+    """One refused request a minute, not one per call asking in that moment (each would also
+    wait its round trip before the fallback voice speaks)."""
+    clock = SettableClock()
+    fake.api_key = "another-key"
+    service = DeepgramRestService("test-key", base_url=base, auth_recheck=60, clock=clock)
+    with pytest.raises(TTSAuthError):
+        await collect(service.open().stream("Hi."))
+    clock.now += 60
+    chain = FallbackService([service, FakeService("backup")], apology=b"sorry")
+    texts = [f"Caller {n}." for n in range(20)]
+    heard = await asyncio.gather(*(collect(chain.open().stream(t)) for t in texts))
+    assert [h.rstrip(b"\xff") for h in heard] == [tone_for(t).rstrip(b"\xff") for t in texts]
+    assert len(fake.requests) == 2
+    await chain.aclose()
 
 
 async def test_calls_keeping_every_connection_the_pool_allows_still_speak(

@@ -252,6 +252,24 @@ async def test_bad_key_never_reconnects(ws_url: str, fake: FakeDeepgram) -> None
     assert fake.ws_connections == 1
 
 
+async def test_a_due_recheck_sends_one_handshake_however_many_calls_ask(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    clock = SettableClock()
+    service = make(ws_url, key="wrong", auth_recheck=60, clock=clock)
+    with pytest.raises(TTSAuthError):
+        await collect(service.open().stream("Hi."))
+    clock.now += 60
+    providers = [service.open() for _ in range(10)]
+    results = await asyncio.gather(
+        *(collect(p.stream("Hi.")) for p in providers), return_exceptions=True
+    )
+    assert all(isinstance(r, TTSAuthError) for r in results)
+    assert fake.ws_connections == 2  # the first refusal, then one re-check
+    for provider in providers:
+        await provider.aclose()
+
+
 async def test_reconnect_delays_are_jittered_around_the_exponential_backoff(
     ws_url: str, fake: FakeDeepgram
 ) -> None:

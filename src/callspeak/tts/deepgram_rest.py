@@ -25,12 +25,14 @@ Python 3.12+ the connect starts before ``warm_up()`` returns, see
 does not connect after ``start``: on a cold pool that is the handshakes off the time to first
 audio, and when hundreds of calls arrive together, several loop iterations. The first
 ``stream()`` waits for it if it is still connecting, within its first-byte deadline; a failure is
-only logged (the request connects afresh and reports its own). Each text streamed after that
+only logged (the request connects afresh and reports its own). Each text streamed to its end
 keeps a connection again for the call's next one: a request gives the call's kept connection
-back to the pool just before it takes one, so every call in progress has one ready — replies
-asked for by many calls in the same instant open none — and a call never holds more than one
-(``max_connections`` is the number of calls). A kept connection the server has closed meanwhile
-is dropped by the pool, and the request connects as it would have. Not done for an injected
+back to the pool just before it takes one (and does not wait for one still being taken), so
+every call in progress has one ready — replies asked for by many calls in the same instant open
+none — and a call never holds more than one (``max_connections`` is the number of calls). A kept
+connection the server has closed meanwhile is dropped by the pool, and one kept half
+``keepalive`` (15 s) or longer is closed rather than reused, lest Deepgram close it as the
+request goes out; the request then connects as it would have. Not done for an injected
 ``http_session``: its proxy settings decide which connection a request takes, and they are not
 public.
 
@@ -51,7 +53,6 @@ import logging
 import os
 import ssl
 import time
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import aiohttp
@@ -91,8 +92,9 @@ class DeepgramRestService:
     An injected ``http_session`` is used as is and never closed here (each request still asks for
     our timeouts and for no compression). ``healthy`` turns False when Deepgram refuses the
     credentials (401/403), and True again once a request is accepted: meanwhile a fallback chain
-    skips this voice, except that every ``auth_recheck`` seconds :meth:`recheck_due` lets the
-    calls asking in that moment try the key again (a topped-up balance, a permission granted, or
+    skips this voice, except that every ``auth_recheck`` seconds :meth:`recheck_due`, and one
+    request tries the key again (:meth:`admit_request`; the others asking meanwhile raise the
+    refusal at once) (a topped-up balance, a permission granted, or
     Deepgram's own auth trouble over, need no restart; a wrong key costs one refused request a
     minute, not a request loop).
     """
@@ -111,11 +113,16 @@ class DeepgramRestService:
         http_session: aiohttp.ClientSession | None = None,
         max_connections: int = 200,
         auth_recheck: float = 60.0,
+        keepalive: float = _KEEPALIVE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
         self.auth_recheck, self._clock = auth_recheck, clock
+        #: Seconds an idle pooled connection is reused (aiohttp's ``keepalive_timeout``); a call
+        #: keeps one for half that at most (see :meth:`DeepgramRestProvider.warm_up`).
+        self.keepalive = keepalive
         self._refused_at: float | None = None  # when Deepgram last refused the credentials
+        self._auth_error: TTSAuthError | None = None
         self.base_url = base_url.rstrip("/")
         self.first_byte_timeout = first_byte_timeout
         self.stall_timeout = stall_timeout
@@ -133,7 +140,9 @@ class DeepgramRestService:
         self._session = http_session
         self._owns_session = http_session is None
         self._closed = False
-        self._providers: weakref.WeakSet[DeepgramRestProvider] = weakref.WeakSet()
+        #: Connections calls keep for their next text (closed with the service, even if a
+        #: provider was dropped without ``aclose()``).
+        self.kept: set[Connection] = set()
 
     @property
     def healthy(self) -> bool:
@@ -145,6 +154,17 @@ class DeepgramRestService:
         refused = self._refused_at
         return refused is not None and self._clock() - refused >= self.auth_recheck
 
+    def admit_request(self) -> None:
+        """Let a request through: always when healthy; when refused, only the first once a
+        re-check is due (the next is due ``auth_recheck`` after it, unless it is accepted) — one
+        refused request per interval however many calls ask — else raise the refusal."""
+        if self._refused_at is None:
+            return
+        if self.recheck_due():
+            self._refused_at = self._clock()
+            return
+        raise self._auth_error or TTSAuthError(_NAME, "the API key was refused")
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -154,10 +174,11 @@ class DeepgramRestService:
         """True when the service made its HTTP session (and closes it); False if injected."""
         return self._owns_session
 
-    def mark_unhealthy(self) -> None:
+    def mark_unhealthy(self, error: TTSAuthError | None = None) -> None:
         """Record that Deepgram refused the credentials (called by providers); the next
-        re-check is due ``auth_recheck`` seconds from now."""
+        re-check is due ``auth_recheck`` seconds from now. Requests until then raise ``error``."""
         self._refused_at = self._clock()
+        self._auth_error = error
 
     def mark_accepted(self) -> None:
         """Record that Deepgram accepted a request (called by providers): healthy again."""
@@ -177,7 +198,7 @@ class DeepgramRestService:
             connector = aiohttp.TCPConnector(
                 limit=self.max_connections,
                 limit_per_host=0,  # one host: ``limit`` is the bound
-                keepalive_timeout=_KEEPALIVE_SECONDS,
+                keepalive_timeout=self.keepalive,
                 ssl=_tls_context() if self.base_url.startswith("https:") else True,
             )
             self._session = aiohttp.ClientSession(
@@ -211,16 +232,15 @@ class DeepgramRestService:
         """A provider for one call. Raises :class:`RuntimeError` once the service is closed."""
         if self._closed:
             raise RuntimeError("DeepgramRestService is closed")
-        provider = DeepgramRestProvider(self)
-        self._providers.add(provider)
-        return provider
+        return DeepgramRestProvider(self)
 
     async def aclose(self) -> None:
         """Close the pooled session if this service created it, and the connections calls kept
         (see :meth:`DeepgramRestProvider.warm_up`). Idempotent."""
         self._closed = True
-        for provider in list(self._providers):
-            provider.close_kept_connection()
+        kept, self.kept = self.kept, set()
+        for connection in kept:
+            connection.close()
         if self._owns_session and self._session is not None:
             session, self._session = self._session, None
             await session.close()
@@ -243,8 +263,11 @@ class DeepgramRestProvider:
         self._deadline: asyncio.Timeout | None = None  # the read in flight, so aclose can end it
         self._warming: asyncio.Task[None] | None = None  # warm_up()'s or a re-hold's connect
         self._warmed = False
-        #: The pooled connection this call keeps for its next request (see _hold).
+        #: The pooled connection this call keeps for its next request (see _hold), and when
+        #: it took it (time.monotonic, as aiohttp's pool).
         self._held: Connection | None = None
+        self._held_at = 0.0
+        self._warming_first = False  # _warming is warm_up()'s, which a request waits for
 
     async def stream(
         self, text: str, *, continuation: bool = False, ahead: float = 0.0
@@ -257,15 +280,13 @@ class DeepgramRestProvider:
         after it — and a header declaring any other audio raises a :class:`TTSError` that is not
         retryable (the fallback voice takes over).
         """
-        try:
-            async with contextlib.aclosing(self._stream_text(text)) as audio:
-                async for payload in audio:
-                    yield payload
-        finally:
-            # For the call's next text: its request then finds a connection without opening
-            # one, even when every call asks at once (a connection ended mid-body is closed).
-            if self._warmed:
-                self._hold(first=False)
+        async with contextlib.aclosing(self._stream_text(text)) as audio:
+            async for payload in audio:
+                yield payload
+        # For the call's next text: its request then finds a connection without opening one,
+        # even when every call asks at once. Not after a failure (the fallback voice speaks) or
+        # a stream closed early (a barge-in: its connection, cut mid-body, was closed).
+        self._hold(first=False)
 
     async def _stream_text(self, text: str) -> AsyncGenerator[bytes, None]:
         for index, chunk in enumerate(chunk_text(text, DEFAULT_CHUNK_LIMIT)):
@@ -307,26 +328,32 @@ class DeepgramRestProvider:
         if self._warming is not None and not self._warming.done():
             return
         self._warmed = True
+        self._warming_first = first
         self._warming = start_task(self._take(), name="deepgram-rest-connect")
         self._warming.add_done_callback(self._warm_done if first else self._rehold_done)
 
     async def _take(self) -> None:
         connection = await self._service.take_connection()
-        if self._closed or self._held is not None:  # closed meanwhile: nobody to keep it for
-            connection.release()
+        if self._closed or self._service.closed or self._held is not None:
+            connection.release()  # closed meanwhile: nobody to keep it for
         else:
-            self._held = connection
-
-    def close_kept_connection(self) -> None:
-        """Close the connection kept for the next text, if any (the service is closing)."""
-        held, self._held = self._held, None
-        if held is not None:
-            held.close()
+            self._held, self._held_at = connection, time.monotonic()
+            self._service.kept.add(connection)
 
     def _release_held(self) -> None:
-        """Back to the pool (idle, for any request): a closed connection is dropped there."""
+        """Back to the pool (idle, for any request): a closed connection is dropped there, and
+        one kept half ``keepalive`` or longer is closed here. The pool times a connection's idle
+        from when it was put back, so it would take this one as fresh: idle maybe longer than
+        Deepgram keeps a connection open, and a request on a connection the server is closing
+        fails (aiohttp does not resend a POST). Half, since the connection may have waited idle
+        in the pool up to ``keepalive`` before the call took it."""
         held, self._held = self._held, None
-        if held is not None:
+        if held is None:
+            return
+        self._service.kept.discard(held)
+        if time.monotonic() - self._held_at >= self._service.keepalive / 2:
+            held.close()
+        else:
             held.release()
 
     def _warm_done(self, task: asyncio.Task[None]) -> None:
@@ -398,11 +425,17 @@ class DeepgramRestProvider:
                 async with asyncio.timeout_at(when) as self._deadline:
                     warming = self._warming
                     if warming is not None and not warming.done():
-                        # Its connection is the one to use; a failure is found again below.
-                        # (A warm-up already done has its connection in the pool: waiting on
-                        # it would still cost a loop iteration.)
-                        await asyncio.wait({warming})
-                        self._check_open()  # closed meanwhile: no request
+                        if self._warming_first:
+                            # The call's first connect: the one to use; a failure is found
+                            # again below. (A warm-up already done has its connection kept:
+                            # waiting on it would still cost a loop iteration.)
+                            await asyncio.wait({warming})
+                            self._check_open()  # closed meanwhile: no request
+                        else:
+                            # Keeping one for this text, not done (on 3.11 not even started):
+                            # the request takes a connection itself rather than wait for it.
+                            warming.cancel()
+                    service.admit_request()  # refused credentials: only a due re-check goes out
                     # Idle in the pool, where this request takes it (or another idle one).
                     self._release_held()
                     # A request waiting for a pooled connection is cancelled by aiohttp when the
@@ -468,7 +501,7 @@ class DeepgramRestProvider:
     def _status_error(self, response: aiohttp.ClientResponse, body: bytes) -> TTSError:
         error = parse_error(response.status, body, response.headers, provider=_NAME)
         if isinstance(error, TTSAuthError):
-            self._service.mark_unhealthy()
+            self._service.mark_unhealthy(error)
         return error
 
 

@@ -28,9 +28,9 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   ``stream()`` also ends that stream quietly.
 * A handshake refused with 401/403 raises :class:`TTSAuthError`, marks the service unhealthy and
   is never retried (no reconnect loop on bad credentials): later connects fail at once with it,
-  until ``auth_recheck`` seconds after the refusal, when the connects asked for in that moment
-  try the key again (:meth:`DeepgramWebSocketService.recheck_due`); a handshake accepted makes
-  the service healthy again. Other connect failures are retried
+  until ``auth_recheck`` seconds after the refusal, when one connect tries the key again
+  (:meth:`DeepgramWebSocketService.admit_connect`); a handshake accepted makes the service
+  healthy again. Other connect failures are retried
   ``max_reconnects`` times with exponential backoff (``backoff`` × 2ⁿ, each delay drawn from
   half to one and a half times that, so calls whose sockets Deepgram dropped together do not
   reconnect in step), then raise a :class:`TTSError` that is not
@@ -180,6 +180,18 @@ class DeepgramWebSocketService:
     def recheck_due(self) -> bool:
         """Refused at least ``auth_recheck`` seconds ago: worth trying the key again."""
         return self.auth_error is not None and self.clock() - self._refused_at >= self.auth_recheck
+
+    def admit_connect(self) -> None:
+        """Let a connect through: always when healthy; when refused, only the first once a
+        re-check is due (the next is due ``auth_recheck`` after it, unless it is accepted) — one
+        refused handshake per interval however many calls ask — else raise the refusal."""
+        error = self.auth_error
+        if error is None:
+            return
+        if self.recheck_due():
+            self._refused_at = self.clock()
+            return
+        raise error
 
     def mark_accepted(self) -> None:
         """A handshake was accepted: healthy again."""
@@ -367,8 +379,9 @@ class DeepgramWebSocketProvider:
     # -- connection ----------------------------------------------------------------------
     async def _connect(self) -> ClientConnection:
         svc = self._svc
+        svc.admit_connect()
         for attempt in range(svc.max_reconnects + 1):
-            if svc.auth_error is not None and not svc.recheck_due():
+            if attempt and svc.auth_error is not None:  # refused meanwhile, to this or another
                 raise svc.auth_error
             self._check_open()
             if attempt:
