@@ -64,6 +64,8 @@ def test_serve_and_dial_write_a_wav_of_the_sentence(served: int, tmp_path: Path)
     )
     assert result.returncode == 0, result.stderr
     assert "time to first audio" in result.stdout and "0 warnings" in result.stdout
+    last = result.stdout.splitlines()[-1]
+    assert last.startswith(f"wrote {out}: ") and last.endswith(" s of speech"), last
     raw = out.read_bytes()
     assert raw[:4] == b"RIFF" and raw.count(b"RIFF") == 1  # one header: ours, not the voice's
     with wave.open(str(out)) as wav:

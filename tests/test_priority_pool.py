@@ -68,6 +68,23 @@ async def test_shutdown_cancels_queued_jobs_and_lets_the_running_one_finish() ->
     assert ran == []
 
 
+async def test_aclose_waits_for_the_running_job_without_blocking_the_loop() -> None:
+    """The calls still in progress at shutdown keep being served while a sentence finishes:
+    ``shutdown()`` called on the loop would hold it until the job ended (or 5 s)."""
+    pool = PriorityPool(1)
+    gate = threading.Event()
+    running = asyncio.ensure_future(pool.run(gate.wait))
+    await asyncio.sleep(0.05)
+    closing = asyncio.ensure_future(pool.aclose())
+    await asyncio.sleep(0.05)  # the loop runs on while the worker is busy
+    assert not closing.done()
+    gate.set()  # from the loop: only possible because aclose() does not hold it
+    assert await running is True
+    await asyncio.wait_for(closing, 5)
+    with pytest.raises(RuntimeError, match="shut down"):
+        await pool.run(lambda: None)
+
+
 def test_needs_a_worker() -> None:
     with pytest.raises(ValueError):
         PriorityPool(0)

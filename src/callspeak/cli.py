@@ -17,12 +17,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from callspeak import __version__, eventloop
 from callspeak.config import ConfigError, Settings
+
+if TYPE_CHECKING:  # the emulator is imported when a call is placed, not for every command
+    from callspeak.emulator import CallReport
 
 __all__ = ["main"]
 
@@ -434,8 +437,13 @@ async def _dial(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"callspeak: cannot write --wav {args.wav}: {exc}", file=sys.stderr)
             return 1
-        print(f"wrote {args.wav}: {report.duration:.2f} s, {report.seconds_heard:.2f} s of speech")
+        print(_wrote(args.wav, report))
     return 0 if report.first_audio_at is not None else 1
+
+
+def _wrote(path: str, report: CallReport) -> str:
+    """The line ``dial --wav`` and ``demo`` end with."""
+    return f"wrote {path}: {report.duration:.2f} s of call, {report.seconds_heard:.2f} s of speech"
 
 
 async def _demo(args: argparse.Namespace) -> int:
@@ -468,7 +476,7 @@ async def _demo(args: argparse.Namespace) -> int:
         print("the caller heard nothing", file=sys.stderr)
         return 1
     print(f"time to first audio: {ttfa * 1000:.0f} ms")
-    print(f"wrote {args.wav}: {report.seconds_heard:.2f} s of speech heard")
+    print(_wrote(args.wav, report))
     return 0
 
 

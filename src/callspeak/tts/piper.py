@@ -271,7 +271,7 @@ class PiperService:
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown()
+            await pool.aclose()  # not on the loop: a sentence being synthesised ends first
 
 
 class _PiperProvider:

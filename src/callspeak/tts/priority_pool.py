@@ -11,7 +11,8 @@ with other synthesis, never with the event loop that paces every call's audio.
 
 Contract: :meth:`PriorityPool.run` is awaited on the event loop; the callable runs on a worker
 thread and must not touch the loop. :meth:`PriorityPool.shutdown` stops the workers after the jobs
-they are running (queued jobs are cancelled).
+they are running (queued jobs are cancelled); :meth:`PriorityPool.aclose` does so without
+blocking the event loop.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ class PriorityPool:
             self._queue.put(_Job((float("inf"), 0.0), next(self._seq), None, None, None))
         for thread in self._threads:
             thread.join(timeout)
+
+    async def aclose(self) -> None:
+        """:meth:`shutdown` from the event loop: the wait for running jobs to end happens on
+        another thread, so the calls still in progress keep being served meanwhile (a long
+        sentence being synthesised can take a second)."""
+        await asyncio.to_thread(self.shutdown)
 
     def _work(self) -> None:
         _lower_priority(self._nice)
