@@ -75,6 +75,7 @@ from _server import (  # noqa: E402
 from callspeak import eventloop  # noqa: E402
 from callspeak.emulator import DialOptions, dial  # noqa: E402
 from callspeak.heap import collect_young_less_often, freeze_startup_objects  # noqa: E402
+from callspeak.testing.certificates import self_signed_certificate  # noqa: E402
 
 #: Seconds from the last call placed to the key press of "in progress, answered at once": every
 #: call's greeting ("Hello.", 0.4 s of the fake's audio) has been heard by then.
@@ -104,37 +105,6 @@ class FakeProcess:
             base_url=self.url("http"),
             verify=True if cert is None else ssl.create_default_context(cafile=cert),
         )
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A throw-away certificate and key for 127.0.0.1 and localhost (the openssl command), P-256
-    as api.deepgram.com's is an elliptic-curve one too."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],  # fmt: skip
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def start_fake(
@@ -363,7 +333,7 @@ def main() -> None:
     freeze_startup_objects()
     collect_young_less_often()
     scratch = tempfile.TemporaryDirectory(prefix="callspeak-bench-")
-    tls = make_certificate(Path(scratch.name)) if args.tls else None
+    tls = self_signed_certificate(Path(scratch.name)) if args.tls else None
     fake = start_fake(free_port(), args.first_byte_delay, args.bytes_per_second or None, tls)
     lines: list[str] = []
     # the _first_frames hooks, next to this script: when the server sent each call's first frame

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -17,6 +16,7 @@ from callspeak.cli import uvicorn_options
 from callspeak.config import Settings
 from callspeak.server import create_app
 from callspeak.testing.asgi_server import serve_asgi
+from callspeak.testing.certificates import self_signed_certificate
 from callspeak.testing.fake_deepgram import FakeDeepgram
 from callspeak.tts.piper import PiperService
 
@@ -115,34 +115,7 @@ async def piper_server(piper: PiperService) -> AsyncIterator[RunningServer]:
 
 @pytest.fixture(scope="session")
 def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A throw-away certificate for 127.0.0.1 (the openssl CLI; cryptography is not installed)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
+    """A throw-away certificate for 127.0.0.1 and localhost."""
+    if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -478,12 +479,26 @@ def warm_up_tasks() -> list[asyncio.Task[object]]:
     return [t for t in asyncio.all_tasks() if t.get_name() == "deepgram-rest-connect"]
 
 
+@contextlib.asynccontextmanager
+async def relayed_service(
+    base: str, **kwargs: Any
+) -> AsyncIterator[tuple[CountingRelay, DeepgramRestService]]:
+    """A service reaching the fake through a :class:`CountingRelay`; closed on the way out,
+    once the connections its calls keep are taken."""
+    relay = CountingRelay(base)
+    async with relay as relayed:
+        service = DeepgramRestService("test-key", base_url=relayed, **kwargs)
+        try:
+            yield relay, service
+        finally:
+            await kept()
+            await service.aclose()
+
+
 async def test_warm_up_opens_the_connection_the_first_request_then_uses(
     base: str, fake: FakeDeepgram
 ) -> None:
-    relay = CountingRelay(base)
-    async with relay as relayed:
-        service = DeepgramRestService("test-key", base_url=relayed)
+    async with relayed_service(base) as (relay, service):
         provider = service.open()
         provider.warm_up()
         provider.warm_up()  # once per call
@@ -493,21 +508,17 @@ async def test_warm_up_opens_the_connection_the_first_request_then_uses(
         assert (relay.connections, fake.requests) == (1, [])  # a connection, and no request
         assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
         assert relay.connections == 1  # the request found it idle in the pool
-        await service.aclose()
 
 
 async def test_a_stream_started_during_warm_up_waits_for_its_connection(
     base: str, fake: FakeDeepgram
 ) -> None:
-    relay = CountingRelay(base)
-    async with relay as relayed:
-        service = DeepgramRestService("test-key", base_url=relayed)
+    async with relayed_service(base) as (relay, service):
         provider = service.open()
         provider.warm_up()
         assert warm_up_tasks()
         assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
         assert relay.connections == 1  # not a second connection of its own
-        await service.aclose()
 
 
 async def kept() -> None:
@@ -522,9 +533,7 @@ async def test_each_call_keeps_a_connection_so_replies_asked_at_once_open_none(
     """Calls greeted one after another need one connection between them; if each did not keep
     one for its next text, their replies asked for in the same instant would each open one
     (TCP and TLS, at the moment the caller waits)."""
-    relay = CountingRelay(base)
-    async with relay as relayed:
-        service = DeepgramRestService("test-key", base_url=relayed)
+    async with relayed_service(base) as (relay, service):
         providers = [service.open() for _ in range(4)]
         for provider in providers:
             provider.warm_up()
@@ -537,16 +546,12 @@ async def test_each_call_keeps_a_connection_so_replies_asked_at_once_open_none(
         )
         assert replies == [fake.audio_for(t) for t in texts]
         assert relay.connections == 4  # none opened for the replies
-        await kept()
-        await service.aclose()
 
 
 async def test_a_kept_connection_the_server_closed_is_replaced_by_the_request(
     base: str, fake: FakeDeepgram
 ) -> None:
-    relay = CountingRelay(base)
-    async with relay as relayed:
-        service = DeepgramRestService("test-key", base_url=relayed)
+    async with relayed_service(base) as (relay, service):
         provider = service.open()
         provider.warm_up()
         await kept()
@@ -554,15 +559,12 @@ async def test_a_kept_connection_the_server_closed_is_replaced_by_the_request(
         await asyncio.sleep(0.05)
         assert await collect(provider.stream("Still here.")) == fake.audio_for("Still here.")
         assert relay.connections == 2
-        await service.aclose()
 
 
 async def test_a_closed_call_gives_its_kept_connection_back_to_the_pool(
     base: str, fake: FakeDeepgram
 ) -> None:
-    relay = CountingRelay(base)
-    async with relay as relayed:
-        service = DeepgramRestService("test-key", base_url=relayed, max_connections=1)
+    async with relayed_service(base, max_connections=1) as (relay, service):
         first = service.open()
         first.warm_up()
         await kept()
@@ -570,8 +572,6 @@ async def test_a_closed_call_gives_its_kept_connection_back_to_the_pool(
         second = service.open()  # the pool's only connection: it must not be held any more
         assert await collect(second.stream("Next call.")) == fake.audio_for("Next call.")
         assert relay.connections == 1
-        await kept()
-        await service.aclose()
 
 
 async def test_a_connection_kept_half_the_keepalive_or_longer_is_not_reused(
@@ -580,9 +580,7 @@ async def test_a_connection_kept_half_the_keepalive_or_longer_is_not_reused(
     """The pool would take a kept connection given back as freshly idle, however long the call
     kept it: past Deepgram's idle close, a request on it fails (aiohttp does not resend a POST).
     Kept half ``keepalive`` or longer, it is closed and the request opens another."""
-    relay = CountingRelay(base)
-    async with relay as relayed:
-        service = DeepgramRestService("test-key", base_url=relayed, keepalive=0.4)
+    async with relayed_service(base, keepalive=0.4) as (relay, service):
         provider = service.open()
         provider.warm_up()
         assert await collect(provider.stream("One.")) == fake.audio_for("One.")
@@ -594,8 +592,6 @@ async def test_a_connection_kept_half_the_keepalive_or_longer_is_not_reused(
         await asyncio.sleep(0.3)  # the caller talked a while: kept longer than 0.2 s
         assert await collect(provider.stream("Three.")) == fake.audio_for("Three.")
         assert relay.connections == 2
-        await kept()
-        await service.aclose()
 
 
 async def test_the_next_text_does_not_wait_for_its_connection_to_be_kept(
@@ -638,9 +634,7 @@ async def test_calls_begun_while_the_key_was_refused_keep_connections_once_accep
     base: str, fake: FakeDeepgram
 ) -> None:
     clock = SettableClock()
-    relay = CountingRelay(base)
-    async with relay as relayed:
-        service = DeepgramRestService("test-key", base_url=relayed, clock=clock)
+    async with relayed_service(base, clock=clock) as (relay, service):
         chain = FallbackService([service, FakeService("backup")], apology=b"sorry")
         service.mark_unhealthy()
         providers = [chain.open() for _ in range(3)]
@@ -653,7 +647,6 @@ async def test_calls_begun_while_the_key_was_refused_keep_connections_once_accep
         assert service.healthy and relay.connections == 3  # each call keeps one
         await asyncio.gather(*(collect(p.stream(f"Reply {n}.")) for n, p in enumerate(providers)))
         assert relay.connections == 3
-        await kept()
         await chain.aclose()
 
 
