@@ -65,6 +65,7 @@ from callspeak.audio.wav import WavHeaderStripper
 from callspeak.tasks import start_task, wait_cancelled
 from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
+from callspeak.tts.refused_key import RefusedKey
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text, has_words
 
 __all__ = ["DeepgramRestProvider", "DeepgramRestService"]
@@ -93,8 +94,8 @@ class DeepgramRestService:
     our timeouts and for no compression). ``healthy`` turns False when Deepgram refuses the
     credentials (401/403), and True again once a request is accepted: meanwhile a fallback chain
     skips this voice, except that every ``auth_recheck`` seconds :meth:`recheck_due`, and one
-    request tries the key again (:meth:`admit_request`; the others asking meanwhile raise the
-    refusal at once) (a topped-up balance, a permission granted, or
+    request tries the key again (:class:`~callspeak.tts.refused_key.RefusedKey`; the others
+    asking meanwhile raise the refusal at once) (a topped-up balance, a permission granted, or
     Deepgram's own auth trouble over, need no restart; a wrong key costs one refused request a
     minute, not a request loop).
     """
@@ -117,12 +118,10 @@ class DeepgramRestService:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
-        self.auth_recheck, self._clock = auth_recheck, clock
+        self.refused_key = RefusedKey(auth_recheck, clock)
         #: Seconds an idle pooled connection is reused (aiohttp's ``keepalive_timeout``); a call
         #: keeps one for half that at most (see :meth:`DeepgramRestProvider.warm_up`).
         self.keepalive = keepalive
-        self._refused_at: float | None = None  # when Deepgram last refused the credentials
-        self._auth_error: TTSAuthError | None = None
         self.base_url = base_url.rstrip("/")
         self.first_byte_timeout = first_byte_timeout
         self.stall_timeout = stall_timeout
@@ -147,23 +146,11 @@ class DeepgramRestService:
     @property
     def healthy(self) -> bool:
         """False from Deepgram refusing the credentials until it accepts a request again."""
-        return self._refused_at is None
+        return self.refused_key.error is None
 
     def recheck_due(self) -> bool:
         """Refused at least ``auth_recheck`` seconds ago: worth trying the key again."""
-        refused = self._refused_at
-        return refused is not None and self._clock() - refused >= self.auth_recheck
-
-    def admit_request(self) -> None:
-        """Let a request through: always when healthy; when refused, only the first once a
-        re-check is due (the next is due ``auth_recheck`` after it, unless it is accepted) — one
-        refused request per interval however many calls ask — else raise the refusal."""
-        if self._refused_at is None:
-            return
-        if self.recheck_due():
-            self._refused_at = self._clock()
-            return
-        raise self._auth_error or TTSAuthError(_NAME, "the API key was refused")
+        return self.refused_key.due()
 
     @property
     def closed(self) -> bool:
@@ -177,13 +164,11 @@ class DeepgramRestService:
     def mark_unhealthy(self, error: TTSAuthError | None = None) -> None:
         """Record that Deepgram refused the credentials (called by providers); the next
         re-check is due ``auth_recheck`` seconds from now. Requests until then raise ``error``."""
-        self._refused_at = self._clock()
-        self._auth_error = error
+        self.refused_key.refuse(error or TTSAuthError(_NAME, "the API key was refused"))
 
     def mark_accepted(self) -> None:
         """Record that Deepgram accepted a request (called by providers): healthy again."""
-        if self._refused_at is not None:
-            self._refused_at = None
+        if self.refused_key.accept():
             logger.info("deepgram: the API key is accepted again; calls use Deepgram again")
 
     @property
@@ -435,7 +420,8 @@ class DeepgramRestProvider:
                             # Keeping one for this text, not done (on 3.11 not even started):
                             # the request takes a connection itself rather than wait for it.
                             warming.cancel()
-                    service.admit_request()  # refused credentials: only a due re-check goes out
+                    # Refused credentials: only a due re-check goes out, one per interval.
+                    service.refused_key.admit()
                     # Idle in the pool, where this request takes it (or another idle one).
                     self._release_held()
                     # A request waiting for a pooled connection is cancelled by aiohttp when the

@@ -29,7 +29,7 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
 * A handshake refused with 401/403 raises :class:`TTSAuthError`, marks the service unhealthy and
   is never retried (no reconnect loop on bad credentials): later connects fail at once with it,
   until ``auth_recheck`` seconds after the refusal, when one connect tries the key again
-  (:meth:`DeepgramWebSocketService.admit_connect`); a handshake accepted makes the service
+  (:class:`~callspeak.tts.refused_key.RefusedKey`); a handshake accepted makes the service
   healthy again. Other connect failures are retried
   ``max_reconnects`` times with exponential backoff (``backoff`` × 2ⁿ, each delay drawn from
   half to one and a half times that, so calls whose sockets Deepgram dropped together do not
@@ -79,6 +79,7 @@ from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
 from callspeak.tasks import start_task, wait_cancelled
 from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
+from callspeak.tts.refused_key import RefusedKey
 from callspeak.tts.resolved_host import (
     AddrInfo,
     Resolve,
@@ -163,40 +164,25 @@ class DeepgramWebSocketService:
         self.jitter = jitter  # a number in [0, 1): where each backoff delay falls in its range
         self.max_connection_age, self.clock, self.sleep = max_connection_age, clock, sleep
         self.connect: Connect = connect if connect is not None else _default_connect
-        self.auth_error: TTSAuthError | None = None
-        self.auth_recheck = auth_recheck
-        self._refused_at = 0.0  # when auth_error was set
+        self.refused_key = RefusedKey(auth_recheck, clock)
         self._providers: weakref.WeakSet[DeepgramWebSocketProvider] = weakref.WeakSet()
 
     @property
     def healthy(self) -> bool:
-        return self.auth_error is None
+        return self.refused_key.error is None
 
     def mark_unhealthy(self, error: TTSAuthError) -> None:
         """Remember refused credentials: later connects fail fast with ``error`` until
         :meth:`recheck_due`."""
-        self.auth_error, self._refused_at = error, self.clock()
+        self.refused_key.refuse(error)
 
     def recheck_due(self) -> bool:
         """Refused at least ``auth_recheck`` seconds ago: worth trying the key again."""
-        return self.auth_error is not None and self.clock() - self._refused_at >= self.auth_recheck
-
-    def admit_connect(self) -> None:
-        """Let a connect through: always when healthy; when refused, only the first once a
-        re-check is due (the next is due ``auth_recheck`` after it, unless it is accepted) — one
-        refused handshake per interval however many calls ask — else raise the refusal."""
-        error = self.auth_error
-        if error is None:
-            return
-        if self.recheck_due():
-            self._refused_at = self.clock()
-            return
-        raise error
+        return self.refused_key.due()
 
     def mark_accepted(self) -> None:
         """A handshake was accepted: healthy again."""
-        if self.auth_error is not None:
-            self.auth_error = None
+        if self.refused_key.accept():
             logger.info("deepgram-ws: the API key is accepted again; calls use Deepgram again")
 
     async def start(self) -> None:
@@ -280,7 +266,7 @@ class DeepgramWebSocketProvider:
         when the host's addresses are known."""
         if self._closed or self._ws is not None or self._warming is not None or self._streaming:
             return
-        if self._svc.auth_error is not None:
+        if self._svc.refused_key.error is not None:
             return  # the first stream() raises it, with no connect attempt
         self._warming = start_task(self._connect(), name="deepgram-ws-connect")
         self._warming.add_done_callback(self._warmed)
@@ -379,10 +365,11 @@ class DeepgramWebSocketProvider:
     # -- connection ----------------------------------------------------------------------
     async def _connect(self) -> ClientConnection:
         svc = self._svc
-        svc.admit_connect()
+        svc.refused_key.admit()  # refused: only a due re-check connects, one per interval
         for attempt in range(svc.max_reconnects + 1):
-            if attempt and svc.auth_error is not None:  # refused meanwhile, to this or another
-                raise svc.auth_error
+            refused = svc.refused_key.error
+            if attempt and refused is not None:  # refused meanwhile, to this or another
+                raise refused
             self._check_open()
             if attempt:
                 await svc.sleep(svc.backoff * 2 ** (attempt - 1) * (0.5 + svc.jitter()))

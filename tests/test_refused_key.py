@@ -1,0 +1,45 @@
+"""RefusedKey: a refused key fails attempts at once, but one an interval is let through."""
+
+from __future__ import annotations
+
+import pytest
+
+from callspeak.tts.base import TTSAuthError
+from callspeak.tts.refused_key import RefusedKey
+from tests.fakes import SettableClock
+
+
+def test_a_key_not_refused_lets_every_attempt_through() -> None:
+    key = RefusedKey(60, SettableClock())
+    for _ in range(3):
+        key.admit()
+    assert key.error is None and not key.due() and not key.accept()
+
+
+def test_refused_one_attempt_an_interval_goes_through_until_accepted() -> None:
+    clock = SettableClock()
+    key = RefusedKey(60, clock)
+    refusal = TTSAuthError("deepgram", "Invalid credentials.", status=401)
+    key.refuse(refusal)
+    with pytest.raises(TTSAuthError) as raised:
+        key.admit()
+    assert raised.value is refusal
+    clock.now += 59.9
+    assert not key.due()
+    clock.now += 0.1
+    assert key.due()
+    key.admit()  # the re-check
+    with pytest.raises(TTSAuthError):
+        key.admit()  # one an interval: the others asking meanwhile fail at once
+    assert not key.due()
+    clock.now += 60  # the re-check never answered (a timeout): the next is due anyway
+    key.admit()
+    key.refuse(refusal)  # refused again: an interval from now
+    clock.now += 30
+    with pytest.raises(TTSAuthError):
+        key.admit()
+    clock.now += 30
+    key.admit()
+    assert key.accept()  # accepted: every attempt goes through
+    assert key.error is None and not key.accept()
+    key.admit()
