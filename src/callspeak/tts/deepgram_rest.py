@@ -92,12 +92,12 @@ class DeepgramRestService:
 
     An injected ``http_session`` is used as is and never closed here (each request still asks for
     our timeouts and for no compression). ``healthy`` turns False when Deepgram refuses the
-    credentials (401/403), and True again once a request is accepted: meanwhile a fallback chain
-    skips this voice, except that every ``auth_recheck`` seconds :meth:`recheck_due`, and one
-    request tries the key again (:class:`~callspeak.tts.refused_key.RefusedKey`; the others
-    asking meanwhile raise the refusal at once) (a topped-up balance, a permission granted, or
-    Deepgram's own auth trouble over, need no restart; a wrong key costs one refused request a
-    minute, not a request loop).
+    credentials (401/403), and True again once a request is accepted. Meanwhile a fallback chain
+    skips this voice until :meth:`recheck_due` (``auth_recheck`` seconds after the refusal);
+    then one request tries the key again, and the others asking meanwhile raise the refusal at
+    once (:class:`~callspeak.tts.refused_key.RefusedKey`). A topped-up balance, a permission
+    granted, or Deepgram's own auth trouble over need no restart; a wrong key costs one refused
+    request a minute, not a request loop.
     """
 
     name = _NAME

@@ -30,11 +30,11 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   is never retried (no reconnect loop on bad credentials): later connects fail at once with it,
   until ``auth_recheck`` seconds after the refusal, when one connect tries the key again
   (:class:`~callspeak.tts.refused_key.RefusedKey`); a handshake accepted makes the service
-  healthy again. Other connect failures are retried
-  ``max_reconnects`` times with exponential backoff (``backoff`` × 2ⁿ, each delay drawn from
-  half to one and a half times that, so calls whose sockets Deepgram dropped together do not
-  reconnect in step), then raise a :class:`TTSError` that is not
-  retryable: the retrying is done, and a fallback should take over at once rather than repeat it.
+  healthy again. Other connect failures are retried ``max_reconnects`` times with exponential
+  backoff (``backoff`` × 2ⁿ, each delay drawn from half to one and a half times that, so calls
+  whose sockets Deepgram dropped together do not reconnect in step), then raise a
+  :class:`TTSError` that is not retryable: the retrying is done, and a fallback should take over
+  at once rather than repeat it.
   Each attempt has ``connect_timeout`` (2.5 s: TCP, TLS and the upgrade take a few round trips),
   and a ``stream()`` waits at most twice that in all for its socket — room for one hung address
   and the next, where hung attempts would otherwise add up to four — then raises such an error.
