@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,7 +20,7 @@ from websockets.http11 import Response
 
 from callspeak.testing.fake_deepgram import FakeDeepgram
 from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService
-from callspeak.tts.deepgram_ws import DeepgramWebSocketService
+from callspeak.tts.deepgram_ws import DeepgramWebSocketService, speak_texts
 from callspeak.tts.resolved_host import AddrInfo
 from tests.fakes import SettableClock
 
@@ -81,7 +83,29 @@ async def test_long_text_is_several_speaks_one_flush(ws_url: str, fake: FakeDeep
     assert len(speaks) == 2 and all(len(s) <= 2000 for s in speaks)
     assert [m["type"] for m in fake.ws_messages].count("Flush") == 1
     assert audio == fake.audio_for("".join(speaks))
+    # Deepgram speaks them joined as sent: the space between two sentences survives the split
+    assert "".join(speaks) == text
     await provider.aclose()
+
+
+async def test_one_sentence_split_at_whitespace_keeps_its_words_apart(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    provider = make(ws_url).open()
+    text = " ".join(["word"] * 600)  # 2999 characters and no punctuation: one sentence
+    audio = await collect(provider.stream(text))
+    speaks = [m["text"] for m in fake.ws_messages if m["type"] == "Speak"]
+    assert len(speaks) == 2 and all(len(s) <= 2000 for s in speaks)
+    assert "".join(speaks) == text and audio == fake.audio_for(text)
+    await provider.aclose()
+
+
+def test_speak_texts_end_in_the_space_the_split_took_away() -> None:
+    assert speak_texts("Short.") == ["Short."]
+    assert speak_texts("   ") == []
+    texts = speak_texts("x" * 1999 + " " + "y" * 10)
+    assert texts == ["x" * 1999 + " ", "y" * 10]
+    assert all(len(t) <= 2000 for t in speak_texts("word " * 1000))
 
 
 async def test_clear_then_next_utterance_has_no_stale_audio(
@@ -222,6 +246,23 @@ async def test_stall_raises_then_recovers(ws_url: str, fake: FakeDeepgram) -> No
     assert info.value.retryable
     assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
     assert fake.ws_connections == 2
+    await provider.aclose()
+
+
+async def test_a_stall_mid_utterance_is_judged_by_the_stall_timeout(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """Silence before the first audio may last ``receive_timeout`` (first byte); once audio has
+    come, ``stall_timeout``: CALLSPEAK_DEEPGRAM_STALL_TIMEOUT, as for the REST voice."""
+    fake.ws_stall(960)
+    provider = make(ws_url, receive_timeout=5.0, stall_timeout=0.2).open()
+    received, began = 0, time.monotonic()
+    with pytest.raises(TTSError, match="no more audio and no Flushed for 0.2 s") as info:
+        async for chunk in provider.stream("Hello there."):
+            received += len(chunk)
+    assert received == 960 and info.value.retryable
+    assert time.monotonic() - began < 2.0  # not the 5 s first-byte wait
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
     await provider.aclose()
 
 
@@ -789,6 +830,33 @@ async def test_a_barge_in_just_after_the_socket_opened_clears_the_utterance_it_s
     with pytest.raises(asyncio.CancelledError):
         await speaker[0]
     await provider.clear()  # what the session does next
+    assert await collect(provider.stream("New.")) == fake.audio_for("New.")
+    assert [m["type"] for m in fake.ws_messages] == ["Speak", "Flush", "Clear", "Speak", "Flush"]
+    await provider.aclose()
+
+
+async def test_a_stream_ended_before_its_socket_was_ready_has_what_it_wrote_cleared(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """The warm-up's socket wrote the stream's utterance as it opened, and the stream was
+    cancelled (a barge-in) before the connect resumed: nobody will read that audio, and no
+    clear() need follow (a stream out of time hands its text to the fallback instead). The
+    connect clears it, and the next stream hears only its own audio."""
+    speaker: list[asyncio.Task[bytes]] = []
+
+    async def connect_then_barge_in(url: str, **kwargs: Any) -> ClientConnection:
+        ws = await connect(url, **kwargs)  # the handshake callback has written Speak + Flush
+        speaker[0].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await speaker[0]  # the stream has ended before this connect resumes
+        return ws
+
+    fake.bytes_per_second = 16000  # the old utterance is still streaming when the next starts
+    provider = make(ws_url, connect=connect_then_barge_in).open()
+    provider.warm_up()
+    speaker.append(asyncio.create_task(collect(provider.stream(LONG))))
+    with pytest.raises(asyncio.CancelledError):
+        await speaker[0]
     assert await collect(provider.stream("New.")) == fake.audio_for("New.")
     assert [m["type"] for m in fake.ws_messages] == ["Speak", "Flush", "Clear", "Speak", "Flush"]
     await provider.aclose()

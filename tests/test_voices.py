@@ -35,10 +35,12 @@ def test_deepgram_rest_is_configured_from_the_settings() -> None:
 def test_deepgram_ws_and_missing_key() -> None:
     engine = make_engine(settings(deepgram_api_key="k"), "deepgram-ws")
     assert isinstance(engine, DeepgramWebSocketService)
-    assert (engine.receive_timeout, engine.connect_timeout) == (2.0, 2.5)  # the defaults
-    tuned = settings(deepgram_api_key="k", deepgram_connect_timeout=4.0)
+    # the defaults: first byte, mid-stream silence, one connect attempt
+    assert (engine.receive_timeout, engine.stall_timeout, engine.connect_timeout) == (2.0, 1.5, 2.5)
+    tuned = settings(deepgram_api_key="k", deepgram_connect_timeout=4.0, deepgram_stall_timeout=0.5)
     engine = make_engine(tuned, "deepgram-ws")
-    assert isinstance(engine, DeepgramWebSocketService) and engine.connect_timeout == 4.0
+    assert isinstance(engine, DeepgramWebSocketService)
+    assert (engine.connect_timeout, engine.stall_timeout) == (4.0, 0.5)
     with pytest.raises(VoiceSetupError, match="DEEPGRAM_API_KEY"):
         make_engine(settings(), "deepgram")
 

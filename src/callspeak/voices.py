@@ -61,6 +61,7 @@ def make_engine(
         model=settings.deepgram_model,
         ws_url=settings.deepgram_ws_url,
         receive_timeout=settings.deepgram_first_byte_timeout,
+        stall_timeout=settings.deepgram_stall_timeout,
         connect_timeout=settings.deepgram_connect_timeout,
         auth_recheck=settings.deepgram_auth_recheck,
     )

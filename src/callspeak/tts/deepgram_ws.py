@@ -19,9 +19,10 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   the stream resumes, they are sent the usual way (on a new socket if need be).
 * A provider closed while a socket opens closes that socket rather than keeping it.
 * ``stream(text)`` sends the text as ≤2000-character ``Speak`` messages and one ``Flush``, then
-  yields audio until ``Flushed``. No audio and no ``Flushed`` for ``receive_timeout`` s → the
-  socket is dropped and a retryable :class:`TTSError` ("stalled") raised; a close mid-utterance
-  raises a retryable :class:`TTSError` naming the close code and reason.
+  yields audio until ``Flushed``. No audio and no ``Flushed`` for ``receive_timeout`` s (for
+  ``stall_timeout`` s once audio has come) → the socket is dropped and a retryable
+  :class:`TTSError` ("stalled") raised; a close mid-utterance raises a retryable
+  :class:`TTSError` naming the close code and reason.
 * Stale audio never leaks into the next utterance: ``clear()`` — and closing a ``stream()`` before
   ``Flushed`` — sends ``Clear``; the next ``stream()`` first discards everything up to
   ``Cleared`` (or replaces the socket if ``Cleared`` does not come). ``clear()`` during an active
@@ -134,6 +135,7 @@ class DeepgramWebSocketService:
         model: str = "aura-2-thalia-en",
         ws_url: str = "wss://api.deepgram.com",
         receive_timeout: float = 5.0,
+        stall_timeout: float | None = None,
         max_reconnects: int = 3,
         backoff: float = 0.2,
         connect: Connect | None = None,
@@ -160,6 +162,8 @@ class DeepgramWebSocketService:
         if self.proxy is None and needs_lookup(uri.host):
             self.resolved_host = ResolvedHost(uri.host, uri.port, resolve=resolve, clock=clock)
         self.receive_timeout, self.connect_timeout = receive_timeout, connect_timeout
+        #: The longest silence between an utterance's first audio and its ``Flushed``.
+        self.stall_timeout = receive_timeout if stall_timeout is None else stall_timeout
         self.max_reconnects, self.backoff, self.flush_wait = max_reconnects, backoff, flush_wait
         self.jitter = jitter  # a number in [0, 1): where each backoff delay falls in its range
         self.max_connection_age, self.clock, self.sleep = max_connection_age, clock, sleep
@@ -225,13 +229,15 @@ class DeepgramWebSocketProvider:
         self._warming: asyncio.Task[ClientConnection] | None = None  # warm_up()'s connect
         self._on_open: list[str] = []  # an utterance's messages, for the socket being opened
         self._sent_on_open: ClientConnection | None = None  # the socket that wrote them
+        # The same, kept for _connect when the stream has ended: it counts what was written
+        self._written_on: ClientConnection | None = None
         self.request_id: str | None = None  #: from the current socket's Metadata
 
     async def stream(
         self, text: str, *, continuation: bool = False, ahead: float = 0.0
     ) -> AsyncIterator[bytes]:
         """Audio of ``text`` until ``Flushed``. One active stream per provider."""
-        chunks = chunk_text(text, DEFAULT_CHUNK_LIMIT)
+        chunks = speak_texts(text)
         if not chunks:
             return
         if self._streaming:
@@ -412,10 +418,16 @@ class DeepgramWebSocketProvider:
                 svc.mark_accepted()
                 self._ws, self._opened_at, self.request_id = ws, svc.clock(), None
                 self._in_utterance, self._pending_clears = False, 0
-                if self._sent_on_open is ws:
+                written, self._written_on = self._written_on, None
+                if written is ws:
                     # Counted here, not when the stream resumes: a stream cancelled in between
                     # (a barge-in) must still find its utterance in flight, to Clear it.
                     self._utterance_sent()
+                    if self._sent_on_open is not ws:
+                        # Its stream has already ended (cancelled, or out of time to wait for
+                        # this socket): nobody will read that audio. Cleared now, so the next
+                        # stream drains it up to Cleared instead of hearing it as its own.
+                        await self._send_clear()
                 return ws
             logger.warning("deepgram-ws connect attempt %d failed: %s", attempt + 1, error)
         raise TTSError(  # not retryable: retrying it again would keep the caller waiting longer
@@ -459,7 +471,7 @@ class DeepgramWebSocketProvider:
         messages, self._on_open = self._on_open, []
         if not messages or self._interrupted or self._closed:
             return []
-        self._sent_on_open = ws
+        self._sent_on_open = self._written_on = ws
         return messages
 
     async def _prepare(self) -> ClientConnection:
@@ -571,8 +583,8 @@ class DeepgramWebSocketProvider:
     async def _receive(self, ws: ClientConnection, *, expect_audio: bool) -> AsyncIterator[bytes]:
         """The utterance's audio until its ``Flushed``; with ``expect_audio``, a ``Flushed``
         before any audio is an error (the text has words: the caller would hear silence)."""
-        loop, timeout = asyncio.get_running_loop(), self._svc.receive_timeout
-        when = loop.time() + timeout
+        loop, stall = asyncio.get_running_loop(), self._svc.stall_timeout
+        when = loop.time() + self._svc.receive_timeout
         heard = False
         while not self._interrupted:
             try:
@@ -581,7 +593,10 @@ class DeepgramWebSocketProvider:
                 if self._interrupted:
                     break
                 await self._drop()
-                raise self._error(f"stalled: no audio and no Flushed for {timeout:g} s") from None
+                waited = stall if heard else self._svc.receive_timeout
+                raise self._error(
+                    f"stalled: no {'more ' if heard else ''}audio and no Flushed for {waited:g} s"
+                ) from None
             except ConnectionClosed as exc:
                 await self._drop()
                 code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
@@ -590,7 +605,7 @@ class DeepgramWebSocketProvider:
                 ) from None
             if isinstance(message, bytes):
                 if message:
-                    when, heard = loop.time() + timeout, True
+                    when, heard = loop.time() + stall, True
                     yield message
             elif (kind := self._handle_event(message)) == "Flushed":
                 self._in_utterance = False
@@ -629,6 +644,17 @@ class DeepgramWebSocketProvider:
         elif kind not in ("Flushed", "Cleared"):
             logger.debug("deepgram-ws: unhandled message %s", event)
         return kind if isinstance(kind, str) else None
+
+
+def speak_texts(text: str) -> list[str]:
+    """``text`` as the texts of its ``Speak`` messages, each at most 2000 characters.
+
+    Deepgram speaks the texts buffered before a ``Flush`` joined as they were sent, so every text
+    but the last ends in the space the split took away: without it the last word of one and the
+    first of the next would run together ("here.Sentence", "wordword").
+    """
+    texts = chunk_text(text, DEFAULT_CHUNK_LIMIT - 1)
+    return [piece + " " for piece in texts[:-1]] + texts[-1:]
 
 
 def _messages(chunks: list[str]) -> list[str]:

@@ -223,9 +223,10 @@ class FakeDeepgram:
         """After the next ``Flushed``, close the socket (a server-side close between utterances)."""
         self._faults.append(Fault("ws_close_flushed", count, code=code, reason=reason))
 
-    def ws_stall(self, *, count: int | None = 1) -> None:
-        """The next flushes produce neither audio nor ``Flushed`` (until a Clear or a close)."""
-        self._faults.append(Fault("ws_stall", count))
+    def ws_stall(self, n_bytes: int = 0, *, count: int | None = 1) -> None:
+        """The next flushes send ``n_bytes`` of audio, then nothing more — neither audio nor
+        ``Flushed`` — until a Clear or a close."""
+        self._faults.append(Fault("ws_stall", count, n_bytes=n_bytes))
 
     def ws_silent(self, *, count: int | None = 1) -> None:
         """Answer the next flushes with ``Flushed`` and no audio."""

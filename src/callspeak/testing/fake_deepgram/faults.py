@@ -17,10 +17,11 @@ __all__ = ["Fault", "take"]
 class Fault:
     """One injected fault; which fields matter depends on ``kind``.
 
-    ``fail``/``refuse``: ``status``, ``body``, ``content_type``. ``stall``/``cut``/``ws_close``:
-    ``n_bytes`` of audio first. ``ws_close``/``ws_close_flushed``: close ``code`` and ``reason``.
+    ``fail``/``refuse``: ``status``, ``body``, ``content_type``.
+    ``stall``/``cut``/``ws_close``/``ws_stall``: ``n_bytes`` of audio first.
+    ``ws_close``/``ws_close_flushed``: close ``code`` and ``reason``.
     ``ws_warn``: ``body`` is the description and ``reason`` the warning code.
-    ``ws_stall``, ``ws_silent``: none.
+    ``ws_silent``: none.
     ``wav``: ``reason`` an encoding and ``n_bytes`` a sample rate to answer in instead ("", 0: as
     asked).
     """

@@ -152,6 +152,13 @@ class WebSocketSession:
         except Exception:  # the client went away mid-send: nothing left to do
             return
 
+    async def _stall(self) -> None:
+        """Send nothing more until a Clear or a close wakes this socket (or ``stall_limit``)."""
+        self.woken.clear()
+        with contextlib.suppress(TimeoutError):  # (not wait_for: it can swallow a cancel)
+            async with asyncio.timeout(self.fake.stall_limit):
+                await self.woken.wait()
+
     async def _speak(self, generation: int, text: str, arrived: float) -> bool:
         """Audio of one flush (read at ``arrived``), then ``Flushed``. False when the socket was
         closed by a fault."""
@@ -166,16 +173,15 @@ class WebSocketSession:
             await self.ws.send_text(
                 _json({"type": "Warning", "description": fault.body.decode(), "code": fault.reason})
             )
-        if fault is not None and fault.kind == "ws_stall":
-            self.woken.clear()
-            with contextlib.suppress(TimeoutError):  # (not wait_for: it can swallow a cancel)
-                async with asyncio.timeout(fake.stall_limit):
-                    await self.woken.wait()
+        stalling = fault is not None and fault.kind == "ws_stall"
+        if stalling and fault is not None and not fault.n_bytes:
+            await self._stall()
             return True
         silent = not text.strip() or (fault is not None and fault.kind == "ws_silent")
         audio = b"" if silent else synthesize(text, self.encoding, self.rate)
         closing = fault is not None and fault.kind == "ws_close"
-        limit = min(fault.n_bytes, len(audio)) if fault is not None and closing else len(audio)
+        cut = fault is not None and (closing or stalling)
+        limit = min(fault.n_bytes, len(audio)) if fault is not None and cut else len(audio)
         await fake.hold_first_byte(arrived)
         fake.first_bytes[text] = fake.clock()
         sent = 0
@@ -186,6 +192,9 @@ class WebSocketSession:
             if fake.bytes_per_second:
                 await fake.sleep(len(piece) / fake.bytes_per_second)
         if generation != self.generation:
+            return True
+        if stalling:
+            await self._stall()
             return True
         if fault is not None and closing:
             await self.ws.close(fault.code, fault.reason)
