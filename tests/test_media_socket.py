@@ -26,6 +26,7 @@ from callspeak.config import Settings
 from callspeak.emulator import DialOptions, dial
 from callspeak.emulator.frames import ClientTextFrames
 from callspeak.frame_reader import FrameAt, frame_at
+from callspeak.hooks import CallHooks
 from callspeak.media_socket import INBOX_HIGH, INBOX_LOW, MediaSocket
 from callspeak.protocol import Connected
 from callspeak.server import Refusal, create_app
@@ -569,6 +570,30 @@ async def test_a_call_that_cannot_be_set_up_is_closed_not_left_open(serve: Serve
         await asyncio.wait_for(ws.wait_closed(), 5)
         assert app.state.callspeak.calls.connections == 0
     assert ws.close_code in (1011, 1006)  # 1006: uvicorn's ASGI path drops the connection
+
+
+class BrokenHooks(CallHooks):
+    def attach(self, session: Any) -> None:
+        raise RuntimeError("a hook could not attach")
+
+
+async def test_a_call_that_fails_after_its_voice_opened_closes_the_voice_too(
+    serve: ServeApp,
+) -> None:
+    """The voice is open (and, for a voice that keeps a connection per call, warming it up)
+    before the rest of the call is set up: a failure after it must close the voice as well as
+    the socket, or that connection stays taken until the service closes."""
+    service = FakeService()
+    app = create_app(Settings(validate_signatures=False), tts=service, hooks=BrokenHooks())
+    async with serve(app) as url:
+        ws = await websockets.connect(url.replace("http", "ws", 1) + "/twilio")
+        await asyncio.wait_for(ws.wait_closed(), 5)
+        [provider] = service.providers
+        async with asyncio.timeout(5):
+            while not provider.closed:  # noqa: ASYNC110 (the close announces nothing)
+                await asyncio.sleep(0.01)
+        assert app.state.callspeak.calls.connections == 0
+    assert ws.close_code in (1011, 1006)
 
 
 async def test_accepted_streams_are_logged_and_refusals_name_the_forwarded_client(

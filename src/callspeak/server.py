@@ -57,7 +57,7 @@ from callspeak.metrics import Metrics
 from callspeak.protocol import Start
 from callspeak.session import CallSession, Transport, TransportClosed
 from callspeak.signatures import SIGNATURE_HEADER, TwilioSignatureVerifier
-from callspeak.tts.base import TTSService
+from callspeak.tts.base import TTSProvider, TTSService
 from callspeak.twiml import (
     TwiMLError,
     connect_stream_twiml,
@@ -339,16 +339,29 @@ def open_stream(state: AppState, transport: Transport) -> Coroutine[Any, Any, No
     and tens of milliseconds when hundreds of calls arrive together. The coroutine must be run:
     it ends what the opened session began.
     """
+    provider: TTSProvider | None = None
     try:
-        session = _new_session(state, transport)
+        provider = state.tts.open()
+        session = _new_session(state, transport, provider)
         session.open()
     except Exception as exc:  # a broken voice or hook: the socket must not stay open, unread
-        return _close_unserved(transport, exc)
+        return _close_unserved(transport, provider, exc)
     return _serve_session(state, transport, session)
 
 
-async def _close_unserved(transport: Transport, error: Exception) -> None:
-    await transport.close(1011, "internal error")
+async def _close_unserved(
+    transport: Transport, provider: TTSProvider | None, error: Exception
+) -> None:
+    """End a stream whose call could not be set up: its socket, and its voice, which may
+    already hold a connection (opened by ``session.open()``'s warm-up); then raise ``error``."""
+    try:
+        await transport.close(1011, "internal error")
+    finally:
+        if provider is not None:
+            try:
+                await provider.aclose()
+            except Exception as exc:  # logged: the error to raise is the one that ended the call
+                log.error("closing the voice of a call not set up failed: %r", exc)
     raise error
 
 
@@ -366,7 +379,7 @@ async def _serve_session(state: AppState, transport: Transport, session: CallSes
         await transport.close()
 
 
-def _new_session(state: AppState, transport: Transport) -> CallSession:
+def _new_session(state: AppState, transport: Transport, provider: TTSProvider) -> CallSession:
     settings, hooks = state.settings, state.hooks
     barge_in = (
         SpeechOnsetDetector(
@@ -377,7 +390,7 @@ def _new_session(state: AppState, transport: Transport) -> CallSession:
     )
     session = CallSession(
         transport,
-        state.tts.open(),
+        provider,
         # An application's on_start handler decides what the call hears first.
         greeting=None if hooks and hooks.handles_start else settings.greeting,
         speak_parameter=not (hooks and hooks.handles_start),
