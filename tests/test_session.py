@@ -28,6 +28,7 @@ from callspeak.protocol import (
 from callspeak.session import CallSession, SessionClosed, SpeechQueueFull, TextTooLong
 from callspeak.speech import HeardRecord, SpeechStatus
 from callspeak.tasks import EAGER_START
+from callspeak.tts.base import TTSError
 from callspeak.tts.fallback import FallbackService
 from tests.fakes import (
     DirectTransport,
@@ -214,15 +215,24 @@ async def test_bad_input_is_counted_and_the_call_goes_on(bad: str | bytes) -> No
 
 
 async def test_stop_ends_the_call_cancels_synthesis_and_refuses_more_speech() -> None:
+    """Speech being heard when the call ends is interrupted (reason ``call-ended``, with what
+    was heard); speech none of whose audio was sent is cancelled."""
     provider = FakeProvider(chunk=160, delay=0.05)
     async with Harness(provider, greeting="a long greeting " * 10) as h:
         h.transport.push(start_json())
         await h.transport.wait_for(lambda ms: len(ms) >= 2)
+        [greeting] = h.session.utterances
+        queued = h.session.say("Never reached.")
         h.transport.push(Stop(9, SID, AccountSid("AC1"), CallSid("CAtest")).to_json())
         assert h.task is not None
         await asyncio.wait_for(h.task, 5)
     assert provider.cancelled == 1 and provider.closed
-    assert h.session.utterances[0].status is SpeechStatus.CANCELLED
+    assert greeting.status is SpeechStatus.INTERRUPTED
+    assert queued.status is SpeechStatus.CANCELLED
+    [event] = [e for e in h.events if e.type == "speech.interrupted"]
+    assert event.data["reason"] == "call-ended" and event.data["utterance"] == greeting.id
+    assert event.data["cut"] == greeting.text.strip() and event.data["cutSeconds"] > 0
+    assert h.types()[-2:] == ["speech.interrupted", "call.stopped"]
     with pytest.raises(SessionClosed):
         h.session.say("too late")
 
@@ -323,8 +333,11 @@ async def test_barge_in_spares_non_interruptible_speech_and_keeps_it_queued() ->
         assert after.status in (SpeechStatus.QUEUED, SpeechStatus.SPEAKING)
         await h.transport.wait_for(lambda ms: h.marks()[-1].endswith("u3.s0"))
     interrupted = [e for e in h.events if e.type == "speech.interrupted"]
-    assert [e.data["utterance"] for e in interrupted] == [chat.id]
-    assert interrupted[0].data["reason"] == "barge-in"
+    # (the notice after it was still playing when the test's call ended)
+    assert [(e.data["utterance"], e.data["reason"]) for e in interrupted] == [
+        (chat.id, "barge-in"),
+        (after.id, "call-ended"),
+    ]
 
 
 def wav_header(data_len: int) -> bytes:
@@ -615,7 +628,7 @@ async def test_a_socket_closed_under_the_producers_own_send_ends_the_call_cleanl
         provider.gate.set()  # ...and the first audio arrives
         assert h.task is not None
         await asyncio.wait_for(h.task, 5)  # run() ends without raising
-    assert utterance.status is SpeechStatus.CANCELLED
+    assert utterance.status is SpeechStatus.CANCELLED and utterance.error == "the call ended"
     assert provider.closed and h.types()[-1] == "call.stopped"
 
 
@@ -796,7 +809,7 @@ async def test_speech_heard_whole_while_a_clear_waits_ends_played_and_is_not_sto
         "speech.heard",
         "speech.done",
     ]
-    assert second.status is SpeechStatus.INTERRUPTED
+    assert second.status is SpeechStatus.CANCELLED  # none of its audio had been sent
 
 
 async def test_a_synthesis_failure_a_clear_reaches_first_ends_the_speech_once() -> None:
@@ -813,7 +826,7 @@ async def test_a_synthesis_failure_a_clear_reaches_first_ends_the_speech_once() 
         assert await loop_iterations_until(sender_gave_up, 100) < 100
         assert await h.session.clear() == [utterance]
         await asyncio.sleep(0.01)  # the speaker wakes to the failure
-        assert utterance.status is SpeechStatus.INTERRUPTED
+        assert utterance.status is SpeechStatus.CANCELLED  # cleared, none of it sent
     assert [e.type for e in h.events if e.data.get("utterance") == utterance.id] == [
         "speech.interrupted"
     ]
@@ -834,8 +847,11 @@ async def test_a_socket_drop_while_the_voice_winds_down_still_ends_the_call_clea
         utterance = h.session.say("A long greeting that goes on. " * 5)
         assert h.task is not None
         await asyncio.wait_for(h.task, 5)  # run() ends without raising
-    assert utterance.status is SpeechStatus.CANCELLED
-    assert provider.closed and h.types()[-1] == "call.stopped"
+    # some of it was sent before the drop: cut short by the call's end
+    assert utterance.first_audio_at is not None
+    assert utterance.status is SpeechStatus.INTERRUPTED
+    assert h.types()[-2:] == ["speech.interrupted", "call.stopped"]
+    assert provider.closed
 
 
 @pytest.mark.parametrize("max_lead", [0.04, 0.06, 0.08, 1.0])
@@ -1080,3 +1096,85 @@ async def test_a_voice_failing_to_close_still_lets_the_call_end_and_say_so(
         await asyncio.wait_for(h.task, 5)
     assert h.types()[-1] == "call.stopped"
     assert "closing the voice failed" in caplog.text
+
+
+class FailsMidSentence(FakeProvider):
+    """Sentences with "cut" in them yield 60 ms of audio, then fail (every voice down)."""
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        if "cut" not in text:
+            async for chunk in super().stream(text, continuation=continuation, ahead=ahead):
+                yield chunk
+            return
+        self.texts.append(text)
+        yield tone_for(text)[:480]
+        raise TTSError("fake", "cut mid-sentence", retryable=False)
+
+
+async def test_hangup_after_speech_waits_for_what_failed_speech_sent() -> None:
+    """Speech fails at once, but what it sent before failing is still in Twilio's buffer: the
+    audio cut short gets a mark of its own, and hangup(after_speech) waits for it to play."""
+    async with Harness(FailsMidSentence(chunk=160), greeting=None) as h:
+        await h.start_idle()
+        utterance = h.session.say("Hello there. Then cut short.")
+        assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.FAILED
+        assert h.marks() == ["g0.u1.s0", "g0.u1.s1"]  # the second after the cut audio
+        hanging = asyncio.create_task(h.session.hangup(after_speech=True, grace=5))
+        h.transport.push(echo("g0.u1.s0"))
+        await asyncio.sleep(0.05)
+        assert h.transport.closed is None  # the cut sentence is still playing
+        h.transport.push(echo("g0.u1.s1", 11))
+        await asyncio.wait_for(hanging, 5)
+        assert h.transport.closed == (1000, "hangup")
+
+
+async def test_hangup_after_speech_lets_the_apology_play() -> None:
+    chain = FallbackService(
+        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 1600
+    )
+    async with Harness(chain.open(), greeting=None) as h:  # type: ignore[arg-type]
+        await h.start_idle()
+        utterance = h.session.say("One sentence. Another one.")
+        assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.FAILED
+        assert h.marks() == ["g0.u1.s0"]  # after the apology
+        hanging = asyncio.create_task(h.session.hangup(after_speech=True, grace=5))
+        await asyncio.sleep(0.05)
+        assert h.transport.closed is None
+        h.transport.push(echo("g0.u1.s0"))
+        await asyncio.wait_for(hanging, 5)
+        assert h.transport.closed == (1000, "hangup")
+
+
+async def test_clear_stops_what_failed_speech_sent() -> None:
+    async with Harness(FailsMidSentence(chunk=160), greeting=None) as h:
+        await h.start_idle()
+        utterance = h.session.say("Hello there. Then cut short.")
+        assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.FAILED
+        assert await h.session.clear() == []  # nothing unfinished to report stopped...
+        assert isinstance(h.transport.messages()[-1], Clear)  # ...but its audio is
+        assert utterance.status is SpeechStatus.FAILED
+        await asyncio.wait_for(h.session.hangup(after_speech=True, grace=5), 1)  # (dropped)
+
+
+async def test_barge_in_spares_what_failed_non_interruptible_speech_sent() -> None:
+    """A notice that may not be interrupted fails after sending some of itself; the chatter
+    after it starts. The caller speaking while the notice's audio still plays cuts neither;
+    once it has played, the chatter may be interrupted."""
+    provider = FailsMidSentence(chunk=160)
+    async with Harness(provider, greeting=None, barge_in=MarkerDetector(), max_lead=1.0) as h:
+        await h.start_idle()
+        notice = h.session.say("Legal notice. Then cut short.", interruptible=False)
+        chat = h.session.say("Some chatter.")
+        assert await asyncio.wait_for(notice.wait(), 5) is SpeechStatus.FAILED
+        await h.transport.wait_for(lambda ms: h.marks()[-1] == f"g0.u{chat.id}.s0")
+        h.transport.push(caller_speaks())
+        await asyncio.sleep(0.05)
+        assert not any(isinstance(m, Clear) for m in h.transport.messages())
+        assert chat.status is SpeechStatus.SPEAKING
+        for seq, name in enumerate(h.marks()[:2]):  # the notice has played
+            h.transport.push(echo(name, 10 + seq))
+        h.transport.push(caller_speaks(21))
+        assert await asyncio.wait_for(chat.wait(), 5) is SpeechStatus.INTERRUPTED
+        assert isinstance(h.transport.messages()[-1], Clear)

@@ -5,9 +5,10 @@ consumer can order and correlate them across calls. Types:
 
 ``call.started`` · ``speech.started`` (first audio of an utterance sent) · ``speech.heard`` (one
 sentence fully played, from its mark) · ``speech.done`` (every sentence of an utterance played) ·
-``speech.interrupted`` (cleared: heard and unheard text, and why: ``barge-in``, ``dtmf``,
-``clear``) · ``speech.failed`` · ``dtmf`` · ``caller.speaking`` (voice activity started on the
-caller's side) · ``call.stopped``.
+``speech.interrupted`` (cleared, or the call ended, while it was being heard: heard and unheard
+text, and why: ``barge-in``, ``dtmf``, ``clear`` (the control API), ``app`` (a hook's
+``Call.clear()``), ``call-ended``) · ``speech.failed`` · ``dtmf`` · ``caller.speaking`` (voice
+activity started on the caller's side) · ``call.stopped``.
 """
 
 from __future__ import annotations

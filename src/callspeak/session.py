@@ -223,6 +223,13 @@ class CallSession:
         self._listeners: list[EventListener] = [on_event] if on_event else []
         self._queue: asyncio.Queue[Utterance] = asyncio.Queue(MAX_QUEUED_UTTERANCES)
         self._utterances: dict[int, Utterance] = {}
+        #: Failed utterances whose audio is still in Twilio's buffer, by the name of the last
+        #: mark sent after it: what they sent still plays (up to the failure, or the apology),
+        #: so clear() still stops it, barge-in spares it if it is not interruptible, and
+        #: hangup(after_speech) waits for it. ``_drained`` is set while there are none.
+        self._draining: dict[str, Utterance] = {}
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._next_id = 0
         self._generation = 0
         self._current: Utterance | None = None
@@ -347,18 +354,21 @@ class CallSession:
         """Stop speech now: cancel synthesis, drop queued text, send ``clear``.
 
         Stops every utterance not yet finished — the one being synthesised, ones whose audio is
-        still playing in Twilio's buffer (their last mark has not come back), and queued ones.
-        With ``only_interruptible`` (barge-in), nothing happens while a non-interruptible
-        utterance is playing, and queued non-interruptible ones stay queued. ``reason`` is
+        still playing in Twilio's buffer (their last mark has not come back), and queued ones —
+        and what failed speech sent before failing, if it is still playing (that speech stays
+        ``failed``). With ``only_interruptible`` (barge-in), nothing happens while a
+        non-interruptible utterance (or what one sent before failing) is playing, and queued
+        non-interruptible ones stay queued. ``reason`` is
         reported in the ``speech.interrupted`` events. Returns the utterances stopped.
         """
         active = [u for u in self._utterances.values() if not u.status.final]
-        if only_interruptible and any(
-            u.status is SpeechStatus.SPEAKING and not u.interruptible for u in active
+        if only_interruptible and (
+            any(u.status is SpeechStatus.SPEAKING and not u.interruptible for u in active)
+            or any(not u.interruptible for u in self._draining.values())
         ):
             return []
         stopped = [u for u in active if u.interruptible or not only_interruptible]
-        if not stopped:
+        if not stopped and not self._draining:
             return []
         self._clearing += 1
         self._no_clear.clear()
@@ -396,6 +406,8 @@ class CallSession:
             return stopped
         now = self._clock.now()
         self._state.cleared()
+        self._draining.clear()  # their audio is dropped with the rest
+        self._drained.set()
         self._generation += 1
         self._pacer.reset()
         with contextlib.suppress(TransportClosed):
@@ -418,15 +430,19 @@ class CallSession:
     async def hangup(self, *, after_speech: bool = False, grace: float = 30.0) -> None:
         """Close the media stream; with ``after_speech``, once no speech is left unfinished —
         what was queued, and what is said while this waits (a goodbye answering a hook's event)
-        — waiting at most ``grace`` seconds in all."""
+        — and what failed speech sent has played, waiting at most ``grace`` seconds in all."""
         if after_speech:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
-                    while unfinished := [
-                        u for u in self._utterances.values() if not u.status.final
-                    ]:
+                    while True:
+                        unfinished = [u for u in self._utterances.values() if not u.status.final]
                         for utterance in unfinished:
                             await utterance.wait()
+                        if unfinished:
+                            continue  # more may have been said meanwhile
+                        if not self._draining:
+                            break
+                        await self._drained.wait()  # the audio of failed speech, still playing
         self._closed = True
         await self._transport.close(1000, "hangup")
 
@@ -655,6 +671,8 @@ class CallSession:
         log.warning("ignored inbound message: %s", reason, extra=self._ids())
 
     def _on_mark(self, name: str, *, played: bool) -> None:
+        if self._draining and self._draining.pop(name, None) is not None and not self._draining:
+            self._drained.set()
         parsed = parse_mark_name(name)
         if parsed is None:
             return
@@ -710,7 +728,7 @@ class CallSession:
             if exc is None:
                 continue
             if isinstance(exc, TransportClosed):
-                utterance.finish(SpeechStatus.CANCELLED, error="the call ended")
+                self._end_with_call(utterance)
             else:
                 log.error("speaking utterance %d failed: %r", utterance.id, exc, extra=self._ids())
                 if utterance.status.final:  # a clear() ended it before the speaker woke to this
@@ -816,6 +834,7 @@ class CallSession:
     ) -> None:
         clock, pacer = self._clock, self._pacer
         pending: tuple[int, bytes | None] | None = None
+        marked = -1  # the last sentence whose mark was sent
         while True:
             if pending is not None:
                 index, frame = pending
@@ -832,12 +851,14 @@ class CallSession:
                 if index == _END_OF_UTTERANCE:
                     return
                 if index == _FAILED:
+                    await self._mark_failed(utterance, marked)
                     raise RuntimeError(utterance.error or "text-to-speech failed")
                 if index == _SOCKET_CLOSED:
                     raise TransportClosed("the media socket closed")
                 name = mark_name(self._generation, utterance.id, index)
                 self._state.mark_sent(name)
                 await self._send(encode_mark(StreamSid(self.stream_sid), name))
+                marked = index
                 continue
             now = clock.now()
             # Frames go out MAX_FRAMES_PER_MESSAGE at a time (100 ms of audio a message) once
@@ -859,6 +880,23 @@ class CallSession:
                     break
                 batch.append(nxt[1])
             await self._send_audio(utterance, index, batch, now)
+
+    async def _mark_failed(self, utterance: Utterance, marked: int) -> None:
+        """``utterance`` failed after sentence ``marked`` was marked (-1: none was): keep it in
+        ``_draining`` until the audio it sent has played. Audio sent after that mark (a sentence
+        cut by the failure) gets a mark of its own, so that its end is known too."""
+        cut = [i for i in range(marked + 1, len(utterance.sentences)) if utterance.sent_seconds[i]]
+        if cut:
+            marked = cut[-1]
+            name = mark_name(self._generation, utterance.id, marked)
+            self._state.mark_sent(name)
+            await self._send(encode_mark(StreamSid(self.stream_sid), name))
+        if marked < 0:
+            return
+        name = mark_name(self._generation, utterance.id, marked)
+        if name in self._state.pending_marks:  # (not played yet)
+            self._draining[name] = utterance
+            self._drained.clear()
 
     async def _send_audio(
         self, utterance: Utterance, index: int, batch: list[bytes], now: float
@@ -925,8 +963,9 @@ class CallSession:
             except Exception as exc:  # a bug: logged, and the call still ends and is released
                 log.error("the speaker failed: %r", exc, extra=self._ids())
         await self._drop_early()
-        for utterance in self._utterances.values():
-            utterance.finish(SpeechStatus.CANCELLED)
+        for utterance in list(self._utterances.values()):
+            self._end_with_call(utterance)
+        self._draining.clear()
         try:
             await self._provider.aclose()
         except Exception as exc:  # a bug in a voice: logged; the call still ends and says so
@@ -938,6 +977,24 @@ class CallSession:
             self.frames_sent,
             self.rejected,
             extra=self._ids(),
+        )
+
+    def _end_with_call(self, utterance: Utterance) -> None:
+        """End ``utterance`` because the call ended: cancelled if none of its audio was sent,
+        else interrupted, with what the caller heard (as a clear reports it; the call's hooks
+        are not called for it, since their tasks end with the call)."""
+        if utterance.status.final:
+            return
+        if utterance.first_audio_at is None:
+            utterance.finish(SpeechStatus.CANCELLED, error="the call ended")
+            return
+        record = utterance.interrupt(self._clock.now())
+        self._emit(
+            "speech.interrupted",
+            utterance=utterance.id,
+            text=utterance.text,
+            reason="call-ended",
+            **record.to_dict(),
         )
 
     def _forget(self, utterance: Utterance) -> None:

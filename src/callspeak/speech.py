@@ -21,8 +21,8 @@ class SpeechStatus(enum.Enum):
     QUEUED = "queued"
     SPEAKING = "speaking"
     PLAYED = "played"
-    INTERRUPTED = "interrupted"
-    CANCELLED = "cancelled"  # cleared before any of it was sent
+    INTERRUPTED = "interrupted"  # cleared, or the call ended, after some of its audio was sent
+    CANCELLED = "cancelled"  # cleared, or the call ended, before any of its audio was sent
     FAILED = "failed"
 
     @property
@@ -117,7 +117,8 @@ class Utterance:
                 cut_seconds = min(now - start, sent)
                 rest = rest[1:]
         self.record = HeardRecord(heard, cut, cut_seconds, rest)
-        started = self.status is SpeechStatus.SPEAKING
+        # Speaking with no audio sent yet is still "cancelled": the caller heard none of it.
+        started = self.first_audio_at is not None
         self.finish(SpeechStatus.INTERRUPTED if started else SpeechStatus.CANCELLED)
         return self.record
 
