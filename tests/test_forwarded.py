@@ -9,7 +9,19 @@ def test_forwarded_for_names_the_nearest_untrusted_hop() -> None:
     trusted = trusted_proxies("127.0.0.1, 10.0.0.0/8")
     assert trusted("127.0.0.1") and trusted("10.1.2.3") and not trusted("203.0.113.7")
     assert not trusted("not-an-address")
-    assert forwarded_client("198.51.100.9, 203.0.113.7, 10.0.0.5", trusted) == "203.0.113.7"
-    assert forwarded_client("10.0.0.6, 10.0.0.5", trusted) == "10.0.0.6"
+    chain = "198.51.100.9, 203.0.113.7, 10.0.0.5"
+    assert forwarded_client(chain, trusted) == ("203.0.113.7", 0)
+    assert forwarded_client("10.0.0.6, 10.0.0.5", trusted) == ("10.0.0.6", 0)
     assert trusted_proxies("*")("203.0.113.7")
     assert trusted_proxies(["192.0.2.1"])("192.0.2.1")
+
+
+def test_hops_with_ports_are_judged_by_their_host_as_uvicorn_judges_them() -> None:
+    trusted = trusted_proxies("127.0.0.1, ::1")
+    assert forwarded_client("203.0.113.7:5678, 127.0.0.1:40000", trusted) == ("203.0.113.7", 5678)
+    assert forwarded_client("[2001:db8::1]:443, [::1]:9", trusted) == ("2001:db8::1", 443)
+    assert forwarded_client("2001:db8::2, ::1", trusted) == ("2001:db8::2", 0)  # bare v6
+    assert forwarded_client("[2001:db8::3]", trusted) == ("2001:db8::3", 0)
+    # malformed: the value as written, never trusted by mistake
+    assert forwarded_client("127.0.0.1:x", trusted) == ("127.0.0.1:x", 0)
+    assert forwarded_client("[::1]junk", trusted) == ("[::1]junk", 0)

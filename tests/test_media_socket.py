@@ -31,6 +31,7 @@ from callspeak.media_socket import INBOX_HIGH, INBOX_LOW, MediaSocket
 from callspeak.protocol import Connected
 from callspeak.server import Refusal, create_app
 from callspeak.session import TransportClosed
+from callspeak.signatures import SIGNATURE_HEADER, sign
 from callspeak.testing.asgi_server import serve_asgi
 from callspeak.uvicorn_ws import uvicorn_ws_protocol
 from tests.conftest import RunningServer, serve_app, serving_options
@@ -611,6 +612,32 @@ async def test_accepted_streams_are_logged_and_refusals_name_the_forwarded_clien
     messages = [record.getMessage() for record in caplog.records]
     assert any('"WebSocket /twilio?x=1" [accepted]' in m for m in messages)
     refusals = [m for m in messages if m.startswith("refused media stream")]
+    assert refusals and refusals[0].startswith("refused media stream from 203.0.113.7:")
+
+
+async def test_repeated_forwarded_for_and_signature_lines_are_read_not_fatal(
+    serve: ServeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Proxies in a chain may each add an X-Forwarded-For line: read as one list, as uvicorn
+    reads it. A repeated signature header: the first is checked, as on the ASGI route. (The
+    native socket dropped both upgrades unanswered.)"""
+    caplog.set_level(logging.INFO)
+    settings = Settings(twilio_auth_token="t", public_url="https://calls.example.com", max_calls=1)
+    app = create_app(settings, tts=FakeService())
+    good = sign("t", "wss://calls.example.com/twilio", {})
+    headers = [
+        ("X-Forwarded-For", "198.51.100.9"),
+        ("X-Forwarded-For", "203.0.113.7"),
+        (SIGNATURE_HEADER, good),
+        (SIGNATURE_HEADER, "forged"),
+    ]
+    async with serve(app, log_level="info") as url:
+        ws_url = url.replace("http", "ws", 1) + "/twilio"
+        async with websockets.connect(ws_url, additional_headers=headers):  # the first is valid
+            with pytest.raises(InvalidStatus):  # full: refused, and the refusal names the client
+                async with websockets.connect(ws_url, additional_headers=headers):
+                    pass
+    refusals = [m for m in caplog.messages if m.startswith("refused media stream")]
     assert refusals and refusals[0].startswith("refused media stream from 203.0.113.7:")
 
 

@@ -34,11 +34,30 @@ def trusted_proxies(allowed: str | list[str] | None) -> Callable[[str], bool]:
     return trusted
 
 
-def forwarded_client(header: str, trusted: Callable[[str], bool]) -> str:
-    """The client an ``X-Forwarded-For`` chain names: the nearest hop that is not a trusted
-    proxy (the first one if all are), as uvicorn's proxy-headers middleware picks it."""
-    hosts = [host.strip() for host in header.split(",") if host.strip()]
-    for host in reversed(hosts):
+def forwarded_client(header: str, trusted: Callable[[str], bool]) -> tuple[str, int]:
+    """The client an ``X-Forwarded-For`` chain names, as ``(host, port)``: the nearest hop that
+    is not a trusted proxy (the first one if all are), as uvicorn's proxy-headers middleware
+    picks it — a hop given as ``host:port`` or ``[v6]:port`` is judged by its host, and its port
+    kept (0 when it has none)."""
+    hops = [_host_port(hop.strip()) for hop in header.split(",") if hop.strip()]
+    for host, port in reversed(hops):
         if not trusted(host):
-            return host
-    return hosts[0] if hosts else "unknown client"
+            return host, port
+    return hops[0] if hops else ("unknown client", 0)
+
+
+def _host_port(hop: str) -> tuple[str, int]:
+    """``1.2.3.4:5678`` and ``[2001:db8::1]:5678`` split; anything else (a bare address, a
+    malformed value) is the host as written, port 0, so it is not trusted by mistake."""
+    if hop.startswith("["):
+        host, bracket, rest = hop[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return hop, 0
+        with contextlib.suppress(ValueError):
+            return host, int(rest[1:]) if rest else 0
+        return host, 0
+    if hop.count(":") == 1:
+        host, _, port = hop.partition(":")
+        with contextlib.suppress(ValueError):
+            return host, int(port)
+    return hop, 0

@@ -253,10 +253,13 @@ class MediaSocket(asyncio.Protocol):
         """Answer the upgrade: websockets' 4xx for a broken handshake, 403 if admission refuses
         it, else 101 and the call's task."""
         conn = self._conn
-        forwarded = request.headers.get("X-Forwarded-For")
+        # Every line of it, joined as uvicorn joins them: proxies in a chain may each add a line
+        # (websockets' get() raises on a repeated header).
+        forwarded = ", ".join(request.headers.get_all("X-Forwarded-For"))
         trusted = self._trusted_proxy
         if forwarded and trusted is not None and trusted(self.client.rpartition(":")[0]):
-            self.client = f"{forwarded_client(forwarded, trusted)}:0"  # as uvicorn's ASGI scope
+            host, port = forwarded_client(forwarded, trusted)
+            self.client = f"{host}:{port}"  # as uvicorn's ASGI scope has it
         response = conn.accept(request)
         if response.status_code == 101:
             refusal = self._admit(request, self.client)

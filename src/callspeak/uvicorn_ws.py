@@ -58,7 +58,10 @@ class _Upgrade(asyncio.Protocol):
             state = self.state
 
             def admit(request: Request, client: str) -> Refusal | None:
-                return admit_stream(state, request.headers.get(SIGNATURE_HEADER), client)
+                # The first, as Starlette's headers give it on the ASGI route (websockets' get()
+                # raises on a repeated header, which dropped the connection unanswered).
+                signature = next(iter(request.headers.get_all(SIGNATURE_HEADER)), None)
+                return admit_stream(state, signature, client)
 
             def serve(socket: MediaSocket) -> Coroutine[Any, Any, None]:
                 # Set up here, in the callback that accepted the stream (see open_stream).
