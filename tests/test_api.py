@@ -529,6 +529,7 @@ async def test_invalid_bodies_are_422_with_pydantic_errors(api: Api) -> None:
             (["hi"], "invalid_request", "model_type"),
             (b"{not json", "invalid_json", "json_invalid"),
             (b"", "invalid_json", "json_invalid"),
+            (b'{"text": "a\xff"}', "invalid_json", "json_invalid"),  # not UTF-8 (was a 500)
         ]
         for body, code, kind in cases:
             if isinstance(body, bytes):

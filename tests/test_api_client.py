@@ -82,6 +82,14 @@ async def test_cli_drops_spaces_around_the_token_as_the_server_does(
         assert "401 unauthorized: missing bearer token" in capsys.readouterr().err
 
 
+async def test_cli_sends_a_token_that_is_not_ascii(capsys: pytest.CaptureFixture[str]) -> None:
+    async with api_server(api_token="pässwörd") as api:
+        url = api.base_url
+        assert await run_cli("calls", "--server", url, "--token", "pässwörd") == 0
+        assert await run_cli("calls", "--server", url, "--token", "passwort") == 1
+        assert "401 unauthorized: invalid bearer token" in capsys.readouterr().err
+
+
 def test_client_sends_a_stripped_token_and_no_header_for_a_blank_one() -> None:
     seen: list[httpx.Request] = []
 

@@ -201,6 +201,15 @@ async def test_the_emulator_speaks_twilios_protocol_on_a_20_ms_clock(clock: Cloc
         assert -0.005 < lead < 0.25, (event.chunk, lead)
 
 
+async def test_a_duration_longer_than_max_seconds_is_kept() -> None:
+    """max_seconds caps a call that waits for quiet; a duration asked for is kept whole
+    (`callspeak dial --duration 150` hung up at 120 s)."""
+    assert DialOptions(url="ws://x", max_seconds=0.2).time_limit == 0.2
+    async with scripted_server([]) as (url, _):
+        report = await dial(DialOptions(url=url, duration=0.5, max_seconds=0.2))
+    assert report.ended_by == "caller" and report.duration >= 0.5
+
+
 async def test_a_call_the_server_closes_ends_by_server_without_a_stop() -> None:
     async def handler(ws: ServerConnection) -> None:
         await ws.recv()  # connected

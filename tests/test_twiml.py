@@ -166,3 +166,9 @@ def test_webhook_url_from_public() -> None:
     assert webhook_url_from_public("https://h.example", "/status?c=1") == (
         "https://h.example/status?c=1"
     )
+
+
+def test_an_empty_or_blank_say_writes_no_say_element() -> None:
+    for say in ("", "   "):  # e.g. CALLSPEAK_NOTICE= left empty in a .env file
+        xml = connect_stream_twiml("wss://h.example/twilio", say=say)
+        assert "<Say" not in xml and "<Connect>" in xml

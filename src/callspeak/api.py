@@ -461,6 +461,12 @@ async def _parse(
     if empty_ok and not body.strip():
         body = bytearray(b"{}")
     try:
+        body.decode("utf-8")  # (pydantic cannot report an error holding bytes that are not)
+    except UnicodeDecodeError as exc:  # reported as pydantic reports JSON it cannot parse
+        message = f"the body is not UTF-8: {exc.reason} at byte {exc.start}"
+        error = {"type": "json_invalid", "loc": [], "msg": message}
+        raise ApiError(422, "invalid_json", message, errors=[error]) from None
+    try:
         return model.model_validate_json(bytes(body), context=context)
     except ValidationError as exc:
         errors: list[dict[str, Any]] = json.loads(exc.json(include_url=False))

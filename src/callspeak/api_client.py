@@ -52,7 +52,9 @@ class ApiClient:
         # Surrounding spaces are dropped, as the server drops them from CALLSPEAK_API_TOKEN (a
         # header value cannot carry them); a blank token means none.
         token = token.strip() if token else None
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # As UTF-8 bytes: httpx would encode a str as ASCII and fail on any other token, which
+        # the server accepts (it compares the header's bytes with the token's UTF-8).
+        headers = {b"Authorization": f"Bearer {token}".encode()} if token else {}
         self._server = server.rstrip("/")
         try:
             self._http = httpx.Client(
@@ -172,7 +174,7 @@ def add_api_arguments(
     say.add_argument("call_sid", metavar="CALLSID")
     say.add_argument("text")
     say.add_argument(
-        "--no-interrupt", action="store_true", help="neither clear nor barge-in may stop it"
+        "--no-interrupt", action="store_true", help="barge-in may not stop it (a clear still does)"
     )
     say.add_argument("--wait", action="store_true", help="return once it was played (≤ 60 s)")
     common(say)

@@ -67,7 +67,9 @@ class SayRequest(BaseModel):
         "1..max_text_chars characters."
     )
     interruptible: bool = Field(
-        True, description="Whether a clear or the caller barging in may stop it."
+        True,
+        description="Whether barge-in (the caller speaking, or an interrupt digit) may stop it; "
+        "a clear stops all speech.",
     )
 
     @field_validator("text")

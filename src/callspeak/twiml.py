@@ -45,7 +45,8 @@ def connect_stream_twiml(
     status_callback: str | None = None,
     status_callback_method: str = "POST",
 ) -> str:
-    """Return TwiML that (optionally) says ``say``, then opens a bidirectional Media Stream.
+    """Return TwiML that (optionally, when not blank) says ``say``, then opens a
+    bidirectional Media Stream.
 
     Shape (no XML declaration; attributes in the library's sorted order)::
 
@@ -81,7 +82,7 @@ def connect_stream_twiml(
             )
 
     response = VoiceResponse()
-    if say is not None:
+    if say is not None and say.strip():  # an empty or blank one says nothing: no <Say/>
         response.say(say)
     stream = Stream(
         url=stream_url,

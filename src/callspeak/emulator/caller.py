@@ -103,6 +103,7 @@ class DialOptions:
     #: Hang up after this long; None = once speech was heard and it has been quiet a while.
     duration: float | None = None
     quiet_seconds: float = 1.0
+    #: Hang up after this long whatever else happens — or after ``duration``, if that is longer.
     max_seconds: float = 120.0
     headers: Mapping[str, str] = field(default_factory=dict)
     account_sid: str = field(default_factory=lambda: _sid("AC"))
@@ -110,6 +111,12 @@ class DialOptions:
     stream_sid: str = field(default_factory=lambda: _sid("MZ"))
     open_timeout: float = 10.0
     ssl: object | None = None  # an ssl.SSLContext for wss:// with a private CA
+
+    @property
+    def time_limit(self) -> float:
+        """Seconds after which the call ends whatever happens (see ``max_seconds``)."""
+        return self.max_seconds if self.duration is None else max(self.max_seconds, self.duration)
+
     #: Sign the upgrade as Twilio does: ``x-twilio-signature`` computed with this auth token.
     sign_with: str | None = None
     #: The URL to sign, as written in the TwiML's ``<Stream url>`` (the server checks its public
@@ -182,7 +189,7 @@ class EmulatedCall:
         )
         receiver = asyncio.create_task(self._receive_loop())
         try:
-            async with asyncio.timeout(opts.max_seconds + 5):
+            async with asyncio.timeout(opts.time_limit + 5):
                 await self._tick_loop()
         finally:
             receiver.cancel()
@@ -325,7 +332,7 @@ class EmulatedCall:
                     return False
             else:
                 self._quiet_since = None
-        if now >= opts.max_seconds:
+        if now >= opts.time_limit:
             report.ended_by = "timeout"
             return False
         return not self._ws.paused

@@ -79,8 +79,9 @@ class CallReport:
         return bytes(self.heard[ticks[0] * FRAME_BYTES : (ticks[-1] + 1) * FRAME_BYTES])
 
     def gaps(self, *, min_seconds: float = 0.0) -> list[Gap]:
-        """Underruns between the first and the last played server audio, excluding the moments
-        right after a ``clear`` (an intended stop)."""
+        """Silences between the first and the last played server audio — underruns, and also
+        pauses when the server had nothing to say (between two replies), which the emulator
+        cannot tell apart — excluding the moments right after a ``clear`` (an intended stop)."""
         ticks = self.played_per_tick
         played = [i for i, n in enumerate(ticks) if n]
         if not played:
