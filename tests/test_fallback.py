@@ -106,7 +106,12 @@ async def test_auth_failure_marks_unhealthy_and_everything_failing_plays_the_apo
     primary = ScriptedProvider([auth])
     only = ScriptedService(primary)
     chain = FallbackService([only], apology=b"\x01sorry")
-    assert await collect(chain, TEXT) == b"\x01sorry"
+    heard: list[bytes] = []
+    with pytest.raises(TTSError, match="heard the apology instead") as info:
+        async for chunk in chain.open().stream(TEXT):
+            heard.append(chunk)
+    assert b"".join(heard) == b"\x01sorry".ljust(160, b"\xff")  # in whole frames
+    assert info.value.code == "APOLOGY" and "bad key" in str(info.value)
     assert primary.texts == [TEXT]  # an auth failure is never retried
     assert load_apology()[:4] != b"RIFF" and len(load_apology()) > 8000
 
@@ -349,18 +354,22 @@ async def test_an_unexpected_error_from_a_voice_falls_back_at_once(
     assert "unexpected error: KeyError" in caplog.text and "falling back" in caplog.text
 
 
-async def test_when_every_voice_fails_an_utterance_hears_the_apology_once() -> None:
+async def test_when_every_voice_fails_the_apology_is_heard_then_the_failure_raised() -> None:
+    """The caller hears the apology, not the text: the stream says so with an error after it,
+    so the utterance ends failed, not heard. A new utterance tries the voices again."""
     chain = FallbackService(
         [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"SORRY"
     )
     provider = chain.open()
-    assert b"".join([c async for c in provider.stream("One sentence.")]) == b"SORRY"
-    # The utterance's next sentence fails outright: it is not heard, and not apologised for.
-    with pytest.raises(TTSError, match="every voice failed earlier") as info:
-        async for _ in provider.stream("Another one.", continuation=True):
-            pass
-    assert not info.value.retryable
-    assert b"".join([c async for c in provider.stream("A new utterance.")]) == b"SORRY"
+    heard: list[bytes] = []
+    with pytest.raises(TTSError, match="every voice failed") as info:
+        async for chunk in provider.stream("One sentence."):
+            heard.append(chunk)
+    assert b"".join(heard) == b"SORRY".ljust(160, b"\xff")
+    assert not info.value.retryable and info.value.code == "APOLOGY"
+    assert str(info.value).count("refused 'One sentence.'") == 2  # each voice's cause
+    spoken = await collect(chain, "Hi now.")  # (no "e": spoken; in whole frames, padded)
+    assert spoken.rstrip(b"\xff") == tone_for("Hi now.").rstrip(b"\xff")
 
 
 def wav_headed(audio: bytes) -> bytes:

@@ -1017,6 +1017,25 @@ async def test_protocol_error_labels_never_carry_text_from_the_message() -> None
     ]
 
 
+async def test_one_sentence_every_voice_failed_ends_failed_not_heard() -> None:
+    """The caller heard the apology, not the sentence: it must not be reported heard (an
+    application would believe "Your appointment is confirmed." was), and it ends failed."""
+    chain = FallbackService(
+        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 1600
+    )
+    async with Harness(chain.open(), greeting=None) as h:  # type: ignore[arg-type]
+        await h.start_idle()
+        utterance = h.session.say("One sentence.")
+        assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.FAILED
+        assert "heard the apology" in (utterance.error or "")
+        assert h.audio() == b"\x01" * 1600 and h.marks() == ["g0.u1.s0"]
+        h.transport.push(echo("g0.u1.s0"))  # the apology has played
+        await asyncio.sleep(0.05)
+        assert utterance.record is not None and utterance.record.heard == ()
+    assert "speech.heard" not in h.types() and "speech.done" not in h.types()
+    assert "speech.failed" in h.types()
+
+
 async def test_an_utterance_every_voice_failed_hears_the_apology_once_and_ends_failed() -> None:
     """Its later sentences are not spoken — and not reported heard either."""
     chain = FallbackService(

@@ -12,9 +12,10 @@ sentence by sentence) its provider tries the engines in order:
   utterance stays on the voice that took over;
 * an engine failing with anything but a :class:`TTSError` (a bug, an engine's own exception, audio
   the converter refuses) is treated as a failure that is not retried;
-* when every engine has failed, the pre-rendered apology is yielded instead — once an utterance:
-  its later sentences then raise a :class:`TTSError` (not retryable), so the utterance ends
-  failed rather than heard, and the caller is not apologised to again.
+* when every engine has failed, the pre-rendered apology is yielded instead (in whole 20 ms
+  frames, the last padded with silence), then a :class:`TTSError` (``code="APOLOGY"``, not
+  retryable) naming the causes is raised: the caller heard the apology, not the text, so the
+  session ends the utterance failed — not heard — and speaks none of the rest of it.
 
 A WAV header at the start of an engine's answer is stripped per answer (per attempt), so a retry
 or the next voice starts clean, and an attempt counts as having yielded audio only once audio
@@ -31,7 +32,7 @@ from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 
 from callspeak.audio.convert import TwilioAudioConverter
-from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
+from callspeak.audio.format import FRAME_BYTES, TWILIO_FORMAT, AudioFormat
 from callspeak.tts.base import (
     TTSAuthError,
     TTSError,
@@ -61,7 +62,9 @@ class FallbackService:
         if not services:
             raise ValueError("a fallback chain needs at least one engine")
         self._services = list(services)
-        self._apology = load_apology() if apology is None else apology
+        apology = load_apology() if apology is None else apology
+        # Whole frames: the stream ends in an error, after which no converter flushes a rest.
+        self._apology = apology + b"\xff" * (-len(apology) % FRAME_BYTES)  # μ-law silence
 
     @property
     def services(self) -> list[TTSService]:
@@ -114,7 +117,6 @@ class _FallbackProvider:
         self._chain = chain
         self._apology = apology
         self._first = 0  # index of the engine the current utterance stays on
-        self._apologised = False  # the current utterance got the apology: say nothing more
 
     @property
     def name(self) -> str:
@@ -128,11 +130,7 @@ class _FallbackProvider:
         self, text: str, *, continuation: bool = False, ahead: float = 0.0
     ) -> AsyncIterator[bytes]:
         if not continuation:
-            self._first, self._apologised = 0, False  # a new utterance tries the preferred voice
-        elif self._apologised:  # every voice failed this utterance; the caller was told once
-            raise TTSError(
-                "fallback", "every voice failed earlier in this utterance", retryable=False
-            )
+            self._first = 0  # a new utterance tries the preferred voice
         failures: list[TTSError] = []
         for index in range(self._first, len(self._chain)):
             service, provider = self._chain[index]
@@ -160,8 +158,13 @@ class _FallbackProvider:
             self._first = min(index + 1, len(self._chain) - 1)
         causes = "; ".join(str(exc) for exc in failures) or "no engine is healthy"
         log.error("every voice failed, playing the apology: %s", causes)
-        self._apologised = True
         yield self._apology
+        raise TTSError(
+            "fallback",
+            f"every voice failed, the caller heard the apology instead: {causes}",
+            retryable=False,
+            code="APOLOGY",
+        )
 
     async def _converted(
         self, provider: TTSProvider, text: str, continuation: bool, ahead: float
