@@ -1149,6 +1149,22 @@ async def test_hangup_after_speech_waits_for_what_failed_speech_sent() -> None:
         assert h.transport.closed == (1000, "hangup")
 
 
+async def test_sentences_of_failed_speech_heard_after_the_failure_are_reported_heard() -> None:
+    """A sentence sent whole before the voice failed still plays after the failure: its mark's
+    echo reports it heard, in the events and the record; the sentence cut is not."""
+    async with Harness(FailsMidSentence(chunk=160), greeting=None) as h:
+        await h.start_idle()
+        utterance = h.session.say("Hello there. Then cut short.")
+        assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.FAILED
+        assert utterance.record == HeardRecord((), None, None, ("Hello there.", "Then cut short."))
+        h.transport.push(echo("g0.u1.s0"))
+        h.transport.push(echo("g0.u1.s1", 11))  # the cut sentence's audio, played
+        await h.session.hangup(after_speech=True, grace=5)  # returns once both have echoed
+    assert utterance.record == HeardRecord(("Hello there.",), None, None, ("Then cut short.",))
+    heard = [e.data for e in h.events if e.type == "speech.heard"]
+    assert heard == [{"utterance": 1, "sentence": 0, "text": "Hello there."}]
+
+
 async def test_hangup_after_speech_lets_the_apology_play() -> None:
     chain = FallbackService(
         [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 1600

@@ -36,6 +36,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
 from callspeak.audio.convert import TwilioAudioConverter
@@ -157,6 +158,15 @@ _SOCKET_CLOSED = -3
 _Production = tuple[asyncio.Queue[tuple[int, bytes | None]], "asyncio.Task[None]"]
 
 
+@dataclass(slots=True)
+class _StillPlaying:
+    """A failed utterance whose audio is still in Twilio's buffer."""
+
+    utterance: Utterance
+    last_mark: str  # once this echoes, all it sent has played
+    whole: int  # sentences before this one were sent whole: their marks echoed played, heard
+
+
 #: Events Twilio sends: the only event names a metric label may carry.
 _TWILIO_EVENTS = frozenset(("connected", "start", "media", "mark", "dtmf", "stop"))
 
@@ -223,11 +233,11 @@ class CallSession:
         self._listeners: list[EventListener] = [on_event] if on_event else []
         self._queue: asyncio.Queue[Utterance] = asyncio.Queue(MAX_QUEUED_UTTERANCES)
         self._utterances: dict[int, Utterance] = {}
-        #: Failed utterances whose audio is still in Twilio's buffer, by the name of the last
-        #: mark sent after it: what they sent still plays (up to the failure, or the apology),
-        #: so clear() still stops it, barge-in spares it if it is not interruptible, and
-        #: hangup(after_speech) waits for it. ``_drained`` is set while there are none.
-        self._draining: dict[str, Utterance] = {}
+        #: Failed utterances whose audio is still in Twilio's buffer, by id: what they sent
+        #: still plays (up to the failure, or the apology), so clear() still stops it, barge-in
+        #: spares it if it is not interruptible, hangup(after_speech) waits for it, and its
+        #: whole sentences are reported heard as their marks echo. ``_drained``: there are none.
+        self._draining: dict[int, _StillPlaying] = {}
         self._drained = asyncio.Event()
         self._drained.set()
         self._next_id = 0
@@ -364,7 +374,7 @@ class CallSession:
         active = [u for u in self._utterances.values() if not u.status.final]
         if only_interruptible and (
             any(u.status is SpeechStatus.SPEAKING and not u.interruptible for u in active)
-            or any(not u.interruptible for u in self._draining.values())
+            or any(not p.utterance.interruptible for p in self._draining.values())
         ):
             return []
         stopped = [u for u in active if u.interruptible or not only_interruptible]
@@ -671,12 +681,13 @@ class CallSession:
         log.warning("ignored inbound message: %s", reason, extra=self._ids())
 
     def _on_mark(self, name: str, *, played: bool) -> None:
-        if self._draining and self._draining.pop(name, None) is not None and not self._draining:
-            self._drained.set()
         parsed = parse_mark_name(name)
         if parsed is None:
             return
         _, utterance_id, index = parsed
+        if self._draining and (playing := self._draining.get(utterance_id)) is not None:
+            self._on_mark_after_failure(playing, name, index, played=played)
+            return
         utterance = self._utterances.get(utterance_id)
         if utterance is None or not played or utterance.status.final:
             return
@@ -689,6 +700,18 @@ class CallSession:
         if utterance.sentence_heard(index):
             self._emit("speech.done", utterance=utterance_id, text=utterance.text)
             self._forget(utterance)
+
+    def _on_mark_after_failure(
+        self, playing: _StillPlaying, name: str, index: int, *, played: bool
+    ) -> None:
+        utterance = playing.utterance
+        if played and index < playing.whole and utterance.heard_after_failing(index):
+            text = utterance.sentences[index]
+            self._emit("speech.heard", utterance=utterance.id, sentence=index, text=text)
+        if name == playing.last_mark:
+            del self._draining[utterance.id]
+            if not self._draining:
+                self._drained.set()
 
     # -- speaking ----------------------------------------------------------------------------
 
@@ -884,18 +907,20 @@ class CallSession:
     async def _mark_failed(self, utterance: Utterance, marked: int) -> None:
         """``utterance`` failed after sentence ``marked`` was marked (-1: none was): keep it in
         ``_draining`` until the audio it sent has played. Audio sent after that mark (a sentence
-        cut by the failure) gets a mark of its own, so that its end is known too."""
-        cut = [i for i in range(marked + 1, len(utterance.sentences)) if utterance.sent_seconds[i]]
+        cut by the failure, or the apology) gets a mark of its own, so that its end is known too
+        — a mark that does not make that sentence heard."""
+        whole, last = marked + 1, marked
+        cut = [i for i in range(whole, len(utterance.sentences)) if utterance.sent_seconds[i]]
         if cut:
-            marked = cut[-1]
-            name = mark_name(self._generation, utterance.id, marked)
+            last = cut[-1]
+            name = mark_name(self._generation, utterance.id, last)
             self._state.mark_sent(name)
             await self._send(encode_mark(StreamSid(self.stream_sid), name))
-        if marked < 0:
+        if last < 0:
             return
-        name = mark_name(self._generation, utterance.id, marked)
+        name = mark_name(self._generation, utterance.id, last)
         if name in self._state.pending_marks:  # (not played yet)
-            self._draining[name] = utterance
+            self._draining[utterance.id] = _StillPlaying(utterance, name, whole)
             self._drained.clear()
 
     async def _send_audio(

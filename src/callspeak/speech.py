@@ -98,6 +98,17 @@ class Utterance:
             return True
         return False
 
+    def heard_after_failing(self, index: int) -> bool:
+        """Sentence ``index`` of this failed utterance was heard: its mark echoed, played, after
+        the failure (its audio was still in Twilio's buffer then). Updates the record; False if
+        that was known already."""
+        if index < self.heard_count:
+            return False
+        self.heard_count = index + 1
+        heard, rest = self.sentences[: self.heard_count], self.sentences[self.heard_count :]
+        self.record = HeardRecord(heard, None, None, rest)
+        return True
+
     def interrupt(self, now: float) -> HeardRecord:
         """Close the record at a ``clear`` sent at ``now``. An utterance already ended keeps its
         status and record (returned)."""
