@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -785,3 +786,61 @@ async def test_no_warm_up_once_the_credentials_were_refused_or_the_provider_clos
     closed.warm_up()
     assert not warm_up_tasks()
     await service.aclose()
+
+
+class ClosesOnSecondRequest:
+    """An HTTP/1.1 server answering each connection's first request (keeping it alive) and
+    closing it, unanswered, on its second: Deepgram closing an idle keep-alive connection just
+    as a request goes out on it."""
+
+    def __init__(self, audio: bytes) -> None:
+        self.audio, self.connections, self.requests = audio, 0, 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            for answered in (True, False):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.lower().split(b"\r\n")
+                    if line.startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                self.requests += 1
+                if answered:
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: audio/basic\r\n"
+                        + b"content-length: %d\r\n\r\n" % len(self.audio)
+                        + self.audio
+                    )
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client closed it
+        finally:
+            writer.close()
+
+
+async def test_a_request_whose_connection_closes_under_it_is_sent_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiohttp resends only idempotent requests on a kept connection the server closed; the
+    voice resends its POST once, on a new connection, so the next sentence of the utterance
+    is not handed to the fallback voice for it."""
+    audio = bytes(range(256)) * 7
+    server = ClosesOnSecondRequest(audio)
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    service = DeepgramRestService("test-key", base_url=f"http://127.0.0.1:{port}")
+    provider = service.open()
+    try:
+        assert await collect(provider.stream("One.")) == audio
+        with caplog.at_level(logging.INFO, "callspeak.tts.deepgram_rest"):
+            assert await collect(provider.stream("Two.", continuation=True)) == audio
+        assert (server.connections, server.requests) == (2, 3)
+        assert "closed under the request" in caplog.text
+    finally:
+        await provider.aclose()
+        await service.aclose()
+        listener.close()
+        await listener.wait_closed()

@@ -32,7 +32,9 @@ every call in progress has one ready — replies asked for by many calls in the 
 none — and a call never holds more than one (``max_connections`` is the number of calls). A kept
 connection the server has closed meanwhile is dropped by the pool, and one kept half
 ``keepalive`` (15 s) or longer is closed rather than reused, lest Deepgram close it as the
-request goes out; the request then connects as it would have. Not done for an injected
+request goes out; the request then connects as it would have. Should Deepgram still close one
+as a request goes out on it (its keep-alive is not documented), the request is sent once more
+before any answer is given up on. Not done for an injected
 ``http_session``: its proxy settings decide which connection a request takes, and they are not
 public.
 
@@ -426,20 +428,7 @@ class DeepgramRestProvider:
                     self._release_held()
                     # A request waiting for a pooled connection is cancelled by aiohttp when the
                     # service closes the pool: see the CancelledError clause below.
-                    response = await session.post(
-                        f"{service.base_url}/v1/speak",
-                        params={
-                            "model": service.model,
-                            "encoding": "mulaw",
-                            "sample_rate": "8000",
-                            "container": "none",
-                        },
-                        json={"text": text},
-                        headers=service.headers,
-                        timeout=service.request_timeout,
-                        allow_redirects=False,
-                        auto_decompress=False,
-                    )
+                    response = await self._post(session, text)
                     if response.status != 200:
                         body = await _read_at_most(response.content, _ERROR_BODY_LIMIT)
                         raise self._status_error(response, body)
@@ -483,6 +472,40 @@ class DeepgramRestProvider:
                 # Back to the pool when the body was read to the end; closed otherwise (an
                 # abandoned or failed stream cannot be reused mid-body).
                 response.release()
+
+    async def _post(self, session: aiohttp.ClientSession, text: str) -> aiohttp.ClientResponse:
+        """The request for ``text``, sent again once if the connection closes under it before
+        any answer: a pooled connection Deepgram closed as the request went out (its keep-alive
+        ran out), which aiohttp resends only for idempotent methods, not for a POST. Within the
+        first-byte deadline; a connection that cannot be opened at all is not retried."""
+        service = self._service
+
+        async def post() -> aiohttp.ClientResponse:
+            return await session.post(
+                f"{service.base_url}/v1/speak",
+                params={
+                    "model": service.model,
+                    "encoding": "mulaw",
+                    "sample_rate": "8000",
+                    "container": "none",
+                },
+                json={"text": text},
+                headers=service.headers,
+                timeout=service.request_timeout,
+                allow_redirects=False,
+                auto_decompress=False,
+            )
+
+        try:
+            return await post()
+        except aiohttp.ClientConnectorError:
+            raise
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            logger.info(
+                "deepgram: the connection closed under the request (%s); sending it again",
+                str(exc) or type(exc).__name__,
+            )
+        return await post()
 
     def _status_error(self, response: aiohttp.ClientResponse, body: bytes) -> TTSError:
         error = parse_error(response.status, body, response.headers, provider=_NAME)
