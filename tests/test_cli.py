@@ -180,6 +180,10 @@ def test_dial_reports_bad_input_in_one_line_with_a_usage_exit(
     url = f"ws://127.0.0.1:{free_port()}/twilio"
     assert main(["dial", url, "--header", "novalue"]) == 2
     assert "--header takes name=value, not 'novalue'" in one_line_error(capsys)
+    assert main(["dial", url, "--dtmf", "1.5:12x"]) == 2
+    assert "'x' is no key Twilio reports" in one_line_error(capsys)
+    assert main(["dial", url, "--dtmf", "soon:1"]) == 2
+    assert "--dtmf takes SECONDS:DIGITS, not 'soon:1'" in one_line_error(capsys)
     assert main(["dial", url, "--audio", str(tmp_path / "missing.wav")]) == 2
     assert "cannot use --audio" in one_line_error(capsys)
     (tmp_path / "notes.wav").write_text("not audio")

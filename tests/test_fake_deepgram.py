@@ -94,10 +94,10 @@ async def test_bearer_accepted(client: httpx.AsyncClient) -> None:
 
 
 async def test_model_names(client: httpx.AsyncClient) -> None:
-    for model in ("aura-asteria-en", "aura-2-thalia-en"):
+    for model in ("aura-asteria-en", "aura-2-thalia-en", "aura-2-celeste-es", "aura-2-x-ja"):
         response = await speak(client, params={**PHONE, "model": model})
         assert response.status_code == 200 and response.headers["dg-model-name"] == model
-    for model in ("nova-3", "aura-2-thalia-xx", "aura-3-x-en", "AURA-asteria-en"):
+    for model in ("nova-3", "aura-2-thalia-xx", "aura-3-x-en", "AURA-asteria-en", "aura-x-es"):
         response = await speak(client, params={**PHONE, "model": model})
         assert response.status_code == 400 and response.json()["err_code"] == "Bad Request"
 

@@ -110,6 +110,8 @@ def _parse_params(pairs: Sequence[str], flag: str = "--param") -> dict[str, str]
 
 
 def _parse_dtmf(items: Sequence[str]) -> list[tuple[float, str]]:
+    from callspeak.protocol import DTMF_DIGITS
+
     out = []
     for item in items:
         at, sep, digits = item.partition(":")
@@ -119,6 +121,10 @@ def _parse_dtmf(items: Sequence[str]) -> list[tuple[float, str]]:
             raise UsageError(f"--dtmf takes SECONDS:DIGITS, not {item!r}") from None
         if not sep or not digits:
             raise UsageError(f"--dtmf takes SECONDS:DIGITS, not {item!r}")
+        if bad := sorted(set(digits) - DTMF_DIGITS):
+            raise UsageError(
+                f"--dtmf {item!r}: {''.join(bad)!r} is no key Twilio reports (0-9, *, #, A-D)"
+            )
         out += [(when + 0.1 * i, d) for i, d in enumerate(digits)]
     return out
 

@@ -13,7 +13,9 @@ __all__ = ["MAX_CHARS", "Reject", "audio_params", "check_auth_and_model"]
 
 #: Characters allowed in one REST request or one WebSocket ``Speak``.
 MAX_CHARS = 2000
-_MODEL = re.compile(r"^aura-(?:2-)?[a-z]+-en$")
+#: ``aura-<voice>-en`` (Aura: English only) and ``aura-2-<voice>-<language>`` in Aura-2's seven
+#: languages (https://developers.deepgram.com/docs/tts-models).
+_MODEL = re.compile(r"^(?:aura-[a-z]+-en|aura-2-[a-z]+-(?:en|es|de|fr|nl|it|ja))$")
 _RATES = {
     "mulaw": (8000, 16000),
     "alaw": (8000, 16000),
