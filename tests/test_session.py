@@ -1213,3 +1213,85 @@ async def test_barge_in_spares_what_failed_non_interruptible_speech_sent() -> No
         h.transport.push(caller_speaks(21))
         assert await asyncio.wait_for(chat.wait(), 5) is SpeechStatus.INTERRUPTED
         assert isinstance(h.transport.messages()[-1], Clear)
+
+
+async def test_hangup_after_speech_returns_when_the_call_ends_while_failed_speech_plays() -> None:
+    """hangup(after_speech) waits for what failed speech sent; the call ending meanwhile (the
+    caller hung up) ends that wait at once, not after the grace."""
+    async with Harness(FailsMidSentence(chunk=160), greeting=None) as h:
+        await h.start_idle()
+        utterance = h.session.say("Hello there. Then cut short.")
+        assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.FAILED
+        hanging = asyncio.create_task(h.session.hangup(after_speech=True, grace=30))
+        await asyncio.sleep(0.05)
+        h.transport.push(Stop(9, SID, AccountSid("AC1"), CallSid("CAtest")).to_json())
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+        await asyncio.wait_for(hanging, 1)
+
+
+async def test_speech_whose_mark_after_the_apology_meets_a_closed_socket_still_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class MarkMeetsClosedSocket(Harness.transport_class):  # type: ignore[name-defined,misc]
+        async def send(self, text: str) -> None:
+            if '"mark"' in text:
+                await self.close(1006, "dropped")
+            await super().send(text)
+
+    monkeypatch.setattr(Harness, "transport_class", MarkMeetsClosedSocket)
+    chain = FallbackService(
+        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 1600
+    )
+    async with Harness(chain.open(), greeting=None) as h:  # type: ignore[arg-type]
+        await h.start_idle()
+        utterance = h.session.say("One sentence.")
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+    assert utterance.status is SpeechStatus.FAILED and "apology" in (utterance.error or "")
+    assert utterance.record == HeardRecord((), None, None, ("One sentence.",))
+    assert "speech.failed" in h.types() and "speech.interrupted" not in h.types()
+
+
+async def test_the_call_ending_while_the_apology_plays_reports_the_speech_failed() -> None:
+    """The caller heard (part of) the apology, not the text: nothing of it is reported cut."""
+    chain = FallbackService(
+        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 24000
+    )
+    async with Harness(chain.open(), greeting=None, max_lead=0.1) as h:  # type: ignore[arg-type]
+        await h.start_idle()
+        utterance = h.session.say("Your appointment is confirmed.")
+        await h.transport.wait_for(lambda ms: len(h.audio()) >= 1600)  # the apology plays
+        h.transport.push(Stop(9, SID, AccountSid("AC1"), CallSid("CAtest")).to_json())
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+    assert utterance.status is SpeechStatus.FAILED
+    assert utterance.record == HeardRecord((), None, None, ("Your appointment is confirmed.",))
+    assert "speech.failed" in h.types() and "speech.interrupted" not in h.types()
+
+
+async def test_a_clear_during_the_apology_reports_no_sentence_cut() -> None:
+    chain = FallbackService(
+        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 24000
+    )
+    async with Harness(chain.open(), greeting=None, max_lead=0.1) as h:  # type: ignore[arg-type]
+        await h.start_idle()
+        utterance = h.session.say("Your appointment is confirmed.")
+        await h.transport.wait_for(lambda ms: len(h.audio()) >= 1600)
+        await h.session.clear()
+        assert utterance.record is not None and utterance.record.cut is None
+
+
+async def test_a_clear_that_finds_the_call_closed_ends_heard_speech_as_the_call_end_does() -> None:
+    provider = FakeProvider(chunk=160, delay=0.02)
+    async with Harness(provider, greeting=None, max_lead=0.2) as h:
+        await h.start_idle()
+        utterance = h.session.say("A long sentence that keeps going for a good while now.")
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMedia) for m in ms))
+        await h.session.hangup()  # the API's hangup...
+        assert await h.session.clear() == [utterance]  # ...and a clear arriving meanwhile
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+    assert utterance.status is SpeechStatus.INTERRUPTED
+    [event] = [e for e in h.events if e.type == "speech.interrupted"]
+    assert event.data["reason"] == "call-ended"

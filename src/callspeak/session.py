@@ -72,7 +72,7 @@ from callspeak.protocol import (
 )
 from callspeak.speech import SpeechStatus, Utterance, mark_name, parse_mark_name
 from callspeak.tasks import start_task, wait_cancelled
-from callspeak.tts.base import TTSError, TTSProvider, aclose_stream, warm_up
+from callspeak.tts.base import APOLOGY, TTSError, TTSProvider, aclose_stream, warm_up
 from callspeak.tts.sentences import split_sentences
 
 __all__ = [
@@ -412,7 +412,7 @@ class CallSession:
         stopped = [u for u in stopped if not u.status.final]
         if self._state.start is None or self._closed:
             for utterance in stopped:
-                utterance.finish(SpeechStatus.CANCELLED)
+                self._end_with_call(utterance)
             return stopped
         now = self._clock.now()
         self._state.cleared()
@@ -795,6 +795,7 @@ class CallSession:
         self, utterance: Utterance, frames: asyncio.Queue[tuple[int, bytes | None]]
     ) -> None:
         """Stream each sentence's audio into ``frames``; (index, None) closes a sentence."""
+        index = 0
         try:
             for index, sentence in enumerate(utterance.sentences):
                 converter = TwilioAudioConverter(self._provider.audio_format)
@@ -821,6 +822,8 @@ class CallSession:
             self._metrics.tts_errors.labels(exc.provider, type(exc).__name__).inc()
             log.error("text-to-speech failed: %s", exc, extra=self._ids())
             utterance.error = str(exc)
+            if exc.code == APOLOGY:  # what this sentence sent is the apology, not the sentence
+                utterance.apology_at = index
             await frames.put((_FAILED, None))
             return
         except TransportClosed:
@@ -874,7 +877,9 @@ class CallSession:
                 if index == _END_OF_UTTERANCE:
                     return
                 if index == _FAILED:
-                    await self._mark_failed(utterance, marked)
+                    # (A socket closed under the mark: the speech still failed, as reported.)
+                    with contextlib.suppress(TransportClosed):
+                        await self._mark_failed(utterance, marked)
                     raise RuntimeError(utterance.error or "text-to-speech failed")
                 if index == _SOCKET_CLOSED:
                     raise TransportClosed("the media socket closed")
@@ -991,6 +996,7 @@ class CallSession:
         for utterance in list(self._utterances.values()):
             self._end_with_call(utterance)
         self._draining.clear()
+        self._drained.set()  # (a hangup(after_speech) may be waiting on it)
         try:
             await self._provider.aclose()
         except Exception as exc:  # a bug in a voice: logged; the call still ends and says so
@@ -1005,10 +1011,15 @@ class CallSession:
         )
 
     def _end_with_call(self, utterance: Utterance) -> None:
-        """End ``utterance`` because the call ended: cancelled if none of its audio was sent,
-        else interrupted, with what the caller heard (as a clear reports it; the call's hooks
-        are not called for it, since their tasks end with the call)."""
+        """End ``utterance`` because the call ended: failed if its voice had failed (the speaker
+        had not ended it yet), cancelled if none of its audio was sent, else interrupted, with
+        what the caller heard (as a clear reports it; the call's hooks are not called for it,
+        since their tasks end with the call)."""
         if utterance.status.final:
+            return
+        if utterance.error is not None:
+            utterance.finish(SpeechStatus.FAILED, error=utterance.error)
+            self._emit("speech.failed", utterance=utterance.id, error=utterance.error)
             return
         if utterance.first_audio_at is None:
             utterance.finish(SpeechStatus.CANCELLED, error="the call ended")

@@ -79,6 +79,8 @@ class Utterance:
     heard_count: int = 0
     record: HeardRecord | None = None
     error: str | None = None
+    #: The sentence whose audio was an apology (every voice failed it): never reported cut.
+    apology_at: int | None = None
     _done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -119,7 +121,7 @@ class Utterance:
         rest = self.sentences[self.heard_count :]
         cut: str | None = None
         cut_seconds: float | None = None
-        if rest and self.status is SpeechStatus.SPEAKING:
+        if rest and self.status is SpeechStatus.SPEAKING and self.heard_count != self.apology_at:
             start = self.play_starts[self.heard_count]
             sent = self.sent_seconds[self.heard_count]
             # None of it sent, or less than a frame of it played: the caller heard none of it.

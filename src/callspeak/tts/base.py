@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 from callspeak.audio.format import AudioFormat
 
 __all__ = [
+    "APOLOGY",
     "TTSAuthError",
     "TTSError",
     "TTSProvider",
@@ -34,6 +35,11 @@ __all__ = [
 ]
 
 _log = logging.getLogger("callspeak.tts")
+
+
+#: The ``code`` of the :class:`TTSError` a stream raises after yielding an apology in place of
+#: its text (every voice failed): the audio sent for that text was not the text.
+APOLOGY = "APOLOGY"
 
 
 class TTSError(Exception):

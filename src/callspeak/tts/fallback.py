@@ -34,6 +34,7 @@ from importlib import resources
 from callspeak.audio.convert import TwilioAudioConverter
 from callspeak.audio.format import FRAME_BYTES, TWILIO_FORMAT, AudioFormat
 from callspeak.tts.base import (
+    APOLOGY,
     TTSAuthError,
     TTSError,
     TTSProvider,
@@ -163,7 +164,7 @@ class _FallbackProvider:
             "fallback",
             f"every voice failed, the caller heard the apology instead: {causes}",
             retryable=False,
-            code="APOLOGY",
+            code=APOLOGY,
         )
 
     async def _converted(
