@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from callspeak.forwarded import forwarded_client, trusted_proxies
 
 
@@ -25,3 +27,35 @@ def test_hops_with_ports_are_judged_by_their_host_as_uvicorn_judges_them() -> No
     # malformed: the value as written, never trusted by mistake
     assert forwarded_client("127.0.0.1:x", trusted) == ("127.0.0.1:x", 0)
     assert forwarded_client("[::1]junk", trusted) == ("[::1]junk", 0)
+    assert forwarded_client("203.0.113.7, ", trusted) == ("", 0)  # an empty hop, as uvicorn
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "203.0.113.7, ",
+        "1.2.3.4:5678, 127.0.0.1:40000",
+        "[2001:db8::1]:443, [::1]:9",
+        "2001:db8::2, ::1",
+        "[2001:db8::3]",
+        "127.0.0.1:x",
+        "[::1]junk",
+        "10.0.0.6, 10.0.0.5",
+        ",",
+        " , 1.2.3.4",
+        "[::1]:",
+        "a:b:c",
+        "10.1.1.1:80",
+    ],
+)
+def test_the_client_is_the_one_uvicorns_asgi_routes_see(header: str) -> None:
+    """The same answer as the uvicorn installed gives its ASGI routes (its class is private:
+    skipped if it is gone, rather than compared with a copy)."""
+    from uvicorn.middleware import proxy_headers
+
+    uvicorns = getattr(proxy_headers, "_TrustedHosts", None)
+    if uvicorns is None:
+        pytest.skip("uvicorn no longer has _TrustedHosts")
+    allowed = ["127.0.0.1", "::1", "10.0.0.0/8"]
+    expected = uvicorns(allowed).get_trusted_client_address(header)
+    assert forwarded_client(header, trusted_proxies(allowed)) == expected

@@ -39,11 +39,12 @@ def forwarded_client(header: str, trusted: Callable[[str], bool]) -> tuple[str, 
     is not a trusted proxy (the first one if all are), as uvicorn's proxy-headers middleware
     picks it — a hop given as ``host:port`` or ``[v6]:port`` is judged by its host, and its port
     kept (0 when it has none)."""
-    hops = [_host_port(hop.strip()) for hop in header.split(",") if hop.strip()]
+    # Empty hops kept, as uvicorn keeps them ("a, " names an empty client, not "a").
+    hops = [_host_port(hop.strip()) for hop in header.split(",")]
     for host, port in reversed(hops):
         if not trusted(host):
             return host, port
-    return hops[0] if hops else ("unknown client", 0)
+    return hops[0]
 
 
 def _host_port(hop: str) -> tuple[str, int]:
