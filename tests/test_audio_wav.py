@@ -185,6 +185,16 @@ def test_refuses_a_header_that_never_reaches_data() -> None:
         parse_wav_header(big[:64])  # the LIST chunk's declared size alone overruns the limit
 
 
+def test_refuses_a_fmt_chunk_larger_than_any_header_at_once() -> None:
+    """A corrupt fmt size would otherwise be waited for: a stream held back, never played."""
+    header = b"RIFF\x00\x00\x00\x00WAVE" + b"fmt " + struct.pack("<I", 0x7FFFFFF0)
+    with pytest.raises(WavError, match="fmt chunk of 2147483632 bytes"):
+        parse_wav_header(header + b"\x00" * 16)
+    stripper = WavHeaderStripper()
+    with pytest.raises(WavError):
+        stripper.push(header)
+
+
 def test_wav_error_is_a_value_error() -> None:
     assert issubclass(WavError, ValueError)
 

@@ -52,6 +52,19 @@ async def test_cancelled_job_is_skipped_and_errors_propagate() -> None:
         await pool.run(lambda: 1)
 
 
+async def test_a_job_raising_stop_iteration_still_answers_its_caller() -> None:
+    """A future refuses StopIteration (say, a bare next() on an empty iterator in synthesis):
+    it reaches the caller as a RuntimeError rather than leave it waiting forever."""
+    pool = PriorityPool(1)
+    try:
+        async with asyncio.timeout(2):
+            with pytest.raises(RuntimeError, match="StopIteration") as info:
+                await pool.run(lambda: next(iter(())))
+        assert isinstance(info.value.__cause__, StopIteration)
+    finally:
+        pool.shutdown()
+
+
 async def test_shutdown_cancels_queued_jobs_and_lets_the_running_one_finish() -> None:
     pool = PriorityPool(1)
     gate = threading.Event()

@@ -132,6 +132,8 @@ def parse_wav_header(buf: bytes | bytearray) -> WavInfo | None:
                 data_size=None if size in _STREAMING_SIZES else size,
             )
         if chunk_id == b"fmt ":
+            if body + size > MAX_HEADER_BYTES:  # (checked first: else it is waited for forever)
+                raise WavError(f"WAV fmt chunk of {size} bytes: a corrupt header")
             if body + size > len(buf):
                 return None
             fmt = _parse_fmt(buf[body : body + size])

@@ -131,6 +131,10 @@ def _settle(future: asyncio.Future[T], result: T | None, exc: BaseException | No
     if future.done():  # the awaiting coroutine was cancelled meanwhile
         return
     if exc is not None:
+        if isinstance(exc, StopIteration):  # a future refuses it (TypeError): never settled
+            wrapped = RuntimeError(f"the job raised {exc!r}")
+            wrapped.__cause__ = exc
+            exc = wrapped
         future.set_exception(exc)
     else:
         future.set_result(result)  # type: ignore[arg-type]
