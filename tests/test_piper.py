@@ -100,3 +100,17 @@ async def test_concurrent_syntheses_all_complete(piper: PiperService) -> None:
         *(piper.synthesize_sentence(t, priority=priority(0.0)) for t in texts)
     )
     assert all(len(r) > 4000 for r in results)
+
+
+async def test_a_closed_voice_answers_with_a_tts_error_and_is_not_healthy() -> None:
+    """A call still ending as the server stops asks a closed voice: a TTSError (the fallback's
+    apology follows), not a RuntimeError logged as a bug."""
+    service = PiperService()
+    await service.start()
+    assert service.healthy
+    await service.aclose()
+    assert not service.healthy
+    provider = service.open()
+    with pytest.raises(TTSError, match="closed"):
+        async for _ in provider.stream("Anything not in the cache."):
+            pass

@@ -143,6 +143,7 @@ class PiperService:
         self._running_lock = threading.Lock()
         self._syn_config: Any = None
         self._pool: PriorityPool | None = None
+        self._closed = False
         self._sample_rate = 0
 
     @property
@@ -151,7 +152,7 @@ class PiperService:
 
     @property
     def healthy(self) -> bool:
-        return self._voice is not None
+        return self._voice is not None and not self._closed
 
     @property
     def workers(self) -> int:
@@ -248,6 +249,8 @@ class PiperService:
         cached = self._cache.get(sentence)
         if cached is not None:
             return cached
+        if self._closed:  # a call still ending as the server stops
+            raise TTSError("piper", "the voice is closed (the server is stopping)", retryable=False)
         if self._pool is None:
             raise RuntimeError("PiperService.start() was not awaited")
         try:
@@ -269,6 +272,7 @@ class PiperService:
         return _PiperProvider(self)
 
     async def aclose(self) -> None:
+        self._closed = True
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.aclose()  # not on the loop: a sentence being synthesised ends first

@@ -54,6 +54,9 @@ class PriorityPool:
         self._queue: queue.PriorityQueue[_Job[Any]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._closed = False
+        # run() checks and queues under it, shutdown() closes and empties under it: a job is
+        # either refused or queued before the emptying, never left after the workers have gone.
+        self._closing = threading.Lock()
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
             for i in range(workers)
@@ -72,29 +75,31 @@ class PriorityPool:
 
     async def run(self, fn: Callable[[], T], *, priority: Priority = (0.0, 0.0)) -> T:
         """Run ``fn`` on a worker, lowest ``priority`` first, and return its result."""
-        if self._closed:
-            raise RuntimeError("the synthesis pool is shut down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Job(priority, next(self._seq), fn, future, loop))
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("the synthesis pool is shut down")
+            self._queue.put(_Job(priority, next(self._seq), fn, future, loop))
         return await future
 
     def shutdown(self, *, timeout: float = 5.0) -> None:
         """Cancel the queued jobs and stop the workers; blocks up to ``timeout`` per worker for a
         running job to end."""
-        if self._closed:
-            return
-        self._closed = True
-        while True:  # emptied first: the sentinels sort after them, and workers would run them
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job.future is not None and job.loop is not None:
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            while True:  # emptied first: the sentinels sort after them, and workers would run them
                 try:
-                    job.loop.call_soon_threadsafe(job.future.cancel)
-                except RuntimeError:  # the loop is closed: nobody is waiting
-                    pass
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job.future is not None and job.loop is not None:
+                    try:
+                        job.loop.call_soon_threadsafe(job.future.cancel)
+                    except RuntimeError:  # the loop is closed: nobody is waiting
+                        pass
         for _ in self._threads:
             # Sentinels sort after every real job priority.
             self._queue.put(_Job((float("inf"), 0.0), next(self._seq), None, None, None))
