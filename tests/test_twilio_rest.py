@@ -216,6 +216,8 @@ def test_local_refusals() -> None:
         TwilioCredentials(ACCOUNT, "")
     with pytest.raises(ValueError, match="api_base_url"):
         TwilioCredentials(ACCOUNT, TOKEN, api_base_url="api.twilio.com")
+    with pytest.raises(ValueError, match="query string or fragment"):
+        TwilioCredentials(ACCOUNT, TOKEN, api_base_url="https://api.twilio.com#x")
 
 
 def test_credentials_repr_hides_the_token() -> None:

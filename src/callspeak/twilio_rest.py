@@ -70,10 +70,15 @@ class TwilioCredentials:
         if not self.account_sid or not self.auth_token:
             raise ValueError("Twilio account_sid and auth_token must both be non-empty")
         parts = urlsplit(self.api_base_url)
-        if parts.scheme not in ("https", "http") or not parts.hostname or parts.query:
+        if (
+            parts.scheme not in ("https", "http")
+            or not parts.hostname
+            or parts.query
+            or parts.fragment
+        ):
             raise ValueError(
                 f"api_base_url {self.api_base_url!r} must be an absolute http(s) URL without a "
-                f"query string, e.g. {DEFAULT_API_BASE_URL}"
+                f"query string or fragment, e.g. {DEFAULT_API_BASE_URL}"
             )
 
 
