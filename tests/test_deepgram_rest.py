@@ -844,3 +844,31 @@ async def test_a_request_whose_connection_closes_under_it_is_sent_again(
         await service.aclose()
         listener.close()
         await listener.wait_closed()
+
+
+async def test_a_request_cut_by_the_service_closing_is_not_sent_again() -> None:
+    """Closing the service cuts the request in flight: reported as the service closing (a
+    TTSError), not sent again on the closed session."""
+    got = asyncio.Event()
+
+    async def holds(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            got.set()
+            await reader.read()  # never answers
+        writer.close()
+
+    listener = await asyncio.start_server(holds, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    service = DeepgramRestService("test-key", base_url=f"http://127.0.0.1:{port}")
+    provider = service.open()
+    try:
+        streaming = asyncio.create_task(collect(provider.stream("One.")))
+        await asyncio.wait_for(got.wait(), 5)
+        await service.aclose()
+        with pytest.raises(TTSError, match="closed"):
+            await asyncio.wait_for(streaming, 5)
+    finally:
+        await provider.aclose()
+        listener.close()
+        await listener.wait_closed()

@@ -641,6 +641,22 @@ async def test_repeated_forwarded_for_and_signature_lines_are_read_not_fatal(
     assert refusals and refusals[0].startswith("refused media stream from 203.0.113.7:")
 
 
+async def test_an_empty_forwarded_hop_leaves_the_peer_as_the_client(
+    serve: ServeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    app = create_app(Settings(validate_signatures=False, max_calls=1), tts=FakeService())
+    headers = {"X-Forwarded-For": "203.0.113.7, "}  # uvicorn: the empty hop, so the peer
+    async with serve(app, log_level="info") as url:
+        ws_url = url.replace("http", "ws", 1) + "/twilio"
+        async with websockets.connect(ws_url, additional_headers=headers):
+            with pytest.raises(InvalidStatus):
+                async with websockets.connect(ws_url, additional_headers=headers):
+                    pass
+    refusals = [m for m in caplog.messages if m.startswith("refused media stream")]
+    assert refusals and refusals[0].startswith("refused media stream from 127.0.0.1:")
+
+
 # -- what a peer can make the socket hold or do: bounded by what it sends -------------------------
 
 

@@ -259,7 +259,8 @@ class MediaSocket(asyncio.Protocol):
         trusted = self._trusted_proxy
         if forwarded and trusted is not None and trusted(self.client.rpartition(":")[0]):
             host, port = forwarded_client(forwarded, trusted)
-            self.client = f"{host}:{port}"  # as uvicorn's ASGI scope has it
+            if host:  # (an empty hop leaves the peer, as uvicorn leaves it)
+                self.client = f"{host}:{port}"  # as uvicorn's ASGI scope has it
         response = conn.accept(request)
         if response.status_code == 101:
             refusal = self._admit(request, self.client)

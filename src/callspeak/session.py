@@ -412,7 +412,10 @@ class CallSession:
         stopped = [u for u in stopped if not u.status.final]
         if self._state.start is None or self._closed:
             for utterance in stopped:
-                self._end_with_call(utterance)
+                if self._closed:
+                    self._end_with_call(utterance)
+                else:  # (before start: nothing was sent)
+                    utterance.finish(SpeechStatus.CANCELLED)
             return stopped
         now = self._clock.now()
         self._state.cleared()
@@ -762,6 +765,8 @@ class CallSession:
 
     def _begin(self, utterance: Utterance) -> _Production:
         """Start synthesising ``utterance`` into a frame queue of its own."""
+        # Made afresh (an early production a clear dropped): what failed before is forgotten
+        utterance.error, utterance.apology_at = None, None
         frames: asyncio.Queue[tuple[int, bytes | None]] = asyncio.Queue(FRAME_BUFFER)
         return frames, start_task(self._produce(utterance, frames), name="producer")
 

@@ -501,6 +501,7 @@ class DeepgramRestProvider:
         except aiohttp.ClientConnectorError:
             raise
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            self._check_open()  # (closing the service cut it: a TTSError, not a resend)
             logger.info(
                 "deepgram: the connection closed under the request (%s); sending it again",
                 str(exc) or type(exc).__name__,

@@ -84,8 +84,8 @@ class PriorityPool:
         return await future
 
     def shutdown(self, *, timeout: float = 5.0) -> None:
-        """Cancel the queued jobs and stop the workers; blocks up to ``timeout`` per worker for a
-        running job to end."""
+        """Fail the queued jobs (their callers get a RuntimeError) and stop the workers; blocks
+        up to ``timeout`` per worker for a running job to end."""
         with self._closing:
             if self._closed:
                 return
@@ -96,8 +96,11 @@ class PriorityPool:
                 except queue.Empty:
                     break
                 if job.future is not None and job.loop is not None:
+                    # An error, not a cancellation: nobody cancelled the task waiting on it,
+                    # which would otherwise end as if it had been (no error to report).
+                    error = RuntimeError("the synthesis pool is shut down")
                     try:
-                        job.loop.call_soon_threadsafe(job.future.cancel)
+                        job.loop.call_soon_threadsafe(_settle, job.future, None, error)
                     except RuntimeError:  # the loop is closed: nobody is waiting
                         pass
         for _ in self._threads:
