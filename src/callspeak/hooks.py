@@ -103,7 +103,8 @@ class CallHooks:
         return fn
 
     def on_interrupted(self, fn: EventHandler) -> EventHandler:
-        """Called with the ``speech.interrupted`` event (heard and unheard text, reason)."""
+        """Called with the ``speech.interrupted`` event (heard and unheard text, reason) — not
+        for reason ``call-ended``: the call's handlers end with the call."""
         self._interrupted.append(fn)
         return fn
 
