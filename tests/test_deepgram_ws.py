@@ -20,7 +20,11 @@ from websockets.http11 import Response
 
 from callspeak.testing.fake_deepgram import FakeDeepgram
 from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService
-from callspeak.tts.deepgram_ws import DeepgramWebSocketService, speak_texts
+from callspeak.tts.deepgram_ws import (
+    DeepgramWebSocketProvider,
+    DeepgramWebSocketService,
+    speak_texts,
+)
 from callspeak.tts.resolved_host import AddrInfo
 from tests.fakes import SettableClock
 
@@ -810,17 +814,22 @@ async def test_after_a_refused_handshake_the_utterance_goes_out_as_the_next_sock
     await provider.aclose()
 
 
-async def test_a_barge_in_just_after_the_socket_opened_clears_the_utterance_it_sent(
-    ws_url: str, fake: FakeDeepgram
-) -> None:
-    """The speaker task is cancelled (as a barge-in does) after the socket has written the
-    utterance on opening but before the stream resumed: the utterance is still known to be in
-    flight, so it is cleared, and the next one hears only its own audio."""
+async def barge_in_as_the_socket_opens(
+    ws_url: str, fake: FakeDeepgram, *, before_the_connect_resumes: bool
+) -> DeepgramWebSocketProvider:
+    """Warm up, stream LONG, and cancel that stream (a barge-in) once the socket has written it
+    on opening: in the step the connect resumes in, or before the connect resumes. Returns the
+    provider, whose next stream should hear only its own audio."""
     speaker: list[asyncio.Task[bytes]] = []
 
     async def connect_then_barge_in(url: str, **kwargs: Any) -> ClientConnection:
-        ws = await connect(url, **kwargs)
-        asyncio.get_running_loop().call_soon(speaker[0].cancel)
+        ws = await connect(url, **kwargs)  # the handshake callback has written Speak + Flush
+        if before_the_connect_resumes:
+            speaker[0].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await speaker[0]
+        else:
+            asyncio.get_running_loop().call_soon(speaker[0].cancel)
         return ws
 
     fake.bytes_per_second = 16000  # the old utterance is still streaming when the next starts
@@ -829,6 +838,16 @@ async def test_a_barge_in_just_after_the_socket_opened_clears_the_utterance_it_s
     speaker.append(asyncio.create_task(collect(provider.stream(LONG))))
     with pytest.raises(asyncio.CancelledError):
         await speaker[0]
+    return provider
+
+
+async def test_a_barge_in_just_after_the_socket_opened_clears_the_utterance_it_sent(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """The speaker task is cancelled (as a barge-in does) after the socket has written the
+    utterance on opening but before the stream resumed: the utterance is still known to be in
+    flight, so it is cleared, and the next one hears only its own audio."""
+    provider = await barge_in_as_the_socket_opens(ws_url, fake, before_the_connect_resumes=False)
     await provider.clear()  # what the session does next
     assert await collect(provider.stream("New.")) == fake.audio_for("New.")
     assert [m["type"] for m in fake.ws_messages] == ["Speak", "Flush", "Clear", "Speak", "Flush"]
@@ -842,21 +861,7 @@ async def test_a_stream_ended_before_its_socket_was_ready_has_what_it_wrote_clea
     cancelled (a barge-in) before the connect resumed: nobody will read that audio, and no
     clear() need follow (a stream out of time hands its text to the fallback instead). The
     connect clears it, and the next stream hears only its own audio."""
-    speaker: list[asyncio.Task[bytes]] = []
-
-    async def connect_then_barge_in(url: str, **kwargs: Any) -> ClientConnection:
-        ws = await connect(url, **kwargs)  # the handshake callback has written Speak + Flush
-        speaker[0].cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await speaker[0]  # the stream has ended before this connect resumes
-        return ws
-
-    fake.bytes_per_second = 16000  # the old utterance is still streaming when the next starts
-    provider = make(ws_url, connect=connect_then_barge_in).open()
-    provider.warm_up()
-    speaker.append(asyncio.create_task(collect(provider.stream(LONG))))
-    with pytest.raises(asyncio.CancelledError):
-        await speaker[0]
+    provider = await barge_in_as_the_socket_opens(ws_url, fake, before_the_connect_resumes=True)
     assert await collect(provider.stream("New.")) == fake.audio_for("New.")
     assert [m["type"] for m in fake.ws_messages] == ["Speak", "Flush", "Clear", "Speak", "Flush"]
     await provider.aclose()

@@ -597,22 +597,38 @@ async def test_a_call_that_fails_after_its_voice_opened_closes_the_voice_too(
     assert ws.close_code in (1011, 1006)
 
 
-async def test_accepted_streams_are_logged_and_refusals_name_the_forwarded_client(
-    serve: ServeApp, caplog: pytest.LogCaptureFixture
-) -> None:
+async def refused_as_full(
+    serve: ServeApp,
+    caplog: pytest.LogCaptureFixture,
+    headers: websockets.datastructures.HeadersLike,
+    settings: Settings | None = None,
+    path: str = "/twilio",
+) -> list[str]:
+    """Open one stream with ``headers`` on a server taking one call, then a second, refused as
+    full: the server's log lines, its refusal naming the client it saw among them."""
     caplog.set_level(logging.INFO)
-    app = create_app(Settings(validate_signatures=False, max_calls=1), tts=FakeService())
-    headers = {"X-Forwarded-For": "198.51.100.9, 203.0.113.7"}  # uvicorn trusts 127.0.0.1
+    settings = settings or Settings(validate_signatures=False, max_calls=1)
+    app = create_app(settings, tts=FakeService())
     async with serve(app, log_level="info") as url:
-        ws_url = url.replace("http", "ws", 1) + "/twilio?x=1"
+        ws_url = url.replace("http", "ws", 1) + path
         async with websockets.connect(ws_url, additional_headers=headers):
             with pytest.raises(InvalidStatus):
                 async with websockets.connect(ws_url, additional_headers=headers):
                     pass
-    messages = [record.getMessage() for record in caplog.records]
+    return [record.getMessage() for record in caplog.records]
+
+
+def refusals(messages: list[str]) -> list[str]:
+    return [m for m in messages if m.startswith("refused media stream")]
+
+
+async def test_accepted_streams_are_logged_and_refusals_name_the_forwarded_client(
+    serve: ServeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    headers = {"X-Forwarded-For": "198.51.100.9, 203.0.113.7"}  # uvicorn trusts 127.0.0.1
+    messages = await refused_as_full(serve, caplog, headers, path="/twilio?x=1")
     assert any('"WebSocket /twilio?x=1" [accepted]' in m for m in messages)
-    refusals = [m for m in messages if m.startswith("refused media stream")]
-    assert refusals and refusals[0].startswith("refused media stream from 203.0.113.7:")
+    assert refusals(messages)[0].startswith("refused media stream from 203.0.113.7:")
 
 
 async def test_repeated_forwarded_for_and_signature_lines_are_read_not_fatal(
@@ -621,40 +637,24 @@ async def test_repeated_forwarded_for_and_signature_lines_are_read_not_fatal(
     """Proxies in a chain may each add an X-Forwarded-For line: read as one list, as uvicorn
     reads it. A repeated signature header: the first is checked, as on the ASGI route. (The
     native socket dropped both upgrades unanswered.)"""
-    caplog.set_level(logging.INFO)
     settings = Settings(twilio_auth_token="t", public_url="https://calls.example.com", max_calls=1)
-    app = create_app(settings, tts=FakeService())
     good = sign("t", "wss://calls.example.com/twilio", {})
     headers = [
         ("X-Forwarded-For", "198.51.100.9"),
         ("X-Forwarded-For", "203.0.113.7"),
-        (SIGNATURE_HEADER, good),
+        (SIGNATURE_HEADER, good),  # the first: valid, so the first stream is accepted
         (SIGNATURE_HEADER, "forged"),
     ]
-    async with serve(app, log_level="info") as url:
-        ws_url = url.replace("http", "ws", 1) + "/twilio"
-        async with websockets.connect(ws_url, additional_headers=headers):  # the first is valid
-            with pytest.raises(InvalidStatus):  # full: refused, and the refusal names the client
-                async with websockets.connect(ws_url, additional_headers=headers):
-                    pass
-    refusals = [m for m in caplog.messages if m.startswith("refused media stream")]
-    assert refusals and refusals[0].startswith("refused media stream from 203.0.113.7:")
+    messages = await refused_as_full(serve, caplog, headers, settings)
+    assert refusals(messages)[0].startswith("refused media stream from 203.0.113.7:")
 
 
 async def test_an_empty_forwarded_hop_leaves_the_peer_as_the_client(
     serve: ServeApp, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO)
-    app = create_app(Settings(validate_signatures=False, max_calls=1), tts=FakeService())
     headers = {"X-Forwarded-For": "203.0.113.7, "}  # uvicorn: the empty hop, so the peer
-    async with serve(app, log_level="info") as url:
-        ws_url = url.replace("http", "ws", 1) + "/twilio"
-        async with websockets.connect(ws_url, additional_headers=headers):
-            with pytest.raises(InvalidStatus):
-                async with websockets.connect(ws_url, additional_headers=headers):
-                    pass
-    refusals = [m for m in caplog.messages if m.startswith("refused media stream")]
-    assert refusals and refusals[0].startswith("refused media stream from 127.0.0.1:")
+    messages = await refused_as_full(serve, caplog, headers)
+    assert refusals(messages)[0].startswith("refused media stream from 127.0.0.1:")
 
 
 # -- what a peer can make the socket hold or do: bounded by what it sends -------------------------

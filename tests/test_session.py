@@ -58,6 +58,13 @@ def echo(name: str, seq: int = 10) -> str:
     return Mark(seq, SID, name).to_json()
 
 
+def every_voice_fails(apology: bytes) -> FallbackService:
+    """Two voices that both refuse any text with an "e" in it, then ``apology``."""
+    return FallbackService(
+        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=apology
+    )
+
+
 @pytest.fixture(autouse=True, params=["queued", "direct"])
 def _delivery(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs twice: messages read by the session's reader task (an ASGI WebSocket),
@@ -1020,9 +1027,7 @@ async def test_protocol_error_labels_never_carry_text_from_the_message() -> None
 async def test_one_sentence_every_voice_failed_ends_failed_not_heard() -> None:
     """The caller heard the apology, not the sentence: it must not be reported heard (an
     application would believe "Your appointment is confirmed." was), and it ends failed."""
-    chain = FallbackService(
-        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 1600
-    )
+    chain = every_voice_fails(b"\x01" * 1600)
     async with Harness(chain.open(), greeting=None) as h:  # type: ignore[arg-type]
         await h.start_idle()
         utterance = h.session.say("One sentence.")
@@ -1038,9 +1043,7 @@ async def test_one_sentence_every_voice_failed_ends_failed_not_heard() -> None:
 
 async def test_an_utterance_every_voice_failed_hears_the_apology_once_and_ends_failed() -> None:
     """Its later sentences are not spoken — and not reported heard either."""
-    chain = FallbackService(
-        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 1600
-    )
+    chain = every_voice_fails(b"\x01" * 1600)
     async with Harness(chain.open(), greeting=None) as h:  # type: ignore[arg-type]
         await h.start_idle()
         utterance = h.session.say("One sentence. Another one. The last sentence.")
@@ -1166,9 +1169,7 @@ async def test_sentences_of_failed_speech_heard_after_the_failure_are_reported_h
 
 
 async def test_hangup_after_speech_lets_the_apology_play() -> None:
-    chain = FallbackService(
-        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 1600
-    )
+    chain = every_voice_fails(b"\x01" * 1600)
     async with Harness(chain.open(), greeting=None) as h:  # type: ignore[arg-type]
         await h.start_idle()
         utterance = h.session.say("One sentence. Another one.")
@@ -1240,9 +1241,7 @@ async def test_speech_whose_mark_after_the_apology_meets_a_closed_socket_still_f
             await super().send(text)
 
     monkeypatch.setattr(Harness, "transport_class", MarkMeetsClosedSocket)
-    chain = FallbackService(
-        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 1600
-    )
+    chain = every_voice_fails(b"\x01" * 1600)
     async with Harness(chain.open(), greeting=None) as h:  # type: ignore[arg-type]
         await h.start_idle()
         utterance = h.session.say("One sentence.")
@@ -1255,9 +1254,7 @@ async def test_speech_whose_mark_after_the_apology_meets_a_closed_socket_still_f
 
 async def test_the_call_ending_while_the_apology_plays_reports_the_speech_failed() -> None:
     """The caller heard (part of) the apology, not the text: nothing of it is reported cut."""
-    chain = FallbackService(
-        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 24000
-    )
+    chain = every_voice_fails(b"\x01" * 24000)
     async with Harness(chain.open(), greeting=None, max_lead=0.1) as h:  # type: ignore[arg-type]
         await h.start_idle()
         utterance = h.session.say("Your appointment is confirmed.")
@@ -1271,9 +1268,7 @@ async def test_the_call_ending_while_the_apology_plays_reports_the_speech_failed
 
 
 async def test_a_clear_during_the_apology_reports_no_sentence_cut() -> None:
-    chain = FallbackService(
-        [FakeService("a", fail_on="e"), FakeService("b", fail_on="e")], apology=b"\x01" * 24000
-    )
+    chain = every_voice_fails(b"\x01" * 24000)
     async with Harness(chain.open(), greeting=None, max_lead=0.1) as h:  # type: ignore[arg-type]
         await h.start_idle()
         utterance = h.session.say("Your appointment is confirmed.")
