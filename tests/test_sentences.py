@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from callspeak.tts.sentences import chunk_text, has_words, split_sentences
+from callspeak.tts.sentences import chunk_text, group_sentences, has_words, split_sentences
 
 
 @pytest.mark.parametrize(
@@ -65,3 +65,14 @@ def test_chunk_rejects_a_useless_limit() -> None:
 def test_has_words_tells_text_to_say_from_punctuation_alone() -> None:
     assert has_words("Hi.") and has_words("42") and has_words("Ça va ?")
     assert not has_words("...") and not has_words("—") and not has_words(" !? ")
+
+
+def test_short_sentences_are_grouped_to_at_least_min_chars_in_order() -> None:
+    said = ["Yes.", "Okay.", "Let me check that.", "One moment.", "Done."]
+    assert group_sentences(said, 12) == ["Yes. Okay. Let me check that.", "One moment. Done."]
+    assert group_sentences(said, 0) == said  # no grouping asked for
+    assert group_sentences(said, 10_000) == [" ".join(said)]  # one group, shorter than asked
+    assert group_sentences(["A long enough sentence."], 5) == ["A long enough sentence."]
+    assert group_sentences([], 48) == []
+    grouped = group_sentences(["Ok."] * 30, 48)
+    assert all(len(g) >= 48 for g in grouped[:-1]) and " ".join(grouped) == " ".join(["Ok."] * 30)

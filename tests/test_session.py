@@ -1326,3 +1326,25 @@ async def test_speech_made_afresh_after_its_early_synthesis_failed_is_not_report
         assert h.task is not None
         await asyncio.wait_for(h.task, 5)
     assert notice.status is SpeechStatus.INTERRUPTED and "speech.failed" not in h.types()
+
+
+class LimitedVoice(FakeProvider):
+    """A voice that asks for texts of at least 20 characters (as the WebSocket voice asks for
+    48: its 20 flushes a minute)."""
+
+    stream_min_chars = 20
+
+
+async def test_a_voice_limited_in_texts_a_minute_is_given_short_sentences_grouped() -> None:
+    provider = LimitedVoice()
+    async with Harness(provider, greeting=None) as h:
+        await h.start_idle()
+        utterance = h.session.say("Yes. Okay. Let me check that. One moment. Done.")
+        assert utterance.sentences == ("Yes. Okay. Let me check that.", "One moment. Done.")
+        await h.transport.wait_for(lambda ms: len(h.marks()) == 2)
+        for seq, name in enumerate(h.marks()):
+            h.transport.push(echo(name, 10 + seq))
+        assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.PLAYED
+    assert provider.texts == ["Yes. Okay. Let me check that.", "One moment. Done."]
+    heard = [e.data["text"] for e in h.events if e.type == "speech.heard"]
+    assert heard == ["Yes. Okay. Let me check that.", "One moment. Done."]

@@ -6,7 +6,7 @@ import pytest
 
 from callspeak.config import Settings
 from callspeak.tts.deepgram_rest import DeepgramRestService
-from callspeak.tts.deepgram_ws import DeepgramWebSocketService
+from callspeak.tts.deepgram_ws import STREAM_MIN_CHARS, DeepgramWebSocketService
 from callspeak.tts.fallback import FallbackService
 from callspeak.voices import VoiceSetupError, make_engine, make_tts_service
 
@@ -35,6 +35,12 @@ def test_deepgram_rest_is_configured_from_the_settings() -> None:
 def test_deepgram_ws_and_missing_key() -> None:
     engine = make_engine(settings(deepgram_api_key="k"), "deepgram-ws")
     assert isinstance(engine, DeepgramWebSocketService)
+    # it asks for texts long enough that continuous speech stays under 20 flushes a minute
+    assert engine.open().stream_min_chars == STREAM_MIN_CHARS == 48
+    chain = make_tts_service(settings(deepgram_api_key="k", tts="deepgram-ws"))
+    assert getattr(chain.open(), "stream_min_chars", 0) == STREAM_MIN_CHARS  # piper after it: 0
+    rest = make_tts_service(settings(deepgram_api_key="k", tts="deepgram"))
+    assert getattr(rest.open(), "stream_min_chars", 0) == 0
     # the defaults: first byte, mid-stream silence, one connect attempt
     assert (engine.receive_timeout, engine.stall_timeout, engine.connect_timeout) == (2.0, 1.5, 2.5)
     tuned = settings(deepgram_api_key="k", deepgram_connect_timeout=4.0, deepgram_stall_timeout=0.5)

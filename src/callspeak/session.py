@@ -73,7 +73,7 @@ from callspeak.protocol import (
 from callspeak.speech import SpeechStatus, Utterance, mark_name, parse_mark_name
 from callspeak.tasks import start_task, wait_cancelled
 from callspeak.tts.base import APOLOGY, TTSError, TTSProvider, aclose_stream, warm_up
-from callspeak.tts.sentences import split_sentences
+from callspeak.tts.sentences import group_sentences, split_sentences
 
 __all__ = [
     "Admission",
@@ -333,7 +333,9 @@ class CallSession:
                 f"text of {len(text)} characters is over the {self._max_text_chars}-character "
                 "limit (max_text_chars)"
             )
-        sentences = tuple(split_sentences(text))
+        # A voice limited in texts a minute gets short sentences grouped (one mark a group).
+        min_chars: int = getattr(self._provider, "stream_min_chars", 0)
+        sentences = tuple(group_sentences(split_sentences(text), min_chars))
         if not sentences:
             raise ValueError("nothing to say: the text is empty")
         self._next_id += 1

@@ -94,6 +94,11 @@ class TTSProvider(Protocol):
     connection): open it now, in the background, so the first :meth:`stream` does not wait for
     it. The session calls it once the call's stream is accepted, before its ``start``. It must be
     idempotent and must not raise; a failure is the first :meth:`stream`'s to report.
+
+    Optional: ``stream_min_chars: int``, for an engine limited in how many texts it may be asked
+    for a minute (the WebSocket voice's flushes): the session asks it for texts of at least that
+    many characters, short sentences grouped, each group one mark (see
+    :func:`~callspeak.tts.sentences.group_sentences`).
     """
 
     @property

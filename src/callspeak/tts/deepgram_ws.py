@@ -46,8 +46,10 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   takes at most ``flush_wait`` s, else raises a retryable ``TTSError(code="FLUSH_LIMIT")`` at once
   so the caller can fall back (e.g. to REST). A ``Warning`` about flushes during an utterance (its
   ``Flush`` ignored: Deepgram counted more) raises ``TTSError(code="FLUSH_LIMIT")``, not retryable,
-  at once rather than a stall later; the utterance's text is cleared. Merging is left to callers:
-  speak a whole reply in one ``stream()``.
+  at once rather than a stall later; the utterance's text is cleared. The provider asks to be
+  given texts of at least :data:`STREAM_MIN_CHARS` (``stream_min_chars``): the session groups
+  an utterance's short sentences to that, so a call speaking without a pause stays under the
+  limit.
 * A socket older than ``max_connection_age`` (55 min; Deepgram allows 60) is closed and replaced
   before the next utterance, never during one.
 
@@ -95,8 +97,10 @@ __all__ = [
     "FLUSH_LIMIT",
     "FLUSH_MARGIN",
     "FLUSH_WINDOW",
+    "STREAM_MIN_CHARS",
     "DeepgramWebSocketProvider",
     "DeepgramWebSocketService",
+    "speak_texts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,6 +111,10 @@ FLUSH_WINDOW = 60.0
 #: Seconds a flush stays counted beyond ``FLUSH_WINDOW``: the first flush of a window may take
 #: longer to reach Deepgram than the one sent as it leaves, and Deepgram would ignore that one.
 FLUSH_MARGIN = 1.0
+#: The shortest text this voice asks to be given (the session groups short sentences to it):
+#: about FLUSH_WINDOW / FLUSH_LIMIT = 3 s of speech at some 16 characters a second, so a call
+#: speaking without a pause asks for at most about FLUSH_LIMIT texts a minute.
+STREAM_MIN_CHARS = 48
 _FLUSH = json.dumps({"type": "Flush"})
 _CLEAR = json.dumps({"type": "Clear"})
 _CLOSE = json.dumps({"type": "Close"})
@@ -214,6 +222,7 @@ class DeepgramWebSocketProvider:
 
     name = _NAME
     audio_format: AudioFormat = TWILIO_FORMAT
+    stream_min_chars = STREAM_MIN_CHARS  # (see callspeak.tts.base.TTSProvider)
 
     def __init__(self, service: DeepgramWebSocketService) -> None:
         self._svc = service

@@ -127,6 +127,11 @@ class _FallbackProvider:
     def audio_format(self) -> AudioFormat:
         return TWILIO_FORMAT
 
+    @property
+    def stream_min_chars(self) -> int:
+        """The largest any voice of the chain asks for (any of them may speak the text)."""
+        return max(getattr(provider, "stream_min_chars", 0) for _, provider in self._chain)
+
     async def stream(
         self, text: str, *, continuation: bool = False, ahead: float = 0.0
     ) -> AsyncIterator[bytes]:

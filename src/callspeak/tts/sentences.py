@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["DEFAULT_CHUNK_LIMIT", "chunk_text", "has_words", "split_sentences"]
+__all__ = [
+    "DEFAULT_CHUNK_LIMIT",
+    "chunk_text",
+    "group_sentences",
+    "has_words",
+    "split_sentences",
+]
 
 #: Deepgram's documented per-request (and per-``Speak``) character limit.
 DEFAULT_CHUNK_LIMIT = 2000
@@ -66,6 +72,29 @@ def split_sentences(text: str) -> list[str]:
         start = match.end()
     sentences.append(text[start:])
     return [s.strip() for s in sentences if s.strip()]
+
+
+def group_sentences(sentences: list[str], min_chars: int) -> list[str]:
+    """Consecutive ``sentences`` joined with single spaces into groups of at least ``min_chars``
+    characters each, in order; the last group may be shorter. ``min_chars`` of 0 or less leaves
+    them as they are.
+
+    ``["Yes.", "Okay.", "Let me check that."]`` with 12 gives ``["Yes. Okay. Let me check that."]``
+    — for a voice that pays per text it is asked for (see ``stream_min_chars`` in
+    :mod:`callspeak.tts.base`).
+    """
+    if min_chars <= 0:
+        return list(sentences)
+    groups: list[str] = []
+    current = ""
+    for sentence in sentences:
+        current = f"{current} {sentence}" if current else sentence
+        if len(current) >= min_chars:
+            groups.append(current)
+            current = ""
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _split_words(text: str, limit: int) -> list[str]:
