@@ -437,6 +437,31 @@ async def test_flush_limit_waits_or_fails_fast(ws_url: str, fake: FakeDeepgram) 
     await provider.aclose()
 
 
+async def test_a_call_with_audio_still_to_play_waits_for_the_flush_limit_unheard(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """With more of the call's audio still to play than the wait (``ahead``), the wait for a
+    free slot is longer than ``flush_wait`` allows and still nobody hears it: it waits rather
+    than hand the rest of the utterance to another voice."""
+    clock = SettableClock()
+    fake.clock = clock
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += seconds
+
+    provider = make(ws_url, clock=clock, sleep=sleep, flush_wait=0.5).open()
+    for _ in range(20):
+        await collect(provider.stream("a"))
+    clock.now += 56.0  # the oldest flush leaves the window in 5 s
+    with pytest.raises(TTSError, match="flush limit"):  # 4 s still to play: not enough
+        await collect(provider.stream("b", continuation=True, ahead=4.0))
+    audio = await collect(provider.stream("c", continuation=True, ahead=6.0))
+    assert audio == fake.audio_for("c") and slept == [pytest.approx(5.0)]
+    await provider.aclose()
+
+
 async def test_a_flush_at_the_window_edge_waits_out_the_network_jitter(
     ws_url: str, fake: FakeDeepgram
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,13 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 from callspeak.audio.format import TWILIO_FORMAT
 from callspeak.audio.mulaw import decode
 from callspeak.tts.base import TTSError
-from callspeak.tts.piper import PiperService, PiperUnavailable, priority, split_first_clause
+from callspeak.tts.piper import (
+    PiperService,
+    PiperUnavailable,
+    _PiperProvider,
+    priority,
+    split_first_clause,
+)
 
 
 async def test_speaks_mulaw_at_8khz_sentence_by_sentence(piper: PiperService) -> None:
@@ -114,3 +121,36 @@ async def test_a_closed_voice_answers_with_a_tts_error_and_is_not_healthy() -> N
     with pytest.raises(TTSError, match="closed"):
         async for _ in provider.stream("Anything not in the cache."):
             pass
+
+
+class SlowEngine:
+    """Stands in for PiperService behind a provider: each piece takes 0.1 s to render and is
+    one second of audio; it notes the deadline each piece was given."""
+
+    def __init__(self) -> None:
+        self.deadlines: list[float] = []
+
+    def cached(self, sentence: str) -> bytes | None:
+        return None
+
+    async def synthesize_sentence(self, sentence: str, *, priority: tuple[float, float]) -> bytes:
+        self.deadlines.append(priority[1])
+        await asyncio.sleep(0.1)
+        return b"\xff" * 8000
+
+
+async def test_each_piece_of_a_text_is_due_when_the_audio_before_it_runs_out() -> None:
+    """With 2 s of the call's audio still to play, the pieces of a three-sentence text are due
+    2, 3 and 4 s from the start, however long rendering takes: the time spent rendering comes
+    off what is left to play (it was counted again for every piece, later and later)."""
+    engine = SlowEngine()
+    provider = _PiperProvider(engine)  # type: ignore[arg-type]
+    start = time.monotonic()
+    chunks = [c async for c in provider.stream("One. Two. Three.", continuation=True, ahead=2.0)]
+    assert len(chunks) == 3
+    due = [deadline - start for deadline in engine.deadlines]
+    assert due == [
+        pytest.approx(2.0, abs=0.02),
+        pytest.approx(3.0, abs=0.02),
+        pytest.approx(4.0, abs=0.02),
+    ]

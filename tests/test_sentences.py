@@ -70,9 +70,15 @@ def test_has_words_tells_text_to_say_from_punctuation_alone() -> None:
 def test_short_sentences_are_grouped_to_at_least_min_chars_in_order() -> None:
     said = ["Yes.", "Okay.", "Let me check that.", "One moment.", "Done."]
     assert group_sentences(said, 12) == ["Yes. Okay. Let me check that.", "One moment. Done."]
+    # a short rest joins the group before it: it would cost a text (a flush) of its own
+    assert group_sentences(said, 18) == ["Yes. Okay. Let me check that. One moment. Done."]
+    assert group_sentences([*said, "Bye."], 12) == [
+        "Yes. Okay. Let me check that.",
+        "One moment. Done. Bye.",
+    ]
     assert group_sentences(said, 0) == said  # no grouping asked for
     assert group_sentences(said, 10_000) == [" ".join(said)]  # one group, shorter than asked
     assert group_sentences(["A long enough sentence."], 5) == ["A long enough sentence."]
     assert group_sentences([], 48) == []
     grouped = group_sentences(["Ok."] * 30, 48)
-    assert all(len(g) >= 48 for g in grouped[:-1]) and " ".join(grouped) == " ".join(["Ok."] * 30)
+    assert all(len(g) >= 48 for g in grouped) and " ".join(grouped) == " ".join(["Ok."] * 30)

@@ -1339,12 +1339,12 @@ async def test_a_voice_limited_in_texts_a_minute_is_given_short_sentences_groupe
     provider = LimitedVoice()
     async with Harness(provider, greeting=None) as h:
         await h.start_idle()
-        utterance = h.session.say("Yes. Okay. Let me check that. One moment. Done.")
-        assert utterance.sentences == ("Yes. Okay. Let me check that.", "One moment. Done.")
+        utterance = h.session.say("Yes. Okay. Let me check that. One moment, please. Bye.")
+        assert utterance.sentences == ("Yes. Okay. Let me check that.", "One moment, please. Bye.")
         await h.transport.wait_for(lambda ms: len(h.marks()) == 2)
         for seq, name in enumerate(h.marks()):
             h.transport.push(echo(name, 10 + seq))
         assert await asyncio.wait_for(utterance.wait(), 5) is SpeechStatus.PLAYED
-    assert provider.texts == ["Yes. Okay. Let me check that.", "One moment. Done."]
+    assert provider.texts == ["Yes. Okay. Let me check that.", "One moment, please. Bye."]
     heard = [e.data["text"] for e in h.events if e.type == "speech.heard"]
-    assert heard == ["Yes. Okay. Let me check that.", "One moment. Done."]
+    assert heard == ["Yes. Okay. Let me check that.", "One moment, please. Bye."]

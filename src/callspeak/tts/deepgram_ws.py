@@ -43,13 +43,15 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
 * Flush limit (20 per 60 s): flushes are counted per provider in a sliding window of 60 s plus
   a margin (:data:`FLUSH_MARGIN`: our clock reads when a flush is sent, Deepgram's when it
   arrives). When a 21st would be sent, ``stream()`` *waits* for the window to free a slot if that
-  takes at most ``flush_wait`` s, else raises a retryable ``TTSError(code="FLUSH_LIMIT")`` at once
-  so the caller can fall back (e.g. to REST). A ``Warning`` about flushes during an utterance (its
-  ``Flush`` ignored: Deepgram counted more) raises ``TTSError(code="FLUSH_LIMIT")``, not retryable,
-  at once rather than a stall later; the utterance's text is cleared. The provider asks to be
-  given texts of at least :data:`STREAM_MIN_CHARS` (``stream_min_chars``): the session groups
-  an utterance's short sentences to that, so a call speaking without a pause stays under the
-  limit.
+  takes at most ``flush_wait`` s — or longer, while the call still has more audio to play than
+  the wait (``ahead``, less :data:`FLUSH_AHEAD_MARGIN`): a wait nobody hears — else raises a
+  retryable ``TTSError(code="FLUSH_LIMIT")`` at once so the caller can fall back (e.g. to
+  REST). A ``Warning`` about flushes during an utterance (its ``Flush`` ignored: Deepgram
+  counted more) raises ``TTSError(code="FLUSH_LIMIT")``, not retryable, at once rather than a
+  stall later; the utterance's text is cleared. The provider asks to be given texts of at least
+  :data:`STREAM_MIN_CHARS` (``stream_min_chars``): the session groups an utterance's short
+  sentences to that, so a call speaking without a pause flushes about as often as the limit
+  allows, and the waits above fall within audio still to play.
 * A socket older than ``max_connection_age`` (55 min; Deepgram allows 60) is closed and replaced
   before the next utterance, never during one.
 
@@ -94,6 +96,7 @@ from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text, has_words
 from callspeak.tts.ws_send_on_open import SendOnOpenConnection
 
 __all__ = [
+    "FLUSH_AHEAD_MARGIN",
     "FLUSH_LIMIT",
     "FLUSH_MARGIN",
     "FLUSH_WINDOW",
@@ -111,6 +114,9 @@ FLUSH_WINDOW = 60.0
 #: Seconds a flush stays counted beyond ``FLUSH_WINDOW``: the first flush of a window may take
 #: longer to reach Deepgram than the one sent as it leaves, and Deepgram would ignore that one.
 FLUSH_MARGIN = 1.0
+#: Seconds of a call's audio still to play (``ahead``) kept free when waiting for the flush
+#: limit beyond ``flush_wait``: room for Deepgram's first byte after the wait.
+FLUSH_AHEAD_MARGIN = 0.5
 #: The shortest text this voice asks to be given (the session groups short sentences to it):
 #: about FLUSH_WINDOW / FLUSH_LIMIT = 3 s of speech at some 16 characters a second, so a call
 #: speaking without a pause asks for at most about FLUSH_LIMIT texts a minute.
@@ -255,7 +261,7 @@ class DeepgramWebSocketProvider:
         self._streaming, self._interrupted = True, False
         try:
             if self._ws is None:  # the socket to be opened has no stale audio: send as it opens
-                await self._respect_flush_limit()
+                await self._respect_flush_limit(ahead)
                 if self._interrupted:
                     return
                 self._on_open = _messages(chunks)
@@ -263,7 +269,7 @@ class DeepgramWebSocketProvider:
             # Sent as it opened, and _connect counted it (a socket that closed since gets it again)
             if self._sent_on_open is not ws or ws.state is not State.OPEN:
                 self._on_open = []
-                await self._respect_flush_limit()
+                await self._respect_flush_limit(ahead)
                 if self._interrupted:
                     return
                 ws = await self._send_utterance(ws, chunks)
@@ -538,14 +544,17 @@ class DeepgramWebSocketProvider:
                 retryable=False,
             ) from None
 
-    async def _respect_flush_limit(self) -> None:
+    async def _respect_flush_limit(self, ahead: float) -> None:
+        """Wait for the window to free a slot: up to ``flush_wait`` s, or longer while the call
+        has more than that still to play (``ahead``, less :data:`FLUSH_AHEAD_MARGIN` for the
+        first byte): a wait the caller does not hear. Else a retryable ``FLUSH_LIMIT``."""
         clock, svc, window = self._svc.clock, self._svc, FLUSH_WINDOW + FLUSH_MARGIN
         while self._flushes and clock() - self._flushes[0] >= window:
             self._flushes.popleft()
         if len(self._flushes) < FLUSH_LIMIT:
             return
         wait = self._flushes[0] + window - clock()
-        if wait > svc.flush_wait:
+        if wait > max(svc.flush_wait, ahead - FLUSH_AHEAD_MARGIN):
             raise TTSError(
                 _NAME,
                 f"flush limit: {FLUSH_LIMIT} per {FLUSH_WINDOW:g} s used;"

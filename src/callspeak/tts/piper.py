@@ -300,7 +300,12 @@ class _PiperProvider:
         # unless the whole sentence is cached (a pre-rendered greeting), which is sooner still.
         if ahead <= 0 and pieces and self._service.cached(pieces[0]) is None:
             pieces[:1] = split_first_clause(pieces[0])
+        since = time.monotonic()
         for piece in pieces:
+            # What the caller has left to hear shrinks while this renders and while the audio
+            # yielded waits to be sent: each piece's deadline from now, not from the stream's start.
+            now = time.monotonic()
+            ahead, since = max(0.0, ahead - (now - since)), now
             audio = await self._service.synthesize_sentence(piece, priority=priority(ahead))
             if audio:
                 ahead += len(audio) / TWILIO_FORMAT.sample_rate

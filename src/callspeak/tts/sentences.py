@@ -76,8 +76,8 @@ def split_sentences(text: str) -> list[str]:
 
 def group_sentences(sentences: list[str], min_chars: int) -> list[str]:
     """Consecutive ``sentences`` joined with single spaces into groups of at least ``min_chars``
-    characters each, in order; the last group may be shorter. ``min_chars`` of 0 or less leaves
-    them as they are.
+    characters each, in order; a shorter rest joins the last group (it is a group of its own
+    only when it is all there is). ``min_chars`` of 0 or less leaves them as they are.
 
     ``["Yes.", "Okay.", "Let me check that."]`` with 12 gives ``["Yes. Okay. Let me check that."]``
     — for a voice that pays per text it is asked for (see ``stream_min_chars`` in
@@ -92,7 +92,9 @@ def group_sentences(sentences: list[str], min_chars: int) -> list[str]:
         if len(current) >= min_chars:
             groups.append(current)
             current = ""
-    if current:
+    if current and groups:
+        groups[-1] = f"{groups[-1]} {current}"  # a short rest costs no text of its own
+    elif current:
         groups.append(current)
     return groups
 
