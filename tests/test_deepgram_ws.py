@@ -416,7 +416,11 @@ async def test_reconnects_when_close_races_the_next_speak(ws_url: str, fake: Fak
     await provider.aclose()
 
 
-async def test_flush_limit_waits_or_fails_fast(ws_url: str, fake: FakeDeepgram) -> None:
+async def at_the_flush_limit(
+    ws_url: str, fake: FakeDeepgram
+) -> tuple[DeepgramWebSocketProvider, SettableClock, list[float]]:
+    """A provider (``flush_wait`` 0.5 s) that has just flushed 20 times, on a settable clock
+    shared with the fake; and the seconds it sleeps, which move that clock on."""
     clock = SettableClock()
     fake.clock = clock
     slept: list[float] = []
@@ -428,6 +432,11 @@ async def test_flush_limit_waits_or_fails_fast(ws_url: str, fake: FakeDeepgram) 
     provider = make(ws_url, clock=clock, sleep=sleep, flush_wait=0.5).open()
     for _ in range(20):
         await collect(provider.stream("a"))
+    return provider, clock, slept
+
+
+async def test_flush_limit_waits_or_fails_fast(ws_url: str, fake: FakeDeepgram) -> None:
+    provider, clock, slept = await at_the_flush_limit(ws_url, fake)
     with pytest.raises(TTSError, match="flush limit") as info:
         await collect(provider.stream("b"))
     assert info.value.retryable and info.value.code == "FLUSH_LIMIT"
@@ -443,17 +452,7 @@ async def test_a_call_with_audio_still_to_play_waits_for_the_flush_limit_unheard
     """With more of the call's audio still to play than the wait (``ahead``), the wait for a
     free slot is longer than ``flush_wait`` allows and still nobody hears it: it waits rather
     than hand the rest of the utterance to another voice."""
-    clock = SettableClock()
-    fake.clock = clock
-    slept: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        clock.now += seconds
-
-    provider = make(ws_url, clock=clock, sleep=sleep, flush_wait=0.5).open()
-    for _ in range(20):
-        await collect(provider.stream("a"))
+    provider, clock, slept = await at_the_flush_limit(ws_url, fake)
     clock.now += 56.0  # the oldest flush leaves the window in 5 s
     with pytest.raises(TTSError, match="flush limit"):  # 4 s still to play: not enough
         await collect(provider.stream("b", continuation=True, ahead=4.0))
