@@ -421,8 +421,7 @@ class CallSession:
             return stopped
         now = self._clock.now()
         self._state.cleared()
-        self._draining.clear()  # their audio is dropped with the rest
-        self._drained.set()
+        self._stop_draining()  # their audio is dropped with the rest
         self._generation += 1
         self._pacer.reset()
         with contextlib.suppress(TransportClosed):
@@ -431,14 +430,7 @@ class CallSession:
             await self._provider.clear()
         stopped = [u for u in stopped if not u.status.final]  # the speaker ended it meanwhile
         for utterance in stopped:
-            record = utterance.interrupt(now)
-            self._emit(
-                "speech.interrupted",
-                utterance=utterance.id,
-                text=utterance.text,
-                reason=reason,
-                **record.to_dict(),
-            )
+            self._interrupt(utterance, now, reason)
             self._forget(utterance)
         return stopped
 
@@ -706,6 +698,11 @@ class CallSession:
             self._emit("speech.done", utterance=utterance_id, text=utterance.text)
             self._forget(utterance)
 
+    def _stop_draining(self) -> None:
+        """No failed speech is playing any more (cleared, or the call ended)."""
+        self._draining.clear()
+        self._drained.set()
+
     def _on_mark_after_failure(
         self, playing: _StillPlaying, name: str, index: int, *, played: bool
     ) -> None:
@@ -921,16 +918,15 @@ class CallSession:
         ``_draining`` until the audio it sent has played. Audio sent after that mark (a sentence
         cut by the failure, or the apology) gets a mark of its own, so that its end is known too
         — a mark that does not make that sentence heard."""
-        whole, last = marked + 1, marked
+        whole = marked + 1
         cut = [i for i in range(whole, len(utterance.sentences)) if utterance.sent_seconds[i]]
-        if cut:
-            last = cut[-1]
-            name = mark_name(self._generation, utterance.id, last)
-            self._state.mark_sent(name)
-            await self._send(encode_mark(StreamSid(self.stream_sid), name))
+        last = cut[-1] if cut else marked
         if last < 0:
             return
         name = mark_name(self._generation, utterance.id, last)
+        if cut:
+            self._state.mark_sent(name)
+            await self._send(encode_mark(StreamSid(self.stream_sid), name))
         if name in self._state.pending_marks:  # (not played yet)
             self._draining[utterance.id] = _StillPlaying(utterance, name, whole)
             self._drained.clear()
@@ -1002,8 +998,7 @@ class CallSession:
         await self._drop_early()
         for utterance in list(self._utterances.values()):
             self._end_with_call(utterance)
-        self._draining.clear()
-        self._drained.set()  # (a hangup(after_speech) may be waiting on it)
+        self._stop_draining()  # (a hangup(after_speech) may be waiting on it)
         try:
             await self._provider.aclose()
         except Exception as exc:  # a bug in a voice: logged; the call still ends and says so
@@ -1031,12 +1026,16 @@ class CallSession:
         if utterance.first_audio_at is None:
             utterance.finish(SpeechStatus.CANCELLED, error="the call ended")
             return
-        record = utterance.interrupt(self._clock.now())
+        self._interrupt(utterance, self._clock.now(), "call-ended")
+
+    def _interrupt(self, utterance: Utterance, now: float, reason: str) -> None:
+        """End ``utterance`` as stopped at ``now`` and report what was heard of it."""
+        record = utterance.interrupt(now)
         self._emit(
             "speech.interrupted",
             utterance=utterance.id,
             text=utterance.text,
-            reason="call-ended",
+            reason=reason,
             **record.to_dict(),
         )
 

@@ -107,8 +107,7 @@ class Utterance:
         if index < self.heard_count:
             return False
         self.heard_count = index + 1
-        heard, rest = self.sentences[: self.heard_count], self.sentences[self.heard_count :]
-        self.record = HeardRecord(heard, None, None, rest)
+        self.record = self._heard_so_far()
         return True
 
     def interrupt(self, now: float) -> HeardRecord:
@@ -141,9 +140,13 @@ class Utterance:
         self.status = status
         self.error = error
         if self.record is None:
-            heard = self.sentences[: self.heard_count]
-            self.record = HeardRecord(heard, None, None, self.sentences[self.heard_count :])
+            self.record = self._heard_so_far()
         self._done.set()
+
+    def _heard_so_far(self) -> HeardRecord:
+        """The sentences whose marks echoed played as heard, none cut, the rest unheard."""
+        count = self.heard_count
+        return HeardRecord(self.sentences[:count], None, None, self.sentences[count:])
 
     def to_dict(self) -> dict[str, Any]:
         return {
