@@ -90,6 +90,19 @@ def test_bad_usage_is_reported_clearly(capsys: pytest.CaptureFixture[str]) -> No
     assert "invalid setting" in capsys.readouterr().err
 
 
+def test_demo_refuses_a_notice_its_call_would_never_hear(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The demo dials the stream directly: no TwiML is fetched, so a <Say> notice is never said.
+    from callspeak.cli import _build_parser
+
+    with pytest.raises(SystemExit) as refused:
+        _build_parser().parse_args(["demo", "--notice", "Connecting."])
+    assert refused.value.code == 2
+    assert "unrecognized arguments: --notice" in capsys.readouterr().err
+    assert _build_parser().parse_args(["serve", "--notice", "Connecting."]).notice == "Connecting."
+
+
 def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from callspeak.cli import _build_parser, _settings_from
 
