@@ -821,7 +821,8 @@ async def test_speech_heard_whole_while_a_clear_waits_ends_played_and_is_not_sto
 
 async def test_a_synthesis_failure_a_clear_reaches_first_ends_the_speech_once() -> None:
     """Synthesis fails and a clear() comes before the speaker has woken to the failure: the
-    clear ends the utterance, and the speaker does not report it failed as well."""
+    clear ends the utterance — failed, with its voice's error, as the speaker would have — and
+    the speaker does not report it a second time."""
     async with Harness(FakeProvider(fail_on="boom"), greeting=None) as h:
         await h.start_idle()
         utterance = h.session.say("boom")
@@ -833,9 +834,9 @@ async def test_a_synthesis_failure_a_clear_reaches_first_ends_the_speech_once() 
         assert await loop_iterations_until(sender_gave_up, 100) < 100
         assert await h.session.clear() == [utterance]
         await asyncio.sleep(0.01)  # the speaker wakes to the failure
-        assert utterance.status is SpeechStatus.CANCELLED  # cleared, none of it sent
+        assert utterance.status is SpeechStatus.FAILED and "refused" in (utterance.error or "")
     assert [e.type for e in h.events if e.data.get("utterance") == utterance.id] == [
-        "speech.interrupted"
+        "speech.failed"
     ]
 
 
@@ -1267,14 +1268,21 @@ async def test_the_call_ending_while_the_apology_plays_reports_the_speech_failed
     assert "speech.failed" in h.types() and "speech.interrupted" not in h.types()
 
 
-async def test_a_clear_during_the_apology_reports_no_sentence_cut() -> None:
+async def test_a_clear_during_the_apology_leaves_the_speech_failed_with_no_sentence_cut() -> None:
+    """The caller heard part of the apology, not the text: the speech failed (its voices' error
+    kept), whether the clear or the end of the apology comes first."""
     chain = every_voice_fails(b"\x01" * 24000)
     async with Harness(chain.open(), greeting=None, max_lead=0.1) as h:  # type: ignore[arg-type]
         await h.start_idle()
         utterance = h.session.say("Your appointment is confirmed.")
         await h.transport.wait_for(lambda ms: len(h.audio()) >= 1600)
-        await h.session.clear()
-        assert utterance.record is not None and utterance.record.cut is None
+        assert await h.session.clear() == [utterance]
+        assert isinstance(h.transport.messages()[-1], Clear)
+    assert utterance.status is SpeechStatus.FAILED and "apology" in (utterance.error or "")
+    assert utterance.record == HeardRecord((), None, None, ("Your appointment is confirmed.",))
+    [failed] = [e for e in h.events if e.type == "speech.failed"]
+    assert failed.data == {"utterance": utterance.id, "error": utterance.error}
+    assert "speech.interrupted" not in h.types()
 
 
 async def test_a_clear_that_finds_the_call_closed_ends_heard_speech_as_the_call_end_does() -> None:

@@ -1029,8 +1029,13 @@ class CallSession:
         self._interrupt(utterance, self._clock.now(), "call-ended")
 
     def _interrupt(self, utterance: Utterance, now: float, reason: str) -> None:
-        """End ``utterance`` as stopped at ``now`` and report what was heard of it."""
+        """End ``utterance`` as stopped at ``now`` and report what was heard of it — or, if its
+        voice had failed (the apology or the audio before the failure was stopping), that it
+        failed, as the speaker would have once that audio was sent."""
         record = utterance.interrupt(now)
+        if utterance.status is SpeechStatus.FAILED:
+            self._emit("speech.failed", utterance=utterance.id, error=utterance.error)
+            return
         self._emit(
             "speech.interrupted",
             utterance=utterance.id,

@@ -111,8 +111,10 @@ class Utterance:
         return True
 
     def interrupt(self, now: float) -> HeardRecord:
-        """Close the record at a ``clear`` sent at ``now``. An utterance already ended keeps its
-        status and record (returned)."""
+        """Close the record at a ``clear`` sent at ``now``: ``interrupted``, or ``cancelled``
+        when none of its audio was sent, or ``failed`` (its ``error`` kept) when its voice had
+        already failed — what was stopped then is what it sent before failing, or the apology.
+        An utterance already ended keeps its status and record (returned)."""
         if self.status.final:
             assert self.record is not None  # finish() made it
             return self.record
@@ -129,6 +131,9 @@ class Utterance:
                 cut_seconds = min(now - start, sent)
                 rest = rest[1:]
         self.record = HeardRecord(heard, cut, cut_seconds, rest)
+        if self.error is not None:
+            self.finish(SpeechStatus.FAILED, error=self.error)
+            return self.record
         # Speaking with no audio sent yet is still "cancelled": the caller heard none of it.
         started = self.first_audio_at is not None
         self.finish(SpeechStatus.INTERRUPTED if started else SpeechStatus.CANCELLED)
