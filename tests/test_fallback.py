@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection
 
 from callspeak.config import Settings
-from callspeak.emulator import DialOptions, dial
+from callspeak.emulator import CallReport, DialOptions, dial
 from callspeak.server import create_app
 from callspeak.testing.asgi_server import serve_asgi
 from callspeak.testing.fake_deepgram import FakeDeepgram
-from callspeak.tts.base import TTSAuthError, TTSError
+from callspeak.tts.base import TTSAuthError, TTSError, TTSService
 from callspeak.tts.deepgram_rest import DeepgramRestService
 from callspeak.tts.deepgram_ws import DeepgramWebSocketService
 from callspeak.tts.fallback import FallbackService, load_apology
@@ -140,64 +143,182 @@ async def test_a_deepgram_socket_that_cannot_connect_hands_over_after_its_own_re
 # -- against the fake Deepgram, over real sockets, through the server and the emulator ----------
 
 
+@dataclass(frozen=True)
+class Heard:
+    """What one call through the server to the fake Deepgram came to."""
+
+    report: CallReport
+    backup: FakeService | None
+
+    @property
+    def played(self) -> bytes:
+        return bytes(self.report.played)
+
+
+def deepgram_voice(dg_url: str, *, websocket: bool) -> TTSService:
+    """Deepgram at ``dg_url`` with short timeouts, so that failures show within a test."""
+    if websocket:
+        return DeepgramWebSocketService(
+            KEY,
+            ws_url=dg_url.replace("http", "ws"),
+            receive_timeout=0.5,
+            stall_timeout=0.3,
+            connect_timeout=0.5,
+            max_reconnects=1,
+            backoff=0.01,
+        )
+    return DeepgramRestService(
+        KEY, base_url=dg_url, first_byte_timeout=0.5, stall_timeout=0.3, connect_timeout=0.3
+    )
+
+
 async def call_through(
-    fake: FakeDeepgram, *, websocket: bool = False, backup: FakeService | None = None
-) -> tuple[bytes, FakeService | None]:
+    fake: FakeDeepgram,
+    *,
+    websocket: bool = False,
+    backup: FakeService | None = None,
+    primary: TTSService | None = None,
+) -> Heard:
+    """One emulated call to a server whose voice is Deepgram (the fake, or ``primary``), then
+    ``backup`` if given, then the apology; the call hangs up once the server goes quiet."""
     async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
-        if websocket:
-            primary: object = DeepgramWebSocketService(
-                KEY,
-                ws_url=dg_url.replace("http", "ws"),
-                receive_timeout=0.5,
-                max_reconnects=1,
-                backoff=0.01,
-            )
-        else:
-            primary = DeepgramRestService(
-                KEY, base_url=dg_url, first_byte_timeout=0.5, stall_timeout=0.3
-            )
-        engines = [primary] + ([backup] if backup else [])
-        chain = FallbackService(engines, apology=load_apology())  # type: ignore[arg-type]
+        engines = [primary or deepgram_voice(dg_url, websocket=websocket)]
+        chain = FallbackService(engines + ([backup] if backup else []), apology=load_apology())
         app = create_app(Settings(validate_signatures=False, greeting=TEXT), tts=chain)
         async with serve_app(app) as url:
             report = await dial(
                 DialOptions(url=url.replace("http", "ws") + "/twilio", quiet_seconds=0.7)
             )
         await chain.aclose()
-    return bytes(report.played), backup
+    return Heard(report, backup)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A failure injected into the fake, what the log must say of it, and how many requests
+    (REST) or handshakes (WebSocket) Deepgram sees before the backup voice speaks — two where a
+    failure before any audio is retried once."""
+
+    inject: Callable[[FakeDeepgram], None]
+    causes: tuple[str, ...]
+    attempts: int
+
+
+def error_body(code: str, request_id: str) -> dict[str, str]:
+    return {"err_code": code, "err_msg": f"{code} (injected)", "request_id": request_id}
 
 
 REST_FAULTS = {
-    "401 invalid auth": lambda f: f.fail_next(
-        401, {"err_code": "INVALID_AUTH", "err_msg": "Invalid credentials.", "request_id": "r401"}
+    "401 invalid auth": Fault(
+        lambda f: f.fail_next(401, error_body("INVALID_AUTH", "r401")),
+        ("INVALID_AUTH", "request_id=r401", "DEEPGRAM_API_KEY"),
+        1,  # never retried
     ),
-    "403 insufficient permissions": lambda f: f.fail_next(
-        403, {"err_code": "INSUFFICIENT_PERMISSIONS", "err_msg": "no", "request_id": "r403"}
+    "403 insufficient permissions": Fault(
+        lambda f: f.fail_next(403, error_body("INSUFFICIENT_PERMISSIONS", "r403")),
+        ("INSUFFICIENT_PERMISSIONS", "request_id=r403", "DEEPGRAM_API_KEY"),
+        1,
     ),
-    "429 too many requests": lambda f: f.fail_next(
-        429,
-        {"err_code": "TOO_MANY_REQUESTS", "err_msg": "slow down", "request_id": "r429"},
-        count=2,
+    "429 too many requests": Fault(
+        lambda f: f.fail_next(429, error_body("TOO_MANY_REQUESTS", "r429"), count=2),
+        ("status=429", "TOO_MANY_REQUESTS", "request_id=r429", "retrying once"),
+        2,
     ),
-    "500 plain text": lambda f: f.fail_next(500, "Internal Server Error", count=2),
-    "503 error_code": lambda f: f.fail_next(
-        503, {"error_code": "SERVICE_UNAVAILABLE", "err_msg": "busy"}, count=2
+    "500 plain text": Fault(
+        lambda f: f.fail_next(500, "Internal Server Error", count=2),
+        ("status=500", "Internal Server Error", "retrying once"),
+        2,
     ),
-    "stall before first byte": lambda f: f.stall_after(0, count=2),
-    "stall mid-stream": lambda f: f.stall_after(1000),
-    "cut mid-stream": lambda f: f.cut_after(1000),
+    "503 error_code": Fault(
+        lambda f: f.fail_next(
+            503, {"error_code": "SERVICE_UNAVAILABLE", "err_msg": "busy"}, count=2
+        ),
+        ("status=503", "SERVICE_UNAVAILABLE", "retrying once"),
+        2,
+    ),
+    "stall before first byte": Fault(
+        lambda f: f.stall_after(0, count=2),
+        ("no audio within 0.5 s (first byte)", "request_id=", "retrying once"),
+        2,
+    ),
+    "stall mid-stream": Fault(
+        lambda f: f.stall_after(1000),
+        ("stalled after 1000 bytes (no data for 0.3 s)", "request_id=", "failed mid-stream"),
+        1,  # audio had played: the backup voice speaks the text, no retry
+    ),
+    "cut mid-stream": Fault(
+        lambda f: f.cut_after(1000),
+        ("connection cut after 1000 bytes", "request_id=", "failed mid-stream"),
+        1,
+    ),
 }
 
-CAUSES = {
-    "401 invalid auth": "INVALID_AUTH",
-    "403 insufficient permissions": "INSUFFICIENT_PERMISSIONS",
-    "429 too many requests": "status=429",
-    "500 plain text": "status=500",
-    "503 error_code": "SERVICE_UNAVAILABLE",
-    "stall before first byte": "deepgram",
-    "stall mid-stream": "stall",
-    "cut mid-stream": "deepgram",
+WS_FAULTS = {  # (the fake answers a refused handshake with a request id of its own)
+    "refuse 401": Fault(
+        lambda f: f.refuse_ws(401, error_body("INVALID_AUTH", "w401"), count=None),
+        ("INVALID_AUTH", "request_id=", "DEEPGRAM_API_KEY"),
+        1,  # no reconnect loop
+    ),
+    "refuse 403": Fault(
+        lambda f: f.refuse_ws(403, error_body("INSUFFICIENT_PERMISSIONS", "w403"), count=None),
+        ("INSUFFICIENT_PERMISSIONS", "request_id=", "DEEPGRAM_API_KEY"),
+        1,
+    ),
+    # Refused handshakes are retried by the voice itself (max_reconnects=1 here), not again by
+    # the chain: that would double the caller's silence.
+    "refuse 429": Fault(
+        lambda f: f.refuse_ws(429, error_body("TOO_MANY_REQUESTS", "w429"), count=None),
+        ("429", "could not connect after 2 attempts"),
+        2,
+    ),
+    "refuse 503": Fault(
+        lambda f: f.refuse_ws(503, error_body("SERVICE_UNAVAILABLE", "w503"), count=None),
+        ("503", "could not connect after 2 attempts"),
+        2,
+    ),
+    "close 1011 mid-stream": Fault(
+        lambda f: f.ws_close_after(500, 1011, "internal error", count=None),
+        ("socket closed mid-utterance: code 1011 'internal error'", "failed mid-stream"),
+        1,
+    ),
+    "close 1000 mid-stream": Fault(
+        lambda f: f.ws_close_after(500, 1000, "bye", count=None),
+        ("socket closed mid-utterance: code 1000 'bye'", "failed mid-stream"),
+        1,
+    ),
+    "stall before first audio": Fault(
+        lambda f: f.ws_stall(count=None),
+        ("stalled: no audio and no Flushed for 0.5 s", "retrying once"),
+        2,  # the socket is dropped, so the retry opens another
+    ),
+    "stall mid-stream": Fault(
+        lambda f: f.ws_stall(1000, count=None),
+        ("stalled: no more audio and no Flushed for 0.3 s", "failed mid-stream"),
+        1,
+    ),
+    "flush limit": Fault(
+        lambda f: setattr(f, "flush_limit", 0),  # Deepgram answers the Flush with a Warning
+        ("FLUSH_LIMIT", "ignored the Flush"),
+        1,  # not retried: the same socket would be refused again
+    ),
 }
+
+
+def assert_clean_frames(report: CallReport) -> None:
+    """Every media message whole 20 ms frames, and nothing the emulated Twilio refused."""
+    assert report.media_messages > 0
+    assert report.partial_frame_messages == 0 and report.warnings == []
+
+
+async def assert_backup_speaks(
+    fault: Fault, heard: Heard, attempts: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert heard.backup is not None and heard.backup.providers[0].texts == [TEXT]
+    assert heard.played.endswith(tone_for(TEXT).rstrip(b"\xff"))  # the text, whole, at the end
+    assert_clean_frames(heard.report)
+    for cause in fault.causes:
+        assert cause in caplog.text, (cause, caplog.text)
+    assert attempts == fault.attempts
 
 
 @pytest.mark.parametrize("fault", list(REST_FAULTS))
@@ -205,55 +326,108 @@ async def test_rest_failure_ends_with_the_fallback_voice(
     fault: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake = FakeDeepgram(KEY, first_byte_delay=0.01)
-    REST_FAULTS[fault](fake)
-    with caplog.at_level(logging.WARNING, "callspeak.tts"):
-        played, backup = await call_through(fake, backup=FakeService("backup"))
-    assert backup is not None and backup.providers[0].texts == [TEXT]
-    assert played.endswith(tone_for(TEXT)) or tone_for(TEXT) in played
-    assert CAUSES[fault] in caplog.text, caplog.text
+    REST_FAULTS[fault].inject(fake)
+    with caplog.at_level(logging.INFO, "callspeak.tts"):
+        heard = await call_through(fake, backup=FakeService("backup"))
+    await assert_backup_speaks(REST_FAULTS[fault], heard, len(fake.requests), caplog)
 
 
-@pytest.mark.parametrize(
-    "fault",
-    ["refuse 401", "close mid-stream", "stall"],
-)
+@pytest.mark.parametrize("fault", list(WS_FAULTS))
 async def test_websocket_failure_ends_with_the_fallback_voice(
     fault: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake = FakeDeepgram(KEY, first_byte_delay=0.01)
-    if fault == "refuse 401":
-        fake.refuse_ws(401, count=None)
-    elif fault == "close mid-stream":
-        fake.ws_close_after(500, 1011, "internal error", count=None)
-    else:
-        fake.ws_stall(count=None)
-    with caplog.at_level(logging.WARNING, "callspeak.tts"):
-        played, backup = await call_through(fake, websocket=True, backup=FakeService("backup"))
-    assert backup is not None and tone_for(TEXT) in played
-    assert "deepgram-ws" in caplog.text and "falling back" in caplog.text
+    WS_FAULTS[fault].inject(fake)
+    with caplog.at_level(logging.INFO, "callspeak.tts"):
+        heard = await call_through(fake, websocket=True, backup=FakeService("backup"))
+    await assert_backup_speaks(WS_FAULTS[fault], heard, fake.ws_connections, caplog)
 
 
+@asynccontextmanager
+async def never_answering_tls() -> AsyncIterator[str]:
+    """An https:// base URL whose server accepts TCP and never answers the TLS handshake."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("websocket", [False, True], ids=["rest", "websocket"])
+async def test_a_connection_that_never_opens_ends_with_the_fallback_voice(
+    websocket: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeDeepgram(KEY)  # (serves nothing here: Deepgram is the silent TLS server)
+    async with never_answering_tls() as dg_url:
+        with caplog.at_level(logging.INFO, "callspeak.tts"):
+            heard = await call_through(
+                fake,
+                primary=deepgram_voice(dg_url, websocket=websocket),
+                backup=FakeService("backup"),
+            )
+    assert heard.backup is not None and heard.backup.providers[0].texts == [TEXT]
+    assert heard.played.endswith(tone_for(TEXT).rstrip(b"\xff"))
+    assert_clean_frames(heard.report)
+    # Which bound runs out first — one attempt's connect timeout, or the first-byte deadline
+    # (REST) or wait for a socket (WebSocket) around it — is a race; each names connecting.
+    said = (
+        ["could not connect after 2 attempts", "no connection within"]
+        if websocket
+        else ["timed out connecting", "no audio within 0.5 s (first byte, connecting included)"]
+    )
+    assert any(cause in caplog.text for cause in said), caplog.text
+
+
+@pytest.mark.parametrize("websocket", [False, True], ids=["rest", "websocket"])
 async def test_when_every_voice_fails_the_caller_hears_the_apology(
-    caplog: pytest.LogCaptureFixture,
+    websocket: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake = FakeDeepgram(KEY, first_byte_delay=0.01)
-    fake.fail_next(
-        503,
-        {"err_code": "SERVICE_UNAVAILABLE", "err_msg": "down", "request_id": "r503"},
-        count=None,
-    )
+    body = error_body("SERVICE_UNAVAILABLE", "r503")
+    if websocket:
+        fake.refuse_ws(503, body, count=None)
+    else:
+        fake.fail_next(503, body, count=None)
     with caplog.at_level(logging.WARNING, "callspeak.tts"):
-        played, _ = await call_through(fake)
+        heard = await call_through(fake, websocket=websocket)
     apology = load_apology()
-    assert played.rstrip(b"\xff") == apology.rstrip(b"\xff")
-    assert "every voice failed" in caplog.text and "r503" in caplog.text
+    assert heard.played.rstrip(b"\xff") == apology.rstrip(b"\xff")
+    assert_clean_frames(heard.report)
+    assert "every voice failed, playing the apology" in caplog.text
+    assert ("could not connect" if websocket else "request_id=r503") in caplog.text
 
 
-async def test_healthy_deepgram_streams_bytes_untouched() -> None:
-    fake = FakeDeepgram(KEY, first_byte_delay=0.01, chunk_size=333)
-    played, _ = await call_through(fake)
+@pytest.mark.parametrize("chunk_size", [333, 1])
+@pytest.mark.parametrize("websocket", [False, True], ids=["rest", "websocket"])
+async def test_healthy_deepgram_streams_bytes_untouched_in_whole_frames(
+    websocket: bool, chunk_size: int
+) -> None:
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01, chunk_size=chunk_size)
+    heard = await call_through(fake, websocket=websocket)
     expected = fake.audio_for(TEXT)
-    assert played.rstrip(b"\xff") == expected.rstrip(b"\xff")
+    # Byte for byte, but for the silence that fills its last frame.
+    assert heard.played.rstrip(b"\xff") == expected.rstrip(b"\xff")
+    assert_clean_frames(heard.report)
+
+
+async def test_a_wav_headed_answer_reaches_the_caller_without_its_header() -> None:
+    """Deepgram ignoring container=none: the header is dropped, the μ-law after it untouched."""
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01, chunk_size=333)
+    fake.answer_in_wav()
+    heard = await call_through(fake)
+    assert fake.requests[0].query["container"] == "none"  # asked for raw audio
+    raw = fake.audio_for(TEXT)
+    assert heard.played.rstrip(b"\xff") == raw.rstrip(b"\xff")
+    assert b"RIFF" not in heard.played and b"WAVE" not in heard.played
+    assert_clean_frames(heard.report)
 
 
 async def test_refused_credentials_make_health_degraded_and_name_the_setting(

@@ -228,6 +228,8 @@ class EmulatedCall:
         if isinstance(message, OutboundMedia):
             self.report.media_messages += 1
             self.report.audio_bytes_received += len(message.payload)
+            if len(message.payload) % FRAME_BYTES:
+                self.report.partial_frame_messages += 1
             if self.report.first_audio_at is None:
                 self.report.first_audio_at = now
             if self._buffer.idle:

@@ -48,6 +48,9 @@ class CallReport:
     warnings: list[tuple[float, str]] = field(default_factory=list)
     media_messages: int = 0
     audio_bytes_received: int = 0
+    #: Media messages whose payload was not whole 20 ms frames (a multiple of 160 bytes).
+    #: Twilio plays them, but a server that frames its audio should send none.
+    partial_frame_messages: int = 0
     #: What the caller heard, μ-law 8 kHz, one 160-byte frame per 20 ms tick since start.
     heard: bytearray = field(default_factory=bytearray)
     #: The server's audio as played, without the silence of underruns (what it sent, in order,

@@ -382,12 +382,16 @@ class DeepgramRestProvider:
         if self._service.closed:
             raise TTSError(_NAME, "service is closed", retryable=False)
 
-    def _error(self, message: str) -> TTSError:
+    def _error(self, message: str, response: aiohttp.ClientResponse | None) -> TTSError:
+        """A retryable failure of the request ``response`` answers (None: no answer yet), with
+        Deepgram's id for it (its ``dg-request-id`` header), so a stall or a cut after the 200
+        can be looked up as an error status can."""
         if self._closed:
             return TTSError(_NAME, "provider closed while streaming", retryable=False)
         if self._service.closed:
             return TTSError(_NAME, "service closed while streaming", retryable=False)
-        return TTSError(_NAME, message, retryable=True)
+        request_id = None if response is None else response.headers.get("dg-request-id")
+        return TTSError(_NAME, message, retryable=True, request_id=request_id)
 
     async def _read(self, content: aiohttp.StreamReader, when: float) -> bytes:
         """What the body has so far, before loop time ``when``, else ``TimeoutError``; ``b""`` at
@@ -439,25 +443,28 @@ class DeepgramRestProvider:
                     self._check_open()
                     when = loop.time() + service.stall_timeout
                 if received == 0 and has_words(text):  # the caller would hear silence
-                    raise self._error("answered 200 with no audio")
+                    raise self._error("answered 200 with no audio", response)
             finally:
                 self._deadline = None
         except aiohttp.ServerTimeoutError as exc:  # aiohttp's connect timeout: a TimeoutError too
-            raise self._error(f"timed out connecting ({type(exc).__name__})") from exc
+            raise self._error(f"timed out connecting ({type(exc).__name__})", response) from exc
         except TimeoutError:
             if received == 0:
-                message = f"no audio within {service.first_byte_timeout:g} s (first byte)"
+                # No answer at all can also be a connection that never opened: the first-byte
+                # deadline covers connecting too (aiohttp's own bounds it only when longer).
+                waited = "first byte" if response is not None else "first byte, connecting included"
+                message = f"no audio within {service.first_byte_timeout:g} s ({waited})"
             else:
                 message = (
                     f"stalled after {received} bytes (no data for {service.stall_timeout:g} s)"
                 )
-            raise self._error(message) from None
+            raise self._error(message, response) from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._service.closed and task is not None and not task.cancelling():
                 # Nobody cancelled this task: the closing pool cancelled its wait for a
                 # connection. That is the service ending, reported as such (not retried).
-                raise self._error("service closed") from None
+                raise self._error("service closed", response) from None
             raise
         except aiohttp.ClientError as exc:
             # ClientConnectionError: refused, DNS, TLS, reset, server disconnected…;
@@ -465,8 +472,8 @@ class DeepgramRestProvider:
             # InvalidURL: a base URL without http(s)://.
             detail = str(exc) or type(exc).__name__
             if response is None:
-                raise self._error(f"cannot reach Deepgram: {detail}") from exc
-            raise self._error(f"connection cut after {received} bytes: {detail}") from exc
+                raise self._error(f"cannot reach Deepgram: {detail}", response) from exc
+            raise self._error(f"connection cut after {received} bytes: {detail}", response) from exc
         finally:
             if response is not None:
                 # Back to the pool when the body was read to the end; closed otherwise (an

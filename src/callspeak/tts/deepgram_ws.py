@@ -493,7 +493,11 @@ class DeepgramWebSocketProvider:
         """An open socket with no stale audio queued on it."""
         ws = self._ws
         if ws is not None and ws.state is not State.OPEN:
-            logger.info("deepgram-ws socket closed between utterances; reconnecting")
+            logger.info(
+                "deepgram-ws socket closed between utterances (code %s %r); reconnecting",
+                ws.close_code if ws.close_code is not None else 1006,
+                ws.close_reason or "",
+            )
             await self._drop()
         elif ws is not None and self._svc.clock() - self._opened_at >= self._svc.max_connection_age:
             logger.info("deepgram-ws socket near its 60-minute limit; replacing it")
