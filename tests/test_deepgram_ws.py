@@ -396,14 +396,16 @@ async def test_a_handshake_refused_with_a_repeated_header_is_a_tts_error(ws_url:
 
 
 async def test_reconnects_after_server_close_between_utterances(
-    ws_url: str, fake: FakeDeepgram
+    ws_url: str, fake: FakeDeepgram, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake.ws_close_after_flushed(1001, "going away")
     provider = make(ws_url).open()
     assert await collect(provider.stream("One.")) == fake.audio_for("One.")
     await asyncio.sleep(0.05)  # let the close frame arrive
-    assert await collect(provider.stream("Two.")) == fake.audio_for("Two.")
+    with caplog.at_level(logging.INFO, "callspeak.tts"):
+        assert await collect(provider.stream("Two.")) == fake.audio_for("Two.")
     assert fake.ws_connections == 2
+    assert "closed between utterances (code 1001 'going away'); reconnecting" in caplog.text
     await provider.aclose()
 
 
