@@ -42,3 +42,27 @@ def test_text_lines_show_call_ids(restore_root: None) -> None:
     logging.getLogger("callspeak.test").info("bare")
     lines = out.getvalue().splitlines()
     assert "[CA9 MZ9] hello" in lines[0] and "[- -] bare" in lines[1]
+
+
+def test_a_voice_failing_mid_call_is_logged_with_the_call_ids(restore_root: None) -> None:
+    """The voices know nothing of calls; their lines name the call whose speech they make."""
+    import asyncio
+
+    from tests.test_session import Harness, every_voice_fails
+
+    out = io.StringIO()
+    configure_logging("info", "text", stream=out)
+
+    async def call() -> None:
+        chain = every_voice_fails(b"\x01" * 160)
+        async with Harness(chain.open(), greeting=None) as h:  # type: ignore[arg-type]
+            await h.start_idle()
+            await asyncio.wait_for(h.session.say("Seven eleven.").wait(), 5)
+        logging.getLogger("callspeak.test").info("after the call")
+
+    asyncio.run(call())
+    lines = out.getvalue().splitlines()
+    failures = [line for line in lines if "callspeak.tts" in line]
+    assert failures and all("[CAtest MZtest]" in line for line in failures), lines
+    assert any("every voice failed" in line for line in failures)
+    assert "[- -] after the call" in lines[-1]  # (not a task of the call)

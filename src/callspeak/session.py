@@ -56,6 +56,7 @@ from callspeak.call_state import (
 )
 from callspeak.clock import Clock, MonotonicClock
 from callspeak.events import CallEventRecord, EventListener, EventType
+from callspeak.logs import log_as_call
 from callspeak.metrics import Metrics
 from callspeak.pacing import Pacer
 from callspeak.protocol import (
@@ -718,6 +719,7 @@ class CallSession:
     # -- speaking ----------------------------------------------------------------------------
 
     async def _speak_loop(self) -> None:
+        log_as_call(self.call_sid, self.stream_sid)  # and the voices' lines, in its tasks
         while True:
             utterance = await self._queue.get()
             self._held = utterance
@@ -799,6 +801,7 @@ class CallSession:
         self, utterance: Utterance, frames: asyncio.Queue[tuple[int, bytes | None]]
     ) -> None:
         """Stream each sentence's audio into ``frames``; (index, None) closes a sentence."""
+        log_as_call(self.call_sid, self.stream_sid)  # (an early one is not the speaker's)
         index = 0
         try:
             for index, sentence in enumerate(utterance.sentences):
