@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -467,6 +468,25 @@ async def test_admission_refused_at_start_closes_with_1008_and_speaks_nothing() 
     assert h.session.closed_because == "no token"
     assert h.transport.sent == [] and h.types() == []
     assert h.metrics.registry.get_sample_value("callspeak_calls_started_total") == 0
+
+
+async def test_a_start_that_cannot_be_read_closes_the_stream_with_1008() -> None:
+    """Without its start nothing of the stream can be served: it is closed at once, rather than
+    kept open logging each media message after it as arriving 'before start'."""
+    broken = json.loads(start_json())
+    del broken["start"]["mediaFormat"]
+    h = Harness()
+    async with h:
+        h.transport.push(json.dumps(broken))
+        h.transport.push(Media(3, SID, "inbound", 1, 0, b"\xff" * 160).to_json())
+        async with asyncio.timeout(2):
+            assert h.task is not None
+            await h.task
+    assert h.transport.closed is not None and h.transport.closed[0] == 1008
+    assert h.transport.closed[1].startswith("invalid start")
+    assert h.session.closed_because == h.transport.closed[1]
+    assert h.session.rejected == 1  # the start; the media after it was never read
+    assert h.transport.sent == [] and h.types() == []
 
 
 #: Loop iterations before the first steps of a task made with callspeak.tasks.start_task run.

@@ -620,6 +620,15 @@ class CallSession:
                 await self.clear(only_interruptible=True, reason="dtmf")
         elif isinstance(event, Rejected):
             self._reject(event.reason, event.event)
+            if event.event == "start" and self._state.start is None:
+                # Nothing of the stream can be served without its start (Twilio's always reads).
+                # Closed, not kept open to log each message after it as "before 'start'".
+                self.closed_because = f"invalid start: {event.reason}"
+                log.warning("closing the stream: %s", self.closed_because, extra=self._ids())
+                # (A close reason is at most 123 bytes of UTF-8.)
+                reason = self.closed_because.encode()[:123].decode(errors="ignore")
+                await self._transport.close(POLICY_VIOLATION, reason)
+                return False
         elif isinstance(event, Stopped):
             log.info("stream stopped by Twilio", extra=self._ids())
             return False
