@@ -261,6 +261,10 @@ async def test_dial_signs_its_upgrade_and_reports_a_refusal(
         assert await asyncio.to_thread(main, ["dial", ws_url, "--sign-with", TOKEN]) == 1
         err = capsys.readouterr().err
         assert "the server refused the call: HTTP 403 invalid Twilio signature" in err
+        # A path with no media stream: refused with no body, and said so.
+        assert await asyncio.to_thread(main, ["dial", ws_url.replace("/twilio", "/other")]) == 1
+        err = capsys.readouterr().err
+        assert "the server refused the call: HTTP 403 (no reason given)" in err
 
 
 # -- TLS ------------------------------------------------------------------------------------------

@@ -266,3 +266,27 @@ async def test_a_server_that_stops_reading_holds_the_caller_back_and_nothing_is_
     assert isinstance(events[-1], Stop)
     numbered = [e.sequence_number for e in events[1:]]  # type: ignore[union-attr]
     assert numbered == list(range(1, len(events)))
+
+
+async def test_a_large_message_an_empty_one_and_a_reused_mark_name_are_taken_as_twilio_does() -> (
+    None
+):
+    """Twilio takes media of any size (here 7 minutes of audio, 4.5 MB of base64); an
+    empty media message plays nothing, so no audio begins with it; a mark name sent twice is
+    echoed twice, each echo recorded on its own mark."""
+    big = b"\x55" * (8000 * 60 * 7)
+    script: Script = [
+        (0.0, lambda sid: [encode_media(sid, b""), encode_mark(sid, "again")]),
+        (0.1, lambda sid: [encode_media(sid, b"\x11" * 160), encode_mark(sid, "again")]),
+        (0.2, lambda sid: [encode_media(sid, big), encode_clear(sid)]),
+    ]
+    async with scripted_server(script) as (url, _):
+        report = await dial(DialOptions(url=url, duration=0.6))
+    assert report.ended_by == "caller" and report.warnings == []
+    assert report.audio_bytes_received == 160 + len(big)
+    assert report.first_audio_at is not None and report.first_audio_at >= 0.1
+    assert report.audio_starts[0] == report.first_audio_at
+    first, second = report.marks
+    assert first.name == second.name == "again"
+    assert first.echoed_at is not None and first.echoed_at < 0.1  # nothing before it played
+    assert second.echoed_at is not None and second.echoed_at > first.echoed_at

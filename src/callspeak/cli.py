@@ -432,7 +432,8 @@ async def _dial(args: argparse.Namespace) -> int:
     except InvalidStatus as exc:
         body = exc.response.body.decode(errors="replace").strip() if exc.response.body else ""
         status = exc.response.status_code
-        print(f"callspeak: the server refused the call: HTTP {status} {body}", file=sys.stderr)
+        reason = body or "(no reason given)"
+        print(f"callspeak: the server refused the call: HTTP {status} {reason}", file=sys.stderr)
         return 1
     except (OSError, InvalidHandshake) as exc:  # refused, unreachable, timed out, TLS, not WS
         reason = str(exc) or type(exc).__name__

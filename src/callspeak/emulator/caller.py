@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -155,7 +156,8 @@ class EmulatedCall:
         # own has a ticker of its own.
         self._ticker = Ticker(clock, FRAME_SECONDS) if clock is not None else None
         self._buffer = PlaybackBuffer()
-        self._marks: dict[str, MarkRecord] = {}
+        #: Marks not yet echoed, by name, oldest first (a server may reuse a name).
+        self._marks: dict[str, deque[MarkRecord]] = {}
         self._seq = 0
         self._t0 = 0.0
         self._last_server_message = 0.0
@@ -230,16 +232,17 @@ class EmulatedCall:
             self.report.audio_bytes_received += len(message.payload)
             if len(message.payload) % FRAME_BYTES:
                 self.report.partial_frame_messages += 1
-            if self.report.first_audio_at is None:
-                self.report.first_audio_at = now
-            if self._buffer.idle:
-                self.report.audio_starts.append(now)
+            if message.payload:  # (an empty one plays nothing: no audio begins with it)
+                if self.report.first_audio_at is None:
+                    self.report.first_audio_at = now
+                if self._buffer.idle:
+                    self.report.audio_starts.append(now)
             if not self._buffer.add_audio(message.payload):
                 self._warn("31931 more than 10 minutes of audio buffered; media discarded")
         elif isinstance(message, OutboundMark):
             record = MarkRecord(message.name, received_at=now)
             self.report.marks.append(record)
-            self._marks[message.name] = record
+            self._marks.setdefault(message.name, deque()).append(record)
             for name in self._buffer.add_mark(message.name):
                 await self._send(self._mark_echo(name, flushed=False))
         else:
@@ -341,10 +344,13 @@ class EmulatedCall:
 
     def _mark_echo(self, name: str, *, flushed: bool) -> str:
         """The echo of mark ``name``, recorded in the report as sent now."""
-        record = self._marks.get(name)
-        if record is not None:
+        waiting = self._marks.get(name)
+        if waiting:
+            record = waiting.popleft()
             record.echoed_at = self.elapsed()
             record.flushed = flushed
+            if not waiting:
+                del self._marks[name]
         return Mark(self._next_seq(), StreamSid(self.options.stream_sid), name).to_json()
 
     def _dtmf_message(self, digit: str) -> str:
@@ -416,7 +422,7 @@ async def dial(options: DialOptions, *, clock: Clock | None = None) -> CallRepor
         options.url,
         additional_headers=options.upgrade_headers(),
         open_timeout=options.open_timeout,
-        max_size=2**22,
+        max_size=None,  # Twilio takes media "of any size"; the buffer's 10-minute cap holds
         compression=None,
         **tls,
     ) as websocket:
