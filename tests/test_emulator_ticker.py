@@ -105,6 +105,37 @@ async def test_ticks_missed_in_a_stall_run_back_to_back_then_the_schedule_resume
     assert [at for _, at in times] == pytest.approx([at for _, at in expected])
 
 
+async def test_what_arrived_during_a_stall_is_read_before_the_ticks_it_missed() -> None:
+    """The loop is held up past several ticks while the server's audio arrives; the ticker's
+    timer fires first, then the socket is read. The call's task, woken by that read, must take
+    the audio in before the missed ticks play — else they play silence and the report shows a
+    gap the server never made."""
+    clock = ManualClock()
+    ticker = Ticker(clock, 0.02)
+    log: list[str] = []
+    arrived = asyncio.get_running_loop().create_future()
+
+    def tick(n: int) -> bool:
+        log.append(f"tick {n}")
+        return n < 12
+
+    async def call_reading_its_socket() -> None:
+        await arrived
+        log.append("read")
+
+    run = asyncio.create_task(ticker.run(0.0, tick))
+    reader = asyncio.create_task(call_reading_its_socket())
+    await clock.run_until(0.05)  # ticks 0-2 played; the ticker sleeps until tick 3 (0.06)
+    assert log == ["tick 0", "tick 1", "tick 2"]
+    clock.t = 0.15  # held up: ticks 3-7 are due now
+    _, _, ticker_sleep = heapq.heappop(clock._sleepers)
+    ticker_sleep.set_result(None)  # its timer fires...
+    asyncio.get_running_loop().call_soon(arrived.set_result, None)  # ...then the data is read
+    await clock.run_until(0.3)
+    assert await run == 12 and reader.done()
+    assert log[3:5] == ["read", "tick 3"], log
+
+
 async def test_a_schedule_that_joins_while_the_ticker_sleeps_is_not_late() -> None:
     clock = ManualClock()
     ticker = Ticker(clock, 0.02)

@@ -9,8 +9,9 @@ granularity (epoll, libuv), so one wake-up serves all the calls due within that 
 
 What a schedule gets is what a loop of ``sleep``-until-due then tick gives it: tick ``n`` runs
 at or after ``start + n × period``, never before; the ticks of one schedule run in order, one at
-a time; ticks missed in a stall run back to back, at once. Ticks of different schedules run in
-order of due time.
+a time; ticks missed in a stall run back to back, at once — after two turns of the loop, so that
+tasks woken by what arrived during the stall (a call reading its socket) run before them. Ticks
+of different schedules run in order of due time.
 """
 
 from __future__ import annotations
@@ -104,7 +105,18 @@ class Ticker:
                         await clock.sleep(delay)
                     finally:
                         self._sleeping_until = None
-                self._run_due(clock.now())
+                now = clock.now()
+                if heap and heap[0][0] < now - self._period:
+                    # Woken more than a period late: the loop was held up (this process, not
+                    # the server). What the calls received meanwhile is read before the ticks
+                    # missed are played back to back — as Twilio, not held up, would have
+                    # played it — rather than after them, a gap the server did not make. Two
+                    # turns: the socket's data may only be read in the first, after this task
+                    # ran in it, and the call's task woken by it runs in the next.
+                    for _ in range(2):
+                        await asyncio.sleep(0)
+                    now = clock.now()
+                self._run_due(now)
         finally:
             self._task = None
             # Cancelled (e.g. its loop is shutting down): the schedules still waiting must not
