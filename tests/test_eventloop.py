@@ -26,3 +26,9 @@ async def test_the_tests_run_on_the_loop_asked_for() -> None:
     """``TEST_EVENT_LOOP=uvloop`` (conftest) puts the async tests on uvloop, as served."""
     expected = "uvloop" if os.environ.get("TEST_EVENT_LOOP") == "uvloop" else "asyncio"
     assert type(asyncio.get_running_loop()).__module__.split(".")[0] == expected
+
+
+async def test_the_suite_runs_its_loops_in_debug_mode() -> None:
+    """As the README says of `make test`: pytest-asyncio's loops ignore PYTHONASYNCIODEBUG, so
+    pyproject.toml asks for it (asyncio_debug)."""
+    assert asyncio.get_running_loop().get_debug()
