@@ -7,6 +7,7 @@ import os
 import sys
 
 from callspeak import eventloop
+from tests.conftest import SLOW_STEP_SECONDS
 
 
 def test_run_returns_the_result_on_the_chosen_loop() -> None:
@@ -31,4 +32,5 @@ async def test_the_tests_run_on_the_loop_asked_for() -> None:
 async def test_the_suite_runs_its_loops_in_debug_mode() -> None:
     """As the README says of `make test`: pytest-asyncio's loops ignore PYTHONASYNCIODEBUG, so
     pyproject.toml asks for it (asyncio_debug)."""
-    assert asyncio.get_running_loop().get_debug()
+    loop = asyncio.get_running_loop()
+    assert loop.get_debug() and loop.slow_callback_duration == SLOW_STEP_SECONDS
