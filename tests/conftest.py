@@ -88,7 +88,8 @@ def serving_options(app: Any, **config: Any) -> dict[str, Any]:
     """What ``callspeak serve`` gives uvicorn for ``app`` (so ``/twilio`` takes the native path),
     minus the address — serve_asgi picks a free port — and with ``config`` on top."""
     options = uvicorn_options(app.state.callspeak.settings, app)
-    for key in ("host", "port", "log_level"):
+    # (and serve_asgi's own shutdown bound: a test's stalled peer is cut off after 2 s)
+    for key in ("host", "port", "log_level", "timeout_graceful_shutdown"):
         options.pop(key)
     return {**options, **config}
 

@@ -143,3 +143,78 @@ async def test_text_over_max_text_chars_is_not_spoken_and_the_call_stays_open(
             DialOptions(url=server.ws_url, parameters={"say": "Short enough."}, quiet_seconds=0.2)
         )
         assert short.seconds_heard > 0
+
+
+# -- request bodies that stop arriving -------------------------------------------------------------
+
+
+async def half_sent(base_url: str, path: str, content_type: str) -> bytes:
+    """POST to ``path`` announcing 100 bytes of body, send 10, then nothing: what the server
+    answers before it closes the connection (5 s at most)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+        "Content-Length: 100\r\n\r\n"
+    )
+    writer.write(head.encode() + b"CallSid=CA")
+    try:
+        async with asyncio.timeout(5):
+            return await reader.read()  # until the server closes
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("path", ["/voice", "/status"])
+async def test_a_webhook_whose_body_stops_arriving_gets_408(
+    path: str, serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else the request stays open for good, and with it the server's shutdown."""
+    monkeypatch.setattr("callspeak.server.BODY_SECONDS", 0.2)
+    app = create_app(local(), tts=FakeService())
+    async with serve(app) as url:
+        answer = await half_sent(url, path, "application/x-www-form-urlencoded")
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert answer.endswith(b"request body not received within 0.2 s")
+
+
+async def test_an_api_request_whose_body_stops_arriving_gets_408(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("callspeak.api.BODY_SECONDS", 0.2)
+    app = create_app(local(), tts=FakeService())
+    async with serve(app) as url:
+        server = RunningServer(url, app)
+        call = asyncio.create_task(dial(DialOptions(url=server.ws_url, duration=2.0)))
+        sid = (await asyncio.wait_for(server.state.calls.wait_for(), 5)).call_sid
+        answer = await half_sent(url, f"/calls/{sid}/say", "application/json")
+        await call
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b'"code":"body_timeout"' in answer
+
+
+async def test_a_request_stalled_mid_body_does_not_hold_the_server_shutdown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``callspeak serve``'s options bound the wait for requests still open at SIGTERM."""
+    import uvicorn
+
+    from callspeak.cli import uvicorn_options
+    from tests.test_cli import free_port
+
+    monkeypatch.setattr("callspeak.cli.GRACEFUL_SHUTDOWN_SECONDS", 0.3)
+    monkeypatch.setattr("callspeak.server.BODY_SECONDS", 60.0)  # the other bound, out of the way
+    settings = local(port=free_port())
+    app = create_app(settings, tts=FakeService())
+    server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings, app)))
+    serving = asyncio.create_task(server.serve())
+    await until(lambda: server.started)
+    stalled = asyncio.create_task(
+        half_sent(
+            f"http://127.0.0.1:{settings.port}", "/voice", "application/x-www-form-urlencoded"
+        )
+    )
+    await asyncio.sleep(0.2)  # the request is in, its body stalled
+    server.should_exit = True  # what SIGTERM does
+    await asyncio.wait_for(serving, 5)  # (waited for that body for good)
+    await asyncio.wait_for(stalled, 5)

@@ -15,7 +15,7 @@ loopback clients that also name a loopback host (``Host: 127.0.0.1:5000``, ``loc
 served (403 otherwise). The spec and docs pages carry no call data and are
 public. Errors are ``{"error": {"code", "message"[, "errors"]}}``: 401 ``unauthorized``,
 403 ``forbidden``, 404 ``unknown_call``/``unknown_utterance``/``not_found``,
-405 ``method_not_allowed``, 409 ``call_ended``, 413 ``body_too_large``,
+405 ``method_not_allowed``, 408 ``body_timeout``, 409 ``call_ended``, 413 ``body_too_large``,
 422 ``invalid_json``/``invalid_request``/``nothing_to_say``,
 429 ``speech_queue_full``/``too_many_subscribers``. Starlette's own 404 and 405 get that shape on
 the API's paths through :func:`api_exception_handlers`.
@@ -31,7 +31,7 @@ import secrets
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from pydantic import BaseModel, SecretStr, ValidationError
 from starlette.exceptions import HTTPException
@@ -66,6 +66,7 @@ if TYPE_CHECKING:  # server.py mounts these routes: a runtime import would be ci
     from callspeak.server import AppState
 
 __all__ = [
+    "BODY_SECONDS",
     "WAIT_LIMIT",
     "ApiError",
     "api_exception_handlers",
@@ -86,6 +87,12 @@ HISTORY = 20
 MAX_SUBSCRIBERS = 16
 
 _Model = TypeVar("_Model", bound=BaseModel)
+
+
+#: Seconds a request body (an API request's JSON, a webhook's form) has to arrive whole. A client
+#: that sends part of one and stops would otherwise hold its request open for good — and with
+#: it the server's shutdown, which waits for requests in flight.
+BODY_SECONDS: Final = 10.0
 
 
 class ApiError(Exception):
@@ -454,10 +461,15 @@ async def _parse(
     """Read a JSON body (at most a bound derived from ``max_text_chars``) into ``model``."""
     limit = max(64 * 1024, 8 * _max_text_chars(state))
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, "body_too_large", f"request body over {limit} bytes")
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, "body_too_large", f"request body over {limit} bytes")
+    except TimeoutError:
+        message = f"request body not received within {BODY_SECONDS:g} s"
+        raise ApiError(408, "body_timeout", message, headers={"Connection": "close"}) from None
     if empty_ok and not body.strip():
         body = bytearray(b"{}")
     try:

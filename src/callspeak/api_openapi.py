@@ -45,6 +45,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         403: "No token is configured, and the client is not on loopback or asked for a host "
         "other than loopback (as through a proxy or tunnel).",
         404: "No live call with this callSid (code unknown_call).",
+        408: "The body did not arrive whole within 10 s (code body_timeout).",
         409: "The call has ended (code call_ended).",
         413: "The body is far larger than any valid request (code body_too_large).",
         422: "Invalid body or query: invalid_json, invalid_request (with pydantic's `errors`), "
@@ -119,7 +120,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json("UtteranceOut", "With ?wait=true: the final record."),
                     "202": _json("UtteranceOut", "Queued. Location: the utterance's resource."),
-                    **_errors(404, 409, 413, 422, 429),
+                    **_errors(404, 408, 409, 413, 422, 429),
                 },
             }
         },
@@ -145,7 +146,7 @@ def _paths() -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json("HangupResponse", "Hung up."),
-                    **_errors(404, 413, 422),
+                    **_errors(404, 408, 413, 422),
                 },
             }
         },

@@ -363,6 +363,10 @@ def _load_hooks(spec: str) -> Any:
     return hooks
 
 
+#: Seconds ``callspeak serve`` waits on SIGTERM for requests other than calls to finish.
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
+
 def uvicorn_options(settings: Settings, app: Any) -> dict[str, Any]:
     """The keyword arguments ``callspeak serve`` gives ``uvicorn.run`` for ``app`` (made by
     :func:`~callspeak.server.create_app` from ``settings``): address, logging, TLS, and the
@@ -385,6 +389,9 @@ def uvicorn_options(settings: Settings, app: Any) -> dict[str, Any]:
         # websockets-sansio, which had the steadiest 20 ms pacing of its options (measured in
         # bench/framework_choice.py, like the native path).
         "ws": uvicorn_ws_protocol(app),
+        # On SIGTERM calls end at once (1012); this bounds the wait for any other request still
+        # open (a stalled client), after which uvicorn cancels it and the app shuts down.
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
         # Serving wss:// directly; behind a TLS-terminating proxy or tunnel leave both unset.
         "ssl_certfile": settings.certfile,
         "ssl_keyfile": settings.keyfile,

@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from callspeak.api import api_exception_handlers, api_routes
+from callspeak.api import BODY_SECONDS, api_exception_handlers, api_routes
 from callspeak.bargein import SpeechOnsetDetector
 from callspeak.call_tokens import TOKEN_PARAMETER, CallTokenStore
 from callspeak.clock import Clock, MonotonicClock
@@ -530,12 +530,16 @@ async def _read_form(request: Request) -> ImmutableMultiDict[str, str] | Respons
         return PlainTextResponse("expected application/x-www-form-urlencoded", status_code=415)
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                return PlainTextResponse("request body too large", status_code=413)
+        async with asyncio.timeout(BODY_SECONDS):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_FORM_BYTES:
+                    return PlainTextResponse("request body too large", status_code=413)
     except ClientDisconnect:
         return PlainTextResponse("client went away", status_code=400)
+    except TimeoutError:
+        message = f"request body not received within {BODY_SECONDS:g} s"
+        return PlainTextResponse(message, status_code=408, headers={"Connection": "close"})
     try:
         text = bytes(body).decode()
     except UnicodeDecodeError:
