@@ -441,6 +441,31 @@ async def test_idle_timeout_closes_a_stream_that_sends_nothing() -> None:
     assert h.provider.closed
 
 
+async def test_a_stream_with_no_start_is_closed_whatever_else_it_sends() -> None:
+    """Media alone keeps the idle timeout at bay, but without a start nothing can be served."""
+    h = Harness(idle_timeout=5.0, start_timeout=0.3)
+    async with h:
+        h.transport.push(Connected("Connected", "1.0.0").to_json())
+        for seq in range(2, 40):  # media every 20 ms, with no start before it
+            h.transport.push(Media(seq, SID, "inbound", 1, 0, b"\xff" * 160).to_json())
+            await asyncio.sleep(0.02)
+            if h.transport.closed is not None:
+                break
+        async with asyncio.timeout(2):
+            assert h.task is not None
+            await h.task
+    assert h.transport.closed == (1008, "no start")
+    assert h.session.closed_because == "no start"
+    assert h.transport.sent == [] and h.types() == []
+
+
+async def test_a_started_stream_is_not_closed_by_the_start_timeout() -> None:
+    async with Harness(start_timeout=0.1) as h:
+        await h.start_idle()
+        await asyncio.sleep(0.3)
+        assert h.transport.closed is None and h.session.closed_because is None
+
+
 async def test_inbound_media_keeps_a_stream_with_an_idle_timeout_open() -> None:
     async with Harness(idle_timeout=0.2) as h:
         h.transport.push(start_json())

@@ -24,7 +24,10 @@ a :class:`~callspeak.clock.Clock`. Nothing here blocks the event loop.
 Limits: ``max_text_chars`` bounds every text spoken (``say()`` refuses longer text; an over-long
 ``say`` parameter or greeting is logged and not spoken, and the call stays open);
 ``idle_timeout`` closes the stream when no inbound message at all arrived for that long (Twilio
-sends media every 20 ms, so a silent socket is a dead peer); ``max_message_bytes`` is the soft
+sends media every 20 ms, so a silent socket is a dead peer); ``start_timeout`` closes it (1008)
+when no ``start`` came that long after it opened, whatever else arrived (Twilio sends ``start``
+right after ``connected``: without it nothing can be served, yet a peer sending only media would
+keep the stream, a call slot and a voice's connection); ``max_message_bytes`` is the soft
 message-size limit (bigger messages are logged and ignored). ``admit`` sees the ``start`` message
 before anything is spoken and may refuse the stream (closed with 1008 and the reason).
 """
@@ -97,6 +100,8 @@ MAX_FRAMES_PER_MESSAGE = 5
 MAX_QUEUED_UTTERANCES = 32
 #: Close code for a stream refused at ``start`` (RFC 6455: policy violation).
 POLICY_VIOLATION: Final = 1008
+#: Seconds a stream may go without a ``start`` after it opened (Twilio sends it at once).
+START_TIMEOUT: Final = 10.0
 
 #: Decides whether a started stream may go on: None admits it, a string refuses it (the reason,
 #: logged and sent as the close reason — keep it free of secrets).
@@ -201,6 +206,7 @@ class CallSession:
         max_message_bytes: int = 64 * 1024,
         max_text_chars: int = 5000,
         idle_timeout: float | None = None,
+        start_timeout: float = START_TIMEOUT,
         admit: Admission | None = None,
         clock: Clock | None = None,
         metrics: Metrics | None = None,
@@ -217,6 +223,7 @@ class CallSession:
         self._max_message_bytes = max_message_bytes
         self._max_text_chars = max_text_chars
         self._idle_timeout = idle_timeout
+        self._start_timeout = start_timeout
         self._admit = admit
         self._last_inbound = self._clock.now()
         #: Why the server ended the stream itself ("idle timeout", a refusal…), or None.
@@ -484,25 +491,26 @@ class CallSession:
         # The reader runs in its own task so the idle watchdog can end a receive that a dead peer
         # would leave pending until TCP gives up.
         reader = asyncio.create_task(self._read_loop(), name="media-reader")
-        watchdog = (
-            asyncio.create_task(self._watch_idle(self._idle_timeout), name="media-idle")
-            if self._idle_timeout is not None
-            else None
-        )
+        watchdog = asyncio.create_task(self._watch(), name="media-watchdog")
         try:
-            await asyncio.wait(
-                {t for t in (reader, watchdog) if t is not None},
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if watchdog is not None and watchdog.done() and not reader.done():
-                timeout = self._idle_timeout
-                self.closed_because = "idle timeout"
-                log.warning(
-                    "no message from Twilio for %.1f s: closing the stream (idle_timeout)",
-                    timeout,
-                    extra=self._ids(),
-                )
-                await self._transport.close(1000, "idle timeout")
+            await asyncio.wait({reader, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            if watchdog.done() and not reader.done():
+                if watchdog.result() == "no start":
+                    self.closed_because = "no start"
+                    log.warning(
+                        "no start from Twilio within %.1f s of the stream opening: closing it",
+                        self._start_timeout,
+                        extra=self._ids(),
+                    )
+                    await self._transport.close(POLICY_VIOLATION, "no start")
+                else:
+                    self.closed_because = "idle timeout"
+                    log.warning(
+                        "no message from Twilio for %.1f s: closing the stream (idle_timeout)",
+                        self._idle_timeout,
+                        extra=self._ids(),
+                    )
+                    await self._transport.close(1000, "idle timeout")
             if reader.done():
                 reader.result()  # a bug in the loop surfaces here, not as a lost task
         finally:
@@ -580,13 +588,25 @@ class CallSession:
         """Feed the caller's audio to barge-in; True when the caller has started speaking."""
         return self._barge_in is not None and self._barge_in.feed(event.media.payload)
 
-    async def _watch_idle(self, limit: float) -> None:
-        """Return once no inbound message arrived for ``limit`` seconds (on the injected clock)."""
+    async def _watch(self) -> str:
+        """Return why the stream is to be closed, on the injected clock: ``"no start"`` once
+        ``start_timeout`` passed with no start, ``"idle timeout"`` once no inbound message
+        arrived for ``idle_timeout``. Waits for good when neither can happen any more."""
+        clock, idle = self._clock, self._idle_timeout
+        no_start_by = clock.now() + self._start_timeout
         while True:
-            remaining = self._last_inbound + limit - self._clock.now()
-            if remaining <= 0:
-                return
-            await self._clock.sleep(remaining)
+            now, waits = clock.now(), []
+            if self._state.start is None:
+                if now >= no_start_by:
+                    return "no start"
+                waits.append(no_start_by - now)
+            if idle is not None:
+                if now >= self._last_inbound + idle:
+                    return "idle timeout"
+                waits.append(self._last_inbound + idle - now)
+            if not waits:
+                await asyncio.get_running_loop().create_future()  # (cancelled by run())
+            await clock.sleep(min(waits))
 
     async def _handle_message(self, message: str | bytes) -> bool:
         if isinstance(message, bytes):
