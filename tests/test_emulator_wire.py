@@ -11,12 +11,15 @@ them (at once when nothing is queued, on ``clear`` when dropped), DTMF after the
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import itertools
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
@@ -63,6 +66,9 @@ SCRIPT: Script = [
     (0.30, lambda sid: [encode_clear(sid)]),  # c and d still pending: echoed, flushed
     (0.40, lambda sid: [encode_media(sid, b"\x33" * 320), encode_mark(sid, "e")]),
 ]
+
+#: RFC 6455's key suffix, for a server that answers the upgrade by hand.
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 CALLER_AUDIO = bytes(range(1, 201)) * 2  # 400 bytes: ticks 5, 6 and 7 (the last one padded)
 
@@ -290,3 +296,62 @@ async def test_a_large_message_an_empty_one_and_a_reused_mark_name_are_taken_as_
     assert first.name == second.name == "again"
     assert first.echoed_at is not None and first.echoed_at < 0.1  # nothing before it played
     assert second.echoed_at is not None and second.echoed_at > first.echoed_at
+
+
+async def test_a_server_that_never_reads_cannot_hold_dial_past_its_limits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server answers the upgrade, then reads nothing: the caller's writes back up, and
+    hanging up (stop, close) can never complete. dial() still returns, with a report."""
+    monkeypatch.setattr("callspeak.emulator.caller.STUCK_GRACE", 0.3)
+    monkeypatch.setattr("callspeak.emulator.caller.HANG_UP_SECONDS", 0.3)
+    stuck: list[asyncio.StreamWriter] = []
+
+    async def answer_then_stop_reading(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key")
+        )
+        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        writer.transport.pause_reading()
+        stuck.append(writer)
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # fills within the call
+    sock.bind(("127.0.0.1", 0))
+    server = await asyncio.start_server(answer_then_stop_reading, sock=sock)
+    port = sock.getsockname()[1]
+    original = EmulatedCall.__init__
+
+    def small_send_buffer(self: EmulatedCall, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        transport = args[1].transport  # buffers that fill within the call, not minutes
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2048)
+        transport.set_write_buffer_limits(high=1024)
+
+    monkeypatch.setattr(EmulatedCall, "__init__", small_send_buffer)
+    options = DialOptions(
+        url=f"ws://127.0.0.1:{port}/twilio",
+        duration=1.0,
+        max_seconds=1.0,
+        caller_audio=b"\x00" * 8000 * 60,
+    )
+    try:
+        report = await asyncio.wait_for(dial(options), 10)
+    finally:
+        for writer in stuck:
+            writer.close()
+        server.close()
+    assert report.ended_by == "timeout"  # held back in the call, past its time limit...
+    assert any("stopped reading" in text for _, text in report.warnings)
+    # ...and hanging up, which the stalled server can never let finish, dropped the
+    # connection: dial returned (it waited for good), the report's close code unknown.
+    assert report.close_code is None and report.duration < 2

@@ -60,6 +60,11 @@ from callspeak.signatures import SIGNATURE_HEADER, sign
 __all__ = ["DialOptions", "EmulatedCall", "dial"]
 
 _SILENCE_FRAME = bytes([MULAW_SILENCE]) * FRAME_BYTES
+#: Seconds hanging up (``stop``, then the close handshake) may take before the emulator drops
+#: the connection.
+HANG_UP_SECONDS = 5.0
+#: Seconds past its time limit a call held back by a server that stopped reading is cut off.
+STUCK_GRACE = 5.0
 _FRAMES = ClientTextFrames()
 
 
@@ -191,8 +196,11 @@ class EmulatedCall:
         )
         receiver = asyncio.create_task(self._receive_loop())
         try:
-            async with asyncio.timeout(opts.time_limit + 5):
+            async with asyncio.timeout(opts.time_limit + STUCK_GRACE):
                 await self._tick_loop()
+        except TimeoutError:  # held back past its time limit by a server that stopped reading
+            self.report.ended_by = "timeout"
+            self._warn("the server stopped reading: the call was cut off past its time limit")
         finally:
             receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -359,16 +367,22 @@ class EmulatedCall:
         ).to_json()
 
     async def _hang_up(self) -> None:
-        if not self._server_closed:
-            stop = Stop(
-                self._next_seq(),
-                StreamSid(self.options.stream_sid),
-                AccountSid(self.options.account_sid),
-                CallSid(self.options.call_sid),
-            )
-            await self._send(stop.to_json())
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._ws.close(), 5)
+        """Send ``stop`` and close, within :data:`HANG_UP_SECONDS`; then drop the connection (a
+        server that stopped reading would otherwise hold the call, and ``dial``, for good)."""
+        try:
+            async with asyncio.timeout(HANG_UP_SECONDS):
+                if not self._server_closed:
+                    stop = Stop(
+                        self._next_seq(),
+                        StreamSid(self.options.stream_sid),
+                        AccountSid(self.options.account_sid),
+                        CallSid(self.options.call_sid),
+                    )
+                    await self._send(stop.to_json())
+                with contextlib.suppress(Exception):
+                    await self._ws.close()
+        except TimeoutError:
+            self._ws.transport.abort()
 
     # -- sending ---------------------------------------------------------------------------
     #
@@ -422,7 +436,9 @@ async def dial(options: DialOptions, *, clock: Clock | None = None) -> CallRepor
         options.url,
         additional_headers=options.upgrade_headers(),
         open_timeout=options.open_timeout,
-        max_size=None,  # Twilio takes media "of any size"; the buffer's 10-minute cap holds
+        # Twilio takes media "of any size": 16 MiB is some 20 minutes of audio as base64, twice
+        # what its buffer keeps (31931), and bounds what a broken server can make us hold.
+        max_size=2**24,
         compression=None,
         **tls,
     ) as websocket:
