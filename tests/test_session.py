@@ -382,6 +382,26 @@ async def test_wav_headed_odd_chunks_become_clean_frames_without_the_header() ->
     assert audio.rstrip(b"\xff") == tone_for("Hello there.").rstrip(b"\xff")
 
 
+async def test_a_flood_of_bad_messages_is_counted_whole_and_logged_sparingly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, "callspeak.call"):
+        async with Harness() as h:
+            await h.start_idle()
+            for _ in range(250):
+                h.transport.push("{broken")
+            async with asyncio.timeout(5):
+                while h.session.rejected < 250:  # noqa: ASYNC110 (a count, no event to wait on)
+                    await asyncio.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if "ignored inbound message" in r.getMessage()]
+    assert len(lines) == 5 + 2  # the first five, then the 100th and the 200th
+    assert lines[-1].endswith("(200 ignored in this call so far)")
+    errors = h.metrics.registry.get_sample_value(
+        "callspeak_protocol_errors_total", {"reason": "malformed"}
+    )
+    assert errors == 250
+
+
 async def test_log_lines_carry_the_call_ids(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, "callspeak.call"):
         async with Harness() as h:

@@ -100,6 +100,10 @@ MAX_FRAMES_PER_MESSAGE = 5
 MAX_QUEUED_UTTERANCES = 32
 #: Close code for a stream refused at ``start`` (RFC 6455: policy violation).
 POLICY_VIOLATION: Final = 1008
+#: Inbound messages ignored in a call that are each logged; after them, one in every
+#: REJECTS_LOGGED_EVERY is (all are counted in ``callspeak_protocol_errors_total``).
+REJECTS_LOGGED = 5
+REJECTS_LOGGED_EVERY = 100
 #: Seconds a stream may go without a ``start`` after it opened (Twilio sends it at once).
 START_TIMEOUT: Final = 10.0
 
@@ -705,7 +709,13 @@ class CallSession:
     def _reject(self, reason: str, event: str | None) -> None:
         self.rejected += 1
         self._metrics.protocol_errors.labels(_error_kind(reason, event)).inc()
-        log.warning("ignored inbound message: %s", reason, extra=self._ids())
+        # Every one counted, the first few logged, then one line in REJECTS_LOGGED_EVERY: a
+        # peer sending nothing but bad messages must not flood the log (nor block the loop on
+        # a log reader that cannot keep up).
+        count = self.rejected
+        if count <= REJECTS_LOGGED or count % REJECTS_LOGGED_EVERY == 0:
+            more = "" if count <= REJECTS_LOGGED else f" ({count} ignored in this call so far)"
+            log.warning("ignored inbound message: %s%s", reason, more, extra=self._ids())
 
     def _on_mark(self, name: str, *, played: bool) -> None:
         parsed = parse_mark_name(name)
