@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from callspeak.logs import configure_logging
+from callspeak.logs import LOG_QUEUE_LIMIT, configure_logging, flush_logs
 
 
 @pytest.fixture
@@ -27,6 +29,7 @@ def test_json_lines_carry_call_ids_and_omit_missing_ones(restore_root: None) -> 
     log = logging.getLogger("callspeak.test")
     log.info("stream started", extra={"call_sid": "CA1", "stream_sid": "MZ1"})
     log.warning("no call here")
+    assert flush_logs()
     first, second = (json.loads(line) for line in out.getvalue().splitlines())
     assert first["call_sid"] == "CA1" and first["stream_sid"] == "MZ1"
     assert first["level"] == "info" and first["message"] == "stream started"
@@ -40,6 +43,7 @@ def test_text_lines_show_call_ids(restore_root: None) -> None:
         "hello", extra={"call_sid": "CA9", "stream_sid": "MZ9"}
     )
     logging.getLogger("callspeak.test").info("bare")
+    assert flush_logs()
     lines = out.getvalue().splitlines()
     assert "[CA9 MZ9] hello" in lines[0] and "[- -] bare" in lines[1]
 
@@ -61,8 +65,58 @@ def test_a_voice_failing_mid_call_is_logged_with_the_call_ids(restore_root: None
         logging.getLogger("callspeak.test").info("after the call")
 
     asyncio.run(call())
+    assert flush_logs()
     lines = out.getvalue().splitlines()
     failures = [line for line in lines if "callspeak.tts" in line]
     assert failures and all("[CAtest MZtest]" in line for line in failures), lines
     assert any("every voice failed" in line for line in failures)
     assert "[- -] after the call" in lines[-1]  # (not a task of the call)
+
+
+class StalledReader(io.StringIO):
+    """stderr whose reader has stopped reading: every write waits until ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.release.wait(10)
+        return super().write(text)
+
+
+def test_a_log_reader_that_stops_reading_never_blocks_the_logging_thread(
+    restore_root: None,
+) -> None:
+    """The event loop only hands lines over; past the queue's bound they are dropped, counted,
+    and said to be once the reader catches up."""
+    out = StalledReader()
+    configure_logging("info", "text", stream=out)
+    log = logging.getLogger("callspeak.test")
+    started = time.monotonic()
+    for n in range(LOG_QUEUE_LIMIT + 500):
+        log.warning("line %d", n)
+    assert time.monotonic() - started < 5  # (a blocked write would have waited 10 s per line)
+    out.release.set()  # the reader catches up...
+    assert flush_logs(10)
+    log.warning("after")  # ...and the next line says what was lost
+    assert flush_logs(10)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("line 0")
+    dropped = [line for line in lines if "dropped" in line]
+    assert len(dropped) == 1 and "whatever reads this log is not keeping up" in dropped[0]
+    assert lines[-1].endswith("after")
+    assert LOG_QUEUE_LIMIT - 2 <= len(lines) - 2 <= LOG_QUEUE_LIMIT + 1
+
+
+def test_an_exception_logged_in_json_keeps_its_own_field(restore_root: None) -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("callspeak.test").exception("it failed")
+    assert flush_logs()
+    [entry] = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert entry["message"] == "it failed"
+    assert "ValueError: boom" in entry["exception"]

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from callspeak import __version__, eventloop
 from callspeak.config import ConfigError, Settings
+from callspeak.logs import flush_logs
 
 if TYPE_CHECKING:  # the emulator is imported when a call is placed, not for every command
     from callspeak.emulator import CallReport
@@ -274,23 +275,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_api_command(args)
     except ValidationError as exc:
-        print(f"callspeak: invalid setting: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return _refused(f"invalid setting: {_one_line(exc)}")
     except (ConfigError, UsageError) as exc:
-        print(f"callspeak: {exc}", file=sys.stderr)
-        return 2
+        return _refused(str(exc))
     except ValueError as exc:
         # (Imported here: the voices pull numpy in, which the API commands do without.)
         from callspeak.voices import VoiceSetupError
 
         if not isinstance(exc, VoiceSetupError):
             raise
-        print(f"callspeak: {exc}", file=sys.stderr)
-        return 2
+        return _refused(str(exc))
     except KeyboardInterrupt:
         return 130
+    finally:
+        flush_logs()  # what the command logged is written before it returns
     parser.error(f"unknown command {args.command!r}")
     return 2  # pragma: no cover - parser.error exits
+
+
+def _refused(message: str) -> int:
+    """Say why the command cannot run, after the lines it logged, and return the usage exit."""
+    flush_logs()
+    print(f"callspeak: {message}", file=sys.stderr)
+    return 2
 
 
 def _one_line(exc: ValidationError) -> str:
