@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -15,6 +16,7 @@ import pytest
 
 from callspeak.cli import uvicorn_options
 from callspeak.config import Settings
+from callspeak.logs import stop_log_writer
 from callspeak.server import create_app
 from callspeak.testing.asgi_server import serve_asgi
 from callspeak.testing.certificates import self_signed_certificate
@@ -30,6 +32,20 @@ def _no_configuration_from_the_developer_environment(monkeypatch: pytest.MonkeyP
         upper = name.upper()
         if upper.startswith(("CALLSPEAK_", "TWILIO_", "DEEPGRAM_")):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """A command a test runs (``main([...])``) sets logging up for the whole process: undone
+    after the test, lest later tests' lines go through its writer thread to a capture that has
+    been closed."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    if root.handlers != handlers:
+        stop_log_writer()
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def pytest_asyncio_loop_factories(

@@ -73,6 +73,44 @@ def test_a_voice_failing_mid_call_is_logged_with_the_call_ids(restore_root: None
     assert "[- -] after the call" in lines[-1]  # (not a task of the call)
 
 
+def test_a_voice_warming_up_before_the_start_logs_with_the_call_ids(restore_root: None) -> None:
+    """The voice starts connecting as the stream opens, before start names the call; what that
+    connect logs once start has come names the call, and what it logged before says so."""
+    import asyncio
+
+    from tests.fakes import FakeProvider
+    from tests.test_session import Harness
+
+    started = asyncio.Event()
+
+    class SlowToConnect(FakeProvider):
+        def warm_up(self) -> None:
+            self.connecting = asyncio.get_running_loop().create_task(self.connect())
+
+        async def connect(self) -> None:
+            logging.getLogger("callspeak.tts").warning("connecting")
+            await started.wait()
+            logging.getLogger("callspeak.tts").warning("connect attempt failed")
+
+    out = io.StringIO()
+    configure_logging("info", "text", stream=out)
+
+    async def call() -> None:
+        provider = SlowToConnect()
+        async with Harness(provider, greeting=None) as h:
+            await asyncio.sleep(0.01)  # the stream is open, its start not come yet
+            await h.start_idle()
+            started.set()
+            await provider.connecting
+
+    asyncio.run(call())
+    assert flush_logs()
+    lines = out.getvalue().splitlines()
+    [before] = [line for line in lines if line.endswith("connecting")]
+    [after] = [line for line in lines if line.endswith("connect attempt failed")]
+    assert "[- -]" in before and "[CAtest MZtest]" in after
+
+
 class StalledReader(io.StringIO):
     """stderr whose reader has stopped reading: every write waits until ``release``."""
 
@@ -120,3 +158,27 @@ def test_an_exception_logged_in_json_keeps_its_own_field(restore_root: None) -> 
     [entry] = [json.loads(line) for line in out.getvalue().splitlines()]
     assert entry["message"] == "it failed"
     assert "ValueError: boom" in entry["exception"]
+
+
+def test_a_process_whose_log_reader_is_stuck_still_exits() -> None:
+    """`callspeak serve` on SIGTERM, its log shipper stuck: the lines still queued get 2 s, and
+    the process ends (logging's own shutdown would wait for a blocked handler for good)."""
+    import subprocess
+    import sys
+
+    child = """
+import logging
+from callspeak.logs import configure_logging
+configure_logging("info", "text")
+for n in range(3000):
+    logging.getLogger("callspeak.test").warning("line %d of a log nobody reads", n)
+"""
+    # stderr is a pipe this test never reads: its buffer fills after some hundreds of lines.
+    proc = subprocess.Popen([sys.executable, "-c", child], stderr=subprocess.PIPE)
+    try:
+        assert proc.wait(timeout=20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()

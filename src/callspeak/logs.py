@@ -17,26 +17,44 @@ import sys
 import threading
 import time
 from contextvars import ContextVar
+from dataclasses import dataclass
 from logging.handlers import QueueHandler
-from typing import Literal
+from typing import Literal, TextIO
 
-__all__ = ["LOG_QUEUE_LIMIT", "configure_logging", "flush_logs", "log_as_call"]
+__all__ = [
+    "LOG_QUEUE_LIMIT",
+    "CallIds",
+    "configure_logging",
+    "flush_logs",
+    "log_as_call",
+    "stop_log_writer",
+]
 
 #: Records waiting for the writer thread at most; beyond, new ones are dropped (and counted).
 LOG_QUEUE_LIMIT = 10_000
 #: Seconds the process's exit waits for the lines still queued to be written.
 EXIT_FLUSH_SECONDS = 2.0
 
+
+@dataclass(slots=True)
+class CallIds:
+    """The ids a call's lines carry: ``-`` until its ``start`` names them."""
+
+    call_sid: str = "-"
+    stream_sid: str = "-"
+
+
 #: The call whose work the running task does, for lines logged without ``extra`` ids: a voice
-#: failing is logged by the voice, which knows nothing of calls.
-_call_ids: ContextVar[tuple[str, str] | None] = ContextVar("callspeak_call_ids", default=None)
+#: failing is logged by the voice, which knows nothing of calls. Mutable, so that work begun
+#: before the call's start (a voice warming up) names the call once it is known.
+_call_ids: ContextVar[CallIds | None] = ContextVar("callspeak_call_ids", default=None)
 
 
-def log_as_call(call_sid: str, stream_sid: str) -> None:
-    """Lines logged from here on in the running task, and in tasks it starts later, name this
-    call (unless they name one themselves). Other tasks are untouched: each has its own copy
-    of the context."""
-    _call_ids.set((call_sid, stream_sid))
+def log_as_call(ids: CallIds) -> None:
+    """Lines logged from here on in the running task, and in tasks it starts later, carry
+    ``ids`` as they are when logged (unless they name a call themselves). Other tasks are
+    untouched: each has its own copy of the context."""
+    _call_ids.set(ids)
 
 
 class _CallIds(logging.Filter):
@@ -46,9 +64,9 @@ class _CallIds(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         ids = _call_ids.get()
         if not hasattr(record, "call_sid"):
-            record.call_sid = ids[0] if ids else "-"
+            record.call_sid = ids.call_sid if ids else "-"
         if not hasattr(record, "stream_sid"):
-            record.stream_sid = ids[1] if ids else "-"
+            record.stream_sid = ids.stream_sid if ids else "-"
         return True
 
 
@@ -119,21 +137,29 @@ def _dropped_notice(count: int) -> logging.LogRecord:
 
 
 class _Writer:
-    """The thread that writes queued records with ``handler``. Not the standard library's
-    ``QueueListener``: its ``stop()`` waits for good on a writer blocked by its reader, and
-    would hold the process's exit with it; this one waits :data:`EXIT_FLUSH_SECONDS`."""
+    """The thread that writes queued records to ``stream``. Not the standard library's
+    ``QueueListener`` with a handler: a handler blocked by its reader would hold its lock, and
+    ``logging.shutdown()`` at the process's exit waits for every handler's lock, for good; and
+    ``QueueListener.stop()`` waits for good too. This one is given
+    :data:`EXIT_FLUSH_SECONDS` at exit."""
 
     def __init__(
-        self, records: queue.Queue[logging.LogRecord | None], handler: logging.Handler
+        self,
+        records: queue.Queue[logging.LogRecord | None],
+        stream: TextIO,
+        formatter: logging.Formatter,
     ) -> None:
-        self.records, self.handler = records, handler
+        self.records, self.stream, self.formatter = records, stream, formatter
         self.thread = threading.Thread(target=self._run, name="callspeak-log-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while (record := self.records.get()) is not None:
             try:
-                self.handler.handle(record)
+                self.stream.write(self.formatter.format(record) + "\n")
+                self.stream.flush()
+            except Exception:  # (a closed or broken stream: nowhere to say so)
+                pass
             finally:
                 self.records.task_done()
         self.records.task_done()
@@ -147,11 +173,17 @@ class _Writer:
             time.sleep(0.005)
         return True
 
-    def stop(self, timeout: float) -> None:
-        """Write what is queued (``timeout`` seconds at most), then end the thread."""
-        if self.flush(timeout):
-            self.records.put(None)
-            self.thread.join(timeout)
+    def stop(self, timeout: float) -> bool:
+        """Write what is queued (``timeout`` seconds at most), then end the thread; True if
+        all was written and the thread ended."""
+        if not self.flush(timeout):
+            return False
+        try:
+            self.records.put_nowait(None)
+        except queue.Full:  # (other threads logging meanwhile: left to end with the process)
+            return False
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
 
 
 _writer: _Writer | None = None
@@ -163,14 +195,25 @@ def flush_logs(timeout: float = EXIT_FLUSH_SECONDS) -> bool:
     return _writer is None or _writer.flush(timeout)
 
 
-def _stop_writer() -> None:
+def stop_log_writer() -> None:
+    """Write what is queued (:data:`EXIT_FLUSH_SECONDS` at most) and end the writer thread.
+    Lines logged after that are written as they are logged, if the writer caught up; if its
+    reader was stuck, they are dropped (the exit must not wait for that reader). Done at the
+    process's exit."""
     global _writer
     writer, _writer = _writer, None
-    if writer is not None:
-        writer.stop(EXIT_FLUSH_SECONDS)
+    if writer is None:
+        return
+    root = logging.getLogger()
+    hand_over = [h for h in root.handlers if isinstance(h, _HandOver)]
+    if writer.stop(EXIT_FLUSH_SECONDS) and hand_over:
+        direct = logging.StreamHandler(writer.stream)
+        direct.setFormatter(writer.formatter)
+        direct.addFilter(_CallIds())
+        root.handlers[:] = [direct if h in hand_over else h for h in root.handlers]
 
 
-atexit.register(_stop_writer)
+atexit.register(stop_log_writer)
 
 
 def configure_logging(
@@ -180,20 +223,18 @@ def configure_logging(
     written by a thread of their own (see the module's docstring). Called again, the lines the
     last call queued are written first (2 s at most), then the new set-up takes over."""
     global _writer
-    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter(
-                "%(asctime)s %(levelname)-7s %(name)s [%(call_sid)s %(stream_sid)s] %(message)s"
-            )
+    formatter = (
+        _JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter(
+            "%(asctime)s %(levelname)-7s %(name)s [%(call_sid)s %(stream_sid)s] %(message)s"
         )
+    )
+    stop_log_writer()  # (the last set-up's lines first)
     records: queue.Queue[logging.LogRecord | None] = queue.Queue(LOG_QUEUE_LIMIT)
     hand_over = _HandOver(records)
     hand_over.addFilter(_CallIds())  # here: the call's ids are the logging task's
     root = logging.getLogger()
     root.handlers[:] = [hand_over]
     root.setLevel(level.upper())
-    _stop_writer()
-    _writer = _Writer(records, handler)
+    _writer = _Writer(records, stream or sys.stderr, formatter)  # type: ignore[arg-type]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -59,7 +60,7 @@ from callspeak.call_state import (
 )
 from callspeak.clock import Clock, MonotonicClock
 from callspeak.events import CallEventRecord, EventListener, EventType
-from callspeak.logs import log_as_call
+from callspeak.logs import CallIds, log_as_call
 from callspeak.metrics import Metrics
 from callspeak.pacing import Pacer
 from callspeak.protocol import (
@@ -228,6 +229,8 @@ class CallSession:
         self._max_text_chars = max_text_chars
         self._idle_timeout = idle_timeout
         self._start_timeout = start_timeout
+        #: The ids the voice's lines carry (see log_as_call): filled in at start.
+        self._log_ids = CallIds()
         self._admit = admit
         self._last_inbound = self._clock.now()
         #: Why the server ended the stream itself ("idle timeout", a refusal…), or None.
@@ -482,7 +485,7 @@ class CallSession:
             # The voice opens its connection (if it keeps one per call) while Twilio is still
             # sending connected and start. (A stream that admission judges warms up once
             # admitted: a refused one should not cost a connection to the voice.)
-            warm_up(self._provider)
+            self._warm_up()
         # getattr, not isinstance: a runtime Protocol check costs tens of microseconds a call.
         deliver_to = getattr(self._transport, "deliver_to", None)
         if deliver_to is not None:
@@ -660,9 +663,17 @@ class CallSession:
             assert isinstance(event, StreamConnected)
         return True
 
+    def _warm_up(self) -> None:
+        """Warm the voice up in a context of its own naming this call, so that what its tasks
+        log (a connect failing) carries the call's ids once start gives them."""
+        context = contextvars.copy_context()
+        context.run(log_as_call, self._log_ids)
+        context.run(warm_up, self._provider)
+
     def _on_start(self, start: Start) -> None:
+        self._log_ids.call_sid, self._log_ids.stream_sid = start.call_sid, start.stream_sid
         if self._admit is not None:
-            warm_up(self._provider)
+            self._warm_up()
         self._metrics.calls_started.inc()
         self.started_at = time.time()
         log.info(
@@ -758,7 +769,7 @@ class CallSession:
     # -- speaking ----------------------------------------------------------------------------
 
     async def _speak_loop(self) -> None:
-        log_as_call(self.call_sid, self.stream_sid)  # and the voices' lines, in its tasks
+        log_as_call(self._log_ids)  # and the voices' lines, in its tasks
         while True:
             utterance = await self._queue.get()
             self._held = utterance
@@ -840,7 +851,7 @@ class CallSession:
         self, utterance: Utterance, frames: asyncio.Queue[tuple[int, bytes | None]]
     ) -> None:
         """Stream each sentence's audio into ``frames``; (index, None) closes a sentence."""
-        log_as_call(self.call_sid, self.stream_sid)  # (an early one is not the speaker's)
+        log_as_call(self._log_ids)  # (an early one is not the speaker's)
         index = 0
         try:
             for index, sentence in enumerate(utterance.sentences):
