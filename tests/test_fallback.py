@@ -27,6 +27,9 @@ from tests.fakes import FakeProvider, FakeService, SettableClock, tone_for
 
 KEY = "test-key"
 TEXT = "Your appointment is confirmed."
+#: What the calls below are greeted with: short (about 1 s of the fake's audio), as every test
+#: is a real call that lasts as long as its audio.
+CALL_TEXT = "Booked for Monday."
 
 
 class ScriptedProvider(FakeProvider):
@@ -184,7 +187,7 @@ async def call_through(
     async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
         engines = [primary or deepgram_voice(dg_url, websocket=websocket)]
         chain = FallbackService(engines + ([backup] if backup else []), apology=load_apology())
-        app = create_app(Settings(validate_signatures=False, greeting=TEXT), tts=chain)
+        app = create_app(Settings(validate_signatures=False, greeting=CALL_TEXT), tts=chain)
         async with serve_app(app) as url:
             report = await dial(
                 DialOptions(url=url.replace("http", "ws") + "/twilio", quiet_seconds=0.7)
@@ -313,8 +316,8 @@ def assert_clean_frames(report: CallReport) -> None:
 async def assert_backup_speaks(
     fault: Fault, heard: Heard, attempts: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert heard.backup is not None and heard.backup.providers[0].texts == [TEXT]
-    assert heard.played.endswith(tone_for(TEXT).rstrip(b"\xff"))  # the text, whole, at the end
+    assert heard.backup is not None and heard.backup.providers[0].texts == [CALL_TEXT]
+    assert heard.played.endswith(tone_for(CALL_TEXT).rstrip(b"\xff"))  # the text, whole, at the end
     assert_clean_frames(heard.report)
     for cause in fault.causes:
         assert cause in caplog.text, (cause, caplog.text)
@@ -373,8 +376,8 @@ async def test_a_connection_that_never_opens_ends_with_the_fallback_voice(
                 primary=deepgram_voice(dg_url, websocket=websocket),
                 backup=FakeService("backup"),
             )
-    assert heard.backup is not None and heard.backup.providers[0].texts == [TEXT]
-    assert heard.played.endswith(tone_for(TEXT).rstrip(b"\xff"))
+    assert heard.backup is not None and heard.backup.providers[0].texts == [CALL_TEXT]
+    assert heard.played.endswith(tone_for(CALL_TEXT).rstrip(b"\xff"))
     assert_clean_frames(heard.report)
     # Which bound runs out first — one attempt's connect timeout, or the first-byte deadline
     # (REST) or wait for a socket (WebSocket) around it — is a race; each names connecting.
@@ -405,14 +408,14 @@ async def test_when_every_voice_fails_the_caller_hears_the_apology(
     assert ("could not connect" if websocket else "request_id=r503") in caplog.text
 
 
-@pytest.mark.parametrize("chunk_size", [333, 1])
+@pytest.mark.parametrize("chunk_size", [333, 7])
 @pytest.mark.parametrize("websocket", [False, True], ids=["rest", "websocket"])
 async def test_healthy_deepgram_streams_bytes_untouched_in_whole_frames(
     websocket: bool, chunk_size: int
 ) -> None:
     fake = FakeDeepgram(KEY, first_byte_delay=0.01, chunk_size=chunk_size)
     heard = await call_through(fake, websocket=websocket)
-    expected = fake.audio_for(TEXT)
+    expected = fake.audio_for(CALL_TEXT)
     # Byte for byte, but for the silence that fills its last frame.
     assert heard.played.rstrip(b"\xff") == expected.rstrip(b"\xff")
     assert_clean_frames(heard.report)
@@ -424,7 +427,7 @@ async def test_a_wav_headed_answer_reaches_the_caller_without_its_header() -> No
     fake.answer_in_wav()
     heard = await call_through(fake)
     assert fake.requests[0].query["container"] == "none"  # asked for raw audio
-    raw = fake.audio_for(TEXT)
+    raw = fake.audio_for(CALL_TEXT)
     assert heard.played.rstrip(b"\xff") == raw.rstrip(b"\xff")
     assert b"RIFF" not in heard.played and b"WAVE" not in heard.played
     assert_clean_frames(heard.report)
@@ -441,14 +444,14 @@ async def test_refused_credentials_make_health_degraded_and_name_the_setting(
         chain = FallbackService(
             [DeepgramRestService("wrong-key", base_url=dg_url), FakeService("backup")]
         )
-        app = create_app(Settings(validate_signatures=False, greeting=TEXT), tts=chain)
+        app = create_app(Settings(validate_signatures=False, greeting=CALL_TEXT), tts=chain)
         async with serve_app(app) as url, httpx.AsyncClient(base_url=url) as client:
             assert (await client.get("/healthz")).json()["status"] == "ok"
             with caplog.at_level(logging.WARNING, "callspeak.tts"):
                 report = await dial(DialOptions(url=url.replace("http", "ws") + "/twilio"))
             health = (await client.get("/healthz")).json()
         await chain.aclose()
-    assert tone_for(TEXT) in bytes(report.played)
+    assert tone_for(CALL_TEXT) in bytes(report.played)
     assert health["status"] == "degraded" and health["voice"] == "deepgram > backup"
     assert "DEEPGRAM_API_KEY" in caplog.text
 
@@ -523,8 +526,8 @@ async def test_an_unexpected_error_from_a_voice_falls_back_at_once(
         apology=b"sorry",
     )
     with caplog.at_level(logging.WARNING, "callspeak.tts"):
-        assert await collect(chain, TEXT) == tone_for(TEXT)
-    assert primary.texts == [TEXT]  # not retried: it would most likely fail again
+        assert await collect(chain, CALL_TEXT) == tone_for(CALL_TEXT)
+    assert primary.texts == [CALL_TEXT]  # not retried: it would most likely fail again
     assert "unexpected error: KeyError" in caplog.text and "falling back" in caplog.text
 
 
@@ -577,9 +580,9 @@ class HeadedThenCut(FakeProvider):
 async def test_a_cut_inside_a_wav_header_is_retried_since_nothing_was_heard() -> None:
     primary = HeadedThenCut(cut=20)
     chain = FallbackService([ScriptedService(primary), FakeService("backup")])  # type: ignore[arg-type]
-    heard = await collect(chain, TEXT)
-    assert primary.texts == [TEXT, TEXT]
-    assert heard == tone_for(TEXT)  # the retry's header stripped too
+    heard = await collect(chain, CALL_TEXT)
+    assert primary.texts == [CALL_TEXT, CALL_TEXT]
+    assert heard == tone_for(CALL_TEXT)  # the retry's header stripped too
 
 
 async def test_after_a_wav_headed_answer_is_cut_the_next_voice_is_heard_whole() -> None:
@@ -589,8 +592,8 @@ async def test_after_a_wav_headed_answer_is_cut_the_next_voice_is_heard_whole() 
     chain = FallbackService(
         [ScriptedService(primary), FakeService("backup", chunk=333)],  # type: ignore[arg-type]
     )
-    heard = await collect(chain, TEXT, continuation=True)  # mid-utterance: no retry
-    tone = tone_for(TEXT)
+    heard = await collect(chain, CALL_TEXT, continuation=True)  # mid-utterance: no retry
+    tone = tone_for(CALL_TEXT)
     assert heard == tone[:800] + tone  # the next voice says the text again, from its start
 
 
