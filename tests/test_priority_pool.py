@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import pytest
 
@@ -80,6 +81,21 @@ async def test_shutdown_fails_queued_jobs_and_lets_the_running_one_finish() -> N
     with pytest.raises(RuntimeError, match="shut down"):
         await queued
     assert ran == []
+
+
+async def test_shutdown_waits_once_for_all_busy_workers_not_once_each() -> None:
+    """Four workers each stuck in a long render: shutdown is bounded by its timeout, not by four
+    times it (on a many-core host Piper's close took workers × 5 s)."""
+    pool = PriorityPool(4)
+    gate = threading.Event()
+    running = [asyncio.ensure_future(pool.run(gate.wait)) for _ in range(4)]
+    await asyncio.sleep(0.1)  # all four are busy
+    started = time.monotonic()
+    await asyncio.to_thread(pool.shutdown, timeout=0.3)
+    waited = time.monotonic() - started
+    gate.set()
+    assert all(await asyncio.gather(*running))
+    assert 0.25 <= waited < 0.6, waited
 
 
 async def test_aclose_waits_for_the_running_job_without_blocking_the_loop() -> None:

@@ -22,6 +22,7 @@ import itertools
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -85,7 +86,9 @@ class PriorityPool:
 
     def shutdown(self, *, timeout: float = 5.0) -> None:
         """Fail the queued jobs (their callers get a RuntimeError) and stop the workers; blocks
-        up to ``timeout`` per worker for a running job to end."""
+        up to ``timeout`` in all for the running jobs to end (one deadline for every worker: a
+        wait per worker grew with the cores, 5 s each). Workers still busy then end with their
+        job, as daemons."""
         with self._closing:
             if self._closed:
                 return
@@ -106,8 +109,9 @@ class PriorityPool:
         for _ in self._threads:
             # Sentinels sort after every real job priority.
             self._queue.put(_Job((float("inf"), 0.0), next(self._seq), None, None, None))
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     async def aclose(self) -> None:
         """:meth:`shutdown` from the event loop: the wait for running jobs to end happens on
