@@ -170,12 +170,23 @@ async def test_a_webhook_whose_body_stops_arriving_gets_408(
     path: str, serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Else the request stays open for good, and with it the server's shutdown."""
-    monkeypatch.setattr("callspeak.server.BODY_SECONDS", 0.2)
+    monkeypatch.setattr("callspeak.api.BODY_SECONDS", 0.2)
     app = create_app(local(), tts=FakeService())
     async with serve(app) as url:
         answer = await half_sent(url, path, "application/x-www-form-urlencoded")
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert answer.endswith(b"request body not received within 0.2 s")
+
+
+async def test_a_webhook_body_over_64_kib_gets_413(serve: Serve) -> None:
+    import httpx
+
+    app = create_app(local(), tts=FakeService())
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        huge = await client.post("/voice", data={"CallSid": "CA" + "0" * 32, "x": "y" * 70_000})
+        fine = await client.post("/voice", data={"CallSid": "CA" + "0" * 32})
+    assert huge.status_code == 413 and huge.text == "request body too large"
+    assert fine.status_code == 200
 
 
 async def test_an_api_request_whose_body_stops_arriving_gets_408(
@@ -203,7 +214,7 @@ async def test_a_request_stalled_mid_body_does_not_hold_the_server_shutdown(
     from tests.test_cli import free_port
 
     monkeypatch.setattr("callspeak.cli.GRACEFUL_SHUTDOWN_SECONDS", 0.3)
-    monkeypatch.setattr("callspeak.server.BODY_SECONDS", 60.0)  # the other bound, out of the way
+    monkeypatch.setattr("callspeak.api.BODY_SECONDS", 60.0)  # the other bound, out of the way
     settings = local(port=free_port())
     app = create_app(settings, tts=FakeService())
     server = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings, app)))

@@ -67,10 +67,13 @@ if TYPE_CHECKING:  # server.py mounts these routes: a runtime import would be ci
 
 __all__ = [
     "BODY_SECONDS",
+    "BodyTimeout",
+    "BodyTooLarge",
     "WAIT_LIMIT",
     "ApiError",
     "api_exception_handlers",
     "api_routes",
+    "read_body",
     "check_access",
     "is_api_path",
     "is_loopback",
@@ -93,6 +96,30 @@ _Model = TypeVar("_Model", bound=BaseModel)
 #: that sends part of one and stops would otherwise hold its request open for good — and with
 #: it the server's shutdown, which waits for requests in flight.
 BODY_SECONDS: Final = 10.0
+
+
+class BodyTooLarge(Exception):
+    """A request body went past the limit :func:`read_body` was given."""
+
+
+class BodyTimeout(Exception):
+    """A request body did not arrive whole within :data:`BODY_SECONDS`."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, read at most ``limit`` bytes far (:class:`BodyTooLarge` past that)
+    and whole within :data:`BODY_SECONDS` (:class:`BodyTimeout` otherwise, its message the
+    reason to answer 408 with). For the API's JSON and the webhooks' forms alike."""
+    body = bytearray()
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise BodyTooLarge(limit)
+    except TimeoutError:
+        raise BodyTimeout(f"request body not received within {BODY_SECONDS:g} s") from None
+    return bytes(body)
 
 
 class ApiError(Exception):
@@ -460,18 +487,14 @@ async def _parse(
 ) -> _Model:
     """Read a JSON body (at most a bound derived from ``max_text_chars``) into ``model``."""
     limit = max(64 * 1024, 8 * _max_text_chars(state))
-    body = bytearray()
     try:
-        async with asyncio.timeout(BODY_SECONDS):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    raise ApiError(413, "body_too_large", f"request body over {limit} bytes")
-    except TimeoutError:
-        message = f"request body not received within {BODY_SECONDS:g} s"
-        raise ApiError(408, "body_timeout", message, headers={"Connection": "close"}) from None
+        body = await read_body(request, limit)
+    except BodyTooLarge:
+        raise ApiError(413, "body_too_large", f"request body over {limit} bytes") from None
+    except BodyTimeout as exc:
+        raise ApiError(408, "body_timeout", str(exc), headers={"Connection": "close"}) from None
     if empty_ok and not body.strip():
-        body = bytearray(b"{}")
+        body = b"{}"
     try:
         body.decode("utf-8")  # (pydantic cannot report an error holding bytes that are not)
     except UnicodeDecodeError as exc:  # reported as pydantic reports JSON it cannot parse

@@ -46,7 +46,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from callspeak.api import BODY_SECONDS, api_exception_handlers, api_routes
+from callspeak.api import (
+    BodyTimeout,
+    BodyTooLarge,
+    api_exception_handlers,
+    api_routes,
+    read_body,
+)
 from callspeak.bargein import SpeechOnsetDetector
 from callspeak.call_tokens import TOKEN_PARAMETER, CallTokenStore
 from callspeak.clock import Clock, MonotonicClock
@@ -528,20 +534,16 @@ async def _read_form(request: Request) -> ImmutableMultiDict[str, str] | Respons
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("", "application/x-www-form-urlencoded"):
         return PlainTextResponse("expected application/x-www-form-urlencoded", status_code=415)
-    body = bytearray()
     try:
-        async with asyncio.timeout(BODY_SECONDS):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_FORM_BYTES:
-                    return PlainTextResponse("request body too large", status_code=413)
+        body = await read_body(request, MAX_FORM_BYTES)
+    except BodyTooLarge:
+        return PlainTextResponse("request body too large", status_code=413)
     except ClientDisconnect:
         return PlainTextResponse("client went away", status_code=400)
-    except TimeoutError:
-        message = f"request body not received within {BODY_SECONDS:g} s"
-        return PlainTextResponse(message, status_code=408, headers={"Connection": "close"})
+    except BodyTimeout as exc:
+        return PlainTextResponse(str(exc), status_code=408, headers={"Connection": "close"})
     try:
-        text = bytes(body).decode()
+        text = body.decode()
     except UnicodeDecodeError:
         return PlainTextResponse("request body is not UTF-8", status_code=400)
     return ImmutableMultiDict(parse_qsl(text, keep_blank_values=True))
