@@ -229,3 +229,107 @@ async def test_a_request_stalled_mid_body_does_not_hold_the_server_shutdown(
     server.should_exit = True  # what SIGTERM does
     await asyncio.wait_for(serving, 5)  # (waited for that body for good)
     await asyncio.wait_for(stalled, 5)
+
+
+# -- request heads that never complete -------------------------------------------------------------
+
+
+async def answer_to(
+    base_url: str, sent: list[bytes], gap: float = 0.0
+) -> tuple[bytes | None, float]:
+    """Open a connection to the server, send the pieces of ``sent`` ``gap`` s apart, and read:
+    what the server answered before it closed the connection (None if it reset it: closed with
+    bytes of ours unread), and after how long."""
+    host, port = base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    opened = time.monotonic()
+
+    async def trickle() -> None:
+        for piece in sent:
+            writer.write(piece)
+            await asyncio.sleep(gap)
+
+    sender = asyncio.create_task(trickle())
+    try:
+        async with asyncio.timeout(5):
+            try:
+                answer: bytes | None = await reader.read()  # until the server closes
+            except ConnectionResetError:
+                answer = None
+            return answer, time.monotonic() - opened
+    finally:
+        sender.cancel()
+        writer.close()
+
+
+async def test_a_connection_that_sends_nothing_is_closed_silently(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else each holds a descriptor for good (uvicorn bounds only idle kept-alive connections)."""
+    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
+    app = create_app(local(), tts=FakeService())
+    async with serve(app) as url:
+        answer, seconds = await answer_to(url, [])
+    assert answer == b""
+    assert 0.25 < seconds < 2
+
+
+async def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slowloris: bytes keep coming, but the head is never done in time."""
+    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
+    app = create_app(local(), tts=FakeService())
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+    async with serve(app) as url:
+        answer, seconds = await answer_to(url, [bytes([b]) for b in head], gap=0.02)
+    # Closed while our bytes kept arriving, the connection may be reset before the 408 is read.
+    assert answer is None or answer.startswith(b"HTTP/1.1 408 ")
+    assert 0.25 < seconds < 2
+
+
+async def test_a_request_head_left_unfinished_gets_408(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
+    app = create_app(local(), tts=FakeService())
+    async with serve(app) as url:
+        answer, seconds = await answer_to(url, [b"GET /healthz HTTP/1.1\r\nHo"])
+    assert answer is not None and answer.startswith(b"HTTP/1.1 408 ")
+    assert answer.endswith(b"request head not received within 0.3 s")
+    assert 0.25 < seconds < 2
+
+
+async def test_the_next_request_on_a_kept_connection_has_the_same_deadline(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
+    app = create_app(local(), tts=FakeService())
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    async with serve(app) as url:
+        answer, _ = await answer_to(url, [first, b"GET /healthz HTTP/1.1\r\nHo"], gap=0.1)
+    assert answer is not None
+    first_answer, _, rest = answer.partition(b"HTTP/1.1 408 ")
+    assert first_answer.startswith(b"HTTP/1.1 200 ")  # the first request was answered
+    assert rest.endswith(b"request head not received within 0.3 s")
+
+
+async def test_requests_and_calls_outlasting_the_head_deadline_are_untouched(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deadline ends with the head: a kept connection's requests, and a call's stream."""
+    import httpx
+
+    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
+    app = create_app(local(), tts=FakeService())
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        server = RunningServer(url, app)
+        call = await dial(
+            DialOptions(url=server.ws_url, parameters={"say": "Hello there."}, duration=1.0)
+        )
+        answers = []
+        for _ in range(3):  # one kept connection, asked again after more than the deadline
+            answers.append((await client.get("/healthz")).status_code)
+            await asyncio.sleep(0.2)
+    assert call.ended_by == "caller" and call.seconds_heard > 0
+    assert answers == [200, 200, 200]

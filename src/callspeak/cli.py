@@ -378,6 +378,7 @@ def uvicorn_options(settings: Settings, app: Any) -> dict[str, Any]:
     """The keyword arguments ``callspeak serve`` gives ``uvicorn.run`` for ``app`` (made by
     :func:`~callspeak.server.create_app` from ``settings``): address, logging, TLS, and the
     WebSocket protocol that serves ``/twilio`` without ASGI."""
+    from callspeak.request_head import BoundedHeadProtocol
     from callspeak.uvicorn_ws import uvicorn_ws_protocol
 
     return {
@@ -390,8 +391,9 @@ def uvicorn_options(settings: Settings, app: Any) -> dict[str, Any]:
         "ws_max_size": max(16 * settings.max_message_bytes, 1024 * 1024),
         "ws_per_message_deflate": False,
         # httptools (llhttp, in C) parses requests: with h11, parsing the upgrade requests was
-        # ~15 % of the server's CPU when 200 calls arrived together.
-        "http": "httptools",
+        # ~15 % of the server's CPU when 200 calls arrived together. Its subclass bounds the
+        # time a request's head may take (a connection that sends nothing, or slowloris).
+        "http": BoundedHeadProtocol,
         # /twilio without ASGI (media_socket.py); other WebSocket paths get uvicorn's
         # websockets-sansio, which had the steadiest 20 ms pacing of its options (measured in
         # bench/framework_choice.py, like the native path).

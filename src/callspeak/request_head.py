@@ -1,0 +1,91 @@
+"""The HTTP protocol class ``callspeak serve`` gives uvicorn as ``http=``: uvicorn's own
+(httptools) with a deadline on each request's head.
+
+uvicorn closes a kept-alive connection left idle between requests, but sets no limit on a new
+connection that sends nothing, nor on a request line and headers that arrive a byte every few
+seconds (slowloris). Each such connection holds a file descriptor for good; enough of them and
+a new call cannot connect. Here a connection has :data:`HEAD_SECONDS` from when it opens (after
+TLS, which asyncio bounds itself), and again from the end of each response, to finish its next
+request head. Then it is closed: with a 408 if part of a head had come, silently if nothing had
+(as uvicorn's own keep-alive timeout does).
+
+The deadline ends with the head: a request body has its own bound
+(:data:`~callspeak.api.BODY_SECONDS`), and a WebSocket upgraded from the request leaves this
+protocol altogether.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+__all__ = ["HEAD_SECONDS", "BoundedHeadProtocol"]
+
+log = logging.getLogger("callspeak.server")
+
+#: Seconds a connection has to send a whole request head (request line and headers).
+HEAD_SECONDS = 10.0
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, closing a connection whose request head is not complete
+    :data:`HEAD_SECONDS` after the connection opened or the previous response ended."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+    #: Part of a request head has arrived (the parser began a message) and not all of it.
+    _in_head = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        # A pipelined request already has its head; it starts in super() and needs no deadline.
+        pipelined = bool(self.pipeline)
+        super().on_response_complete()
+        if not pipelined and not self.transport.is_closing():
+            self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(HEAD_SECONDS, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            message = f"request head not received within {HEAD_SECONDS:g} s".encode()
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\n"
+                b"content-type: text/plain; charset=utf-8\r\n"
+                b"connection: close\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(message), message)
+            )
+        log.debug(
+            "closed a connection from %s: %s within %g s",
+            f"{self.client[0]}:{self.client[1]}" if self.client else "?",
+            "request head not complete" if self._in_head else "no request",
+            HEAD_SECONDS,
+        )
+        self.transport.close()
