@@ -107,6 +107,38 @@ async def test_mid_stream_cut_continues_the_utterance_on_the_fallback() -> None:
     assert primary.texts == ["One.", "Three."]  # a new utterance tries the preferred voice
 
 
+async def test_a_long_text_cut_in_a_later_part_goes_on_from_that_part_on_the_fallback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The REST voice asks for a text over its limit in parts: those streamed whole before a
+    cut are not said again by the fallback voice, only the part cut and the ones after it."""
+    monkeypatch.setattr("callspeak.tts.deepgram_rest.DEFAULT_CHUNK_LIMIT", 40)
+    parts = [
+        "The first part is said by Deepgram.",
+        "The second part is cut midway through.",
+        "The third part never reaches Deepgram.",
+    ]
+    fake = FakeDeepgram(KEY)
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
+        backup = FakeService("backup")
+        chain = FallbackService([deepgram_voice(dg_url, websocket=False), backup])
+        heard = b""
+        async for chunk in chain.open().stream(" ".join(parts)):
+            if not heard:
+                fake.cut_after(800)  # the next request: the second part's
+            heard += chunk
+        await chain.aclose()
+    first = fake.audio_for(parts[0])
+    assert [request.text for request in fake.requests] == parts[:2]
+    assert backup.providers[0].texts == [" ".join(parts[1:])]
+    rest = tone_for(" ".join(parts[1:]))
+    rest += b"\xff" * (-len(rest) % 160)  # padded to whole frames
+    # The first part whole, what came of the second before the cut (to the last whole frame),
+    # then the second and third parts once, on the backup voice.
+    assert heard.startswith(first) and heard.endswith(rest)
+    assert 800 - 160 < len(heard) - len(first) - len(rest) <= 800
+
+
 async def test_auth_failure_marks_unhealthy_and_everything_failing_plays_the_apology() -> None:
     auth = TTSAuthError("primary", "bad key")
     primary = ScriptedProvider([auth])

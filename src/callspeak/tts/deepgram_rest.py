@@ -276,26 +276,35 @@ class DeepgramRestProvider:
         self._hold(first=False)
 
     async def _stream_text(self, text: str) -> AsyncGenerator[bytes, None]:
-        for index, chunk in enumerate(chunk_text(text, DEFAULT_CHUNK_LIMIT)):
-            self._check_open()
-            header = WavHeaderStripper()
-            # Closed with this iterator, not later by the garbage collector: the connection goes
-            # back to the pool at once, and a late cleanup cannot touch the next stream's state.
-            async with contextlib.aclosing(self._stream_chunk(chunk)) as audio_chunks:
-                async for audio in audio_chunks:
-                    payload = header.push(audio)  # raw audio (always, in practice): unchanged
-                    info = header.info
-                    if info is not None and not info.format.is_twilio_native:
-                        raise TTSError(
-                            _NAME,
-                            f"answered part {index + 1} as {info.format}, not the μ-law 8 kHz "
-                            "asked for",
-                            retryable=False,
-                        )
-                    if payload:
-                        yield payload
-            if tail := header.flush():  # an answer under 4 bytes that began like "RIFF"
-                yield tail
+        chunks = chunk_text(text, DEFAULT_CHUNK_LIMIT)
+        for index, chunk in enumerate(chunks):
+            try:
+                self._check_open()
+                header = WavHeaderStripper()
+                # Closed with this iterator, not later by the garbage collector: the connection
+                # goes back to the pool at once, and a late cleanup cannot touch the next
+                # stream's state.
+                async with contextlib.aclosing(self._stream_chunk(chunk)) as audio_chunks:
+                    async for audio in audio_chunks:
+                        payload = header.push(audio)  # raw audio (always, in practice): as is
+                        info = header.info
+                        if info is not None and not info.format.is_twilio_native:
+                            raise TTSError(
+                                _NAME,
+                                f"answered part {index + 1} as {info.format}, not the μ-law "
+                                "8 kHz asked for",
+                                retryable=False,
+                            )
+                        if payload:
+                            yield payload
+                if tail := header.flush():  # an answer under 4 bytes that began like "RIFF"
+                    yield tail
+            except TTSError as exc:
+                if index and exc.unspoken is None:
+                    # The parts before were streamed whole: a fallback voice says only the
+                    # rest, rather than the text again from its start.
+                    exc.unspoken = " ".join(chunks[index:])
+                raise
 
     def warm_up(self) -> None:
         """Take a pooled connection now, in the background — opening one when none is idle —

@@ -8,7 +8,9 @@ sentence by sentence) its provider tries the engines in order:
 * a failure before any audio of the text was yielded, at the start of an utterance, is retried
   once on the same engine when it is retryable (429, 5xx, timeouts, a stall, a cut);
 * any other failure moves on to the next engine — a text cut mid-stream is spoken again from its
-  start by the next voice (where the cut fell in the text is unknowable), and the rest of that
+  start by the next voice (where the cut fell in the text is unknowable), unless the engine
+  says how much of it was streamed whole (:attr:`TTSError.unspoken`: the REST voice's parts
+  of a text over 2000 characters), when the next voice says only the rest; the rest of that
   utterance stays on the voice that took over;
 * an engine failing with anything but a :class:`TTSError` (a bug, an engine's own exception, audio
   the converter refuses) is treated as a failure that is not retried;
@@ -158,6 +160,8 @@ class _FallbackProvider:
                     again = retry and not yielded and exc.retryable
                     retry = False
                     _log_failure(provider.name, exc, yielded=yielded, retrying=again)
+                    if yielded and exc.unspoken is not None:
+                        text = exc.unspoken  # what was heard whole is not said again
                     if not again:
                         break
             # The next engine takes over this text and the rest of the utterance.
