@@ -14,6 +14,7 @@ from callspeak.audio.format import TWILIO_FORMAT
 from callspeak.audio.mulaw import decode
 from callspeak.tts.base import TTSError
 from callspeak.tts.piper import (
+    PIECE_MAX_CHARS,
     PiperService,
     PiperUnavailable,
     _PiperProvider,
@@ -154,3 +155,49 @@ async def test_each_piece_of_a_text_is_due_when_the_audio_before_it_runs_out() -
         pytest.approx(3.0, abs=0.02),
         pytest.approx(4.0, abs=0.02),
     ]
+
+
+class RecordingEngine(SlowEngine):
+    """As SlowEngine, noting each piece it is asked to render, at once; ``cache`` holds
+    sentences already rendered."""
+
+    def __init__(self, cache: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        super().__init__()
+        self.pieces: list[str] = []
+        self.cache = set(cache)
+
+    def cached(self, sentence: str) -> bytes | None:
+        return b"\xff" * 8000 if sentence in self.cache else None
+
+    async def synthesize_sentence(self, sentence: str, *, priority: tuple[float, float]) -> bytes:
+        self.pieces.append(sentence)
+        return b"\xff" * 8000
+
+
+async def test_a_run_on_sentence_is_rendered_in_pieces_of_bounded_length() -> None:
+    """A sentence is heard only once all of it is rendered: a 1500-character one without a
+    full stop kept the caller waiting 9 s, and one with commas left seconds of silence between
+    its two pieces. Every piece is now at most PIECE_MAX_CHARS, split at clauses, then words."""
+    clause = "and then the caller hears about one more thing on the list"
+    run_on = ", ".join([clause] * 25) + "."  # 1524 characters, one sentence
+    wordy = " ".join(["word"] * 400) + "."  # no clause break at all
+    engine = RecordingEngine()
+    provider = _PiperProvider(engine)  # type: ignore[arg-type]
+    chunks = [c async for c in provider.stream(f"Short one. {run_on} {wordy}", ahead=1.0)]
+    assert len(chunks) == len(engine.pieces)
+    assert engine.pieces[0] == "Short one."
+    assert all(len(piece) <= PIECE_MAX_CHARS for piece in engine.pieces)
+    assert all(piece.endswith(",") for piece in engine.pieces[1:5])  # split at clause breaks
+    # Nothing lost, nothing said twice.
+    assert " ".join(engine.pieces) == f"Short one. {run_on} {wordy}"
+
+
+async def test_a_long_sentence_already_rendered_is_served_whole() -> None:
+    """A pre-rendered long greeting is cached as one sentence: it is not split and rendered
+    again."""
+    greeting = "Welcome, " + ", ".join(["this is a long pre-rendered greeting"] * 10) + "."
+    engine = RecordingEngine({greeting})
+    provider = _PiperProvider(engine)  # type: ignore[arg-type]
+    assert len(greeting) > PIECE_MAX_CHARS
+    assert [c async for c in provider.stream(greeting)] != []
+    assert engine.pieces == [greeting]

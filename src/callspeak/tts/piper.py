@@ -34,9 +34,15 @@ from callspeak.audio.mulaw import float_to_mulaw
 from callspeak.audio.resample import resample_once
 from callspeak.tts.base import TTSError, TTSProvider
 from callspeak.tts.priority_pool import Priority, PriorityPool
-from callspeak.tts.sentences import split_sentences
+from callspeak.tts.sentences import chunk_text, split_sentences
 
-__all__ = ["PiperService", "PiperUnavailable", "bundled_voice_paths", "split_first_clause"]
+__all__ = [
+    "PIECE_MAX_CHARS",
+    "PiperService",
+    "PiperUnavailable",
+    "bundled_voice_paths",
+    "split_first_clause",
+]
 
 
 def priority(ahead: float) -> Priority:
@@ -53,6 +59,11 @@ def priority(ahead: float) -> Priority:
     return (1.0, now)
 
 
+#: A sentence longer than this is synthesised in pieces of at most this many characters, split
+#: at clause breaks, then between words: a sentence is heard only once all of it is rendered,
+#: which takes longer than its length (a 1500-character run-on sentence took 9 s before its first
+#: audio, and a long one with commas left seconds of silence between its pieces).
+PIECE_MAX_CHARS = 250
 #: A first sentence at least this long is split at its first clause break (see below).
 CLAUSE_SPLIT_MIN_CHARS = 40
 _CLAUSE_BREAK = re.compile(r"[,;:]\s+")
@@ -295,7 +306,15 @@ class _PiperProvider:
     async def stream(
         self, text: str, *, continuation: bool = False, ahead: float = 0.0
     ) -> AsyncIterator[bytes]:
-        pieces = split_sentences(text)
+        pieces = [
+            piece
+            for sentence in split_sentences(text)
+            for piece in (
+                [sentence]
+                if len(sentence) <= PIECE_MAX_CHARS or self._service.cached(sentence) is not None
+                else chunk_text(sentence, PIECE_MAX_CHARS)
+            )
+        ]
         # Nothing playing yet: split a long first sentence so its first clause is heard sooner —
         # unless the whole sentence is cached (a pre-rendered greeting), which is sooner still.
         if ahead <= 0 and pieces and self._service.cached(pieces[0]) is None:

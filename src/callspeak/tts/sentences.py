@@ -6,8 +6,9 @@ Pure functions, no I/O. TTS clients use :func:`chunk_text` to respect per-reques
 
 Splitting is heuristic, tuned for what a voice bot says: a sentence ends at ``.``, ``!``, ``?`` or
 ``…`` (optionally followed by closing quotes/brackets) when whitespace or the end of the text
-follows. Common abbreviations (``Dr.``, ``e.g.``, ``U.S.``), initials and decimals (``3.14``, which
-has no whitespace after the point) do not end a sentence.
+follows. Titles (``Dr.``, ``St.``), dotted abbreviations (``e.g.``, ``U.S.``), initials and
+decimals (``3.14``, which has no whitespace after the point) do not end a sentence; other common
+abbreviations (``etc.``, ``No.``, ``Jan.``) do only when a capital letter follows.
 """
 
 from __future__ import annotations
@@ -25,17 +26,38 @@ __all__ = [
 #: Deepgram's documented per-request (and per-``Speak``) character limit.
 DEFAULT_CHUNK_LIMIT = 2000
 
-# Sentence-final punctuation, then optional closers, then whitespace or end of text.
-_END = re.compile(r"(?:[.!?]+|…+|\.\.\.)[\"'”’)\]]*(?=\s|$)")
-# Words that end in a period without ending a sentence (compared lower-case, without the period).
+# Sentence-final punctuation, then optional closers, then whitespace or end of text. The run is
+# matched whole (possessive, and never from inside it): else a long run of "." or "?" not
+# followed by whitespace is scanned again from each of its characters, quadratic in its length.
+_END = re.compile(r"(?<![.!?…])[.!?…]++[\"'”’)\]]*+(?=\s|$)")
+# Words that end in a period without ending a sentence (compared lower-case, without the period):
+# titles and the like, which a name follows...
+_TITLES = frozenset("mr mrs ms dr prof st mt vs gen col capt lt sgt rev hon".split())
+# ... and words that end a sentence only when a capital letter follows ("I said no. Goodbye."
+# but "No. 5", "etc. and", "Jan. 3").
 _ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st mt vs etc inc ltd co corp dept no nos fig approx est "
+    "sr jr etc inc ltd co corp dept no nos fig approx est "
     "jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri sat sun "
-    "ave blvd rd gen col capt lt sgt rev hon".split()
+    "ave blvd rd".split()
 )
-# "e.g.", "i.e.", "U.S.", "a.m.": letters each followed by a period; or a single initial "J."
-_DOTTED = re.compile(r"(?:[A-Za-z]\.){2,}$|^[A-Z]\.$")
+_NEXT = re.compile(r"\s*[\"'“‘(\[]*(\S)")
 _CLAUSE = re.compile(r"(?<=[,;:])\s+")
+
+
+def _dotted(word: str) -> bool:
+    """``e.g.``, ``U.S.``, ``a.m.`` (the word ends in two letters each followed by a period) or a
+    single initial ``J.``. String checks, not a regex searched from every position of the word,
+    which is quadratic in a long word of dots."""
+    if len(word) == 2 and word[0].isascii() and word[0].isupper():
+        return True
+    return (
+        len(word) >= 4
+        and word[-1] == word[-3] == "."
+        and word[-2].isascii()
+        and word[-2].isalpha()
+        and word[-4].isascii()
+        and word[-4].isalpha()
+    )
 
 
 def _is_abbreviation(text: str, end: int) -> bool:
@@ -46,9 +68,14 @@ def _is_abbreviation(text: str, end: int) -> bool:
     while start > 0 and not text[start - 1].isspace():
         start -= 1
     word = text[start:end].lstrip("\"'“‘([")
-    if word.count(".") == 1 and word[:-1].lower() in _ABBREVIATIONS:
-        return True
-    return bool(_DOTTED.search(word))
+    if word.count(".") == 1:
+        stem = word[:-1].lower()
+        if stem in _TITLES:
+            return True
+        if stem in _ABBREVIATIONS:
+            following = _NEXT.match(text, end)
+            return following is None or not following.group(1).isupper()
+    return _dotted(word)
 
 
 def has_words(text: str) -> bool:
