@@ -664,3 +664,67 @@ async def test_an_event_stream_whose_client_reads_nothing_is_dropped_and_its_slo
         await response(scope, receive, send)
     assert closed == [True]
     assert "read nothing for 0.2 s; dropped" in caplog.text
+
+
+# -- from a second reading: slots, tokens, body bounds, clients that go away ---------------------
+
+
+async def test_head_on_an_event_stream_takes_no_subscriber_slot(api: Api) -> None:
+    """Starlette runs a GET route for HEAD: each HEAD from a kept-alive client (a monitor, a
+    load balancer) held a slot for the rest of the call, and 16 locked every subscriber out."""
+    from callspeak.api import MAX_SUBSCRIBERS
+
+    async with live_call(api) as (session, _):
+        events = f"/calls/{session.call_sid}/events"
+        for _ in range(MAX_SUBSCRIBERS + 2):
+            head = await api.http.head(events)
+            assert head.status_code == 200
+            assert head.headers["content-type"].startswith("text/event-stream")
+        async with api.http.stream("GET", events) as stream:
+            assert stream.status_code == 200
+        assert (await api.http.head("/calls/CAnone/events")).status_code == 404
+
+
+@pytest.mark.parametrize("token", ["voilà", "ÅngströmÅ", "passé"])
+async def test_a_token_ending_in_any_letter_is_accepted(token: str) -> None:
+    """The header arrives latin-1 decoded: str.strip() took U+00A0 and U+0085 off the end,
+    the last byte of a UTF-8 "à" or "Å"."""
+    async with api_server(api_token=token) as api:
+        right = await api.http.get("/calls", headers={"Authorization": f"Bearer {token}".encode()})
+        wrong = await api.http.get("/calls", headers={"Authorization": b"Bearer x"})
+    assert right.status_code == 200
+    assert_error(wrong, 401, "unauthorized")
+
+
+async def test_text_within_the_limit_is_accepted_however_json_escapes_it() -> None:
+    """An emoji escaped as Python's json and requests send it is 12 bytes: 9000 of them, under
+    a 10 000-character limit, were refused as a body too large."""
+    async with api_server(max_text_chars=10_000) as api, live_call(api) as (session, _):
+        text = "😀" * 9_000
+        body = json.dumps({"text": text}).encode()  # ensure_ascii: "\ud83d\ude00" each
+        assert len(body) > 100_000
+        said = await api.http.post(
+            f"/calls/{session.call_sid}/say",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        assert said.status_code == 202, said.text
+        await session.clear()
+
+
+async def test_a_client_that_goes_away_mid_body_is_not_logged_as_a_server_error(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with live_call(api) as (session, _):
+        host, port = api.base_url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST /calls/{session.call_sid}/say HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"text": '.encode()
+        )
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()
+        await asyncio.sleep(0.2)  # the server reads the disconnect
+        assert (await api.http.get(f"/calls/{session.call_sid}")).status_code == 200
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import socket
+import threading
+import time
 
 import httpx
 import pytest
@@ -163,3 +167,71 @@ def test_default_server() -> None:
     assert default_server({"CALLSPEAK_SERVER": "https://a.test", "CALLSPEAK_PORT": "1"}) == (
         "https://a.test"
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "args"), [("calls", []), ("clear", ["CA1"]), ("say", ["CA1", "hi"])]
+)
+def test_an_answer_of_another_shape_is_a_clear_error(
+    command: str, args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--server pointed at another service that answers 200 JSON: a message, not a KeyError."""
+    from callspeak.api_client import add_api_arguments, run_api_command
+
+    def elsewhere(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"ok": True})
+
+    parser = argparse.ArgumentParser()
+    add_api_arguments(parser.add_subparsers(dest="command"))
+    parsed = parser.parse_args([command, *args, "--server", "http://other.test"])
+    assert run_api_command(parsed, transport=httpx.MockTransport(elsewhere)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"callspeak {command}: ") and "is this a callspeak server?" in err
+
+
+def test_no_answer_after_connecting_says_the_request_may_have_been_carried_out() -> None:
+    """A server that read the request and did not answer may have queued the speech: "cannot
+    reach" would invite saying it twice."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def hold() -> None:
+        conn, _ = listener.accept()
+        received.append(conn.recv(65536))
+        time.sleep(1.0)  # never answers within the client's timeout
+        conn.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with ApiClient(url, timeout=0.3) as client, pytest.raises(ApiClientError) as raised:
+            client.say("CA1", "Hello.")
+    finally:
+        holder.join()
+        listener.close()
+    assert received[0].startswith(b"POST /calls/CA1/say ")
+    assert str(raised.value) == (
+        f"no answer from the callspeak server at {url} within 0.3 s; "
+        "POST /calls/CA1/say may have been carried out"
+    )
+
+
+def test_text_that_is_not_unicode_is_a_clear_error() -> None:
+    """Text from argv in another encoding arrives with surrogate escapes."""
+
+    def server(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("nothing should be sent")
+
+    with ApiClient("http://x.test", transport=httpx.MockTransport(server)) as client:
+        with pytest.raises(ApiClientError, match="not valid Unicode"):
+            client.say("CA1", "caf\udce9")
+
+
+def test_an_error_without_a_message_names_its_kind() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("", request=request)
+
+    with ApiClient("http://127.0.0.1:9", transport=httpx.MockTransport(refuse)) as client:
+        with pytest.raises(ApiClientError, match=r"at http://127\.0\.0\.1:9: ConnectError$"):
+            client.calls()

@@ -209,8 +209,10 @@ def check_access(
                 f"asked for {host_header or 'no host'!r}, as through a proxy or tunnel",
             )
         return None
-    scheme, _, credentials = (authorization or "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not credentials.strip():
+    # Only ASCII blanks are stripped: the header arrives latin-1 decoded, where str.strip()
+    # would also take U+0085 and U+00A0, the last byte of a UTF-8 "Å" or "à" in a token.
+    scheme, _, credentials = (authorization or "").strip(" \t").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip(" \t"):
         return ApiError(
             401,
             "unauthorized",
@@ -218,7 +220,7 @@ def check_access(
             headers={"WWW-Authenticate": 'Bearer realm="callspeak"'},
         )
     # Headers arrive latin-1 decoded; compare raw bytes so any token compares without raising.
-    given = credentials.strip().encode("latin-1", "replace")
+    given = credentials.strip(" \t").encode("latin-1", "replace")
     if not secrets.compare_digest(given, token.get_secret_value().encode()):
         return ApiError(
             401,
@@ -368,6 +370,11 @@ class _ControlApi:
 
     async def events(self, request: Request, state: AppState) -> Response:
         session = _session(request, state)
+        if request.method == "HEAD":
+            # Starlette answers HEAD on a GET route by running it: a HEAD must not take one of
+            # the call's subscriber slots (its body, the stream, is never sent, so nothing would
+            # ever notice the client had gone and give the slot back).
+            return Response(media_type="text/event-stream", headers=_EVENT_STREAM_HEADERS)
         count = self._subscribers.get(session, 0)
         if count >= MAX_SUBSCRIBERS:
             raise ApiError(
@@ -391,8 +398,9 @@ class _ControlApi:
                 heartbeat=self.heartbeat, alive=lambda: state.calls.get(sid) is session
             ),
             on_close=release,
-            # A client that stops reading holds its subscriber slot and the call's events until
-            # the network gives up: bounded instead, as two heartbeats it did not take.
+            # A client that stops reading holds its subscriber slot until the call ends, or
+            # until the socket's buffers are full and a send has waited this long (then it is
+            # dropped): a few events a minute take long to fill them.
             send_timeout=max(2 * self.heartbeat, 10.0),
         )
 
@@ -411,6 +419,10 @@ class _ControlApi:
         )
 
 
+#: No caching, and no buffering in nginx-like proxies: events must arrive as sent.
+_EVENT_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 class _EventStreamResponse(StreamingResponse):
     """A ``text/event-stream`` response that runs ``on_close`` however it ends: finished,
     cancelled because the client went away, failed before the first frame, or given up on
@@ -427,8 +439,7 @@ class _EventStreamResponse(StreamingResponse):
         super().__init__(
             frames,
             media_type="text/event-stream",
-            # No caching, and no buffering in nginx-like proxies: events must arrive as sent.
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers=_EVENT_STREAM_HEADERS,
         )
         self._on_close = on_close
         self._send_timeout = send_timeout
@@ -486,13 +497,17 @@ async def _parse(
     empty_ok: bool = False,
 ) -> _Model:
     """Read a JSON body (at most a bound derived from ``max_text_chars``) into ``model``."""
-    limit = max(64 * 1024, 8 * _max_text_chars(state))
+    # 12 bytes a character: an emoji JSON-escaped as ASCII ("\\ud83d\\ude00"), as Python's json
+    # and requests send it by default.
+    limit = max(64 * 1024, 12 * _max_text_chars(state) + 4096)
     try:
         body = await read_body(request, limit)
     except BodyTooLarge:
         raise ApiError(413, "body_too_large", f"request body over {limit} bytes") from None
     except BodyTimeout as exc:
         raise ApiError(408, "body_timeout", str(exc), headers={"Connection": "close"}) from None
+    except ClientDisconnect:  # nobody to answer; not an error of ours to log
+        raise ApiError(400, "client_disconnected", "the client went away") from None
     if empty_ok and not body.strip():
         body = b"{}"
     try:

@@ -75,7 +75,12 @@ class ApiClient:
         self._http.close()
 
     def calls(self) -> list[dict[str, Any]]:
-        calls: list[dict[str, Any]] = self._request("GET", "/calls")["calls"]
+        calls = self._request("GET", "/calls").get("calls")
+        if not isinstance(calls, list):
+            raise ApiClientError(
+                f"GET {self._server}/calls answered without a list of calls "
+                "(is this a callspeak server?)"
+            )
         return calls
 
     def call(self, call_sid: str) -> dict[str, Any]:
@@ -122,9 +127,22 @@ class ApiClient:
                 params=params,
                 timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
             )
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+            # Connected, so the request may have been carried out: a retry could say it twice.
+            limit = timeout if timeout is not None else self._http.timeout.read
+            raise ApiClientError(
+                f"no answer from the callspeak server at {self._server} within {limit:g} s; "
+                f"{method} {path} may have been carried out"
+            ) from exc
         except httpx.HTTPError as exc:
             raise ApiClientError(
-                f"cannot reach the callspeak server at {self._server}: {exc or type(exc).__name__}"
+                f"cannot reach the callspeak server at {self._server}: "
+                f"{str(exc) or type(exc).__name__}"
+            ) from exc
+        except UnicodeEncodeError as exc:  # text from argv or a file in another encoding
+            raise ApiClientError(
+                f"the text is not valid Unicode ({exc.reason} at character {exc.start}): "
+                "check the encoding of the terminal or file it came from"
             ) from exc
         try:
             body = response.json()
@@ -226,6 +244,13 @@ def run_api_command(
             return 0
     except ApiClientError as exc:
         print(f"callspeak {args.command}: {exc}", file=err)
+        return 1
+    except (KeyError, TypeError, AttributeError) as exc:  # a 2xx JSON answer of another shape
+        print(
+            f"callspeak {args.command}: unexpected answer from {server} (missing or wrong "
+            f"{exc}): is this a callspeak server?",
+            file=err,
+        )
         return 1
 
 
