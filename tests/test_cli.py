@@ -204,6 +204,23 @@ def test_dial_reports_bad_input_in_one_line_with_a_usage_exit(
     assert "not a RIFF/WAVE stream" in one_line_error(capsys)
     assert main(["dial", url.replace("ws://", "http://")]) == 2
     assert "dial takes a ws:// or wss:// URL" in one_line_error(capsys)
+    assert main(["dial", url, "--dtmf", "nan:1"]) == 2
+    assert "--dtmf takes SECONDS:DIGITS, not 'nan:1'" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("flag", ["--audio-at", "--duration", "--quiet"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "soon"])
+def test_dial_refuses_seconds_that_are_not_a_time_before_calling(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """nan and inf parsed as floats and failed with a traceback once the call was under way;
+    -1 started the caller's audio a second into the file."""
+    url = f"ws://127.0.0.1:{free_port()}/twilio"  # nothing listens: the refusal comes first
+    with pytest.raises(SystemExit) as exited:
+        main(["dial", url, f"{flag}={value}"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: " in err and repr(value) in err and "Traceback" not in err
 
 
 def test_dial_reports_an_unreachable_server_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:

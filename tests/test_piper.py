@@ -201,3 +201,19 @@ async def test_a_long_sentence_already_rendered_is_served_whole() -> None:
     assert len(greeting) > PIECE_MAX_CHARS
     assert [c async for c in provider.stream(greeting)] != []
     assert engine.pieces == [greeting]
+
+
+async def test_starting_twice_at_once_starts_one_pool_of_workers() -> None:
+    """The pool was kept only once the model had loaded: a second start() meanwhile made a
+    second pool, whose workers nothing stopped."""
+    import threading
+
+    def workers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("callspeak-synth")}
+
+    before = workers()
+    service = PiperService(workers=2)
+    await asyncio.gather(service.start(), service.start())
+    assert len(workers() - before) == 2
+    await service.aclose()
+    assert not {t for t in workers() - before if t.is_alive()}

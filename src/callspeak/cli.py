@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,6 +111,18 @@ def _parse_params(pairs: Sequence[str], flag: str = "--param") -> dict[str, str]
     return params
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more ("nan" and "inf" parse as floats
+    and failed only once the call was under way)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a finite number, 0 or more")
+    return value
+
+
 def _parse_dtmf(items: Sequence[str]) -> list[tuple[float, str]]:
     from callspeak.protocol import DTMF_DIGITS
 
@@ -117,8 +130,8 @@ def _parse_dtmf(items: Sequence[str]) -> list[tuple[float, str]]:
     for item in items:
         at, sep, digits = item.partition(":")
         try:
-            when = float(at)
-        except ValueError:
+            when = _seconds(at)
+        except argparse.ArgumentTypeError:
             raise UsageError(f"--dtmf takes SECONDS:DIGITS, not {item!r}") from None
         if not sep or not digits:
             raise UsageError(f"--dtmf takes SECONDS:DIGITS, not {item!r}")
@@ -226,7 +239,7 @@ def _add_dial_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--wav", help="write what the caller heard to this WAV file")
     parser.add_argument("--audio", help="a WAV file the caller speaks (sent as inbound media)")
-    parser.add_argument("--audio-at", type=float, default=0.0, help="when the caller starts it")
+    parser.add_argument("--audio-at", type=_seconds, default=0.0, help="when the caller starts it")
     parser.add_argument(
         "--dtmf",
         action="append",
@@ -234,10 +247,10 @@ def _add_dial_flags(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS:DIGITS",
         help="press DIGITS at SECONDS after start; repeatable",
     )
-    parser.add_argument("--duration", type=float, help="hang up after this many seconds")
+    parser.add_argument("--duration", type=_seconds, help="hang up after this many seconds")
     parser.add_argument(
         "--quiet",
-        type=float,
+        type=_seconds,
         default=1.0,
         help="without --duration: hang up after this much silence once speech was heard",
     )

@@ -17,6 +17,7 @@ served whole, not split at its first clause.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -154,6 +155,9 @@ class PiperService:
         self._running_lock = threading.Lock()
         self._syn_config: Any = None
         self._pool: PriorityPool | None = None
+        #: Held while starting: a second start() meanwhile waits, rather than start a second
+        #: pool (whose workers nothing would ever stop).
+        self._starting = asyncio.Lock()
         self._closed = False
         self._sample_rate = 0
 
@@ -170,16 +174,18 @@ class PiperService:
         return self._workers
 
     async def start(self) -> None:
-        """Load the voice model (off the loop) and start the synthesis workers. Idempotent."""
-        if self._pool is not None:
-            return
-        pool = PriorityPool(self._workers)
-        try:
-            await pool.run(self._load)
-        except BaseException:
-            pool.shutdown()
-            raise
-        self._pool = pool
+        """Load the voice model (off the loop) and start the synthesis workers. Idempotent,
+        also when called again before the first call returned."""
+        async with self._starting:
+            if self._pool is not None:
+                return
+            pool = PriorityPool(self._workers)
+            try:
+                await pool.run(self._load)
+            except BaseException:
+                pool.shutdown()
+                raise
+            self._pool = pool
 
     def _load(self) -> None:
         try:
