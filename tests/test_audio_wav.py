@@ -337,3 +337,15 @@ def test_read_wav_refuses_truncated_and_unsupported(tmp_path: Path) -> None:
     stereo.write_bytes(wav_bytes(PAYLOAD, fmt_body(channels=2)))
     with pytest.raises(WavError, match="mono"):
         read_wav(stereo)
+
+
+def test_read_wav_skips_chunks_of_any_size_before_data(tmp_path: Path) -> None:
+    """A file is whole: the 64 KiB bound on a header is for streams. A 70 kB ID3 tag before
+    the audio was refused ("no WAV data chunk within the first 65536 bytes")."""
+    path = tmp_path / "tagged.wav"
+    path.write_bytes(
+        wav_bytes(PAYLOAD, fmt_body(7, 1, 8000, 8), extra=chunk(b"id3 ", b"\x00" * 70_000))
+    )
+    assert read_wav(path) == (AudioFormat("mulaw", 8000), PAYLOAD)
+    with pytest.raises(WavError, match="within the first 65536 bytes"):
+        WavHeaderStripper().push(path.read_bytes())  # a stream is still bounded

@@ -104,14 +104,16 @@ def _parse_fmt(body: bytes | bytearray) -> tuple[Encoding, int, int, int]:
     )
 
 
-def parse_wav_header(buf: bytes | bytearray) -> WavInfo | None:
+def parse_wav_header(
+    buf: bytes | bytearray, *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> WavInfo | None:
     """Parse the header at the start of ``buf``, walking chunks up to ``data``.
 
     Returns None while ``buf`` is a plausible but incomplete header (more bytes needed). Raises
     :class:`WavError` when ``buf`` is not RIFF/WAVE, is malformed (``data`` before ``fmt ``, no
-    ``data`` within :data:`MAX_HEADER_BYTES`), or holds an unsupported format (checked as soon as
-    the ``fmt `` chunk is complete). The RIFF size field is ignored: streaming writers leave it
-    unset.
+    ``data`` within ``max_header_bytes``: a bound for streams, which would otherwise be held
+    without end), or holds an unsupported format (checked as soon as the ``fmt `` chunk is
+    complete). The RIFF size field is ignored: streaming writers leave it unset.
     """
     if not _could_still_be_wav(buf):
         raise WavError(f"not a RIFF/WAVE stream (starts with {bytes(buf[:12])!r})")
@@ -132,14 +134,14 @@ def parse_wav_header(buf: bytes | bytearray) -> WavInfo | None:
                 data_size=None if size in _STREAMING_SIZES else size,
             )
         if chunk_id == b"fmt ":
-            if body + size > MAX_HEADER_BYTES:  # (checked first: else it is waited for forever)
+            if body + size > max_header_bytes:  # (checked first: else it is waited for forever)
                 raise WavError(f"WAV fmt chunk of {size} bytes: a corrupt header")
             if body + size > len(buf):
                 return None
             fmt = _parse_fmt(buf[body : body + size])
         pos = body + size + (size & 1)  # chunks are padded to an even length
-        if pos > MAX_HEADER_BYTES:
-            raise WavError(f"no WAV data chunk within the first {MAX_HEADER_BYTES} bytes")
+        if pos > max_header_bytes:
+            raise WavError(f"no WAV data chunk within the first {max_header_bytes} bytes")
     return None
 
 
@@ -232,7 +234,8 @@ def read_wav(path: str | os.PathLike[str]) -> tuple[AudioFormat, bytes]:
     declared size (a cut-off file) is returned as far as it goes.
     """
     data = Path(path).read_bytes()
-    info = parse_wav_header(data)
+    # A file is whole: chunks before "data" (an ID3 tag, cover art) may take any room in it.
+    info = parse_wav_header(data, max_header_bytes=max(len(data), MAX_HEADER_BYTES))
     if info is None:
         raise WavError(f"{os.fspath(path)}: WAV header is truncated")
     end = None if info.data_size is None else info.data_offset + info.data_size
