@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from callspeak.audio.mulaw import MULAW_SILENCE, decode, encode
-from callspeak.bargein import SpeechOnsetDetector
+from callspeak.bargein import SpeechOnsetDetector, is_dtmf_tone
 from callspeak.config import Settings
 from callspeak.emulator import DialOptions, dial
 from callspeak.events import CallEventRecord
@@ -128,3 +128,102 @@ async def test_caller_speaking_mid_sentence_gets_clear_fast_and_hears_no_more(
     types = [e.type for e in events]
     assert types.index("caller.speaking") < types.index("speech.interrupted")
     assert "speech.done" not in types
+
+
+# -- line noise and key tones, which WebRTC's VAD takes for speech ------------------------------
+
+RATE = 8000
+rng = np.random.default_rng(7)
+
+
+def as_mulaw(samples: np.ndarray) -> bytes:
+    return encode(np.clip(np.rint(samples), -32768, 32767).astype(np.int16)).tobytes()
+
+
+def dbfs(level: float) -> float:
+    return 32768 * 10 ** (level / 20)
+
+
+def onsets_in(mulaw: bytes) -> tuple[list[float], SpeechOnsetDetector]:
+    """Seconds (to the frame) at which a detector fed ``mulaw`` 20 ms at a time found onsets."""
+    detector = SpeechOnsetDetector()
+    found = [i / RATE for i in range(0, len(mulaw), 160) if detector.feed(mulaw[i : i + 160])]
+    return found, detector
+
+
+def hum(seconds: float, level: float) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    wave = np.sin(2 * np.pi * 60 * t) + 0.5 * np.sin(2 * np.pi * 180 * t)
+    return dbfs(level) * wave / np.sqrt(np.mean(wave**2))
+
+
+def white(seconds: float, level: float) -> np.ndarray:
+    return rng.normal(0, dbfs(level), int(seconds * RATE))
+
+
+@pytest.mark.parametrize("noise", ["white -30 dBFS", "hum -20 dBFS"])
+def test_steady_line_noise_is_no_speech_and_speech_over_it_is(
+    noise: str, caller_voice: bytes
+) -> None:
+    """The VAD took these for speech: one onset as the call began, then — the noise going on —
+    one endless stretch of speech, and no barge-in for the rest of the call."""
+    make = white if noise.startswith("white") else hum
+    level = float(noise.split()[1])
+    voice = decode(np.frombuffer(caller_voice, np.uint8)).astype(np.float64)
+    line = make(3.0 + len(voice) / RATE, level)
+    found, detector = onsets_in(as_mulaw(line[: 3 * RATE]))
+    assert found == [] and not detector.in_speech
+    line[3 * RATE :] += voice
+    found, _ = onsets_in(as_mulaw(line))
+    assert found, "speech over the noise was not found"
+    assert 3.0 <= found[0] <= 3.0 + speech_onset(caller_voice) + 0.25
+
+
+def test_noise_starting_mid_call_is_at_most_one_onset_then_speech_is_heard(
+    caller_voice: bytes,
+) -> None:
+    voice = decode(np.frombuffer(caller_voice, np.uint8)).astype(np.float64)
+    quiet = np.zeros(RATE)  # a second of a silent line, then loud noise for 8 s
+    line = np.concatenate([quiet, white(8.0 + len(voice) / RATE, -30)])
+    start = len(quiet) + 8 * RATE
+    line[start:] += voice
+    found, _ = onsets_in(as_mulaw(line))
+    during_noise = [t for t in found if t < start / RATE]
+    assert len(during_noise) <= 1
+    assert any(start / RATE <= t <= start / RATE + speech_onset(caller_voice) + 0.25 for t in found)
+
+
+def key(digit_freqs: tuple[float, float], seconds: float, off_pitch: float = 0.0) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    low, high = (f * (1 + off_pitch) for f in digit_freqs)
+    return dbfs(-10) * (np.sin(2 * np.pi * low * t) + np.sin(2 * np.pi * high * t)) / 2
+
+
+KEYS = [(low, high) for low in (697, 770, 852, 941) for high in (1209, 1336, 1477, 1633)]
+
+
+@pytest.mark.parametrize("off_pitch", [0.0, 0.015, -0.015])
+def test_every_key_tone_is_known_for_one(off_pitch: float) -> None:
+    """16 keys, 1.5 % off pitch either way (what DTMF receivers must accept), through μ-law."""
+    for freqs in KEYS:
+        tone = decode(np.frombuffer(as_mulaw(key(freqs, 0.02, off_pitch)), np.uint8))
+        assert is_dtmf_tone(tone), freqs
+
+
+def test_speech_frames_are_not_taken_for_key_tones(caller_voice: bytes) -> None:
+    voice = decode(np.frombuffer(caller_voice[: len(caller_voice) // 160 * 160], np.uint8))
+    frames = [f for f in voice.reshape(-1, 160) if np.sqrt(np.mean(f.astype(float) ** 2)) > 300]
+    assert len(frames) > 40
+    assert not any(is_dtmf_tone(frame) for frame in frames)
+    assert not is_dtmf_tone(np.zeros(160)) and not is_dtmf_tone(white(0.02, -20))
+
+
+def test_keys_pressed_into_the_audio_are_no_barge_in() -> None:
+    """A carrier may leave the tones in the audio: keys are the dtmf events' to act on
+    (CALLSPEAK_INTERRUPT_DIGITS), not barge-in. A press of 120 ms or more was an onset."""
+    gap = np.zeros(int(0.1 * RATE))
+    for seconds in (0.12, 0.25, 0.5):
+        found, _ = onsets_in(as_mulaw(np.concatenate([gap, key(KEYS[5], seconds), gap])))
+        assert found == [], seconds
+    presses = np.concatenate([np.concatenate([key(KEYS[k], 0.1), gap]) for k in (0, 5, 10, 10)])
+    assert onsets_in(as_mulaw(presses))[0] == []
