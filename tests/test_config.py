@@ -81,6 +81,11 @@ def test_inconsistent_settings_are_refused(fields: dict[str, object], message: s
         ("https://:8443/prefix", "names no host"),
         ("http://127.0.0.1:5000", "must start with https://"),
         ("example.ngrok.app", "must start with https://"),
+        # urlsplit drops tabs and line breaks: the URL signed was not the one in the TwiML.
+        ("https://calls.example.com\r", "spaces or control characters"),
+        ("https://calls.example.com\t/cs", "spaces or control characters"),
+        ("https://calls.example.com /cs", "spaces or control characters"),
+        ("https://user:pw@calls.example.com", "user name or password"),
     ],
 )
 def test_a_public_url_twilio_cannot_use_is_refused_up_front(public_url: str, message: str) -> None:
@@ -127,3 +132,21 @@ def test_a_regional_or_prefixed_twilio_api_url_is_kept_without_its_trailing_slas
     assert Settings(twilio_api_url="http://127.0.0.1:9/fake/").twilio_api_url == (
         "http://127.0.0.1:9/fake"
     )
+
+
+def test_secrets_read_from_files_lose_their_trailing_newline() -> None:
+    """A Kubernetes or Docker secret made from a file ends in a newline: kept, no Twilio
+    signature ever matched and every Deepgram request was refused."""
+    settings = Settings(
+        twilio_auth_token="0123abcd\n",
+        deepgram_api_key=" dg-key\r\n",
+        twilio_account_sid="AC123\n",
+    )
+    assert settings.twilio_auth_token is not None and settings.deepgram_api_key is not None
+    assert settings.twilio_auth_token.get_secret_value() == "0123abcd"
+    assert settings.deepgram_api_key.get_secret_value() == "dg-key"
+    assert settings.twilio_account_sid == "AC123"
+    blank = Settings(twilio_auth_token=" \n", deepgram_api_key="", twilio_account_sid=" ")
+    assert blank.twilio_auth_token is None and blank.deepgram_api_key is None
+    assert blank.twilio_account_sid is None
+    assert blank.resolved_tts() == "piper"

@@ -111,6 +111,29 @@ async def test_voice_signed_over_a_query_string_is_checked_with_it(
     ).status_code == 403
 
 
+@pytest.mark.parametrize("path", ["/voice/", "/status/"])
+async def test_a_webhook_path_with_a_trailing_slash_is_not_redirected(
+    secure_server: RunningServer, path: str
+) -> None:
+    """Starlette redirected it to a URL built from the Host header (http://, the internal
+    port), which no signature matches: now it is plainly not found."""
+    signature = sign(TOKEN, PUBLIC + path, VOICE_FORM)
+    response = await post_form(secure_server, path, VOICE_FORM, signature)
+    assert response.status_code == 404
+    assert "location" not in response.headers
+
+
+async def test_call_tokens_without_signature_validation_are_warned_about(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/voice then hands a token to any request: they protect nothing."""
+    caplog.set_level(logging.WARNING, "callspeak.server")
+    app = create_app(Settings(validate_signatures=False, call_token=True), tts=FakeService())
+    async with serve(app):
+        pass
+    assert "call tokens protect nothing with signature validation off" in caplog.text
+
+
 # -- /status ----------------------------------------------------------------------------------
 
 

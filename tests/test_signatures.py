@@ -61,7 +61,10 @@ def test_webhook_missing_signature(
 def test_webhook_wrong_signature(verifier: TwilioSignatureVerifier) -> None:
     wrong_token = sign("another-token", f"{PUBLIC}/voice", PARAMS)
     check = verifier.check_webhook("/voice", PARAMS, wrong_token)
-    assert check == SignatureCheck(False, f"signature does not match {PUBLIC}/voice")
+    assert check == SignatureCheck(
+        False,
+        f"signature does not match {PUBLIC}/voice (or TWILIO_AUTH_TOKEN is not this account's)",
+    )
     tampered = {**PARAMS, "To": "+15550000000"}
     assert not verifier.check_webhook("/voice", tampered, sign(TOKEN, f"{PUBLIC}/voice", PARAMS)).ok
     assert not verifier.check_webhook("/voice", PARAMS, "not base64 at all").ok
@@ -100,7 +103,9 @@ def test_stream_upgrade_signed_over_https_is_refused(verifier: TwilioSignatureVe
     signature = sign(TOKEN, "https://callspeak.example.com/twilio")
     check = verifier.check_stream_upgrade("/twilio", signature)
     assert check == SignatureCheck(
-        False, "signature does not match wss://callspeak.example.com/twilio"
+        False,
+        "signature does not match wss://callspeak.example.com/twilio "
+        "(or TWILIO_AUTH_TOKEN is not this account's)",
     )
 
 

@@ -172,3 +172,26 @@ def test_an_empty_or_blank_say_writes_no_say_element() -> None:
     for say in ("", "   "):  # e.g. CALLSPEAK_NOTICE= left empty in a .env file
         xml = connect_stream_twiml("wss://h.example/twilio", say=say)
         assert "<Say" not in xml and "<Connect>" in xml
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x0b", "\x0c", "\x1b", "\ufffe"])
+def test_text_xml_cannot_carry_is_refused_not_written(char: str) -> None:
+    """The twilio library wrote these as they are: TwiML that is not XML, which Twilio cannot
+    read. Tabs and line breaks are XML, and stay."""
+    url = "wss://h.example/twilio"
+    with pytest.raises(TwiMLError, match="XML"):
+        connect_stream_twiml(url, say=f"Hello{char}there.")
+    with pytest.raises(TwiMLError, match="XML"):
+        connect_stream_twiml(url, parameters={"say": f"a{char}b"})
+    with pytest.raises(TwiMLError, match="XML"):
+        connect_stream_twiml(url, parameters={f"n{char}": "v"})
+    with pytest.raises(TwiMLError, match="XML"):
+        connect_stream_twiml(f"wss://h.example/{char}")
+    fine = connect_stream_twiml(url, say="Line one.\n\tLine two. 😀", parameters={"k": "é\n"})
+    ET.fromstring(fine)  # well-formed
+
+
+@pytest.mark.parametrize("url", ["wss://h.example /twilio", "wss://h.example/my path/twilio"])
+def test_a_stream_url_with_a_space_is_refused(url: str) -> None:
+    with pytest.raises(TwiMLError, match="space"):
+        connect_stream_twiml(url)

@@ -11,9 +11,14 @@ __all__ = ["checked_base_url"]
 def checked_base_url(name: str, value: str, schemes: str, example: str) -> str:
     """``value`` without a trailing slash, or a ValueError calling it ``name`` (a setting, or
     "public URL"): it must be an absolute URL of ``schemes`` ("https" or "http(s)") with a host,
-    a port from 1 to 65535 if it gives one, and no query string or fragment."""
+    a port from 1 to 65535 if it gives one, and no query string, fragment, user name, password,
+    space or control character."""
     if "?" in value or "#" in value:
         raise ValueError(f"{name} {value!r} must not carry a query string or fragment")
+    # urlsplit() drops tabs and line breaks without a word, so the URL checked (and signed)
+    # would not be the one written into TwiML; a space makes a URL Twilio cannot dial.
+    if any(char.isspace() or not char.isprintable() for char in value):
+        raise ValueError(f"{name} {value!r} must not contain spaces or control characters")
     try:
         parts = urlsplit(value)
         port = parts.port
@@ -29,6 +34,11 @@ def checked_base_url(name: str, value: str, schemes: str, example: str) -> str:
         )
     if not parts.hostname:
         raise ValueError(f"{name} {value!r} names no host, {example}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"{name} must not carry a user name or password (it is written into TwiML and "
+            f"the log), {example}"
+        )
     if port == 0:
         raise ValueError(f"{name} {value!r} has port 0: give a port from 1 to 65535")
     return value.rstrip("/")

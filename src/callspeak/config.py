@@ -212,6 +212,19 @@ class Settings(BaseSettings):
                 chain.append(name)  # type: ignore[arg-type]
         return chain
 
+    @field_validator("twilio_auth_token", "deepgram_api_key")
+    @classmethod
+    def _strip_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # A secret read from a file (a Kubernetes or Docker secret) often ends in a newline:
+        # kept, every Twilio signature failed to match, and every Deepgram request was refused.
+        token = value.get_secret_value().strip() if value is not None else ""
+        return SecretStr(token) if token else None
+
+    @field_validator("twilio_account_sid")
+    @classmethod
+    def _strip_account_sid(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
     @field_validator("api_token")
     @classmethod
     def _no_empty_token(cls, value: SecretStr | None) -> SecretStr | None:

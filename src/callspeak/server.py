@@ -256,6 +256,11 @@ def create_app(
                 "Twilio signature validation is OFF: anyone who can reach this server can open "
                 "media streams (fine for local development only)"
             )
+            if settings.call_token:
+                log.warning(
+                    "call tokens protect nothing with signature validation off: /voice hands a "
+                    "token to any request, signed or not"
+                )
         else:
             log.info("checking Twilio signatures against %s", settings.public_url)
         prerender = getattr(state.tts, "prerender", None)
@@ -285,6 +290,9 @@ def create_app(
         exception_handlers=api_exception_handlers(),
         lifespan=lifespan,
     )
+    # /voice/ is not /voice: Starlette would redirect it to a URL built from the Host header
+    # (http://, the internal port), and the signature was computed over the path as written.
+    app.router.redirect_slashes = False
     app.state.callspeak = state
     return app
 

@@ -95,7 +95,10 @@ class TwilioSignatureVerifier:
             expected: str = self._validator.compute_signature(candidate, params)
             if hmac.compare_digest(expected.encode(), signature.encode()):
                 return _VALID
-        return SignatureCheck(ok=False, reason=f"signature does not match {url}")
+        return SignatureCheck(
+            ok=False,
+            reason=f"signature does not match {url} (or TWILIO_AUTH_TOKEN is not this account's)",
+        )
 
 
 def _url_variants(url: str) -> tuple[str, ...]:

@@ -81,6 +81,8 @@ def connect_stream_twiml(
                 f"status_callback_method must be GET or POST, not {status_callback_method!r}"
             )
 
+    if say is not None:
+        _check_xml_text("the <Say> text", say)
     response = VoiceResponse()
     if say is not None and say.strip():  # an empty or blank one says nothing: no <Say/>
         response.say(say)
@@ -148,7 +150,24 @@ def _normalise_path(path: str) -> str:
     return path if path.startswith("/") else "/" + path
 
 
+def _check_xml_text(what: str, value: str) -> None:
+    """XML 1.0 has no way to write most control characters (not even escaped): TwiML holding
+    one is not XML, and Twilio cannot read it."""
+    for index, char in enumerate(value):
+        if (
+            (char < " " and char not in "\t\n\r")
+            or char in "\ufffe\uffff"
+            or ("\ud800" <= char <= "\udfff")
+        ):
+            raise TwiMLError(
+                f"{what} holds {char!r} at character {index}, which XML (and so TwiML) cannot carry"
+            )
+
+
 def _check_stream_url(url: str) -> None:
+    _check_xml_text("stream URL", url)
+    if any(char.isspace() for char in url):
+        raise TwiMLError(f"stream URL {url!r} holds a space or line break: Twilio cannot dial it")
     parts = urlsplit(url)
     if parts.scheme != "wss" or not parts.hostname:
         raise TwiMLError(
@@ -166,6 +185,8 @@ def _check_stream_url(url: str) -> None:
 def _check_parameter(name: str, value: str) -> None:
     if not name:
         raise TwiMLError("<Parameter> names must not be empty")
+    _check_xml_text("a <Parameter> name", name)
+    _check_xml_text(f"<Parameter> {name!r}", value)
     if len(name) + len(value) >= MAX_PARAMETER_LENGTH:
         raise TwiMLError(
             f"<Parameter> {name!r}: name plus value is {len(name) + len(value)} characters, "
@@ -175,6 +196,9 @@ def _check_parameter(name: str, value: str) -> None:
 
 
 def _check_callback_url(url: str) -> None:
+    _check_xml_text("status_callback", url)
+    if any(char.isspace() for char in url):
+        raise TwiMLError(f"status_callback {url!r} holds a space or line break")
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise TwiMLError(
