@@ -150,3 +150,10 @@ def test_secrets_read_from_files_lose_their_trailing_newline() -> None:
     assert blank.twilio_auth_token is None and blank.deepgram_api_key is None
     assert blank.twilio_account_sid is None
     assert blank.resolved_tts() == "piper"
+
+
+def test_a_notice_twiml_cannot_carry_is_refused_at_start_up() -> None:
+    """It is spoken by Twilio's <Say>: every /voice answer would have failed with a 500."""
+    with pytest.raises(ValidationError, match="XML"):
+        Settings(notice="Calls are\x0crecorded.")
+    assert Settings(notice="Calls are\nrecorded.").notice == "Calls are\nrecorded."

@@ -20,6 +20,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from callspeak.base_urls import checked_base_url
+from callspeak.twiml import xml_text_problem
 
 __all__ = ["DEFAULT_GREETING", "ConfigError", "Settings", "TTSChoice"]
 
@@ -246,6 +247,8 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{name} is {len(text)} characters, over max_text_chars={self.max_text_chars}"
                 )
+        if self.notice is not None and (problem := xml_text_problem(self.notice)) is not None:
+            raise ValueError(f"notice (spoken by Twilio's <Say>) {problem}")
         return self
 
     def signature_problem(self) -> str | None:

@@ -24,6 +24,7 @@ __all__ = [
     "connect_stream_twiml",
     "stream_url_from_public",
     "webhook_url_from_public",
+    "xml_text_problem",
 ]
 
 MAX_PARAMETER_LENGTH: Final = 500
@@ -150,18 +151,24 @@ def _normalise_path(path: str) -> str:
     return path if path.startswith("/") else "/" + path
 
 
-def _check_xml_text(what: str, value: str) -> None:
-    """XML 1.0 has no way to write most control characters (not even escaped): TwiML holding
-    one is not XML, and Twilio cannot read it."""
+def xml_text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be written into TwiML, or None. XML 1.0 has no way to write most
+    control characters (not even escaped): TwiML holding one is not XML, and Twilio cannot
+    read it."""
     for index, char in enumerate(value):
         if (
             (char < " " and char not in "\t\n\r")
             or char in "\ufffe\uffff"
             or ("\ud800" <= char <= "\udfff")
         ):
-            raise TwiMLError(
-                f"{what} holds {char!r} at character {index}, which XML (and so TwiML) cannot carry"
-            )
+            return f"holds {char!r} at character {index}, which XML (and so TwiML) cannot carry"
+    return None
+
+
+def _check_xml_text(what: str, value: str) -> None:
+    problem = xml_text_problem(value)
+    if problem is not None:
+        raise TwiMLError(f"{what} {problem}")
 
 
 def _check_stream_url(url: str) -> None:
