@@ -621,6 +621,8 @@ async def test_openapi_describes_exactly_the_mounted_routes(api: Api) -> None:
                     assert ref is None or ref.rsplit("/", 1)[1] in schemas, ref
     assert schemas["SayRequest"]["properties"]["text"]["maxLength"] == 5000
     assert schemas["SayRequest"]["required"] == ["text"]
+    utterance = spec["paths"]["/calls/{callSid}/utterances/{utteranceId}"]["get"]
+    assert "unknown_utterance" in utterance["responses"]["404"]["description"]
     assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
 
 

@@ -95,7 +95,15 @@ def _paths() -> dict[str, Any]:
                         "schema": {"type": "integer"},
                     },
                 ],
-                "responses": {"200": _json("UtteranceOut", "The utterance."), **_errors(404)},
+                "responses": {
+                    "200": _json("UtteranceOut", "The utterance."),
+                    **_errors(404),
+                    "404": _json(
+                        "ErrorBody",
+                        "No live call with this callSid (code unknown_call), or no recent "
+                        "utterance with this id (code unknown_utterance).",
+                    ),
+                },
             }
         },
         "/calls/{callSid}/say": {
