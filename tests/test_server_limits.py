@@ -262,14 +262,21 @@ async def answer_to(
         writer.close()
 
 
+async def head_answer(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch, sent: list[bytes], gap: float = 0.0
+) -> tuple[bytes | None, float]:
+    """:func:`answer_to` a server whose connections have 0.3 s to send a request head."""
+    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
+    app = create_app(local(), tts=FakeService())
+    async with serve(app) as url:
+        return await answer_to(url, sent, gap)
+
+
 async def test_a_connection_that_sends_nothing_is_closed_silently(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Else each holds a descriptor for good (uvicorn bounds only idle kept-alive connections)."""
-    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
-    app = create_app(local(), tts=FakeService())
-    async with serve(app) as url:
-        answer, seconds = await answer_to(url, [])
+    answer, seconds = await head_answer(serve, monkeypatch, [])
     assert answer == b""
     assert 0.25 < seconds < 2
 
@@ -278,11 +285,8 @@ async def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Slowloris: bytes keep coming, but the head is never done in time."""
-    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
-    app = create_app(local(), tts=FakeService())
     head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
-    async with serve(app) as url:
-        answer, seconds = await answer_to(url, [bytes([b]) for b in head], gap=0.02)
+    answer, seconds = await head_answer(serve, monkeypatch, [bytes([b]) for b in head], 0.02)
     # Closed while our bytes kept arriving, the connection may be reset before the 408 is read.
     assert answer is None or answer.startswith(b"HTTP/1.1 408 ")
     assert 0.25 < seconds < 2
@@ -291,10 +295,7 @@ async def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(
 async def test_a_request_head_left_unfinished_gets_408(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
-    app = create_app(local(), tts=FakeService())
-    async with serve(app) as url:
-        answer, seconds = await answer_to(url, [b"GET /healthz HTTP/1.1\r\nHo"])
+    answer, seconds = await head_answer(serve, monkeypatch, [b"GET /healthz HTTP/1.1\r\nHo"])
     assert answer is not None and answer.startswith(b"HTTP/1.1 408 ")
     assert answer.endswith(b"request head not received within 0.3 s")
     assert 0.25 < seconds < 2
@@ -303,11 +304,9 @@ async def test_a_request_head_left_unfinished_gets_408(
 async def test_the_next_request_on_a_kept_connection_has_the_same_deadline(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
-    app = create_app(local(), tts=FakeService())
     first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-    async with serve(app) as url:
-        answer, _ = await answer_to(url, [first, b"GET /healthz HTTP/1.1\r\nHo"], gap=0.1)
+    sent = [first, b"GET /healthz HTTP/1.1\r\nHo"]
+    answer, _ = await head_answer(serve, monkeypatch, sent, 0.1)
     assert answer is not None
     first_answer, _, rest = answer.partition(b"HTTP/1.1 408 ")
     assert first_answer.startswith(b"HTTP/1.1 200 ")  # the first request was answered
