@@ -139,6 +139,34 @@ async def test_a_long_text_cut_in_a_later_part_goes_on_from_that_part_on_the_fal
     assert 800 - 160 < len(heard) - len(first) - len(rest) <= 800
 
 
+async def test_a_refused_key_mid_text_hands_each_call_its_own_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The refusal is kept and raised to every call until the key is tried again: the rest
+    of the first call's text was written on it, and a second call's fallback voice said it
+    (another caller's account number) instead of its own."""
+    monkeypatch.setattr("callspeak.tts.deepgram_rest.DEFAULT_CHUNK_LIMIT", 40)
+    alice = "Alice part one is spoken here. Alice account number 1234. Alice third part."
+    bob = "Bob part one is spoken here okay. Bob second part of his text. Bob third part."
+    fake = FakeDeepgram(KEY)
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
+        backup = FakeService("backup")
+        chain = FallbackService([deepgram_voice(dg_url, websocket=False), backup])
+        streams = [chain.open().stream(text) for text in (bob, alice)]
+        for stream in streams:
+            await anext(stream)  # each call's first part is being heard
+        fake.fail_next(401, error_body("INVALID_AUTH", "r401"))  # the balance ran out
+        for stream in reversed(streams):
+            async for _ in stream:
+                pass
+        await chain.aclose()
+    said = [provider.texts for provider in backup.providers]  # Bob's call, then Alice's
+    assert said == [
+        ["Bob second part of his text. Bob third part."],
+        ["Alice account number 1234. Alice third part."],
+    ]
+
+
 async def test_auth_failure_marks_unhealthy_and_everything_failing_plays_the_apology() -> None:
     auth = TTSAuthError("primary", "bad key")
     primary = ScriptedProvider([auth])

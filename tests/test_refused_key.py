@@ -23,7 +23,7 @@ def test_refused_one_attempt_an_interval_goes_through_until_accepted() -> None:
     key.refuse(refusal)
     with pytest.raises(TTSAuthError) as raised:
         key.admit()
-    assert raised.value is refusal
+    assert str(raised.value) == str(refusal)  # (a copy of it: see the last test)
     clock.now += 59.9
     assert not key.due()
     clock.now += 0.1
@@ -43,3 +43,24 @@ def test_refused_one_attempt_an_interval_goes_through_until_accepted() -> None:
     assert key.accept()  # accepted: every attempt goes through
     assert key.error is None and not key.accept()
     key.admit()
+
+
+def test_the_refusal_is_raised_as_a_fresh_copy_each_time() -> None:
+    """Raising one kept error again adds each raise's frames (and their locals: other calls'
+    state) to its traceback for good; and a field one call set on it reached the next."""
+    clock = SettableClock()
+    key = RefusedKey(60.0, clock)
+    refusal = TTSAuthError("deepgram", "bad key", status=401, request_id="r1")
+    key.refuse(refusal)
+    raised = []
+    for _ in range(50):
+        with pytest.raises(TTSAuthError) as info:
+            key.admit()
+        raised.append(info.value)
+    assert refusal.__traceback__ is None  # the kept one is never raised
+    assert len({id(error) for error in raised}) == 50
+    assert all(str(error) == str(refusal) and error.status == 401 for error in raised)
+    raised[0].unspoken = "one call's rest"
+    with pytest.raises(TTSAuthError) as info:
+        key.admit()
+    assert info.value.unspoken is None

@@ -29,6 +29,12 @@ from callspeak.tts.sentences import chunk_text, group_sentences, has_words, spli
         ("Open Jan. 3 at St. Mary's.", ["Open Jan. 3 at St. Mary's."]),
         ("Meet Smith vs. Jones. Then go.", ["Meet Smith vs. Jones.", "Then go."]),
         ("Really?!… Yes.", ["Really?!…", "Yes."]),
+        ("The meeting is on Mon. Jan. 5 at noon.", ["The meeting is on Mon. Jan. 5 at noon."]),
+        ("We close on Sat. Have a nice weekend.", ["We close on Sat.", "Have a nice weekend."]),
+        ("Happy Martin Luther King Jr. Day to all.", ["Happy Martin Luther King Jr. Day to all."]),
+        ("Apple Inc. CEO Tim Cook spoke.", ["Apple Inc. CEO Tim Cook spoke."]),
+        ("It is on Fifth Ave. Building 3 is next.", ["It is on Fifth Ave. Building 3 is next."]),
+        ("See Fig. A for details.", ["See Fig. A for details."]),
         ("Dots...everywhere... Done.", ["Dots...everywhere...", "Done."]),
     ],
 )

@@ -130,8 +130,9 @@ class ApiClient:
         except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
             # Connected, so the request may have been carried out: a retry could say it twice.
             limit = timeout if timeout is not None else self._http.timeout.read
+            within = f" within {limit:g} s" if limit is not None else ""
             raise ApiClientError(
-                f"no answer from the callspeak server at {self._server} within {limit:g} s; "
+                f"no answer from the callspeak server at {self._server}{within}; "
                 f"{method} {path} may have been carried out"
             ) from exc
         except httpx.HTTPError as exc:

@@ -26,8 +26,9 @@ Two kinds of sound the VAD calls speech are not counted:
   Without it, noise the VAD took for speech was one endless stretch of speech: no barge-in for
   the rest of the call.
 * **Key tones** (DTMF, when the carrier leaves them in the audio): a frame whose energy is mostly
-  one low-group and one high-group DTMF frequency. Keys are the ``dtmf`` events'
-  (``interrupt_digits``), not barge-in.
+  one low-group and one high-group DTMF frequency, after another such frame (keys last 40 ms
+  or more; speech is rarely like that for a frame, never for two). Keys are the ``dtmf``
+  events' (``interrupt_digits``), not barge-in.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class SpeechOnsetDetector:
         self._min_energy = float(min_rms * min_rms)
         #: Mean square of the line's noise, per sample (None until the first frame).
         self._floor: float | None = None
+        self._last_tone = False  # the frame before was voiced and tone-like
         self.frames_seen = 0
 
     @property
@@ -150,11 +152,15 @@ class SpeechOnsetDetector:
                 energy >= self._min_square
                 and energy >= NOISE_MARGIN * floor
                 and bool(self._vad.is_speech(samples.tobytes(), _RATE))
-                and not is_dtmf_tone(samples)
             )
+            # A key sounds for 40 ms or more: a tone-like frame right after another is a key
+            # (its first frame counts, one voiced frame is no onset); a lone one is speech.
+            tone = voiced and is_dtmf_tone(samples)
+            voiced = voiced and not (tone and self._last_tone)
+            self._last_tone = tone
         else:
             self._follow_floor(0.0)
-            voiced = False
+            voiced = self._last_tone = False
         self._window.append(voiced)
         self._silent = 0 if voiced else self._silent + 1
         if self._in_speech:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 from callspeak.audio.format import AudioFormat
 
@@ -53,6 +53,17 @@ class TTSError(Exception):
     """
 
     unspoken: str | None = None
+
+    def copy(self, **changes: object) -> Self:
+        """A new error like this one, with ``changes`` to its fields. An error kept to be
+        raised again (a refused key's, for every call) must be raised as a copy: raising one
+        object again adds each raise's frames, and their locals, to its traceback for good,
+        and a field set on it by one call would be seen by the next."""
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.__dict__.update(changes)
+        clone.args = self.args
+        return clone
 
     def __init__(
         self,

@@ -300,11 +300,12 @@ class DeepgramRestProvider:
                 if tail := header.flush():  # an answer under 4 bytes that began like "RIFF"
                     yield tail
             except TTSError as exc:
-                if index and exc.unspoken is None:
-                    # The parts before were streamed whole: a fallback voice says only the
-                    # rest, rather than the text again from its start.
-                    exc.unspoken = " ".join(chunks[index:])
-                raise
+                if not index or exc.unspoken is not None:
+                    raise
+                # The parts before were streamed whole: a fallback voice says only the rest,
+                # rather than the text again from its start. On a copy: the error may be one
+                # other calls are given too (a refused key's).
+                raise exc.copy(unspoken=" ".join(chunks[index:])) from exc
 
     def warm_up(self) -> None:
         """Take a pooled connection now, in the background — opening one when none is idle —

@@ -37,7 +37,7 @@ class RefusedKey:
         if error is None:
             return
         if not self.due():
-            raise error
+            raise error.copy()  # a copy: the kept one is never raised (see TTSError.copy)
         self._since = self._clock()
 
     def refuse(self, error: TTSAuthError) -> None:

@@ -8,7 +8,8 @@ Splitting is heuristic, tuned for what a voice bot says: a sentence ends at ``.`
 ``…`` (optionally followed by closing quotes/brackets) when whitespace or the end of the text
 follows. Titles (``Dr.``, ``St.``), dotted abbreviations (``e.g.``, ``U.S.``), initials and
 decimals (``3.14``, which has no whitespace after the point) do not end a sentence; other common
-abbreviations (``etc.``, ``No.``, ``Jan.``) do only when a capital letter follows.
+abbreviations (``etc.``, ``No.``, ``Jan.``) do only when a capitalised word follows that is
+not an abbreviation itself.
 """
 
 from __future__ import annotations
@@ -31,16 +32,19 @@ DEFAULT_CHUNK_LIMIT = 2000
 # followed by whitespace is scanned again from each of its characters, quadratic in its length.
 _END = re.compile(r"(?<![.!?…])[.!?…]++[\"'”’)\]]*+(?=\s|$)")
 # Words that end in a period without ending a sentence (compared lower-case, without the period):
-# titles and the like, which a name follows...
-_TITLES = frozenset("mr mrs ms dr prof st mt vs gen col capt lt sgt rev hon".split())
-# ... and words that end a sentence only when a capital letter follows ("I said no. Goodbye."
-# but "No. 5", "etc. and", "Jan. 3").
-_ABBREVIATIONS = frozenset(
-    "sr jr etc inc ltd co corp dept no nos fig approx est "
-    "jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri sat sun "
-    "ave blvd rd".split()
+# titles and the like, which a name, a number or a label follows...
+_TITLES = frozenset(
+    "mr mrs ms dr prof st mt vs gen col capt lt sgt rev hon sr jr inc co corp ltd dept fig "
+    "approx est ave blvd rd".split()
 )
-_NEXT = re.compile(r"\s*[\"'“‘(\[]*(\S)")
+# ... and words that end a sentence only when a capitalised word follows that is not one of
+# these itself ("I said no. Goodbye.", "Closed on Sat. Have a nice weekend." but "No. 5",
+# "etc. and", "on Mon. Jan. 5").
+_ABBREVIATIONS = frozenset(
+    "etc no nos jan feb mar apr jun jul aug sep sept oct nov dec "
+    "mon tue wed thu fri sat sun".split()
+)
+_NEXT = re.compile(r"\s*[\"'“‘(\[]*(\S+)")
 _CLAUSE = re.compile(r"(?<=[,;:])\s+")
 
 
@@ -74,7 +78,13 @@ def _is_abbreviation(text: str, end: int) -> bool:
             return True
         if stem in _ABBREVIATIONS:
             following = _NEXT.match(text, end)
-            return following is None or not following.group(1).isupper()
+            if following is None:
+                return False  # the end of the text
+            word = following.group(1)
+            if not word[0].isupper():
+                return True
+            next_stem = word.lower().removesuffix(".")
+            return next_stem in _TITLES or next_stem in _ABBREVIATIONS
     return _dotted(word)
 
 
