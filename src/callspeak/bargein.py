@@ -159,7 +159,8 @@ class SpeechOnsetDetector:
             voiced = voiced and not (tone and self._last_tone)
             self._last_tone = tone
         else:
-            self._follow_floor(0.0)
+            if self._floor != self._min_energy:  # (a quiet line's floor rests there: no call)
+                self._follow_floor(0.0)
             voiced = self._last_tone = False
         self._window.append(voiced)
         self._silent = 0 if voiced else self._silent + 1
