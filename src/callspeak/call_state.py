@@ -201,7 +201,9 @@ class CallState:
             self._flushed.discard(name)
             return MarkFlushed(name)
         if name not in self._pending:
-            return Rejected(f"echo of mark {name!r} that was never sent", "mark")
+            return Rejected(
+                f"echo of mark {name!r} not awaited (never sent, or echoed already)", "mark"
+            )
         del self._pending[name]
         return MarkPlayed(name)
 
