@@ -1122,3 +1122,42 @@ def test_no_lookup_of_an_ip_address_or_through_a_proxy(
     assert make(named(ws_url)).resolved_host is not None
     monkeypatch.setenv("ws_proxy", "http://proxy.invalid:3128")
     assert make(named(ws_url)).resolved_host is None  # the proxy resolves it
+
+
+async def test_calls_refused_while_retrying_each_raise_their_own_copy_of_the_refusal() -> None:
+    """A call whose connect failed, finding the key refused by its next attempt, raised the
+    kept refusal itself: each such raise added that call's frames (its text among their
+    locals) to the one object's traceback, for good."""
+    svc: DeepgramWebSocketService | None = None
+    refusal = TTSAuthError("deepgram-ws", "bad key", status=401, request_id="r1")
+
+    async def connect(url: str, **kwargs: Any) -> ClientConnection:
+        await asyncio.sleep(0.01)
+        raise OSError("connection reset")  # a blip: retried
+
+    async def sleep(delay: float) -> None:
+        assert svc is not None
+        if svc.refused_key.error is None:
+            svc.mark_unhealthy(refusal)  # meanwhile another call's handshake got a 401
+        await asyncio.sleep(0.01)
+
+    svc = DeepgramWebSocketService(
+        "test-key", ws_url="ws://127.0.0.1:9", connect=connect, sleep=sleep, max_reconnects=3
+    )
+    raised: list[TTSAuthError] = []
+
+    async def one_call(n: int) -> None:
+        assert svc is not None
+        provider = svc.open()
+        with pytest.raises(TTSAuthError) as info:
+            async for _ in provider.stream(f"Hello caller {n}, your PIN is {1000 + n}."):
+                pass
+        raised.append(info.value)
+        await provider.aclose()
+
+    await asyncio.gather(*(one_call(n) for n in range(5)))
+    kept = svc.refused_key.error
+    assert kept is not None and kept.__traceback__ is None and refusal.__traceback__ is None
+    assert len({id(error) for error in raised}) == 5
+    assert all(error is not kept and error.status == 401 for error in raised)
+    await svc.aclose()

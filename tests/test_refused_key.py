@@ -57,10 +57,23 @@ def test_the_refusal_is_raised_as_a_fresh_copy_each_time() -> None:
         with pytest.raises(TTSAuthError) as info:
             key.admit()
         raised.append(info.value)
-    assert refusal.__traceback__ is None  # the kept one is never raised
+    assert key.error is not None and key.error is not refusal  # a copy is kept ...
+    assert key.error.__traceback__ is None  # ... and never raised
     assert len({id(error) for error in raised}) == 50
     assert all(str(error) == str(refusal) and error.status == 401 for error in raised)
     raised[0].unspoken = "one call's rest"
     with pytest.raises(TTSAuthError) as info:
         key.admit()
     assert info.value.unspoken is None
+
+
+def test_a_copy_has_its_own_notes_and_only_known_fields() -> None:
+    error = TTSAuthError("deepgram", "bad key", status=401)
+    error.add_note("refused at 10:00")
+    copy = error.copy(unspoken="the rest")
+    copy.add_note("call A's text")
+    assert error.__notes__ == ["refused at 10:00"] and error.unspoken is None
+    assert copy.unspoken == "the rest" and isinstance(copy, TTSAuthError)
+    assert error.copy(message="other").args == ("other",)
+    with pytest.raises(TypeError, match="unspokn"):
+        error.copy(unspokn="typo")

@@ -59,10 +59,15 @@ class TTSError(Exception):
         raised again (a refused key's, for every call) must be raised as a copy: raising one
         object again adds each raise's frames, and their locals, to its traceback for good,
         and a field set on it by one call would be seen by the next."""
+        unknown = set(changes) - set(vars(self)) - {"unspoken"}
+        if unknown:
+            raise TypeError(f"TTSError has no field {', '.join(sorted(unknown))}")
         clone = type(self).__new__(type(self))
         clone.__dict__.update(self.__dict__)
+        if "__notes__" in clone.__dict__:  # (a list: each copy gets its own)
+            clone.__notes__ = list(self.__notes__)
         clone.__dict__.update(changes)
-        clone.args = self.args
+        clone.args = (clone.message,) if "message" in changes else self.args
         return clone
 
     def __init__(

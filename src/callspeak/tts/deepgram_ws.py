@@ -390,7 +390,7 @@ class DeepgramWebSocketProvider:
         for attempt in range(svc.max_reconnects + 1):
             refused = svc.refused_key.error
             if attempt and refused is not None:  # refused meanwhile, to this or another
-                raise refused
+                raise refused.copy() from None  # (a copy: see TTSError.copy)
             self._check_open()
             if attempt:
                 await svc.sleep(svc.backoff * 2 ** (attempt - 1) * (0.5 + svc.jitter()))

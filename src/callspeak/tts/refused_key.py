@@ -41,8 +41,10 @@ class RefusedKey:
         self._since = self._clock()
 
     def refuse(self, error: TTSAuthError) -> None:
-        """Deepgram refused the key: attempts fail with ``error`` for an interval."""
-        self.error, self._since = error, self._clock()
+        """Deepgram refused the key: attempts fail with ``error`` for an interval. A copy of
+        it is kept, and copies of that are raised: ``error`` itself is the caller's to raise,
+        and a kept error must never be raised (see :meth:`~callspeak.tts.base.TTSError.copy`)."""
+        self.error, self._since = error.copy(), self._clock()
 
     def accept(self) -> bool:
         """Deepgram accepted the key; True when it stood refused until now."""
