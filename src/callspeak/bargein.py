@@ -26,9 +26,8 @@ Two kinds of sound the VAD calls speech are not counted:
   Without it, noise the VAD took for speech was one endless stretch of speech: no barge-in for
   the rest of the call.
 * **Key tones** (DTMF, when the carrier leaves them in the audio): a frame whose energy is mostly
-  one low-group and one high-group DTMF frequency, after another such frame (keys last 40 ms
-  or more; speech is rarely like that for a frame, never for two). Keys are the ``dtmf``
-  events' (``interrupt_digits``), not barge-in.
+  one low-group and one high-group DTMF frequency. Keys are the ``dtmf`` events'
+  (``interrupt_digits``), not barge-in.
 """
 
 from __future__ import annotations
@@ -59,8 +58,11 @@ _DTMF_HIGH = (1209.0, 1336.0, 1477.0, 1633.0)
 #: A frame whose strongest low and high DTMF frequencies hold this share of its energy is a tone
 #: (a key's frames hold 0.81 or more, 1.5 % off pitch through μ-law; speech rarely 0.7) ...
 _DTMF_SHARE = 0.75
-#: ... each of the two at least this share (a tone 8 dB under the other holds 0.14).
-_DTMF_TONE = 0.1
+#: ... with the two tones' levels within DTMF's "twist" (as receivers accept it: the high
+#: tone up to 8 dB louder than the low one, or up to 4 dB quieter). Speech taken for a key is
+#: nearly always a strong harmonic near 700 Hz with a weaker one in the high group.
+_FORWARD_TWIST = 10 ** (8 / 10)
+_REVERSE_TWIST = 10 ** (4 / 10)
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,9 +90,11 @@ def is_dtmf_tone(samples: np.ndarray) -> bool:
     parts = basis @ x
     power = (parts[:8] ** 2 + parts[8:] ** 2) * scale[0]
     low, high = float(power[:4].max()), float(power[4:].max())
-    # Both tones sound, at levels within 8 dB of each other (DTMF's "twist"): a vowel whose
-    # energy sits in one harmonic near a DTMF frequency is not taken for a key.
-    return low + high >= _DTMF_SHARE * energy and min(low, high) >= _DTMF_TONE * energy
+    return (
+        low + high >= _DTMF_SHARE * energy
+        and high <= _FORWARD_TWIST * low
+        and low <= _REVERSE_TWIST * high
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -127,7 +131,6 @@ class SpeechOnsetDetector:
         self._min_energy = float(min_rms * min_rms)
         #: Mean square of the line's noise, per sample (None until the first frame).
         self._floor: float | None = None
-        self._last_tone = False  # the frame before was voiced and tone-like
         self.frames_seen = 0
 
     @property
@@ -148,20 +151,19 @@ class SpeechOnsetDetector:
             samples = decode(np.frombuffer(frame, np.uint8))
             energy = float(np.mean(samples.astype(np.float64) ** 2))
             floor = self._follow_floor(energy)
+            # (A frame of speech looks like a key about once in a few thousand: one unvoiced
+            # frame among the speech around it changes no onset. Counting a key's first frame,
+            # to spare that one, made fast key sequences add up to onsets.)
             voiced = (
                 energy >= self._min_square
                 and energy >= NOISE_MARGIN * floor
                 and bool(self._vad.is_speech(samples.tobytes(), _RATE))
+                and not is_dtmf_tone(samples)
             )
-            # A key sounds for 40 ms or more: a tone-like frame right after another is a key
-            # (its first frame counts, one voiced frame is no onset); a lone one is speech.
-            tone = voiced and is_dtmf_tone(samples)
-            voiced = voiced and not (tone and self._last_tone)
-            self._last_tone = tone
         else:
             if self._floor != self._min_energy:  # (a quiet line's floor rests there: no call)
                 self._follow_floor(0.0)
-            voiced = self._last_tone = False
+            voiced = False
         self._window.append(voiced)
         self._silent = 0 if voiced else self._silent + 1
         if self._in_speech:
