@@ -516,6 +516,47 @@ async def test_refused_credentials_make_health_degraded_and_name_the_setting(
     assert "DEEPGRAM_API_KEY" in caplog.text
 
 
+class UnstartableService(FakeService):
+    async def start(self) -> None:
+        raise RuntimeError("the voice model is corrupt")
+
+
+async def test_a_fallback_voice_that_cannot_start_makes_health_degraded_and_is_named() -> None:
+    """It was dropped from the chain with a log line, and /healthz went on saying ok: the
+    failover was gone and nothing an operator watches said so."""
+    import httpx
+
+    chain = FallbackService([FakeService("primary"), UnstartableService("backup")])
+    app = create_app(Settings(validate_signatures=False), tts=chain)
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url) as client:
+        health = (await client.get("/healthz")).json()
+    assert health["status"] == "degraded" and health["missing"] == ["backup"]
+    assert health["voice"] == "primary"
+
+
+async def test_each_voice_failure_is_counted_not_only_the_whole_chain_failing() -> None:
+    """callspeak_tts_errors_total saw only the chain's failure (the apology): Deepgram
+    failing while the backup covered left no sample at all."""
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01)
+    fake.fail_next(500, "internal error", count=2)  # retried once, then the backup speaks
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
+        chain = FallbackService([deepgram_voice(dg_url, websocket=False), FakeService("backup")])
+        app = create_app(Settings(validate_signatures=False, greeting=CALL_TEXT), tts=chain)
+        async with serve_app(app) as url:
+            report = await dial(DialOptions(url=url.replace("http", "ws") + "/twilio"))
+        await chain.aclose()
+    registry = app.state.callspeak.metrics.registry
+    labels = {"provider": "deepgram", "kind": "TTSError"}
+    assert registry.get_sample_value("callspeak_tts_errors_total", labels) == 2
+    assert (
+        registry.get_sample_value(
+            "callspeak_tts_errors_total", {"provider": "fallback", "kind": "TTSError"}
+        )
+        is None
+    )  # the chain itself did not fail: the backup spoke
+    assert tone_for(CALL_TEXT) in bytes(report.played)
+
+
 async def test_a_refused_key_is_tried_again_every_auth_recheck_and_deepgram_comes_back(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -182,3 +182,65 @@ for n in range(3000):
         proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_ids_from_the_peer_cannot_forge_lines(restore_root: None) -> None:
+    """The ids come from the peer's start: a line break in one started a forged line, on every
+    line of that call. Anything not printable is escaped, and a long id is cut."""
+    out = io.StringIO()
+    configure_logging("info", "text", stream=out)
+    forged = "CA1\n2026-01-01 00:00:00,000 ERROR   callspeak.server [CAx MZx] rotate the keys"
+    logging.getLogger("callspeak.test").info(
+        "stream started", extra={"call_sid": forged, "stream_sid": "MZ" + "9" * 500}
+    )
+    assert flush_logs()
+    [line] = out.getvalue().splitlines()
+    assert "[CA1\\n2026-01-01\\x2000:00:00,000\\x20ERROR" in line
+    assert "MZ" + "9" * 62 + "…] stream started" in line
+
+
+def test_a_hooks_own_lines_carry_the_call_ids(restore_root: None) -> None:
+    """An application's handler runs in a task of the call: its lines were "[- -]"."""
+    import asyncio
+
+    from callspeak.config import Settings
+    from callspeak.emulator import DialOptions, dial
+    from callspeak.hooks import Call, CallHooks
+    from callspeak.server import create_app
+    from tests.conftest import serve_app
+    from tests.fakes import FakeService
+
+    out = io.StringIO()
+    configure_logging("info", "text", stream=out)
+    hooks = CallHooks()
+
+    @hooks.on_start
+    async def greet(call: Call) -> None:
+        logging.getLogger("myapp").info("greeting the caller")
+        raise RuntimeError("the application's bug")
+
+    async def call() -> tuple[str, str]:
+        app = create_app(Settings(validate_signatures=False), tts=FakeService(), hooks=hooks)
+        async with serve_app(app) as url:
+            report = await dial(
+                DialOptions(url=url.replace("http", "ws") + "/twilio", duration=0.3)
+            )
+        return report.call_sid, report.stream_sid
+
+    call_sid, stream_sid = asyncio.run(call())
+    assert flush_logs()
+    lines = out.getvalue().splitlines()
+    mine = [line for line in lines if "greeting the caller" in line or "handler failed" in line]
+    assert len(mine) == 2 and all(f"[{call_sid} {stream_sid}]" in line for line in mine), lines
+
+
+def test_a_log_budget_writes_some_lines_a_window_then_says_how_many_it_held_back() -> None:
+    from callspeak.logs import LogBudget, held_back
+
+    now = [0.0]
+    budget = LogBudget(per_window=3, window=60.0, clock=lambda: now[0])
+    assert [budget.take("a") for _ in range(5)] == [0, 0, 0, None, None]
+    assert budget.take("b") == 0  # each kind its own ration
+    now[0] = 61.0
+    assert budget.take("a") == 2 and budget.take("a") == 0
+    assert held_back(2) == " (and 2 more like it not logged)" and held_back(0) == ""

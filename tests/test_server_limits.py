@@ -332,3 +332,26 @@ async def test_requests_and_calls_outlasting_the_head_deadline_are_untouched(
             await asyncio.sleep(0.2)
     assert call.ended_by == "caller" and call.seconds_heard > 0
     assert answers == [200, 200, 200]
+
+
+async def test_time_to_first_audio_is_counted_from_each_utterances_turn(serve: Serve) -> None:
+    """Speech queued behind other speech waited by design, and that wait was counted as the
+    voice's latency: a p99 alert fired whenever calls queued speech."""
+    from callspeak.hooks import Call, CallHooks
+
+    hooks = CallHooks()
+
+    @hooks.on_start
+    async def two_at_once(call: Call) -> None:
+        await call.say(" ".join(["This greeting takes a while to say."] * 6))  # about 2 s
+        await call.say("And then this.")
+
+    app = create_app(local(greeting="", max_lead_ms=200), tts=FakeService(), hooks=hooks)
+    async with serve(app) as url:
+        server = RunningServer(url, app)
+        report = await dial(DialOptions(url=server.ws_url, quiet_seconds=0.3))
+    assert report.seconds_heard > 2.0
+    registry = app.state.callspeak.metrics.registry
+    assert registry.get_sample_value("callspeak_first_audio_seconds_count") == 2
+    # Before: the second utterance's sample held its ~2 s in the queue.
+    assert registry.get_sample_value("callspeak_first_audio_seconds_sum") < 0.5

@@ -134,6 +134,19 @@ async def test_call_tokens_without_signature_validation_are_warned_about(
     assert "call tokens protect nothing with signature validation off" in caplog.text
 
 
+async def test_refused_requests_are_all_counted_but_their_lines_are_rationed(
+    secure_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone can send unsigned requests: each wrote a warning, so one peer could flood the
+    log and push real calls' lines out of the writer's queue."""
+    caplog.set_level(logging.WARNING, "callspeak.server")
+    for _ in range(30):
+        assert (await post_form(secure_server, "/status", VOICE_FORM, None)).status_code == 403
+    assert sample(secure_server, "callspeak_signature_refusals_total", path="/status") == 30
+    lines = [r for r in caplog.records if "refused POST /status" in r.getMessage()]
+    assert len(lines) == 10
+
+
 # -- /status ----------------------------------------------------------------------------------
 
 

@@ -55,5 +55,7 @@ def test_fallback_chain_skips_voices_it_cannot_build(caplog: pytest.LogCaptureFi
     service = make_tts_service(settings(tts="piper", fallback="deepgram"))
     assert isinstance(service, FallbackService) and service.name == "piper"
     assert "fallback voice deepgram skipped" in caplog.text
+    assert service.missing == ["deepgram"] and not service.healthy  # /healthz: degraded
     chained = make_tts_service(settings(tts="piper", fallback="deepgram", deepgram_api_key="k"))
     assert chained.name == "piper > deepgram"
+    assert isinstance(chained, FallbackService) and chained.missing == []

@@ -123,7 +123,7 @@ class CallHooks:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
-                    log.exception("call handler failed", extra={"call_sid": call.call_sid})
+                    log.exception("call handler failed")  # (with the call's ids: see spawn)
 
         def enqueue(job: Callable[[], Awaitable[None]]) -> None:
             try:
@@ -131,7 +131,7 @@ class CallHooks:
             except asyncio.QueueFull:  # a handler is stuck; dropping beats growing unbounded
                 log.warning(
                     "call handlers are 64 events behind; event dropped",
-                    extra={"call_sid": call.call_sid},
+                    extra={"call_sid": call.call_sid, "stream_sid": session.stream_sid or "-"},
                 )
 
         def listener(event: CallEventRecord) -> None:

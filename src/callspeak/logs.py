@@ -16,6 +16,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from logging.handlers import QueueHandler
@@ -24,8 +25,10 @@ from typing import Literal, TextIO
 __all__ = [
     "LOG_QUEUE_LIMIT",
     "CallIds",
+    "LogBudget",
     "configure_logging",
     "flush_logs",
+    "held_back",
     "log_as_call",
     "stop_log_writer",
 ]
@@ -63,11 +66,65 @@ class _CallIds(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         ids = _call_ids.get()
-        if not hasattr(record, "call_sid"):
-            record.call_sid = ids.call_sid if ids else "-"
-        if not hasattr(record, "stream_sid"):
-            record.stream_sid = ids.stream_sid if ids else "-"
+        call_sid = getattr(record, "call_sid", None)
+        stream_sid = getattr(record, "stream_sid", None)
+        record.call_sid = _sid_for_log(call_sid if call_sid is not None else ids and ids.call_sid)
+        record.stream_sid = _sid_for_log(
+            stream_sid if stream_sid is not None else ids and ids.stream_sid
+        )
         return True
+
+
+class LogBudget:
+    """How many lines of one kind to write: at most ``per_window`` in each ``window`` seconds;
+    the first line written after some were held back says how many. For lines anyone can
+    cause without a secret (refused requests): one peer must not flood the log, nor push the
+    lines of real calls out of the writer's queue. The counters keep the totals."""
+
+    def __init__(
+        self,
+        per_window: int = 10,
+        window: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._per_window = per_window
+        self._window = window
+        self._clock = clock
+        self._windows: dict[str, tuple[float, int, int]] = {}  # start, written, held back
+
+    def take(self, kind: str) -> int | None:
+        """None: do not write this line. Else the number of lines of ``kind`` held back
+        since the last one written (0 mostly), for the line to say."""
+        now = self._clock()
+        start, written, held = self._windows.get(kind, (now, 0, 0))
+        if now - start >= self._window:
+            start, written = now, 0
+        if written >= self._per_window:
+            self._windows[kind] = (start, written, held + 1)
+            return None
+        self._windows[kind] = (start, written + 1, 0)
+        return held
+
+
+def held_back(count: int) -> str:
+    """What a line says of the ``count`` lines like it not written before it."""
+    return f" (and {count} more like it not logged)" if count else ""
+
+
+#: Longest id a line shows (Twilio's are 34 characters).
+_SID_CHARS = 64
+
+
+def _sid_for_log(sid: object) -> str:
+    """``sid`` as a line shows it. The ids come from the peer's ``start``: a line break in one
+    would forge log lines, on every line of that call, so anything but printable characters is
+    escaped, and a long one is cut."""
+    if not sid:
+        return "-"
+    text = str(sid)
+    if not text.isprintable() or " " in text:
+        text = repr(text)[1:-1].replace(" ", "\\x20")
+    return text if len(text) <= _SID_CHARS else text[:_SID_CHARS] + "…"
 
 
 class _JsonFormatter(logging.Formatter):

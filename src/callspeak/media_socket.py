@@ -48,12 +48,15 @@ from websockets.server import ServerProtocol
 
 from callspeak.forwarded import forwarded_client
 from callspeak.frame_reader import WHOLE_BINARY, WHOLE_TEXT, frame_at, unmask
+from callspeak.logs import LogBudget, held_back
 from callspeak.server import Refusal
 from callspeak.session import TransportClosed
 
 __all__ = ["CLOSE_TIMEOUT", "INBOX_HIGH", "INBOX_LOW", "MediaSocket"]
 
 log = logging.getLogger("callspeak.server")
+#: Bad handshakes come from anyone: their lines are rationed (see LogBudget).
+_BAD_HANDSHAKES_LOGGED = LogBudget()
 _uvicorn_log = logging.getLogger("uvicorn.error")
 
 #: Unread inbound messages at which reading pauses (5 s of media), and where it resumes.
@@ -266,11 +269,13 @@ class MediaSocket(asyncio.Protocol):
             refusal = self._admit(request, self.client)
             if refusal is not None:
                 response = conn.reject(403, refusal.text)
-        else:  # websockets names what was wrong in the body
+        elif (held := _BAD_HANDSHAKES_LOGGED.take("bad handshake")) is not None:
+            # (websockets names what was wrong in the body)
             log.warning(
-                "refused media stream from %s: bad WebSocket handshake (HTTP %d)",
+                "refused media stream from %s: bad WebSocket handshake (HTTP %d)%s",
                 self.client,
                 response.status_code,
+                held_back(held),
             )
         conn.send_response(self._with_defaults(response))
         if response.status_code == 101:

@@ -30,7 +30,8 @@ class Metrics:
         self.frames_sent = Counter("callspeak_media_frames_sent", "Media frames sent.", registry=r)
         self.first_audio = Histogram(
             "callspeak_first_audio_seconds",
-            "From an utterance being asked for to its first media frame being sent.",
+            "From an utterance's turn to speak (asked for, or the speech queued before it "
+            "done) to its first media frame being sent.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0),
             registry=r,
         )

@@ -59,6 +59,7 @@ from callspeak.clock import Clock, MonotonicClock
 from callspeak.config import ConfigError, Settings
 from callspeak.heap import collect_young_less_often, freeze_startup_objects
 from callspeak.hooks import CallHooks
+from callspeak.logs import LogBudget, held_back
 from callspeak.metrics import Metrics
 from callspeak.protocol import Start
 from callspeak.session import CallSession, Transport, TransportClosed
@@ -158,6 +159,8 @@ class AppState:
     verifier: TwilioSignatureVerifier | None = None
     #: None unless ``call_token`` is on.
     tokens: CallTokenStore | None = None
+    #: Lines about refused requests: anyone can cause them, so they are rationed.
+    refusals_logged: LogBudget = field(default_factory=LogBudget)
 
 
 class StarletteTransport:
@@ -242,6 +245,10 @@ def create_app(
         tokens=CallTokenStore(clock=the_clock) if settings.call_token else None,
         hooks=hooks,
     )
+    on_failure = getattr(state.tts, "on_failure", None)
+    if on_failure is not None:  # a chain: each voice's failures, not only the whole chain's
+        errors = state.metrics.tts_errors
+        on_failure(lambda name, exc: errors.labels(name, type(exc).__name__).inc())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -323,15 +330,20 @@ def admit_stream(state: AppState, signature: str | None, client: str) -> Refusal
         if not check.ok:
             state.metrics.signature_refusals.labels(STREAM_PATH).inc()
             state.metrics.calls_refused.labels("signature").inc()
-            log.warning("refused media stream from %s: %s", client, check.reason)
+            if (held := state.refusals_logged.take("stream signature")) is not None:
+                log.warning(
+                    "refused media stream from %s: %s%s", client, check.reason, held_back(held)
+                )
             return Refusal("signature", "invalid Twilio signature")
     if not state.calls.reserve(settings.max_calls):
-        log.warning(
-            "refused media stream from %s: server full (%d of max_calls=%d streams open)",
-            client,
-            state.calls.connections,
-            settings.max_calls,
-        )
+        if (held := state.refusals_logged.take("stream full")) is not None:
+            log.warning(
+                "refused media stream from %s: server full (%d of max_calls=%d streams open)%s",
+                client,
+                state.calls.connections,
+                settings.max_calls,
+                held_back(held),
+            )
         state.metrics.calls_refused.labels("full").inc()
         return Refusal("full", "server full: too many calls")
     return None
@@ -529,7 +541,15 @@ async def _webhook_form(
     if check.ok:
         return form
     state.metrics.signature_refusals.labels(path).inc()
-    log.warning("refused %s %s from %s: %s", request.method, path, _client(request), check.reason)
+    if (held := state.refusals_logged.take(f"{path} signature")) is not None:
+        log.warning(
+            "refused %s %s from %s: %s%s",
+            request.method,
+            path,
+            _client(request),
+            check.reason,
+            held_back(held),
+        )
     return PlainTextResponse("invalid Twilio signature", status_code=403)
 
 
@@ -569,6 +589,8 @@ async def _health(request: Request) -> Response:
         {
             "status": "ok" if healthy else "degraded",
             "voice": state.tts.name,
+            # Fallback voices asked for (CALLSPEAK_FALLBACK) that could not be built or started.
+            "missing": list(getattr(state.tts, "missing", [])),
             "calls": len(state.calls),
         },
         status_code=200,

@@ -702,8 +702,11 @@ class CallSession:
             log.info("caller barged in: speech cleared", extra=self._ids())
 
     def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> None:
-        """Run ``coro`` as a task owned by this call (cancelled when it ends; errors logged)."""
-        task = asyncio.create_task(coro, name=name)
+        """Run ``coro`` as a task owned by this call (cancelled when it ends; errors logged),
+        whose log lines (an application's hook among them) carry the call's ids."""
+        context = contextvars.copy_context()
+        context.run(log_as_call, self._log_ids)
+        task = asyncio.create_task(coro, name=name, context=context)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 
@@ -784,6 +787,7 @@ class CallSession:
             # Speaking from now, not from the task's first step: a barge-in clear in between
             # must see non-interruptible speech playing, or its voice clear would cut it.
             utterance.status = SpeechStatus.SPEAKING
+            utterance.speaking_at = self._clock.now()
             task = asyncio.create_task(self._speak(utterance))
             self._current_task = task
             try:
@@ -1003,7 +1007,9 @@ class CallSession:
 
     def _first_audio(self, utterance: Utterance, now: float) -> None:
         utterance.first_audio_at = now
-        latency = now - utterance.requested_at
+        # From its turn, not from when it was asked for: speech queued behind other speech
+        # waits by design, and that wait is no voice's latency.
+        latency = now - (utterance.speaking_at or utterance.requested_at)
         self._metrics.first_audio.observe(latency)
         log.info(
             "first audio of utterance %d after %.0f ms",

@@ -72,6 +72,8 @@ class Utterance:
     interruptible: bool
     requested_at: float
     status: SpeechStatus = SpeechStatus.QUEUED
+    #: When its turn came: the speaker took it from the queue (the speech before it done).
+    speaking_at: float | None = None
     first_audio_at: float | None = None
     #: Per sentence: seconds of audio sent, and when its playback is estimated to start.
     sent_seconds: list[float] = field(default_factory=list)

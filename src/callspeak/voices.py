@@ -70,9 +70,11 @@ def make_engine(
 def make_tts_service(settings: Settings) -> TTSService:
     """The chosen engine behind a fallback chain (``CALLSPEAK_FALLBACK``) and the apology."""
     engines = [make_engine(settings, settings.resolved_tts())]
+    skipped = []
     for name in settings.fallback_chain():
         try:
             engines.append(make_engine(settings, name))
         except VoiceSetupError as exc:
             log.warning("fallback voice %s skipped: %s", name, exc)
-    return FallbackService(engines)
+            skipped.append(name)
+    return FallbackService(engines, missing=skipped)

@@ -30,7 +30,7 @@ always Twilio's format; an engine with another format is converted on the way.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
 
 from callspeak.audio.convert import TwilioAudioConverter
@@ -61,10 +61,20 @@ def load_apology() -> bytes:
 class FallbackService:
     """Engines in order of preference (implements :class:`~callspeak.tts.base.TTSService`)."""
 
-    def __init__(self, services: Sequence[TTSService], *, apology: bytes | None = None) -> None:
+    def __init__(
+        self,
+        services: Sequence[TTSService],
+        *,
+        apology: bytes | None = None,
+        missing: Sequence[str] = (),
+    ) -> None:
+        """``missing``: fallback voices the settings asked for that could not be built."""
         if not services:
             raise ValueError("a fallback chain needs at least one engine")
         self._services = list(services)
+        #: Voices asked for but not in the chain: skipped when built, or dropped at start().
+        self.missing = list(missing)
+        self._on_failure: Callable[[str, TTSError], None] | None = None
         apology = load_apology() if apology is None else apology
         # Whole frames: the stream ends in an error, after which no converter flushes a rest.
         self._apology = apology + b"\xff" * (-len(apology) % FRAME_BYTES)  # μ-law silence
@@ -79,9 +89,16 @@ class FallbackService:
 
     @property
     def healthy(self) -> bool:
-        """Every engine is usable: one whose credentials were refused, preferred or fallback,
-        needs attention (``/healthz`` says ``degraded``) even while calls are still spoken."""
-        return all(service.healthy for service in self._services)
+        """Every engine asked for is there and usable: one whose credentials were refused, or
+        a fallback that could not be built or started, needs attention (``/healthz`` says
+        ``degraded``) even while calls are still spoken."""
+        return not self.missing and all(service.healthy for service in self._services)
+
+    def on_failure(self, callback: Callable[[str, TTSError], None]) -> None:
+        """Call ``callback(engine name, error)`` at each engine's failure, retried or not
+        (the server counts them in ``callspeak_tts_errors_total``): the session sees only the
+        failure of the whole chain, when the apology plays."""
+        self._on_failure = callback
 
     async def start(self) -> None:
         """Start every engine. A fallback that cannot start is dropped with an error in the log;
@@ -95,6 +112,7 @@ class FallbackService:
                 log.error(
                     "fallback voice %s unavailable, dropped from the chain: %s", service.name, exc
                 )
+                self.missing.append(service.name)
                 continue
             usable.append(service)
         self._services = usable
@@ -107,7 +125,9 @@ class FallbackService:
 
     def open(self) -> TTSProvider:
         return _FallbackProvider(
-            [(service, service.open()) for service in self._services], self._apology
+            [(service, service.open()) for service in self._services],
+            self._apology,
+            self._on_failure,
         )
 
     async def aclose(self) -> None:
@@ -116,9 +136,15 @@ class FallbackService:
 
 
 class _FallbackProvider:
-    def __init__(self, chain: list[tuple[TTSService, TTSProvider]], apology: bytes) -> None:
+    def __init__(
+        self,
+        chain: list[tuple[TTSService, TTSProvider]],
+        apology: bytes,
+        on_failure: Callable[[str, TTSError], None] | None,
+    ) -> None:
         self._chain = chain
         self._apology = apology
+        self._on_failure = on_failure
         self._first = 0  # index of the engine the current utterance stays on
 
     @property
@@ -160,6 +186,8 @@ class _FallbackProvider:
                     again = retry and not yielded and exc.retryable
                     retry = False
                     _log_failure(provider.name, exc, yielded=yielded, retrying=again)
+                    if self._on_failure is not None:
+                        self._on_failure(provider.name, exc)
                     if yielded and exc.unspoken is not None:
                         text = exc.unspoken  # what was heard whole is not said again
                     if not again:
