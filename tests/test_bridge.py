@@ -143,7 +143,7 @@ async def test_bad_input_is_survived_by_the_call_and_its_neighbour(
 async def test_health_metrics_and_twiml(piper_server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=piper_server.base_url) as client:
         health = (await client.get("/healthz")).json()
-        assert health == {"status": "ok", "voice": "piper", "calls": 0}
+        assert health == {"status": "ok", "voice": "piper", "missing": [], "calls": 0}
         twiml = await client.post("/voice", headers={"host": "calls.example.com"})
         assert twiml.status_code == 200
         assert twiml.headers["content-type"].startswith("application/xml")
