@@ -244,3 +244,34 @@ def test_a_log_budget_writes_some_lines_a_window_then_says_how_many_it_held_back
     now[0] = 61.0
     assert budget.take("a") == 2 and budget.take("a") == 0
     assert held_back(2) == " (and 2 more like it not logged)" and held_back(0) == ""
+
+
+def test_a_calls_task_names_show_its_id_escaped() -> None:
+    """Task names carry the call's id and reach log lines ("task … of the call did not end")."""
+    import asyncio
+
+    from callspeak.config import Settings
+    from callspeak.emulator import DialOptions, dial
+    from callspeak.hooks import Call, CallHooks
+    from callspeak.server import create_app
+    from tests.conftest import serve_app
+    from tests.fakes import FakeService
+
+    hooks = CallHooks()
+    names: list[str] = []
+
+    @hooks.on_start
+    async def note(call: Call) -> None:
+        names.extend(task.get_name() for task in asyncio.all_tasks())
+
+    async def call() -> None:
+        app = create_app(Settings(validate_signatures=False), tts=FakeService(), hooks=hooks)
+        async with serve_app(app) as url:
+            options = DialOptions(
+                url=url.replace("http", "ws") + "/twilio", call_sid="CA1\nforged", duration=0.3
+            )
+            await dial(options)
+
+    asyncio.run(call())
+    ours = [name for name in names if name.startswith(("hooks-", "speaker-"))]
+    assert ours and all("CA1\\nforged" in name and "\n" not in name for name in ours), names

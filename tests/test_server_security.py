@@ -279,3 +279,35 @@ async def test_call_tokens_from_voice_admit_one_stream_each(serve: Serve) -> Non
             f"ended by server (close 1008 'missing, unknown, expired or reused {TOKEN_PARAMETER}')"
         )
         assert first.close_code == 1000 and "(close" not in first.timeline()
+
+
+async def bad_handshake(base_url: str) -> bytes:
+    """An upgrade to /twilio without Sec-WebSocket-Key: what the server answers."""
+    host, port = base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET /twilio HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    try:
+        async with asyncio.timeout(5):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_each_server_rations_its_own_lines_about_bad_handshakes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The ration was one for the whole process: a flood at one server silenced another's."""
+    from tests.conftest import serve_app
+
+    caplog.set_level(logging.WARNING, "callspeak.server")
+    first = create_app(Settings(validate_signatures=False), tts=FakeService())
+    second = create_app(Settings(validate_signatures=False), tts=FakeService())
+    async with serve_app(first) as one, serve_app(second) as two:
+        for _ in range(12):
+            assert (await bad_handshake(one)).startswith(b"HTTP/1.1 400")
+        caplog.clear()
+        assert (await bad_handshake(two)).startswith(b"HTTP/1.1 400")
+    assert "bad WebSocket handshake" in caplog.text

@@ -58,11 +58,12 @@ _DTMF_HIGH = (1209.0, 1336.0, 1477.0, 1633.0)
 #: A frame whose strongest low and high DTMF frequencies hold this share of its energy is a tone
 #: (a key's frames hold 0.81 or more, 1.5 % off pitch through μ-law; speech rarely 0.7) ...
 _DTMF_SHARE = 0.75
-#: ... with the two tones' levels within DTMF's "twist" (as receivers accept it: the high
-#: tone up to 8 dB louder than the low one, or up to 4 dB quieter). Speech taken for a key is
-#: nearly always a strong harmonic near 700 Hz with a weaker one in the high group.
-_FORWARD_TWIST = 10 ** (8 / 10)
-_REVERSE_TWIST = 10 ** (4 / 10)
+#: ... with the two tones' levels within DTMF's "twist" as receivers accept it (the high tone up
+#: to 8 dB louder than the low one, or 4 dB quieter), plus 1.5 dB: a key 1.5 % off pitch loses
+#: that much of a tone in one 20 ms frame. Speech taken for a key is nearly always a strong
+#: harmonic near 700 Hz with a high-group one 5 to 8 dB under it.
+_FORWARD_TWIST = 10 ** (9.5 / 10)
+_REVERSE_TWIST = 10 ** (5.5 / 10)
 
 
 @functools.lru_cache(maxsize=1)

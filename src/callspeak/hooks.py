@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from callspeak.events import CallEventRecord
+from callspeak.logs import printable_id
 from callspeak.session import CallSession
 from callspeak.speech import Utterance
 
@@ -136,7 +137,7 @@ class CallHooks:
 
         def listener(event: CallEventRecord) -> None:
             if event.type == "call.started":
-                session.spawn(run_lane(), name=f"hooks-{event.call_sid}")
+                session.spawn(run_lane(), name=f"hooks-{printable_id(event.call_sid)}")
                 for start_fn in self._start:
                     enqueue(_bind(start_fn, call))
             elif event.type == "dtmf":

@@ -30,6 +30,7 @@ __all__ = [
     "flush_logs",
     "held_back",
     "log_as_call",
+    "printable_id",
     "stop_log_writer",
 ]
 
@@ -68,8 +69,8 @@ class _CallIds(logging.Filter):
         ids = _call_ids.get()
         call_sid = getattr(record, "call_sid", None)
         stream_sid = getattr(record, "stream_sid", None)
-        record.call_sid = _sid_for_log(call_sid if call_sid is not None else ids and ids.call_sid)
-        record.stream_sid = _sid_for_log(
+        record.call_sid = printable_id(call_sid if call_sid is not None else ids and ids.call_sid)
+        record.stream_sid = printable_id(
             stream_sid if stream_sid is not None else ids and ids.stream_sid
         )
         return True
@@ -115,7 +116,7 @@ def held_back(count: int) -> str:
 _SID_CHARS = 64
 
 
-def _sid_for_log(sid: object) -> str:
+def printable_id(sid: object) -> str:
     """``sid`` as a line shows it. The ids come from the peer's ``start``: a line break in one
     would forge log lines, on every line of that call, so anything but printable characters is
     escaped, and a long one is cut."""

@@ -55,8 +55,6 @@ from callspeak.session import TransportClosed
 __all__ = ["CLOSE_TIMEOUT", "INBOX_HIGH", "INBOX_LOW", "MediaSocket"]
 
 log = logging.getLogger("callspeak.server")
-#: Bad handshakes come from anyone: their lines are rationed (see LogBudget).
-_BAD_HANDSHAKES_LOGGED = LogBudget()
 _uvicorn_log = logging.getLogger("uvicorn.error")
 
 #: Unread inbound messages at which reading pauses (5 s of media), and where it resumes.
@@ -97,7 +95,11 @@ class MediaSocket(asyncio.Protocol):
         default_headers: list[tuple[bytes, bytes]] | None = None,
         close_timeout: float = CLOSE_TIMEOUT,
         trusted_proxy: Callable[[str], bool] | None = None,
+        refusals_logged: LogBudget | None = None,
     ) -> None:
+        """``refusals_logged``: the server's ration of lines about refused requests (a bad
+        handshake is one)."""
+        self._refusals_logged = refusals_logged or LogBudget()
         self._admit = admit
         self._serve = serve
         # websockets' own debug lines go where uvicorn's WebSocket protocols send theirs.
@@ -269,7 +271,7 @@ class MediaSocket(asyncio.Protocol):
             refusal = self._admit(request, self.client)
             if refusal is not None:
                 response = conn.reject(403, refusal.text)
-        elif (held := _BAD_HANDSHAKES_LOGGED.take("bad handshake")) is not None:
+        elif (held := self._refusals_logged.take("bad handshake")) is not None:
             # (websockets names what was wrong in the body)
             log.warning(
                 "refused media stream from %s: bad WebSocket handshake (HTTP %d)%s",

@@ -60,7 +60,7 @@ from callspeak.call_state import (
 )
 from callspeak.clock import Clock, MonotonicClock
 from callspeak.events import CallEventRecord, EventListener, EventType
-from callspeak.logs import CallIds, log_as_call
+from callspeak.logs import CallIds, log_as_call, printable_id
 from callspeak.metrics import Metrics
 from callspeak.pacing import Pacer
 from callspeak.protocol import (
@@ -684,7 +684,9 @@ class CallSession:
             sorted(start.custom_parameters),
             extra=self._ids(),
         )
-        self._speaker = asyncio.create_task(self._speak_loop(), name=f"speaker-{start.call_sid}")
+        self._speaker = asyncio.create_task(
+            self._speak_loop(), name=f"speaker-{printable_id(start.call_sid)}"
+        )
         self.started_event = self._emit("call.started", parameters=dict(start.custom_parameters))
         self._started.set()
         said = start.custom_parameters.get("say") if self._speak_parameter else None

@@ -76,6 +76,7 @@ class _Upgrade(asyncio.Protocol):
                 default_headers=self._server_state.default_headers,
                 close_timeout=self.close_timeout,
                 trusted_proxy=self._trusted_proxy(),
+                refusals_logged=state.refusals_logged,
             )
         from uvicorn.protocols.websockets.websockets_sansio_impl import (
             WebSocketsSansIOProtocol,
