@@ -106,6 +106,13 @@ class LogBudget:
         self._windows[kind] = (start, written + 1, 0)
         return held
 
+    def warning(self, logger: logging.Logger, kind: str, msg: str, *args: object) -> None:
+        """``logger.warning(msg, *args)`` if the ration of ``kind`` allows, saying how many
+        lines like it were held back before it."""
+        held = self.take(kind)
+        if held is not None:
+            logger.warning(msg + "%s", *args, held_back(held))
+
 
 def held_back(count: int) -> str:
     """What a line says of the ``count`` lines like it not written before it."""

@@ -48,7 +48,7 @@ from websockets.server import ServerProtocol
 
 from callspeak.forwarded import forwarded_client
 from callspeak.frame_reader import WHOLE_BINARY, WHOLE_TEXT, frame_at, unmask
-from callspeak.logs import LogBudget, held_back
+from callspeak.logs import LogBudget
 from callspeak.server import Refusal
 from callspeak.session import TransportClosed
 
@@ -271,13 +271,13 @@ class MediaSocket(asyncio.Protocol):
             refusal = self._admit(request, self.client)
             if refusal is not None:
                 response = conn.reject(403, refusal.text)
-        elif (held := self._refusals_logged.take("bad handshake")) is not None:
-            # (websockets names what was wrong in the body)
-            log.warning(
-                "refused media stream from %s: bad WebSocket handshake (HTTP %d)%s",
+        else:  # websockets names what was wrong in the body
+            self._refusals_logged.warning(
+                log,
+                "bad handshake",
+                "refused media stream from %s: bad WebSocket handshake (HTTP %d)",
                 self.client,
                 response.status_code,
-                held_back(held),
             )
         conn.send_response(self._with_defaults(response))
         if response.status_code == 101:

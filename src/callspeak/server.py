@@ -59,7 +59,7 @@ from callspeak.clock import Clock, MonotonicClock
 from callspeak.config import ConfigError, Settings
 from callspeak.heap import collect_young_less_often, freeze_startup_objects
 from callspeak.hooks import CallHooks
-from callspeak.logs import LogBudget, held_back
+from callspeak.logs import LogBudget
 from callspeak.metrics import Metrics
 from callspeak.protocol import Start
 from callspeak.session import CallSession, Transport, TransportClosed
@@ -330,20 +330,19 @@ def admit_stream(state: AppState, signature: str | None, client: str) -> Refusal
         if not check.ok:
             state.metrics.signature_refusals.labels(STREAM_PATH).inc()
             state.metrics.calls_refused.labels("signature").inc()
-            if (held := state.refusals_logged.take("stream signature")) is not None:
-                log.warning(
-                    "refused media stream from %s: %s%s", client, check.reason, held_back(held)
-                )
+            state.refusals_logged.warning(
+                log, "stream signature", "refused media stream from %s: %s", client, check.reason
+            )
             return Refusal("signature", "invalid Twilio signature")
     if not state.calls.reserve(settings.max_calls):
-        if (held := state.refusals_logged.take("stream full")) is not None:
-            log.warning(
-                "refused media stream from %s: server full (%d of max_calls=%d streams open)%s",
-                client,
-                state.calls.connections,
-                settings.max_calls,
-                held_back(held),
-            )
+        state.refusals_logged.warning(
+            log,
+            "stream full",
+            "refused media stream from %s: server full (%d of max_calls=%d streams open)",
+            client,
+            state.calls.connections,
+            settings.max_calls,
+        )
         state.metrics.calls_refused.labels("full").inc()
         return Refusal("full", "server full: too many calls")
     return None
@@ -541,15 +540,15 @@ async def _webhook_form(
     if check.ok:
         return form
     state.metrics.signature_refusals.labels(path).inc()
-    if (held := state.refusals_logged.take(f"{path} signature")) is not None:
-        log.warning(
-            "refused %s %s from %s: %s%s",
-            request.method,
-            path,
-            _client(request),
-            check.reason,
-            held_back(held),
-        )
+    state.refusals_logged.warning(
+        log,
+        f"{path} signature",
+        "refused %s %s from %s: %s",
+        request.method,
+        path,
+        _client(request),
+        check.reason,
+    )
     return PlainTextResponse("invalid Twilio signature", status_code=403)
 
 
