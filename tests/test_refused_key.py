@@ -77,3 +77,16 @@ def test_a_copy_has_its_own_notes_and_only_known_fields() -> None:
     assert error.copy(message="other").args == ("other",)
     with pytest.raises(TypeError, match="unspokn"):
         error.copy(unspokn="typo")
+
+
+def test_raise_if_refused_raises_a_copy_due_or_not() -> None:
+    clock = SettableClock()
+    key = RefusedKey(60.0, clock)
+    key.raise_if_refused()  # not refused: nothing
+    key.refuse(TTSAuthError("deepgram", "bad key", status=401))
+    for _ in range(2):
+        clock.now += 61  # due, and still raised: the attempt was already let through
+        with pytest.raises(TTSAuthError) as info:
+            key.raise_if_refused()
+        assert info.value is not key.error and key.error is not None
+    assert key.error.__traceback__ is None

@@ -171,10 +171,14 @@ def _check_xml_text(what: str, value: str) -> None:
         raise TwiMLError(f"{what} {problem}")
 
 
-def _check_stream_url(url: str) -> None:
-    _check_xml_text("stream URL", url)
+def _check_url_text(what: str, url: str) -> None:
+    _check_xml_text(what, url)
     if any(char.isspace() for char in url):
-        raise TwiMLError(f"stream URL {url!r} holds a space or line break: Twilio cannot dial it")
+        raise TwiMLError(f"{what} {url!r} holds a space or line break: Twilio cannot use it")
+
+
+def _check_stream_url(url: str) -> None:
+    _check_url_text("stream URL", url)
     parts = urlsplit(url)
     if parts.scheme != "wss" or not parts.hostname:
         raise TwiMLError(
@@ -203,9 +207,7 @@ def _check_parameter(name: str, value: str) -> None:
 
 
 def _check_callback_url(url: str) -> None:
-    _check_xml_text("status_callback", url)
-    if any(char.isspace() for char in url):
-        raise TwiMLError(f"status_callback {url!r} holds a space or line break")
+    _check_url_text("status_callback", url)
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise TwiMLError(

@@ -388,9 +388,8 @@ class DeepgramWebSocketProvider:
         svc = self._svc
         svc.refused_key.admit()  # refused: only a due re-check connects, one per interval
         for attempt in range(svc.max_reconnects + 1):
-            refused = svc.refused_key.error
-            if attempt and refused is not None:  # refused meanwhile, to this or another
-                raise refused.copy() from None  # (a copy: see TTSError.copy)
+            if attempt:  # refused meanwhile, to this or another call?
+                svc.refused_key.raise_if_refused()
             self._check_open()
             if attempt:
                 await svc.sleep(svc.backoff * 2 ** (attempt - 1) * (0.5 + svc.jitter()))

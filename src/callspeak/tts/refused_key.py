@@ -40,6 +40,12 @@ class RefusedKey:
             raise error.copy()  # a copy: the kept one is never raised (see TTSError.copy)
         self._since = self._clock()
 
+    def raise_if_refused(self) -> None:
+        """Raise the refusal (a copy of it) if the key stands refused, due or not: for an
+        attempt already let through that finds the key refused meanwhile."""
+        if self.error is not None:
+            raise self.error.copy()
+
     def refuse(self, error: TTSAuthError) -> None:
         """Deepgram refused the key: attempts fail with ``error`` for an interval. A copy of
         it is kept, and copies of that are raised: ``error`` itself is the caller's to raise,
