@@ -16,7 +16,8 @@ def _body(**fields: str) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("status", "code"), [(401, "INVALID_AUTH"), (403, "INSUFFICIENT_PERMISSIONS")]
+    ("status", "code"),
+    [(401, "INVALID_AUTH"), (402, "PAYMENT_REQUIRED"), (403, "INSUFFICIENT_PERMISSIONS")],
 )
 def test_auth_errors_name_the_setting(status: int, code: str) -> None:
     error = parse_error(status, _body(err_code=code, err_msg="Nope.", request_id="r-1"), {})
@@ -26,6 +27,14 @@ def test_auth_errors_name_the_setting(status: int, code: str) -> None:
     text = str(error)
     assert "DEEPGRAM_API_KEY" in text and "Nope." in text and code in text and "r-1" in text
     assert "\n" not in text
+
+
+def test_payment_required_names_the_balance() -> None:
+    """402: the project has no credit left. A refusal like the key's (health degraded, one
+    re-check a minute), but what to fix is the balance, not the key's text."""
+    error = parse_error(402, _body(err_msg="Insufficient credits."), {})
+    assert isinstance(error, TTSAuthError) and "no credit left" in str(error)
+    assert "top up its balance" in str(error)
 
 
 @pytest.mark.parametrize(

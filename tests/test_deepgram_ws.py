@@ -19,7 +19,7 @@ from websockets.frames import Close
 from websockets.http11 import Response
 
 from callspeak.testing.fake_deepgram import FakeDeepgram
-from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService
+from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService, worth_trying
 from callspeak.tts.deepgram_ws import (
     DeepgramWebSocketProvider,
     DeepgramWebSocketService,
@@ -27,6 +27,7 @@ from callspeak.tts.deepgram_ws import (
 )
 from callspeak.tts.resolved_host import AddrInfo
 from tests.fakes import SettableClock
+from tests.test_server_limits import until
 
 LONG = "A long sentence that keeps on talking for a good while, so we can interrupt it."
 
@@ -371,13 +372,36 @@ async def test_handshake_failures_retry_with_backoff(ws_url: str, fake: FakeDeep
     assert fake.ws_connections == 3
     await provider.aclose()
 
-    fake.refuse_ws(429, count=None)
+    fake.refuse_ws(503, count=None)
     provider = make(ws_url, max_reconnects=2).open()
     with pytest.raises(TTSError, match="after 3 attempts") as info:
         await collect(provider.stream("Hi."))
     # Retried here already: a fallback takes over at once rather than running these again.
-    assert not info.value.retryable and info.value.status == 429
+    assert not info.value.retryable and info.value.status == 503
     assert fake.ws_connections == 6
+
+
+async def test_a_handshake_refused_as_too_many_is_not_tried_again_until_the_rest_is_over(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """Deepgram's concurrency limit (one socket here): a second call's handshake is refused with
+    429 once, not again with backoff, and the voice rests for the Retry-After, for every call."""
+    fake.max_concurrent, fake.retry_after = 1, 2.0
+    clock = SettableClock()
+    service = make(ws_url, max_reconnects=3, clock=clock)
+    first, second = service.open(), service.open()
+    assert await collect(first.stream("Hi.")) == fake.audio_for("Hi.")  # its socket stays open
+    with pytest.raises(TTSError, match="concurrency limit is 1") as info:
+        await collect(second.stream("Hi."))
+    assert info.value.status == 429 and info.value.retry_after == 2.0
+    assert fake.ws_connections == 2 and service.healthy and service.resting()
+    assert not worth_trying(service)  # a fallback chain goes to its next voice meanwhile
+    clock.now += 2.0
+    assert worth_trying(service)
+    await first.aclose()
+    await until(lambda: fake.ws_open == 0)
+    assert await collect(second.stream("Hi.")) == fake.audio_for("Hi.")
+    await second.aclose()
 
 
 async def test_a_handshake_refused_with_a_repeated_header_is_a_tts_error(ws_url: str) -> None:

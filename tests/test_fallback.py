@@ -203,6 +203,39 @@ async def test_a_deepgram_socket_that_cannot_connect_hands_over_after_its_own_re
     await chain.aclose()
 
 
+async def test_past_deepgrams_concurrency_limit_the_next_voice_speaks_and_deepgram_rests(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Deepgram's per-project limit (one request at a time here): a text asked for while
+    another streams is refused with 429 once, not sent again at once, and the backup voice says
+    it; texts after it go to the backup without a request until the Retry-After has passed."""
+    fake = FakeDeepgram(
+        KEY, first_byte_delay=0.05, bytes_per_second=8000, max_concurrent=1, retry_after=3
+    )
+    clock = SettableClock()
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
+        deepgram = DeepgramRestService(KEY, base_url=dg_url, clock=clock)
+        backup = FakeService("backup")
+        chain = FallbackService([deepgram, backup], apology=b"sorry")
+        first = chain.open().stream(LONG := "One, two, three, four, five.")
+        head = await anext(first)  # streaming (in real time): it holds the project's one slot
+        with caplog.at_level(logging.WARNING, "callspeak.tts"):
+            assert await collect(chain, "Two.") == tone_for("Two.")
+            assert await collect(chain, "Three.") == tone_for("Three.")  # resting: no request
+        assert [request.status for request in fake.requests] == [200, 429]
+        # (a provider per call: the first is the streaming call's)
+        assert [provider.texts for provider in backup.providers] == [[], ["Two."], ["Three."]]
+        assert caplog.text.count("too many at once") == 1 and "falling back" in caplog.text
+        assert deepgram.healthy  # load, not a setting to fix: /healthz stays ok
+        one = head + b"".join([chunk async for chunk in first])
+        assert one.rstrip(b"\xff") == fake.audio_for(LONG).rstrip(b"\xff")
+        clock.now += 3  # the Retry-After has passed: Deepgram again
+        four = await collect(chain, "Four.")
+        assert four.rstrip(b"\xff") == fake.audio_for("Four.").rstrip(b"\xff")
+        assert [request.status for request in fake.requests] == [200, 429, 200]
+        await chain.aclose()
+
+
 # -- against the fake Deepgram, over real sockets, through the server and the emulator ----------
 
 
@@ -282,10 +315,15 @@ REST_FAULTS = {
         ("INSUFFICIENT_PERMISSIONS", "request_id=r403", "DEEPGRAM_API_KEY"),
         1,
     ),
+    "402 payment required": Fault(
+        lambda f: f.fail_next(402, error_body("PAYMENT_REQUIRED", "r402")),
+        ("PAYMENT_REQUIRED", "request_id=r402", "no credit left", "DEEPGRAM_API_KEY"),
+        1,  # never retried: the balance is for the operator to top up
+    ),
     "429 too many requests": Fault(
         lambda f: f.fail_next(429, error_body("TOO_MANY_REQUESTS", "r429"), count=2),
-        ("status=429", "TOO_MANY_REQUESTS", "request_id=r429", "retrying once"),
-        2,
+        ("status=429", "TOO_MANY_REQUESTS", "request_id=r429", "too many at once", "falling back"),
+        1,  # not sent again at once: that would add to the load Deepgram refused
     ),
     "500 plain text": Fault(
         lambda f: f.fail_next(500, "Internal Server Error", count=2),
@@ -327,13 +365,18 @@ WS_FAULTS = {  # (the fake answers a refused handshake with a request id of its 
         ("INSUFFICIENT_PERMISSIONS", "request_id=", "DEEPGRAM_API_KEY"),
         1,
     ),
-    # Refused handshakes are retried by the voice itself (max_reconnects=1 here), not again by
-    # the chain: that would double the caller's silence.
+    "refuse 402": Fault(
+        lambda f: f.refuse_ws(402, error_body("PAYMENT_REQUIRED", "w402"), count=None),
+        ("PAYMENT_REQUIRED", "no credit left", "DEEPGRAM_API_KEY"),
+        1,
+    ),
     "refuse 429": Fault(
         lambda f: f.refuse_ws(429, error_body("TOO_MANY_REQUESTS", "w429"), count=None),
-        ("429", "could not connect after 2 attempts"),
-        2,
+        ("status=429", "TOO_MANY_REQUESTS", "too many at once", "falling back"),
+        1,  # neither reconnected nor retried: either would add to the load Deepgram refused
     ),
+    # Other refused handshakes are retried by the voice itself (max_reconnects=1 here), not
+    # again by the chain: that would double the caller's silence.
     "refuse 503": Fault(
         lambda f: f.refuse_ws(503, error_body("SERVICE_UNAVAILABLE", "w503"), count=None),
         ("503", "could not connect after 2 attempts"),
@@ -343,6 +386,16 @@ WS_FAULTS = {  # (the fake answers a refused handshake with a request id of its 
         lambda f: f.ws_close_after(500, 1011, "internal error", count=None),
         ("socket closed mid-utterance: code 1011 'internal error'", "failed mid-stream"),
         1,
+    ),
+    "close 1011 before audio": Fault(
+        lambda f: f.ws_close_after(0, 1011, "NET-0001", count=None),
+        ("socket closed mid-utterance: code 1011 'NET-0001'", "retrying once"),
+        2,  # Deepgram's own trouble: worth the one retry, on a new socket
+    ),
+    "close 1008 before audio": Fault(
+        lambda f: f.ws_close_after(0, 1008, "DATA-0000", count=None),
+        ("socket closed mid-utterance: code 1008 'DATA-0000'", "falling back"),
+        1,  # the request was at fault: the same text on a new socket would be refused again
     ),
     "close 1000 mid-stream": Fault(
         lambda f: f.ws_close_after(500, 1000, "bye", count=None),

@@ -49,7 +49,8 @@ class TTSError(Exception):
     stall, a cut connection); ``request_id`` is the engine's id for the request when it gave one.
     ``unspoken``, when an engine sets it, is the end of the text whose audio it had not yet
     yielded whole when it failed (the REST voice's parts after the last it finished): what a
-    fallback voice still has to say. None means the whole text.
+    fallback voice still has to say. None means the whole text. ``retry_after`` is the wait in
+    seconds the engine asked for before another request (a 429's ``Retry-After``), if it said.
     """
 
     unspoken: str | None = None
@@ -79,6 +80,7 @@ class TTSError(Exception):
         status: int | None = None,
         code: str | None = None,
         request_id: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.provider = provider
@@ -87,6 +89,7 @@ class TTSError(Exception):
         self.status = status
         self.code = code
         self.request_id = request_id
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         parts = [f"{self.provider}: {self.message}"]
@@ -100,7 +103,8 @@ class TTSError(Exception):
 
 
 class TTSAuthError(TTSError):
-    """Credentials were refused (401/403): retrying cannot help; the operator must fix a setting."""
+    """Credentials were refused (401/403), or the account cannot pay (402): retrying cannot
+    help; the operator must fix a setting or the account."""
 
     def __init__(self, provider: str, message: str, **kwargs: object) -> None:
         kwargs.pop("retryable", None)
@@ -180,8 +184,13 @@ class TTSService(Protocol):
 
 
 def worth_trying(service: TTSService) -> bool:
-    """Whether to ask ``service`` for speech now: it is healthy, or its refused credentials are
+    """Whether to ask ``service`` for speech now: it is not resting after refusing too many
+    requests (an engine with a ``resting()`` method, as Deepgram's voices: see
+    :mod:`~callspeak.tts.too_many_requests`), and it is healthy or its refused credentials are
     due to be tried again (an engine with a ``recheck_due()`` method, as Deepgram's voices)."""
+    resting = getattr(service, "resting", None)
+    if resting is not None and resting():
+        return False
     if service.healthy:
         return True
     due = getattr(service, "recheck_due", None)

@@ -7,16 +7,20 @@ Deepgram's documented error body is JSON ``{"err_code", "err_msg", "request_id"}
 or nothing. The request id falls back to the ``dg-request-id`` header, and the error text of a
 refused WebSocket handshake may come only in the ``dg-error`` header.
 
-Mapping: 401/403 → :class:`TTSAuthError` naming ``DEEPGRAM_API_KEY``; 408, 429 and 5xx are
-retryable; every other status (400, 413, 415, 422…) is not.
+Mapping: 401/403 → :class:`TTSAuthError` naming ``DEEPGRAM_API_KEY``; 402 (the project has no
+credit left: every request is refused until the balance is topped up) → :class:`TTSAuthError`
+too, naming the balance; 408, 429 and 5xx are retryable, a 429 with its ``Retry-After``
+(:attr:`TTSError.retry_after`); every other status (400, 413, 415, 422…) is not.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 from callspeak.tts.base import TTSAuthError, TTSError
+from callspeak.tts.too_many_requests import parse_retry_after
 
 __all__ = ["API_KEY_SETTING", "is_retryable_status", "parse_error"]
 
@@ -78,13 +82,19 @@ def _fields(body: bytes) -> tuple[str | None, str | None, str | None]:
 
 
 def parse_error(
-    status: int, body: bytes, headers: Mapping[str, str], *, provider: str = "deepgram"
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    provider: str = "deepgram",
+    now: Callable[[], float] = time.time,
 ) -> TTSError:
     """The :class:`TTSError` for a non-success Deepgram response. Never raises.
 
     ``str()`` of the result is one line with the message, status, Deepgram's error code and the
     request id, e.g. ``deepgram: Invalid credentials. status=401 code=INVALID_AUTH
-    request_id=…`` (plus the hint to check ``DEEPGRAM_API_KEY`` for 401/403).
+    request_id=…`` (plus the hint to check ``DEEPGRAM_API_KEY`` for 401/403, the balance for
+    402). ``now``: the wall clock, for a ``Retry-After`` given as a date.
     """
     code, message, request_id = _fields(body)
     if message is None:
@@ -107,6 +117,15 @@ def parse_error(
             code=code,
             request_id=request_id,
         )
+    if status == 402:
+        return TTSAuthError(
+            provider,
+            f"Deepgram asks for payment ({text}): the project of {API_KEY_SETTING} has no credit"
+            f" left; top up its balance, or set a key of a project that has some",
+            status=status,
+            code=code,
+            request_id=request_id,
+        )
     return TTSError(
         provider,
         text,
@@ -114,4 +133,7 @@ def parse_error(
         status=status,
         code=code,
         request_id=request_id,
+        retry_after=parse_retry_after(_header(headers, "retry-after"), now)
+        if status == 429
+        else None,
     )

@@ -69,6 +69,7 @@ from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
 from callspeak.tts.refused_key import RefusedKey
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text, has_words
+from callspeak.tts.too_many_requests import RESTING_LOG, TooManyRequests
 
 __all__ = ["DeepgramRestProvider", "DeepgramRestService"]
 
@@ -121,6 +122,8 @@ class DeepgramRestService:
     ) -> None:
         self.model = model
         self.refused_key = RefusedKey(auth_recheck, clock)
+        #: The rest after Deepgram answered 429 (too many requests at once for the project).
+        self.too_many_requests = TooManyRequests(clock)
         #: Seconds an idle pooled connection is reused (aiohttp's ``keepalive_timeout``); a call
         #: keeps one for half that at most (see :meth:`DeepgramRestProvider.warm_up`).
         self.keepalive = keepalive
@@ -153,6 +156,10 @@ class DeepgramRestService:
     def recheck_due(self) -> bool:
         """Refused at least ``auth_recheck`` seconds ago: worth trying the key again."""
         return self.refused_key.due()
+
+    def resting(self) -> bool:
+        """Deepgram answered 429 a moment ago: a fallback chain skips this voice meanwhile."""
+        return self.too_many_requests.resting()
 
     @property
     def closed(self) -> bool:
@@ -529,6 +536,10 @@ class DeepgramRestProvider:
         error = parse_error(response.status, body, response.headers, provider=_NAME)
         if isinstance(error, TTSAuthError):
             self._service.mark_unhealthy(error)
+        elif error.status == 429:
+            rest = self._service.too_many_requests
+            if rest.refused(error.retry_after):
+                logger.warning(RESTING_LOG, _NAME, rest.remaining())
         return error
 
 

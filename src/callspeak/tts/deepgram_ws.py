@@ -21,8 +21,9 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
 * ``stream(text)`` sends the text as ≤2000-character ``Speak`` messages and one ``Flush``, then
   yields audio until ``Flushed``. No audio and no ``Flushed`` for ``receive_timeout`` s (for
   ``stall_timeout`` s once audio has come) → the socket is dropped and a retryable
-  :class:`TTSError` ("stalled") raised; a close mid-utterance raises a retryable
-  :class:`TTSError` naming the close code and reason.
+  :class:`TTSError` ("stalled") raised; a close mid-utterance raises a :class:`TTSError` naming
+  the close code and reason: retryable, unless the code says the request itself was at fault
+  (:data:`REQUEST_FAULT_CLOSE_CODES`: the same text on a new socket would be refused again).
 * Stale audio never leaks into the next utterance: ``clear()`` — and closing a ``stream()`` before
   ``Flushed`` — sends ``Clear``; the next ``stream()`` first discards everything up to
   ``Cleared`` (or replaces the socket if ``Cleared`` does not come). ``clear()`` during an active
@@ -31,7 +32,10 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   is never retried (no reconnect loop on bad credentials): later connects fail at once with it,
   until ``auth_recheck`` seconds after the refusal, when one connect tries the key again
   (:class:`~callspeak.tts.refused_key.RefusedKey`); a handshake accepted makes the service
-  healthy again. Other connect failures are retried ``max_reconnects`` times with exponential
+  healthy again. A handshake refused with 402 (no credit left) is treated the same way. One
+  refused with 429 (too many at once for the project) raises at once, without another attempt,
+  and rests the voice for every call (:mod:`~callspeak.tts.too_many_requests`).
+  Other connect failures are retried ``max_reconnects`` times with exponential
   backoff (``backoff`` × 2ⁿ, each delay drawn from half to one and a half times that, so calls
   whose sockets Deepgram dropped together do not reconnect in step), then raise a
   :class:`TTSError` that is not retryable: the retrying is done, and a fallback should take over
@@ -93,6 +97,7 @@ from callspeak.tts.resolved_host import (
     needs_lookup,
 )
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text, has_words
+from callspeak.tts.too_many_requests import RESTING_LOG, TooManyRequests
 from callspeak.tts.ws_send_on_open import SendOnOpenConnection
 
 __all__ = [
@@ -101,6 +106,7 @@ __all__ = [
     "FLUSH_MARGIN",
     "FLUSH_WINDOW",
     "STREAM_MIN_CHARS",
+    "REQUEST_FAULT_CLOSE_CODES",
     "DeepgramWebSocketProvider",
     "DeepgramWebSocketService",
     "speak_texts",
@@ -109,6 +115,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _NAME = "deepgram-ws"
+
+#: Close codes by which Deepgram says the request itself was at fault, so sending it again on a
+#: new socket would be refused the same way: 1003 (a message it cannot take), 1007 (text not
+#: valid UTF-8), 1008 (a message against its rules: DATA-0000/0001), 1009 (a message too big:
+#: BIG-0000/0001). Its own trouble (1011 NET-…, 1006, 1001) is worth the one retry.
+REQUEST_FAULT_CLOSE_CODES = frozenset({1003, 1007, 1008, 1009})
 FLUSH_LIMIT = 20
 FLUSH_WINDOW = 60.0
 #: Seconds a flush stays counted beyond ``FLUSH_WINDOW``: the first flush of a window may take
@@ -183,6 +195,8 @@ class DeepgramWebSocketService:
         self.max_connection_age, self.clock, self.sleep = max_connection_age, clock, sleep
         self.connect: Connect = connect if connect is not None else _default_connect
         self.refused_key = RefusedKey(auth_recheck, clock)
+        #: The rest after Deepgram refused a handshake with 429 (too many at once).
+        self.too_many_requests = TooManyRequests(clock)
         self._providers: weakref.WeakSet[DeepgramWebSocketProvider] = weakref.WeakSet()
 
     @property
@@ -197,6 +211,11 @@ class DeepgramWebSocketService:
     def recheck_due(self) -> bool:
         """Refused at least ``auth_recheck`` seconds ago: worth trying the key again."""
         return self.refused_key.due()
+
+    def resting(self) -> bool:
+        """Deepgram refused a handshake with 429 a moment ago: a fallback chain skips this
+        voice meanwhile."""
+        return self.too_many_requests.resting()
 
     def mark_accepted(self) -> None:
         """A handshake was accepted: healthy again."""
@@ -419,6 +438,10 @@ class DeepgramWebSocketProvider:
                 if isinstance(error, TTSAuthError):
                     svc.mark_unhealthy(error)
                     raise error from None
+                if error.status == 429:  # another attempt now would only add to the load
+                    if svc.too_many_requests.refused(error.retry_after):
+                        logger.warning(RESTING_LOG, _NAME, svc.too_many_requests.remaining())
+                    raise error from None
                 if not error.retryable:
                     raise error from None
             except (OSError, TimeoutError, InvalidHandshake) as exc:
@@ -621,9 +644,12 @@ class DeepgramWebSocketProvider:
             except ConnectionClosed as exc:
                 await self._drop()
                 code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
-                raise self._error(
+                error = self._error(
                     f"socket closed mid-utterance: code {code} {reason!r}", code=str(code)
-                ) from None
+                )
+                if code in REQUEST_FAULT_CLOSE_CODES:
+                    error.retryable = False
+                raise error from None
             if isinstance(message, bytes):
                 if message:
                     when, heard = loop.time() + stall, True

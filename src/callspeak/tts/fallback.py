@@ -5,8 +5,11 @@ sentence by sentence) its provider tries the engines in order:
 
 * an engine whose service is unhealthy (credentials refused) is skipped, until its refused
   credentials are due to be tried again (:func:`~callspeak.tts.base.worth_trying`);
+* an engine resting after Deepgram refused too many requests at once (429) is skipped until
+  the rest is over (:mod:`~callspeak.tts.too_many_requests`);
 * a failure before any audio of the text was yielded, at the start of an utterance, is retried
-  once on the same engine when it is retryable (429, 5xx, timeouts, a stall, a cut);
+  once on the same engine when it is retryable (5xx, timeouts, a stall, a cut) — but a 429 is
+  not: sending it again at once would add to the load Deepgram just refused;
 * any other failure moves on to the next engine — a text cut mid-stream is spoken again from its
   start by the next voice (where the cut fell in the text is unknowable), unless the engine
   says how much of it was streamed whole (:attr:`TTSError.unspoken`: the REST voice's parts
@@ -183,7 +186,8 @@ class _FallbackProvider:
                 except Exception as raised:
                     exc = _as_tts_error(provider.name, raised)
                     failures.append(exc)
-                    again = retry and not yielded and exc.retryable
+                    # Not on an engine resting now: it refused as too many at once (429).
+                    again = retry and not yielded and exc.retryable and worth_trying(service)
                     retry = False
                     _log_failure(provider.name, exc, yielded=yielded, retrying=again)
                     if self._on_failure is not None:

@@ -16,7 +16,11 @@ reproduces:
   ``chunk_size`` pieces after ``first_byte_delay``, optionally paced at ``bytes_per_second``;
 * WebSocket ``Metadata`` on connect, ``Speak`` buffering, ``Flush`` → audio then ``Flushed``,
   ``Clear`` → ``Cleared`` with no stale audio after it, ``Close`` → flush then close, the 20
-  flushes / 60 s limit (extra flushes get a ``Warning`` and are ignored), 2000 characters a Speak.
+  flushes / 60 s limit (extra flushes get a ``Warning`` and are ignored), 2000 characters a Speak;
+* with ``max_concurrent``, Deepgram's per-project concurrency limit: a REST request or a
+  WebSocket handshake past that many REST answers in progress plus sockets open is refused with
+  429 (with ``Retry-After`` when ``retry_after`` is set). Whether Deepgram counts an open
+  socket as one is not documented; the fake does, which is the stricter reading.
 
 Only the raw encodings (linear16, mulaw, alaw) are simulated; mp3/opus/flac/aac are refused with
 ``INVALID_QUERY_PARAMETER``. Faults are queued per test: each ``count`` is consumed by the next
@@ -80,6 +84,7 @@ class WsVerdict:
     request_id: str
     status: int
     error: str = ""
+    retry_after: str = ""  #: a refusal's ``Retry-After`` header, if any
     model: str = ""
     encoding: str = ""
     rate: int = 0
@@ -115,6 +120,8 @@ class FakeDeepgram:
         flush_limit: int = 20,
         flush_window: float = 60.0,
         stall_limit: float = 30.0,
+        max_concurrent: int | None = None,
+        retry_after: float | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
@@ -125,6 +132,11 @@ class FakeDeepgram:
             flush_window,
             stall_limit,
         )
+        if max_concurrent is not None and max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        #: The project's concurrency limit (None: no limit), and the 429's ``Retry-After``.
+        self.max_concurrent, self.retry_after = max_concurrent, retry_after
+        self.rest_in_progress = 0  #: REST answers being streamed right now
         self.requests: list[RecordedRequest] = []
         self.ws_messages: list[dict[str, Any]] = []
         self.ws_connections = 0  #: WebSocket handshakes received, refused ones included
@@ -238,6 +250,20 @@ class FakeDeepgram:
         """Send a ``Warning`` before the audio of the next flushes."""
         self._faults.append(Fault("ws_warn", count, body=description.encode(), reason=code))
 
+    def _check_concurrency(self) -> None:
+        """Refuse (429) a request past ``max_concurrent`` in progress (see the module docs)."""
+        limit = self.max_concurrent
+        if limit is not None and self.rest_in_progress + self.ws_open >= limit:
+            raise Reject(
+                429,
+                "TOO_MANY_REQUESTS",
+                f"Too many requests in progress; this project's concurrency limit is {limit}.",
+            )
+
+    def _retry_after(self, status: int) -> str:
+        """The ``Retry-After`` of an answer with ``status`` ("": none)."""
+        return "" if status != 429 or self.retry_after is None else f"{self.retry_after:g}"
+
     def clear_faults(self) -> None:
         self._faults.clear()
 
@@ -295,10 +321,14 @@ class FakeDeepgram:
                     "PAYLOAD_TOO_LARGE",
                     f"Text is {len(text)} characters; the limit is {MAX_CHARS}.",
                 )
+            self._check_concurrency()
         except Reject as reject:
             record.status = reject.status
             error = {"err_code": reject.code, "err_msg": reject.message, "request_id": rid}
-            return JSONResponse(error, reject.status, {"dg-request-id": rid})
+            headers = {"dg-request-id": rid}
+            if retry_after := self._retry_after(reject.status):
+                headers["retry-after"] = retry_after
+            return JSONResponse(error, reject.status, headers)
         record.status = 200
         if (wav := take(self._faults, "wav")) is not None:
             encoding, rate, container = wav.reason or encoding, wav.n_bytes or rate, "wav"
@@ -311,6 +341,8 @@ class FakeDeepgram:
         }
         self.arrivals[text] = arrived = self.clock()
         audio = synthesize(text, encoding, rate, container)
+        # Counted from here until the stream ends (AudioStream.__call__): a concurrency slot.
+        self.rest_in_progress += 1
         stream = AudioStream(self, audio, headers, take(self._faults, "stall", "cut"), arrived)
         stream.text = text
         return stream
@@ -338,12 +370,14 @@ class FakeDeepgram:
                 raise Reject(fault.status, error.get("err_code", ""), error.get("err_msg", ""))
             model = check_auth_and_model(headers, query, self.api_key)
             encoding, rate, _ = audio_params(query, websocket=True)
+            self._check_concurrency()
         except Reject as reject:
             record.status = reject.status
             error = json.dumps(
                 {"err_code": reject.code, "err_msg": reject.message, "request_id": rid}
             )
-            return WsVerdict(rid, reject.status, error=error)
+            retry_after = self._retry_after(reject.status)
+            return WsVerdict(rid, reject.status, error=error, retry_after=retry_after)
         record.status = 101
         return WsVerdict(rid, 101, model=model, encoding=encoding, rate=rate)
 
@@ -427,6 +461,19 @@ def main(argv: list[str] | None = None) -> None:
         "trust it through SSL_CERT_FILE",
     )
     parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="refuse with 429 past this many REST answers in progress plus sockets open, as "
+        "Deepgram's per-project concurrency limit does (default: no limit)",
+    )
+    parser.add_argument(
+        "--retry-after",
+        type=float,
+        default=None,
+        help="the Retry-After header of those 429s, in seconds (default: none sent)",
+    )
     args = parser.parse_args(argv)
     if (args.certfile is None) != (args.keyfile is None):
         parser.error("--certfile and --keyfile go together")
@@ -435,6 +482,8 @@ def main(argv: list[str] | None = None) -> None:
         first_byte_delay=args.first_byte_delay,
         chunk_size=args.chunk_size,
         bytes_per_second=args.bytes_per_second,
+        max_concurrent=args.max_concurrent,
+        retry_after=args.retry_after,
     )
     # In a benchmark the fake shares the machine with the server under test and stands in for
     # another company's fleet: its own collector's passes would read as Deepgram being slow.

@@ -54,6 +54,7 @@ class AudioStream(Response):
         try:
             await self._send_audio(send, gone)
         finally:
+            self.fake.rest_in_progress -= 1  # (counted when the request was accepted)
             watcher.cancel()
             await asyncio.wait({watcher})
 

@@ -301,6 +301,7 @@ def _refusal(verdict: WsVerdict) -> Response:
             ("Content-Type", "application/json"),
             ("dg-request-id", verdict.request_id),
             ("dg-error", verdict.error),
+            *([("Retry-After", verdict.retry_after)] if verdict.retry_after else []),
         ]
     )
     return Response(verdict.status, phrase, headers, body)
