@@ -317,7 +317,7 @@ REST_FAULTS = {
     ),
     "402 payment required": Fault(
         lambda f: f.fail_next(402, error_body("PAYMENT_REQUIRED", "r402")),
-        ("PAYMENT_REQUIRED", "request_id=r402", "no credit left", "DEEPGRAM_API_KEY"),
+        ("PAYMENT_REQUIRED", "request_id=r402", "was refused for payment", "no credit left"),
         1,  # never retried: the balance is for the operator to top up
     ),
     "429 too many requests": Fault(
@@ -367,7 +367,7 @@ WS_FAULTS = {  # (the fake answers a refused handshake with a request id of its 
     ),
     "refuse 402": Fault(
         lambda f: f.refuse_ws(402, error_body("PAYMENT_REQUIRED", "w402"), count=None),
-        ("PAYMENT_REQUIRED", "no credit left", "DEEPGRAM_API_KEY"),
+        ("PAYMENT_REQUIRED", "was refused for payment", "no credit left"),
         1,
     ),
     "refuse 429": Fault(

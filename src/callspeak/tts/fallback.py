@@ -257,7 +257,7 @@ def _as_tts_error(name: str, exc: Exception) -> TTSError:
 
 def _log_failure(name: str, exc: TTSError, *, yielded: bool, retrying: bool) -> None:
     if isinstance(exc, TTSAuthError):
-        what = "refused the credentials"
+        what = "was refused for payment" if exc.status == 402 else "refused the credentials"
     elif yielded:
         what = "failed mid-stream"
     else:
