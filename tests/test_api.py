@@ -23,8 +23,10 @@ from callspeak.events import CallEventRecord
 from callspeak.protocol import AccountSid, CallSid, Connected, MediaFormat, Start, Stop, StreamSid
 from callspeak.server import AppState, create_app
 from callspeak.session import CallSession
+from callspeak.speech import SpeechStatus
 from tests.conftest import serve_app
 from tests.fakes import FakeProvider, FakeService, FakeTransport, tone_for
+from tests.test_server_limits import until
 
 TOKEN = "s3cret-token"
 
@@ -168,6 +170,26 @@ async def test_calls_list_and_detail_describe_the_live_call(api: Api) -> None:
         }
         assert detail["startedAt"] == session.started_at and detail["startedAt"] > 1.7e9
         assert detail["eventsUrl"] == f"/calls/{session.call_sid}/events"
+
+
+async def test_speaking_is_what_the_caller_hears_until_its_last_mark_comes_back(
+    api: Api,
+) -> None:
+    """All of a short utterance's audio is sent at once (up to a second ahead of the caller):
+    it is still what the caller hears, and what ``speaking`` says, until its mark echoes."""
+    async with live_call(api) as (session, _):
+        said = await api.http.post(
+            f"/calls/{session.call_sid}/say", json={"text": "Half a second of speech here."}
+        )
+        [utterance] = session.utterances
+        # Every frame sent: the session's speaker is done with it.
+        await until(lambda: utterance.status is SpeechStatus.SPEAKING and session.speaking is None)
+        listed = (await api.http.get("/calls")).json()["calls"]
+        detail = (await api.http.get(f"/calls/{session.call_sid}")).json()
+        assert utterance.status is SpeechStatus.SPEAKING  # (the mark has not come back yet)
+        assert listed[0]["speaking"]["id"] == detail["speaking"]["id"] == said.json()["id"]
+        await until(lambda: utterance.status is SpeechStatus.PLAYED)
+        assert (await api.http.get("/calls")).json()["calls"][0]["speaking"] is None
 
 
 async def test_a_full_speech_queue_is_429_with_retry_after(api: Api) -> None:

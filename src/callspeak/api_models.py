@@ -22,7 +22,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 from callspeak.session import CallSession
-from callspeak.speech import Utterance
+from callspeak.speech import SpeechStatus, Utterance
 
 __all__ = [
     "DEFAULT_MAX_TEXT_CHARS",
@@ -131,7 +131,11 @@ class CallSummary(_Wire):
     phase: Literal["connecting", "streaming", "stopped"]
     started_at: float | None = Field(description="When the stream started, epoch seconds.")
     parameters: dict[str, str] = Field(description="The stream's <Parameter>s.")
-    speaking: UtteranceOut | None = Field(description="The utterance being spoken now.")
+    speaking: UtteranceOut | None = Field(
+        description="The utterance the caller is hearing now: the oldest whose status is "
+        "`speaking` (all its audio may have been sent, up to a second ahead of the caller, "
+        "while its last mark has not come back)."
+    )
     url: str
 
 
@@ -183,9 +187,17 @@ def utterance_out(call_sid: str, utterance: Utterance) -> UtteranceOut:
     return UtteranceOut.model_validate({**utterance.to_dict(), "url": url})
 
 
+def heard_now(session: CallSession) -> Utterance | None:
+    """The utterance the caller hears now: the oldest still ``speaking``. Not the session's
+    :attr:`~callspeak.session.CallSession.speaking` (the one whose audio is being sent): that
+    one is done once its last frame is sent, while the caller still hears it for as long as the
+    audio was sent ahead, and by then the next one may be being sent."""
+    return next((u for u in session.utterances if u.status is SpeechStatus.SPEAKING), None)
+
+
 def _summary_fields(session: CallSession) -> dict[str, Any]:
     start = session.start
-    speaking = session.speaking
+    speaking = heard_now(session)
     return {
         "call_sid": session.call_sid,
         "stream_sid": session.stream_sid,
