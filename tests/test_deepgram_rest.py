@@ -134,6 +134,21 @@ async def test_stall_timeout(service: DeepgramRestService, fake: FakeDeepgram) -
     assert info.value.retryable and received == 999
 
 
+async def test_an_answer_streaming_longer_than_the_first_byte_timeout_is_never_cut(
+    base: str, fake: FakeDeepgram
+) -> None:
+    """The stall deadline runs afresh from each chunk: an answer paced at real time (1.6 s, a
+    chunk every 42 ms) outlasts both the first-byte and the stall timeouts and arrives whole."""
+    fake.first_byte_delay, fake.bytes_per_second = 0.05, 8000
+    text = "Twenty-seven characters ok."  # 60 ms a character: 1.6 s of audio
+    service = DeepgramRestService(
+        "test-key", base_url=base, first_byte_timeout=0.5, stall_timeout=0.3
+    )
+    assert await collect(service.open().stream(text)) == fake.audio_for(text)
+    assert len(fake.audio_for(text)) / 8000 > 1.5
+    await service.aclose()
+
+
 async def test_first_byte_timeout(base: str, fake: FakeDeepgram) -> None:
     fake.first_byte_delay = 1.0
     service = DeepgramRestService("test-key", base_url=base, first_byte_timeout=0.2)

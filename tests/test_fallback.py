@@ -167,6 +167,44 @@ async def test_a_refused_key_mid_text_hands_each_call_its_own_rest(
     ]
 
 
+class FailingClearService(FakeService):
+    """Its providers' ``clear()`` fails, as a Deepgram socket's can mid-reconnect."""
+
+    def open(self) -> FakeProvider:
+        provider = super().open()
+
+        async def clear() -> None:
+            provider.cleared += 1
+            raise TTSError(self.name, "socket closed while clearing", retryable=True)
+
+        provider.clear = clear  # type: ignore[method-assign]
+        return provider
+
+
+async def test_clearing_reaches_every_voice_even_past_one_that_fails_to_clear(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A barge-in clears every voice of the chain (any of them may hold text of the
+    utterance); one failing to clear is logged and does not keep the others from it."""
+    voices = [FakeService("first"), FailingClearService("second"), FakeService("third")]
+    provider = FallbackService(voices, apology=b"sorry").open()
+    with caplog.at_level(logging.WARNING, "callspeak.tts"):
+        await provider.clear()
+    assert [voice.providers[0].cleared for voice in voices] == [1, 1, 1]
+    assert "clearing fake failed: second: socket closed while clearing" in caplog.text
+
+
+async def test_the_last_voice_is_asked_even_when_unhealthy_before_the_apology() -> None:
+    """Skipping an unhealthy voice is for passing to the next one: the last has no next, and
+    may still speak (a Piper voice serving a cached greeting, a Deepgram key refused a moment
+    ago by a blip), so it is asked rather than going straight to the apology."""
+    primary, last = FakeService("primary"), FakeService("last")
+    primary.healthy = last.healthy = False
+    chain = FallbackService([primary, last], apology=b"sorry")
+    assert await collect(chain, TEXT) == tone_for(TEXT)
+    assert primary.providers[0].texts == [] and last.providers[0].texts == [TEXT]
+
+
 async def test_auth_failure_marks_unhealthy_and_everything_failing_plays_the_apology() -> None:
     auth = TTSAuthError("primary", "bad key")
     primary = ScriptedProvider([auth])
