@@ -385,23 +385,30 @@ async def test_a_handshake_refused_as_too_many_is_not_tried_again_until_the_rest
     ws_url: str, fake: FakeDeepgram
 ) -> None:
     """Deepgram's concurrency limit (one socket here): a second call's handshake is refused with
-    429 once, not again with backoff, and the voice rests for the Retry-After, for every call."""
+    429 once, not again with backoff; until its Retry-After has passed no call opens a socket
+    (its connect fails at once), while the call whose socket is open goes on speaking."""
     fake.max_concurrent, fake.retry_after = 1, 2.0
     clock = SettableClock()
     service = make(ws_url, max_reconnects=3, clock=clock)
-    first, second = service.open(), service.open()
+    first, second, third = service.open(), service.open(), service.open()
     assert await collect(first.stream("Hi.")) == fake.audio_for("Hi.")  # its socket stays open
     with pytest.raises(TTSError, match="concurrency limit is 1") as info:
         await collect(second.stream("Hi."))
+    # Not retryable: a fallback chain speaks the text with its next voice at once.
     assert info.value.status == 429 and info.value.retry_after == 2.0
-    assert fake.ws_connections == 2 and service.healthy and service.resting()
-    assert not worth_trying(service)  # a fallback chain goes to its next voice meanwhile
+    assert not info.value.retryable and service.healthy and fake.ws_connections == 2
+    with pytest.raises(TTSError, match="not opening a socket for 2.0 s more") as info:
+        await collect(third.stream("Hi."))
+    assert not info.value.retryable and fake.ws_connections == 2  # no handshake sent
+    assert worth_trying(service)  # (the open socket's call is not sent to the next voice)
+    assert await collect(first.stream("Again.")) == fake.audio_for("Again.")
     clock.now += 2.0
-    assert worth_trying(service)
     await first.aclose()
     await until(lambda: fake.ws_open == 0)
-    assert await collect(second.stream("Hi.")) == fake.audio_for("Hi.")
+    assert await collect(third.stream("Hi.")) == fake.audio_for("Hi.")
+    assert fake.ws_connections == 3
     await second.aclose()
+    await third.aclose()
 
 
 async def test_a_handshake_refused_with_a_repeated_header_is_a_tts_error(ws_url: str) -> None:

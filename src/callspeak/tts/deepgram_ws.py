@@ -33,8 +33,10 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   until ``auth_recheck`` seconds after the refusal, when one connect tries the key again
   (:class:`~callspeak.tts.refused_key.RefusedKey`); a handshake accepted makes the service
   healthy again. A handshake refused with 402 (no credit left) is treated the same way. One
-  refused with 429 (too many at once for the project) raises at once, without another attempt,
-  and rests the voice for every call (:mod:`~callspeak.tts.too_many_requests`).
+  refused with 429 (too many at once for the project) raises at once a :class:`TTSError` that
+  is not retryable, without another attempt, and no call opens a socket until the rest is over
+  (:mod:`~callspeak.tts.too_many_requests`): its connects fail at once; sockets already open
+  go on speaking.
   Other connect failures are retried ``max_reconnects`` times with exponential
   backoff (``backoff`` × 2ⁿ, each delay drawn from half to one and a half times that, so calls
   whose sockets Deepgram dropped together do not reconnect in step), then raise a
@@ -195,7 +197,9 @@ class DeepgramWebSocketService:
         self.max_connection_age, self.clock, self.sleep = max_connection_age, clock, sleep
         self.connect: Connect = connect if connect is not None else _default_connect
         self.refused_key = RefusedKey(auth_recheck, clock)
-        #: The rest after Deepgram refused a handshake with 429 (too many at once).
+        #: The rest after Deepgram refused a handshake with 429 (too many at once): no socket is
+        #: opened meanwhile, while the sockets open go on speaking (so no ``resting()`` here,
+        #: which would make a fallback chain skip this voice for calls whose socket is open).
         self.too_many_requests = TooManyRequests(clock)
         self._providers: weakref.WeakSet[DeepgramWebSocketProvider] = weakref.WeakSet()
 
@@ -211,11 +215,6 @@ class DeepgramWebSocketService:
     def recheck_due(self) -> bool:
         """Refused at least ``auth_recheck`` seconds ago: worth trying the key again."""
         return self.refused_key.due()
-
-    def resting(self) -> bool:
-        """Deepgram refused a handshake with 429 a moment ago: a fallback chain skips this
-        voice meanwhile."""
-        return self.too_many_requests.resting()
 
     def mark_accepted(self) -> None:
         """A handshake was accepted: healthy again."""
@@ -406,6 +405,14 @@ class DeepgramWebSocketProvider:
     async def _connect(self) -> ClientConnection:
         svc = self._svc
         svc.refused_key.admit()  # refused: only a due re-check connects, one per interval
+        if (rest := svc.too_many_requests.remaining()) > 0:
+            raise TTSError(
+                _NAME,
+                f"not opening a socket for {rest:.1f} s more: Deepgram refused one as too many"
+                " at once for the project (429)",
+                retryable=False,
+                status=429,
+            )
         for attempt in range(svc.max_reconnects + 1):
             if attempt:  # refused meanwhile, to this or another call?
                 svc.refused_key.raise_if_refused()
@@ -441,7 +448,7 @@ class DeepgramWebSocketProvider:
                 if error.status == 429:  # another attempt now would only add to the load
                     if svc.too_many_requests.refused(error.retry_after):
                         logger.warning(RESTING_LOG, _NAME, svc.too_many_requests.remaining())
-                    raise error from None
+                    raise error.copy(retryable=False) from None
                 if not error.retryable:
                     raise error from None
             except (OSError, TimeoutError, InvalidHandshake) as exc:

@@ -4,9 +4,10 @@ Deepgram limits how many requests a project has in progress at once (its concurr
 per project, not per key) and answers 429 past it. Sending the same request again at once, or
 every other call's next sentence, would only add to the load it just refused, at the moment it
 refused it. So a 429 rests the voice for every call: for the ``Retry-After`` the answer gave
-(capped at :data:`LONGEST_REST`), else for :data:`DEFAULT_REST`. Meanwhile a fallback chain
-skips the voice (its next voice speaks, no request is sent), and does not retry the refused
-request on it either. The voice stays healthy: this is load, not a setting to fix.
+(capped at :data:`LONGEST_REST`), else for :data:`DEFAULT_REST`. Meanwhile the REST voice is
+skipped by a fallback chain (its next voice speaks, no request is sent), which does not retry
+the refused request on it either; the WebSocket voice opens no socket (a call with one open
+goes on speaking on it). The voice stays healthy: this is load, not a setting to fix.
 """
 
 from __future__ import annotations
