@@ -250,3 +250,94 @@ def test_dial_reports_a_wav_it_cannot_write_after_the_call(served: int, tmp_path
     assert "callspeak: cannot write --wav" in result.stderr
     assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
     assert "No such file or directory" in result.stderr
+
+
+def _tls_files(directory: Path) -> dict[str, Path]:
+    """A certificate and its key, another certificate's key, junk and an encrypted key."""
+    from callspeak.testing.certificates import self_signed_certificate
+
+    (directory / "a").mkdir()
+    (directory / "b").mkdir()
+    cert, key = self_signed_certificate(directory / "a")
+    _, other_key = self_signed_certificate(directory / "b")
+    junk = directory / "junk.pem"
+    junk.write_text("not a PEM file\n")
+    encrypted = directory / "encrypted.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "pkey",
+            "-in",
+            str(key),
+            "-aes256",
+            "-passout",
+            "pass:x",
+            "-out",
+            str(encrypted),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return {"cert": cert, "key": key, "other_key": other_key, "junk": junk, "encrypted": encrypted}
+
+
+@pytest.mark.parametrize(
+    ("cert", "key", "message"),
+    [
+        ("/nonexistent/cert.pem", "key", "cannot read TLS file '/nonexistent/cert.pem': No such "
+         "file or directory (CALLSPEAK_CERTFILE / --certfile)"),
+        ("cert", "/nonexistent/key.pem", "cannot read TLS file '/nonexistent/key.pem': No such "
+         "file or directory (CALLSPEAK_KEYFILE / --keyfile)"),
+        ("junk", "key", "holds no PEM certificate (CALLSPEAK_CERTFILE / --certfile)"),
+        ("key", "cert", "holds no PEM certificate (CALLSPEAK_CERTFILE / --certfile)"),
+        ("cert", "junk", "holds no PEM private key (CALLSPEAK_KEYFILE / --keyfile)"),
+        ("cert", "other_key", "is not the key of the certificate"),
+        ("cert", "encrypted", "is encrypted and callspeak cannot ask for its pass phrase"),
+    ],
+)  # fmt: skip
+def test_tls_files_that_cannot_serve_are_refused_in_one_line_before_the_voice_loads(
+    cert: str,
+    key: str,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A missing file was a 31-line FileNotFoundError traceback from uvicorn once the voice had
+    loaded; a junk one ``ssl.SSLError: PEM lib``."""
+    files = _tls_files(tmp_path)
+    built: list[object] = []
+    monkeypatch.setattr("callspeak.server.create_app", lambda *a, **k: built.append(a))
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    monkeypatch.setenv("CALLSPEAK_CERTFILE", str(files.get(cert, cert)))
+    monkeypatch.setenv("CALLSPEAK_KEYFILE", str(files.get(key, key)))
+    assert main(["serve", "--no-validate-signatures", "--port", "0"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("callspeak: ") and message in err, err
+    assert built == []
+    # The same pair through the flags, and a good pair passes the check.
+    monkeypatch.setattr("callspeak.cli.uvicorn_options", lambda settings, app: {})
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    assert main(["serve", "--no-validate-signatures", "--port", "0", "--certfile",
+                 str(files["cert"]), "--keyfile", str(files["key"])]) == 0  # fmt: skip
+    assert len(built) == 1
+
+
+def test_demo_dials_its_own_server_without_tls_whatever_the_environment_says(
+    tmp_path: Path,
+) -> None:
+    """The demo took CALLSPEAK_CERTFILE / CALLSPEAK_KEYFILE from the environment (it has no
+    flags for them) and crashed starting its loopback server, or dialled an https:// URL."""
+    env = {**os.environ, "CALLSPEAK_CERTFILE": "/nonexistent/cert.pem"}
+    env["CALLSPEAK_KEYFILE"] = "/nonexistent/key.pem"
+    env.pop("DEEPGRAM_API_KEY", None)
+    out = tmp_path / "demo.wav"
+    result = subprocess.run(
+        [*CALLSPEAK, "demo", "--say", "Hi.", "--wav", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and out.is_file()

@@ -334,6 +334,7 @@ def _serve(args: argparse.Namespace) -> int:
     if problem is not None:  # before anything is set up: the message is the whole output
         raise ConfigError(problem)
     _check_can_listen(settings.host, settings.port)
+    _check_tls_files(settings.certfile, settings.keyfile)
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(
         settings, hooks=_load_hooks(args.hooks) if args.hooks else None, freeze_heap=True
@@ -363,6 +364,71 @@ def _check_can_listen(host: str, port: int) -> None:
                 f"cannot listen on {host}:{port}: {reason} (CALLSPEAK_PORT / --port, "
                 "CALLSPEAK_HOST / --host)"
             ) from None
+
+
+#: Where ``serve`` is told its certificate and key, for the errors that name them.
+_CERTFILE = "CALLSPEAK_CERTFILE / --certfile"
+_KEYFILE = "CALLSPEAK_KEYFILE / --keyfile"
+
+
+def _check_tls_files(certfile: str | None, keyfile: str | None) -> None:
+    """Raise :class:`ConfigError` naming the setting to fix if ``certfile`` and ``keyfile`` (both
+    or neither: Settings checks that) cannot serve TLS — a file missing or unreadable, not PEM,
+    a key that is not the certificate's or is encrypted — now, in one line, rather than as
+    uvicorn's traceback after the voice has loaded."""
+    if certfile is None or keyfile is None:
+        return
+    import ssl
+
+    for path, setting in ((certfile, _CERTFILE), (keyfile, _KEYFILE)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigError(f"cannot read TLS file {path!r}: {reason} ({setting})") from None
+    asked_for_password = False
+
+    def no_password() -> bytes:
+        # Without this callback OpenSSL would prompt on the terminal (and uvicorn again after).
+        nonlocal asked_for_password
+        asked_for_password = True
+        return b""
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile, no_password)
+    except ssl.SSLError as exc:
+        # OpenSSL says "PEM lib" for any file it cannot parse: find which one it was.
+        if asked_for_password:
+            problem = (
+                f"the TLS key {keyfile!r} is encrypted and callspeak cannot ask for its pass "
+                f"phrase: give an unencrypted key ({_KEYFILE})"
+            )
+        elif not _holds_a_certificate(certfile):
+            problem = f"{certfile!r} holds no PEM certificate ({_CERTFILE})"
+        elif exc.reason is None:  # "PEM lib", and the certificate parsed
+            problem = f"{keyfile!r} holds no PEM private key ({_KEYFILE})"
+        elif exc.reason == "KEY_VALUES_MISMATCH":
+            problem = (
+                f"the TLS key {keyfile!r} is not the key of the certificate {certfile!r} "
+                f"({_KEYFILE}, {_CERTFILE})"
+            )
+        else:
+            problem = (
+                f"cannot serve TLS with {certfile!r} and {keyfile!r}: {exc.reason} "
+                f"({_CERTFILE}, {_KEYFILE})"
+            )
+        raise ConfigError(problem) from None
+
+
+def _holds_a_certificate(path: str) -> bool:
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        return False
+    return True
 
 
 def _load_hooks(spec: str) -> Any:
@@ -491,8 +557,15 @@ async def _demo(args: argparse.Namespace) -> int:
     from callspeak.testing.asgi_server import serve_asgi
 
     # The demo's only caller is its own emulator on loopback: no Twilio, so nothing to sign.
+    # Nor TLS: it dials its server over ws:// on loopback, whatever CALLSPEAK_CERTFILE says.
     settings = _settings_from(args).model_copy(
-        update={"port": 0, "validate_signatures": False, "call_token": False}
+        update={
+            "port": 0,
+            "validate_signatures": False,
+            "call_token": False,
+            "certfile": None,
+            "keyfile": None,
+        }
     )
     configure_logging(settings.log_level if args.log_level else "warning", settings.log_format)
     app = create_app(settings)
