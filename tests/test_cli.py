@@ -142,6 +142,31 @@ def test_serve_refuses_a_public_url_twilio_cannot_use_in_one_line(
 
 
 @pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("CALLSPEAK_DEEPGRAM_WS_URL", "http://127.0.0.1:5711", "deepgram_ws_url 'http://"),
+        ("CALLSPEAK_DEEPGRAM_URL", "api.deepgram.com", "deepgram_url 'api.deepgram.com'"),
+    ],
+)
+def test_serve_refuses_a_deepgram_url_in_one_line(
+    variable: str,
+    value: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An http:// WebSocket URL was a websockets InvalidURI traceback; a URL without a scheme
+    started a server on which every call failed."""
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "k")
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    tts = "deepgram-ws" if variable.endswith("WS_URL") else "deepgram"
+    assert main(["serve", "--tts", tts, "--no-validate-signatures", "--port", "0"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"callspeak: invalid setting: {message}"), err
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["serve", "--tts", "deepgram"], "the deepgram voice needs DEEPGRAM_API_KEY to be set"),

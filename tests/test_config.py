@@ -157,3 +157,35 @@ def test_a_notice_twiml_cannot_carry_is_refused_at_start_up() -> None:
     with pytest.raises(ValidationError, match="XML"):
         Settings(notice="Calls are\x0crecorded.")
     assert Settings(notice="Calls are\nrecorded.").notice == "Calls are\nrecorded."
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        # Accepted before, and every call then failed over to the fallback voice.
+        ("deepgram_url", "api.deepgram.com", "deepgram_url 'api.deepgram.com' is not an absolute"),
+        ("deepgram_url", "wss://api.deepgram.com", "not an absolute http.s. URL"),
+        ("deepgram_url", "https://key:secret@api.deepgram.com", "user name or password"),
+        ("deepgram_url", "https://api.deepgram.com ", "spaces or control characters"),
+        ("deepgram_url", "https://api.deepgram.com:abc", "not a valid URL"),
+        ("deepgram_url", "https://api.deepgram.com?x=1", "query string"),
+        # A websockets InvalidURI traceback when the server started.
+        ("deepgram_ws_url", "http://127.0.0.1:5711", "not an absolute ws.s. URL"),
+        ("deepgram_ws_url", "api.deepgram.com", "not an absolute ws.s. URL"),
+        ("deepgram_ws_url", "wss://", "names no host"),
+        ("deepgram_ws_url", "wss://u:p@api.deepgram.com", "user name or password"),
+        ("deepgram_ws_url", "wss://api.deepgram.com\n", "spaces or control characters"),
+    ],
+)
+def test_a_deepgram_url_the_voice_cannot_use_is_refused_up_front(
+    field: str, value: str, message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_deepgram_urls_of_a_fake_or_proxy_are_kept_without_their_trailing_slash() -> None:
+    s = Settings(deepgram_url="http://127.0.0.1:5711/", deepgram_ws_url="ws://127.0.0.1:5711/")
+    assert (s.deepgram_url, s.deepgram_ws_url) == ("http://127.0.0.1:5711", "ws://127.0.0.1:5711")
+    s = Settings(deepgram_url="https://dg.example/proxy", deepgram_ws_url="wss://[::1]:8443")
+    assert (s.deepgram_url, s.deepgram_ws_url) == ("https://dg.example/proxy", "wss://[::1]:8443")

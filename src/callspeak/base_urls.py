@@ -1,18 +1,21 @@
-"""The check every base URL callspeak is given goes through (the public URL, the Twilio API's):
-pure, no I/O, so settings and TwiML share it."""
+"""The check every base URL callspeak is given goes through (the public URL, the Twilio API's,
+Deepgram's REST and WebSocket ones): pure, no I/O, so settings and TwiML share it."""
 
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import urlsplit
 
 __all__ = ["checked_base_url"]
 
 
-def checked_base_url(name: str, value: str, schemes: str, example: str) -> str:
+def checked_base_url(
+    name: str, value: str, schemes: Literal["https", "http(s)", "ws(s)"], example: str
+) -> str:
     """``value`` without a trailing slash, or a ValueError calling it ``name`` (a setting, or
-    "public URL"): it must be an absolute URL of ``schemes`` ("https" or "http(s)") with a host,
-    a port from 1 to 65535 if it gives one, and no query string, fragment, user name, password,
-    space or control character."""
+    "public URL"): it must be an absolute URL of ``schemes`` ("https", "http(s)" or "ws(s)")
+    with a host, a port from 1 to 65535 if it gives one, and no query string, fragment, user
+    name, password, space or control character."""
     if "?" in value or "#" in value:
         raise ValueError(f"{name} {value!r} must not carry a query string or fragment")
     # urlsplit() drops tabs and line breaks without a word, so the URL checked (and signed)
@@ -27,7 +30,7 @@ def checked_base_url(name: str, value: str, schemes: str, example: str) -> str:
             f"{name} {value!r} is not a valid URL ({exc}): give a host and optionally a port "
             f"from 1 to 65535, {example}"
         ) from None
-    allowed = ("https",) if schemes == "https" else ("https", "http")
+    allowed = {"https": ("https",), "http(s)": ("https", "http"), "ws(s)": ("wss", "ws")}[schemes]
     if parts.scheme not in allowed:
         raise ValueError(
             f"{name} {value!r} is not an absolute {schemes} URL with a host, {example}"
@@ -36,8 +39,8 @@ def checked_base_url(name: str, value: str, schemes: str, example: str) -> str:
         raise ValueError(f"{name} {value!r} names no host, {example}")
     if parts.username is not None or parts.password is not None:
         raise ValueError(
-            f"{name} must not carry a user name or password (it is written into TwiML and "
-            f"the log), {example}"
+            f"{name} must not carry a user name or password (URLs are written into the log, "
+            f"the public one into TwiML), {example}"
         )
     if port == 0:
         raise ValueError(f"{name} {value!r} has port 0: give a port from 1 to 65535")

@@ -170,10 +170,18 @@ class Settings(BaseSettings):
             )
         return checked_base_url("public_url", value, "https", "e.g. https://example.ngrok.app")
 
-    @field_validator("deepgram_url", "deepgram_ws_url")
+    @field_validator("deepgram_url")
     @classmethod
-    def _strip_slash(cls, value: str) -> str:
-        return value.rstrip("/")
+    def _check_deepgram_url(cls, value: str) -> str:
+        # Checked here, not at the first call: "api.deepgram.com" (no scheme) started a server
+        # on which every call failed over to the fallback voice.
+        return checked_base_url("deepgram_url", value, "http(s)", "e.g. https://api.deepgram.com")
+
+    @field_validator("deepgram_ws_url")
+    @classmethod
+    def _check_deepgram_ws_url(cls, value: str) -> str:
+        # An http:// URL here was a websockets InvalidURI traceback at start-up.
+        return checked_base_url("deepgram_ws_url", value, "ws(s)", "e.g. wss://api.deepgram.com")
 
     @field_validator("twilio_api_url")
     @classmethod
