@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -366,3 +367,44 @@ def test_demo_dials_its_own_server_without_tls_whatever_the_environment_says(
     )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and out.is_file()
+
+
+def test_serve_refuses_a_piper_model_without_its_config_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from callspeak.tts.piper import bundled_voice_paths
+
+    model = tmp_path / "joe.onnx"
+    shutil.copy(bundled_voice_paths()[0], model)
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    assert main(["serve", "--piper-model", str(model), "--no-validate-signatures"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"callspeak: piper_model {str(model)!r} has no 'joe.onnx.json'"), err
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_voice_that_cannot_start_is_refused_in_one_line(command: str, tmp_path: Path) -> None:
+    """A model ONNX Runtime cannot load failed in the server's start-up: uvicorn logged the
+    lifespan traceback and exited 3."""
+    from callspeak.tts.piper import bundled_voice_paths
+
+    model, config = bundled_voice_paths()
+    corrupt = tmp_path / "joe.onnx"
+    corrupt.write_bytes(model.read_bytes()[:1000])
+    shutil.copy(config, f"{corrupt}.json")
+    env = {**os.environ, "CALLSPEAK_PORT": str(free_port())}
+    env.pop("DEEPGRAM_API_KEY", None)
+    extra = ["--no-validate-signatures"] if command == "serve" else []
+    result = subprocess.run(
+        [*CALLSPEAK, command, "--piper-model", str(corrupt), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "startup failed" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"callspeak: the voice cannot start: cannot load Piper voice {corrupt}")
+    assert last.endswith("(--piper-model / CALLSPEAK_PIPER_MODEL)")

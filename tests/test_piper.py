@@ -18,6 +18,7 @@ from callspeak.tts.piper import (
     PiperService,
     PiperUnavailable,
     _PiperProvider,
+    bundled_voice_paths,
     priority,
     split_first_clause,
 )
@@ -98,6 +99,39 @@ def test_speech_in_progress_outranks_new_calls() -> None:
 async def test_missing_voice_files_are_reported_clearly(tmp_path: Path) -> None:
     service = PiperService(tmp_path / "nope.onnx")
     with pytest.raises(PiperUnavailable, match=r"voice file not found: .*nope\.onnx"):
+        await service.start()
+    await service.aclose()
+
+
+def _voice_files(directory: Path, model: str, config: str) -> Path:
+    """voice.onnx (the bundled one, or "truncated") and its .onnx.json ("good", or this text)."""
+    bundled_model, bundled_config = bundled_voice_paths()
+    onnx = bundled_model.read_bytes()
+    path = directory / "voice.onnx"
+    path.write_bytes(onnx if model == "good" else onnx[:1000])
+    Path(f"{path}.json").write_text(bundled_config.read_text() if config == "good" else config)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model", "config", "message"),
+    [
+        ("truncated", "good", r"cannot load Piper voice .*voice\.onnx: .*INVALID_PROTOBUF"),
+        (
+            "good",
+            "not json",
+            r"cannot read Piper voice config .*voice\.onnx\.json: JSONDecodeError",
+        ),
+        ("good", "{}", r"cannot read Piper voice config .*voice\.onnx\.json: KeyError"),
+    ],
+)
+async def test_voice_files_that_are_not_a_voice_are_reported_as_unavailable(
+    model: str, config: str, message: str, tmp_path: Path
+) -> None:
+    """A corrupt model or config was ONNX Runtime's or json's own error: not PiperUnavailable,
+    so not reported as a voice that cannot start."""
+    service = PiperService(_voice_files(tmp_path, model, config), workers=1)
+    with pytest.raises(PiperUnavailable, match=message):
         await service.start()
     await service.aclose()
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from callspeak.config import Settings
 from callspeak.tts.deepgram_rest import DeepgramRestService
 from callspeak.tts.deepgram_ws import STREAM_MIN_CHARS, DeepgramWebSocketService
 from callspeak.tts.fallback import FallbackService
+from callspeak.tts.piper import bundled_voice_paths
 from callspeak.voices import VoiceSetupError, make_engine, make_tts_service
 
 
@@ -59,3 +63,35 @@ def test_fallback_chain_skips_voices_it_cannot_build(caplog: pytest.LogCaptureFi
     chained = make_tts_service(settings(tts="piper", fallback="deepgram", deepgram_api_key="k"))
     assert chained.name == "piper > deepgram"
     assert isinstance(chained, FallbackService) and chained.missing == []
+
+
+def test_a_piper_model_without_its_config_beside_it_is_refused(tmp_path: Path) -> None:
+    """Only the .onnx was checked: a copy without its .onnx.json failed in the server's start-up
+    with a 25-line traceback."""
+    model = tmp_path / "joe.onnx"
+    shutil.copy(bundled_voice_paths()[0], model)
+    with pytest.raises(VoiceSetupError) as refused:
+        make_engine(settings(piper_model=str(model)), "piper")
+    message = str(refused.value)
+    assert f"piper_model {str(model)!r} has no 'joe.onnx.json' beside it" in message
+    assert "--piper-model / CALLSPEAK_PIPER_MODEL" in message
+    shutil.copy(bundled_voice_paths()[1], f"{model}.json")
+    assert make_engine(settings(piper_model=str(model)), "piper").name == "piper"
+
+
+def test_piper_without_the_local_extra_is_refused_when_chosen_and_skipped_as_fallback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the extra the voice failed in the server's start-up, with a traceback."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "piper" else real_find_spec(name, *a),
+    )
+    with pytest.raises(VoiceSetupError, match=r"needs the 'local' extra.*--tts / CALLSPEAK_TTS"):
+        make_engine(settings(), "piper")
+    service = make_tts_service(settings(tts="deepgram", deepgram_api_key="k"))
+    assert service.name == "deepgram" and "fallback voice piper skipped" in caplog.text

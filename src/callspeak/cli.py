@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -276,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dial":
             return eventloop.run(_dial(args))
         if args.command == "demo":
-            return eventloop.run(_demo(args))
+            return _run_demo(args)
         if args.command == "twiml":
             return _twiml(args)
         if args.command == "call":
@@ -339,8 +340,68 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(
         settings, hooks=_load_hooks(args.hooks) if args.hooks else None, freeze_heap=True
     )
-    uvicorn.run(app, **uvicorn_options(settings, app))
+    guard = _VoiceStartGuard(app, settings)
+    try:
+        uvicorn.run(guard, **uvicorn_options(settings, app))
+    except SystemExit:  # uvicorn's exit 3 when the app did not start
+        guard.raise_if_failed()
+        raise
     return 0
+
+
+class _VoiceStartGuard:
+    """The app, as uvicorn runs it, but a voice that cannot start (a Piper model that is not
+    one, say) is not the lifespan traceback uvicorn logs for any start-up failure: it is kept
+    for :meth:`raise_if_failed`, which the command reports in one line once uvicorn has given
+    up. Any other start-up failure is a bug, and uvicorn logs it as it would."""
+
+    _UVICORN_LINE = "Application startup failed. Exiting."
+
+    def __init__(self, app: Any = None, settings: Settings | None = None) -> None:
+        #: The app made by create_app from ``settings`` (the demo sets both once it made them).
+        self.app = app
+        self.settings = settings
+        self.error: Exception | None = None
+        # uvicorn's own last line on a failed start says nothing the command will not.
+        logging.getLogger("uvicorn.error").addFilter(self)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        from callspeak.tts.piper import PiperUnavailable
+        from callspeak.voices import VoiceSetupError
+
+        held: list[Any] = []  # the failure message (the traceback) until its cause is known
+
+        async def hold_failure(message: Any) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, hold_failure)
+        except (PiperUnavailable, VoiceSetupError) as exc:
+            if held:
+                self.error = exc
+                held[0] = {**held[0], "message": ""}
+            raise
+        finally:
+            for message in held:
+                await send(message)
+
+    def filter(self, record: Any) -> bool:
+        """A logging filter: uvicorn's own last word is dropped once the reason is kept."""
+        return self.error is None or record.getMessage() != self._UVICORN_LINE
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`ConfigError` saying why the voice did not start, if it did not."""
+        if self.error is None:
+            return
+        chosen = self.settings is not None and self.settings.piper_model is not None
+        hint = " (--piper-model / CALLSPEAK_PIPER_MODEL)" if chosen else ""
+        raise ConfigError(f"the voice cannot start: {self.error}{hint}") from None
 
 
 def _check_can_listen(host: str, port: int) -> None:
@@ -550,7 +611,17 @@ def _wrote(path: str, report: CallReport) -> str:
     return f"wrote {path}: {report.duration:.2f} s of call, {report.seconds_heard:.2f} s of speech"
 
 
-async def _demo(args: argparse.Namespace) -> int:
+def _run_demo(args: argparse.Namespace) -> int:
+    guard = _VoiceStartGuard()
+    try:
+        return eventloop.run(_demo(args, guard))
+    except SystemExit:  # uvicorn's exit 3 (from the server's task) when the app did not start
+        guard.raise_if_failed()
+        raise
+
+
+async def _demo(args: argparse.Namespace, guard: _VoiceStartGuard) -> int:
+    """The demo; ``guard`` keeps why its server's voice could not start, if it could not."""
     from callspeak.emulator import DialOptions, dial
     from callspeak.logs import configure_logging
     from callspeak.server import create_app
@@ -575,7 +646,8 @@ async def _demo(args: argparse.Namespace) -> int:
         options.pop(key)
     if not args.log_level:  # the demo's output is the call's timeline, not server chatter
         options["log_level"] = "warning"
-    async with serve_asgi(app, **options) as base_url:
+    guard.app, guard.settings = app, settings
+    async with serve_asgi(guard, **options) as base_url:
         url = base_url.replace("http://", "ws://") + "/twilio"
         params = {"say": args.say} if args.say else {}
         print(f"placing an emulated call to {url}")

