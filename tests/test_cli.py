@@ -408,3 +408,19 @@ def test_a_voice_that_cannot_start_is_refused_in_one_line(command: str, tmp_path
     last = result.stderr.splitlines()[-1]
     assert last.startswith(f"callspeak: the voice cannot start: cannot load Piper voice {corrupt}")
     assert last.endswith("(--piper-model / CALLSPEAK_PIPER_MODEL)")
+
+
+@pytest.mark.parametrize("where", ["no/such/dir/x.wav", "."])
+def test_demo_refuses_a_wav_it_cannot_write_before_the_call(
+    where: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It played the whole call, then crashed with a FileNotFoundError traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("callspeak.server.create_app", lambda *a, **k: pytest.fail("app made"))
+    assert main(["demo", "--wav", where]) == 2
+    err = one_line_error(capsys)
+    expected = "there is no directory 'no/such/dir'" if "/" in where else "it is a directory"
+    assert err == f"callspeak: cannot write --wav {where}: {expected}\n", err

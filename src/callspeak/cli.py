@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -627,6 +628,7 @@ async def _demo(args: argparse.Namespace, guard: _VoiceStartGuard) -> int:
     from callspeak.server import create_app
     from callspeak.testing.asgi_server import serve_asgi
 
+    _check_can_write(args.wav, "--wav")
     # The demo's only caller is its own emulator on loopback: no Twilio, so nothing to sign.
     # Nor TLS: it dials its server over ws:// on loopback, whatever CALLSPEAK_CERTFILE says.
     settings = _settings_from(args).model_copy(
@@ -653,7 +655,11 @@ async def _demo(args: argparse.Namespace, guard: _VoiceStartGuard) -> int:
         print(f"placing an emulated call to {url}")
         report = await dial(DialOptions(url=url, parameters=params))
     print(report.timeline())
-    report.write_wav(args.wav)
+    try:
+        report.write_wav(args.wav)
+    except OSError as exc:  # checked before the call, but the directory may have gone since
+        print(f"callspeak: cannot write --wav {args.wav}: {exc}", file=sys.stderr)
+        return 1
     ttfa = report.time_to_first_audio
     if ttfa is None:
         print("the caller heard nothing", file=sys.stderr)
@@ -661,6 +667,19 @@ async def _demo(args: argparse.Namespace, guard: _VoiceStartGuard) -> int:
     print(f"time to first audio: {ttfa * 1000:.0f} ms")
     print(_wrote(args.wav, report))
     return 0
+
+
+def _check_can_write(path: str, flag: str) -> None:
+    """Raise :class:`UsageError` if a file cannot be written at ``path`` (given as ``flag``):
+    found before the demo's voice loads and its call plays, not after."""
+    target = Path(path)
+    directory = target.parent
+    if target.is_dir():
+        raise UsageError(f"cannot write {flag} {path}: it is a directory")
+    if not directory.is_dir():
+        raise UsageError(f"cannot write {flag} {path}: there is no directory {str(directory)!r}")
+    if not os.access(target if target.exists() else directory, os.W_OK):
+        raise UsageError(f"cannot write {flag} {path}: permission denied")
 
 
 def _stream_twiml(args: argparse.Namespace, settings: Settings) -> str:
