@@ -424,3 +424,29 @@ def test_demo_refuses_a_wav_it_cannot_write_before_the_call(
     err = one_line_error(capsys)
     expected = "there is no directory 'no/such/dir'" if "/" in where else "it is a directory"
     assert err == f"callspeak: cannot write --wav {where}: {expected}\n", err
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--piper-cache-mb", "inf"], {}),
+        (["--idle-timeout", "nan"], {}),
+        ([], {"CALLSPEAK_PIPER_CACHE_MB": "inf"}),
+        ([], {"CALLSPEAK_IDLE_TIMEOUT": "inf"}),
+    ],
+)
+def test_serve_refuses_infinite_numbers_in_one_line(
+    args: list[str],
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--piper-cache-mb inf was an OverflowError traceback; CALLSPEAK_IDLE_TIMEOUT=inf was
+    taken, and streams never closed when idle."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    assert main(["serve", "--no-validate-signatures", "--port", "0", *args]) == 2
+    err = one_line_error(capsys)
+    field = "piper_cache_mb" if "cache" in str([args, env]).lower() else "idle_timeout"
+    assert err == f"callspeak: invalid setting: {field}: Input should be a finite number\n", err

@@ -189,3 +189,36 @@ def test_deepgram_urls_of_a_fake_or_proxy_are_kept_without_their_trailing_slash(
     assert (s.deepgram_url, s.deepgram_ws_url) == ("http://127.0.0.1:5711", "ws://127.0.0.1:5711")
     s = Settings(deepgram_url="https://dg.example/proxy", deepgram_ws_url="wss://[::1]:8443")
     assert (s.deepgram_url, s.deepgram_ws_url) == ("https://dg.example/proxy", "wss://[::1]:8443")
+
+
+FLOAT_SETTINGS = [
+    "piper_cache_mb",
+    "deepgram_first_byte_timeout",
+    "deepgram_stall_timeout",
+    "deepgram_connect_timeout",
+    "deepgram_auth_recheck",
+    "idle_timeout",
+]
+
+
+def test_every_float_setting_is_listed_here() -> None:
+    floats = [name for name, field in Settings.model_fields.items() if field.annotation is float]
+    assert sorted(floats) == sorted(FLOAT_SETTINGS)
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
+def test_no_float_setting_takes_inf_or_nan(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CALLSPEAK_IDLE_TIMEOUT=inf was taken (streams never closed when idle); an infinite
+    piper_cache_mb an OverflowError traceback."""
+    monkeypatch.setenv(f"CALLSPEAK_{name.upper()}", value)
+    with pytest.raises(ValidationError, match=f"{name}\n  Input should be a finite number"):
+        Settings()
+
+
+def test_a_piper_cache_too_large_to_count_in_bytes_is_refused() -> None:
+    with pytest.raises(ValidationError, match="piper_cache_mb"):
+        Settings(piper_cache_mb=1e308)
+    assert Settings(piper_cache_mb=1024.5).piper_cache_mb == 1024.5

@@ -37,7 +37,13 @@ class Settings(BaseSettings):
     """Everything a callspeak server can be told. See the README's configuration table."""
 
     model_config = SettingsConfigDict(
-        env_prefix="CALLSPEAK_", extra="forbid", populate_by_name=True, frozen=True
+        env_prefix="CALLSPEAK_",
+        extra="forbid",
+        populate_by_name=True,
+        frozen=True,
+        # "inf" and "nan" parse as floats: an infinite idle timeout never closed a stream, and
+        # an infinite cache size was an OverflowError traceback when the voice was built.
+        allow_inf_nan=False,
     )
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
@@ -56,7 +62,10 @@ class Settings(BaseSettings):
     piper_model: str | None = Field(None, description="Path to a Piper .onnx voice (default: joe).")
     synth_workers: int = Field(0, ge=0, description="Synthesis threads; 0 = one per CPU core.")
     piper_cache_mb: float = Field(
-        8.0, ge=0, description="Memory for rendered sentences of the offline voice (0 = no cache)."
+        8.0,
+        ge=0,
+        le=1024 * 1024,  # a TiB: beyond ~1e302 the size in bytes overflowed to inf
+        description="Memory for rendered sentences of the offline voice (0 = no cache).",
     )
     deepgram_api_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("deepgram_api_key", "DEEPGRAM_API_KEY")
