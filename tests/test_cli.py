@@ -114,6 +114,14 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.greeting == "from env" and settings.port == 7002
 
 
+def test_log_level_flag_is_taken_in_any_case() -> None:
+    from callspeak.cli import _build_parser, _settings_from
+
+    args = _build_parser().parse_args(["serve", "--log-level", "DEBUG", "--log-format", "JSON"])
+    settings = _settings_from(args)
+    assert (settings.log_level, settings.log_format) == ("debug", "json")
+
+
 def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     """What a failed command printed: one line on stderr (no traceback), nothing on stdout."""
     out, err = capsys.readouterr()

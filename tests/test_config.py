@@ -222,3 +222,18 @@ def test_a_piper_cache_too_large_to_count_in_bytes_is_refused() -> None:
     with pytest.raises(ValidationError, match="piper_cache_mb"):
         Settings(piper_cache_mb=1e308)
     assert Settings(piper_cache_mb=1024.5).piper_cache_mb == 1024.5
+
+
+@pytest.mark.parametrize(
+    ("level", "fmt"), [("INFO", "JSON"), ("Warning", "Text"), ("debug", "text")]
+)
+def test_log_level_and_format_are_taken_in_any_case(
+    level: str, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CALLSPEAK_LOG_LEVEL=INFO, as Python and uvicorn spell levels, was refused."""
+    monkeypatch.setenv("CALLSPEAK_LOG_LEVEL", level)
+    monkeypatch.setenv("CALLSPEAK_LOG_FORMAT", fmt)
+    settings = Settings()
+    assert (settings.log_level, settings.log_format) == (level.lower(), fmt.lower())
+    with pytest.raises(ValidationError, match="log_level"):
+        Settings(log_level="verbose")  # type: ignore[arg-type]

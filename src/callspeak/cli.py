@@ -75,8 +75,9 @@ _SERVE_FLAGS: dict[str, dict[str, Any]] = {
     },
     "certfile": {"help": "TLS certificate (PEM) to serve https:// and wss:// directly"},
     "keyfile": {"help": "TLS private key (PEM) for --certfile"},
-    "log-level": {"choices": ["debug", "info", "warning", "error"]},
-    "log-format": {"choices": ["text", "json"]},
+    # In any case, as CALLSPEAK_LOG_LEVEL: --log-level INFO as Python and uvicorn spell it.
+    "log-level": {"type": str.lower, "choices": ["debug", "info", "warning", "error"]},
+    "log-format": {"type": str.lower, "choices": ["text", "json"]},
 }
 
 
