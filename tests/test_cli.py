@@ -458,3 +458,35 @@ def test_serve_refuses_infinite_numbers_in_one_line(
     err = one_line_error(capsys)
     field = "piper_cache_mb" if "cache" in str([args, env]).lower() else "idle_timeout"
     assert err == f"callspeak: invalid setting: {field}: Input should be a finite number\n", err
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_misspelt_setting_is_warned_of_once_with_the_name_it_may_mean(
+    command: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """CALLSPEAK_MAXCALLS=3 was silently ignored: the server ran with 100."""
+    from callspeak.config import ConfigError
+
+    def no_app(*args: object, **kwargs: object) -> None:
+        raise ConfigError("(stopped here: the warnings come before the app is made)")
+
+    monkeypatch.setenv("CALLSPEAK_MAXCALLS", "3")
+    monkeypatch.setenv("CALLSPEAK_SERVER", "http://127.0.0.1:5000")  # the API client's: known
+    monkeypatch.setenv("CALLSPEAK_NOPE", "secret-value")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("callspeak.server.create_app", no_app)
+    extra = ["--no-validate-signatures", "--port", "0"] if command == "serve" else []
+    assert main([command, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("callspeak: (stopped here: the warnings come before the app is made)\n")
+    warnings = [line for line in err.splitlines() if "is not a callspeak setting" in line]
+    assert len(warnings) == 2, err
+    assert warnings[0].endswith(
+        "CALLSPEAK_MAXCALLS is not a callspeak setting and is ignored: did you mean "
+        "CALLSPEAK_MAX_CALLS?"
+    )
+    assert "WARNING" in warnings[0] and "CALLSPEAK_NOPE" in warnings[1]
+    assert "secret-value" not in err

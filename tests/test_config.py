@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from callspeak.config import Settings
+from callspeak.config import Settings, unknown_variables
 
 
 def test_security_and_limit_defaults() -> None:
@@ -237,3 +237,26 @@ def test_log_level_and_format_are_taken_in_any_case(
     assert (settings.log_level, settings.log_format) == (level.lower(), fmt.lower())
     with pytest.raises(ValidationError, match="log_level"):
         Settings(log_level="verbose")  # type: ignore[arg-type]
+
+
+def test_unknown_variables_are_found_with_the_setting_they_may_misspell() -> None:
+    environ = {
+        "CALLSPEAK_MAXCALLS": "3",
+        "CALLSPEAK_IDLE_TIMOUT": "5",
+        "callspeak_loglevel": "debug",
+        "CALLSPEAK_NOT_A_THING": "x",
+        # read: settings (in any case, with a vendor's name too), and the API client's
+        "CALLSPEAK_MAX_CALLS": "3",
+        "callspeak_port": "5000",
+        "CALLSPEAK_DEEPGRAM_API_KEY": "k",
+        "CALLSPEAK_SERVER": "http://127.0.0.1:5000",
+        "CALLSPEAK_API_TOKEN": "t",
+        "TWILIO_AUTH_TOKEN": "t",
+        "HOME": "/root",
+    }
+    assert unknown_variables(environ) == [
+        ("CALLSPEAK_IDLE_TIMOUT", "CALLSPEAK_IDLE_TIMEOUT"),
+        ("CALLSPEAK_MAXCALLS", "CALLSPEAK_MAX_CALLS"),
+        ("CALLSPEAK_NOT_A_THING", None),
+        ("callspeak_loglevel", "CALLSPEAK_LOG_LEVEL"),
+    ]

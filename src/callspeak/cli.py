@@ -339,6 +339,7 @@ def _serve(args: argparse.Namespace) -> int:
     _check_can_listen(settings.host, settings.port)
     _check_tls_files(settings.certfile, settings.keyfile)
     configure_logging(settings.log_level, settings.log_format)
+    _warn_of_unknown_variables()
     app = create_app(
         settings, hooks=_load_hooks(args.hooks) if args.hooks else None, freeze_heap=True
     )
@@ -404,6 +405,17 @@ class _VoiceStartGuard:
         chosen = self.settings is not None and self.settings.piper_model is not None
         hint = " (--piper-model / CALLSPEAK_PIPER_MODEL)" if chosen else ""
         raise ConfigError(f"the voice cannot start: {self.error}{hint}") from None
+
+
+def _warn_of_unknown_variables() -> None:
+    """Log a warning for each CALLSPEAK_* environment variable nothing reads: a misspelt
+    setting (CALLSPEAK_MAXCALLS) was silently ignored, and its default used."""
+    from callspeak.config import unknown_variables
+
+    log = logging.getLogger("callspeak.config")
+    for variable, close in unknown_variables(os.environ):
+        advice = f"did you mean {close}?" if close else "see the README for the settings"
+        log.warning("%s is not a callspeak setting and is ignored: %s", variable, advice)
 
 
 def _check_can_listen(host: str, port: int) -> None:
@@ -642,6 +654,7 @@ async def _demo(args: argparse.Namespace, guard: _VoiceStartGuard) -> int:
         }
     )
     configure_logging(settings.log_level if args.log_level else "warning", settings.log_format)
+    _warn_of_unknown_variables()
     app = create_app(settings)
     print(f"callspeak demo: starting a server with the {settings.resolved_tts()} voice…")
     options = uvicorn_options(settings, app)

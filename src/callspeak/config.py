@@ -14,6 +14,8 @@ emulator on loopback, does so itself, so it keeps working without a Twilio accou
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
@@ -22,7 +24,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from callspeak.base_urls import checked_base_url
 from callspeak.twiml import xml_text_problem
 
-__all__ = ["DEFAULT_GREETING", "ConfigError", "Settings", "TTSChoice"]
+__all__ = [
+    "DEFAULT_GREETING",
+    "OTHER_CALLSPEAK_VARIABLES",
+    "ConfigError",
+    "Settings",
+    "TTSChoice",
+    "unknown_variables",
+]
 
 DEFAULT_GREETING = "Hello, how are you today?"
 
@@ -301,3 +310,30 @@ class Settings(BaseSettings):
         if self.tts != "auto":
             return self.tts
         return "deepgram" if self.deepgram_api_key else "piper"
+
+
+#: CALLSPEAK_* variables read outside :class:`Settings`: the control API client's server URL.
+OTHER_CALLSPEAK_VARIABLES = frozenset({"CALLSPEAK_SERVER"})
+
+
+def _known_variables() -> set[str]:
+    """Every CALLSPEAK_* name callspeak reads, upper case (a setting's with a vendor's name,
+    ``DEEPGRAM_API_KEY`` say, is read with the prefix too)."""
+    prefix = str(Settings.model_config.get("env_prefix", "")).upper()
+    return {f"{prefix}{name.upper()}" for name in Settings.model_fields} | OTHER_CALLSPEAK_VARIABLES
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """Each CALLSPEAK_* variable in ``environ`` that nothing in callspeak reads (names are
+    matched in any case, as settings are read), with the known name closest to it if one is
+    close (a misspelling), else None; sorted by name. Values are never looked at."""
+    known = _known_variables()
+    # Compared without the prefix they share, which would make any two names look alike.
+    suffixes = {name.removeprefix("CALLSPEAK_"): name for name in known}
+    unknown = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if upper.startswith("CALLSPEAK_") and upper not in known:
+            close = difflib.get_close_matches(upper.removeprefix("CALLSPEAK_"), suffixes, 1, 0.75)
+            unknown.append((variable, suffixes[close[0]] if close else None))
+    return unknown
