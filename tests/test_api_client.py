@@ -135,6 +135,26 @@ def test_a_malformed_server_url_is_a_clear_error(
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("port", ["abc", "99999", "0", "-1", "5000x"])
+def test_a_port_no_server_listens_on_is_blamed_on_callspeak_port(
+    port: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CALLSPEAK_PORT=abc was reported as an invalid URL from --server / CALLSPEAK_SERVER;
+    99999 was dialled."""
+    monkeypatch.setenv("CALLSPEAK_PORT", port)
+    assert cli.main(["calls"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        f"callspeak calls: CALLSPEAK_PORT {port!r} is not a port from 1 to 65535: set it to the "
+        "server's port, or give the server's URL with --server / CALLSPEAK_SERVER\n"
+    )
+    monkeypatch.setenv("CALLSPEAK_SERVER", "http://[::1")  # the URL given wins: no port read
+    assert cli.main(["calls"]) == 1
+    assert (
+        "invalid server URL 'http://[::1' (--server / CALLSPEAK_SERVER)" in capsys.readouterr().err
+    )
+
+
 def test_a_reply_that_is_not_an_api_error_body_is_reported_as_is() -> None:
     def proxy(request: httpx.Request) -> httpx.Response:
         return httpx.Response(502, text="<html>Bad Gateway</html>")

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any, TextIO
 from urllib.parse import quote
 
@@ -32,12 +33,20 @@ class ApiClientError(Exception):
         self.code = code
 
 
-def default_server(environ: dict[str, str] | None = None) -> str:
-    """``$CALLSPEAK_SERVER``, else ``http://127.0.0.1:$CALLSPEAK_PORT`` (port 5000)."""
+def default_server(environ: Mapping[str, str] | None = None) -> str:
+    """``$CALLSPEAK_SERVER``, else ``http://127.0.0.1:$CALLSPEAK_PORT`` (port 5000). Raises
+    :class:`ApiClientError` naming CALLSPEAK_PORT if that is no port a server can listen on
+    (it was blamed on CALLSPEAK_SERVER as an invalid URL, or dialled as it was: port 99999)."""
     env = os.environ if environ is None else environ
     if env.get("CALLSPEAK_SERVER"):
         return env["CALLSPEAK_SERVER"]
-    return f"http://127.0.0.1:{env.get('CALLSPEAK_PORT') or 5000}"
+    port = (env.get("CALLSPEAK_PORT") or "5000").strip()
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ApiClientError(
+            f"CALLSPEAK_PORT {port!r} is not a port from 1 to 65535: set it to the server's "
+            "port, or give the server's URL with --server / CALLSPEAK_SERVER"
+        )
+    return f"http://127.0.0.1:{int(port)}"
 
 
 class ApiClient:
@@ -217,7 +226,11 @@ def run_api_command(
     out = out or sys.stdout
     err = err or sys.stderr
     token = args.token if args.token is not None else os.environ.get("CALLSPEAK_API_TOKEN")
-    server = args.server or default_server()
+    try:
+        server = args.server or default_server()
+    except ApiClientError as exc:
+        print(f"callspeak {args.command}: {exc}", file=err)
+        return 1
     try:
         with ApiClient(server, token=token or None, transport=transport) as client:
             if args.command == "calls":
