@@ -195,3 +195,21 @@ def test_text_xml_cannot_carry_is_refused_not_written(char: str) -> None:
 def test_a_stream_url_with_a_space_is_refused(url: str) -> None:
     with pytest.raises(TwiMLError, match="space"):
         connect_stream_twiml(url)
+
+
+@pytest.mark.parametrize("command", ["twiml", "call"])
+def test_a_status_callback_that_is_no_url_is_explained_to_a_command_line_user(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The message told a command-line user to "use webhook_url_from_public", a Python name."""
+    from callspeak.cli import main
+
+    extra = ["--to", "+15551234567", "--from", "+15557654321"] if command == "call" else []
+    args = [command, *extra, "--url", "wss://h.example/twilio", "--status-callback", "notaurl"]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        "callspeak: status_callback 'notaurl' must be an absolute http(s) URL Twilio can reach, "
+        "e.g. https://example.ngrok.app/status (`status_callback`; --status-callback on the "
+        "command line)\n"
+    )

@@ -210,7 +210,9 @@ def _check_callback_url(url: str) -> None:
     _check_url_text("status_callback", url)
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
+        # Read by Python callers and command-line users alike: both names, as for --param.
         raise TwiMLError(
-            f"status_callback {url!r} must be an absolute http(s) URL Twilio can reach "
-            "(use webhook_url_from_public)"
+            f"status_callback {url!r} must be an absolute http(s) URL Twilio can reach, e.g. "
+            "https://example.ngrok.app/status (`status_callback`; --status-callback on the "
+            "command line)"
         )
