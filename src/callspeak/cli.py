@@ -343,12 +343,12 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(
         settings, hooks=_load_hooks(args.hooks) if args.hooks else None, freeze_heap=True
     )
-    guard = _VoiceStartGuard(app, settings)
-    try:
-        uvicorn.run(guard, **uvicorn_options(settings, app))
-    except SystemExit:  # uvicorn's exit 3 when the app did not start
-        guard.raise_if_failed()
-        raise
+    with _VoiceStartGuard(app, settings) as guard:
+        try:
+            uvicorn.run(guard, **uvicorn_options(settings, app))
+        except SystemExit:  # uvicorn's exit 3 when the app did not start
+            guard.raise_if_failed()
+            raise
     return 0
 
 
@@ -356,7 +356,8 @@ class _VoiceStartGuard:
     """The app, as uvicorn runs it, but a voice that cannot start (a Piper model that is not
     one, say) is not the lifespan traceback uvicorn logs for any start-up failure: it is kept
     for :meth:`raise_if_failed`, which the command reports in one line once uvicorn has given
-    up. Any other start-up failure is a bug, and uvicorn logs it as it would."""
+    up. Any other start-up failure is a bug, and uvicorn logs it as it would. Used as a
+    context manager around the server's run (it filters uvicorn's log meanwhile)."""
 
     _UVICORN_LINE = "Application startup failed. Exiting."
 
@@ -365,8 +366,14 @@ class _VoiceStartGuard:
         self.app = app
         self.settings = settings
         self.error: Exception | None = None
+
+    def __enter__(self) -> _VoiceStartGuard:
         # uvicorn's own last line on a failed start says nothing the command will not.
         logging.getLogger("uvicorn.error").addFilter(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("uvicorn.error").removeFilter(self)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "lifespan":
@@ -626,12 +633,12 @@ def _wrote(path: str, report: CallReport) -> str:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    guard = _VoiceStartGuard()
-    try:
-        return eventloop.run(_demo(args, guard))
-    except SystemExit:  # uvicorn's exit 3 (from the server's task) when the app did not start
-        guard.raise_if_failed()
-        raise
+    with _VoiceStartGuard() as guard:
+        try:
+            return eventloop.run(_demo(args, guard))
+        except SystemExit:  # uvicorn's exit 3 (from the server's task) when it did not start
+            guard.raise_if_failed()
+            raise
 
 
 async def _demo(args: argparse.Namespace, guard: _VoiceStartGuard) -> int:
