@@ -213,3 +213,20 @@ def test_a_status_callback_that_is_no_url_is_explained_to_a_command_line_user(
         "e.g. https://example.ngrok.app/status (`status_callback`; --status-callback on the "
         "command line)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "callback"),
+    [
+        ("wss://h.example/twi\nlio", None),
+        ("wss://h.example/\ttwilio", None),
+        ("wss://h.example/twilio\r", None),
+        ("wss://h.example/twilio", "https://h.example/cb\n"),
+        ("wss://h.example/twilio", "https://h.example/\tcb"),
+    ],
+)
+def test_a_url_with_a_tab_or_line_break_is_refused(url: str, callback: str | None) -> None:
+    """urlsplit silently drops tabs and line breaks, so a pasted URL with one would pass the
+    other checks; TwiML would then carry a URL Twilio cannot use. It is refused up front."""
+    with pytest.raises(TwiMLError, match="line break"):
+        connect_stream_twiml(url, status_callback=callback)
