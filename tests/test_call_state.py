@@ -120,3 +120,16 @@ def test_echoes_after_clear_are_flushed_not_played() -> None:
     assert state.receive(Mark(7, SID, "c")) == MarkPlayed("c")
     # A second echo of a flushed mark is not a thing Twilio does: rejected.
     assert isinstance(state.receive(Mark(8, SID, "b")), Rejected)
+
+
+def test_a_mark_name_whose_flushed_echo_is_still_due_cannot_be_reused() -> None:
+    """After a clear, Twilio still echoes the dropped marks. Reusing a name before its echo came
+    back would make that echo pass for the new mark being played: refused."""
+    state = started()
+    state.mark_sent("a")
+    assert state.cleared() == ("a",)
+    with pytest.raises(ValueError, match="'a'"):
+        state.mark_sent("a")
+    assert state.receive(Mark(5, SID, "a")) == MarkFlushed("a")
+    state.mark_sent("a")  # the echo is in: the name is free again
+    assert state.pending_marks == ("a",)
