@@ -263,3 +263,24 @@ def test_fast_key_sequences_are_no_barge_in(on_off_ms: int) -> None:
             ]
             line = np.concatenate([np.zeros(round((0.1 + lead_ms / 1000) * RATE)), *presses])
             assert onsets_in(as_mulaw(line))[0] == [], (lead_ms, level)
+
+
+def vowel(seconds: float) -> np.ndarray:
+    """A sung vowel (harmonics of a wavering 140 Hz): voiced in every frame, for WebRTC's VAD."""
+    t = np.arange(round(seconds * RATE)) / RATE
+    phase = 2 * np.pi * np.cumsum(140 + 10 * np.sin(2 * np.pi * 3 * t)) / RATE
+    wave = sum(np.sin(k * phase) / k for k in range(1, 25))
+    return dbfs(-15) * wave / np.sqrt(np.mean(wave**2))
+
+
+def test_speech_after_a_pause_needs_min_speech_ms_again() -> None:
+    """When a stretch of speech ends, the frames counted for it are forgotten: the caller's next
+    words are an onset only after ``min_speech_ms`` of them, not at their first frame because
+    the last stretch's frames were still in the window."""
+    detector = SpeechOnsetDetector(min_speech_ms=400, min_silence_ms=40)
+    first = as_mulaw(np.concatenate([np.zeros(RATE // 5), vowel(0.6), np.zeros(160 * 2)]))
+    found = [i for i in range(0, len(first), 160) if detector.feed(first[i : i + 160])]
+    assert len(found) == 1 and not detector.in_speech
+    again = as_mulaw(vowel(0.6))
+    found = [i / RATE for i in range(0, len(again), 160) if detector.feed(again[i : i + 160])]
+    assert found == [pytest.approx(0.38)]  # the 20th voiced frame: 400 ms of the new speech
