@@ -428,6 +428,8 @@ def test_host_headers_naming_this_machine(header: str) -> None:
         "10.0.0.7:5000",
         "[2001:db8::1]:5000",
         "localhost.example.com",
+        "evillocalhost",
+        "notlocalhost:5000",
         "evil.com:5000",
         "",
         None,
@@ -752,3 +754,35 @@ async def test_a_client_that_goes_away_mid_body_is_not_logged_as_a_server_error(
         await asyncio.sleep(0.2)  # the server reads the disconnect
         assert (await api.http.get(f"/calls/{session.call_sid}")).status_code == 200
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+
+
+async def test_say_with_interruptible_false_is_spared_by_barge_in(api: Api) -> None:
+    """``"interruptible": false`` in the say body reaches the call: the utterance says so, a
+    barge-in's clear leaves it alone, and the caller hears it to the end."""
+    async with live_call(api) as (session, _):
+        r = await api.http.post(
+            f"/calls/{session.call_sid}/say", json={"text": "Hi.", "interruptible": False}
+        )
+        assert r.status_code == 202, r.text
+        assert r.json()["interruptible"] is False
+        (utterance,) = [u for u in session.utterances if u.id == r.json()["id"]]
+        assert not utterance.interruptible
+        assert await session.clear(only_interruptible=True, reason="barge-in") == []
+        async with asyncio.timeout(5):
+            assert await utterance.wait() is SpeechStatus.PLAYED
+
+
+async def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413(api: Api) -> None:
+    """The body limit is inclusive: a body of exactly the limit is read (here padded with JSON
+    whitespace), one byte more is refused with 413 before it is parsed."""
+    async with live_call(api) as (session, _):
+        say = f"/calls/{session.call_sid}/say"
+        huge = assert_error(await api.http.post(say, content=b" " * 200_000), 413, "body_too_large")
+        limit = int(re.search(r"over (\d+) bytes", huge["message"])[1])  # type: ignore[index]
+        body = b'{"text": "Hi."}'
+        headers = {"Content-Type": "application/json"}
+        exact = await api.http.post(say, content=body.ljust(limit), headers=headers)
+        assert exact.status_code == 202, exact.text
+        over = await api.http.post(say, content=body.ljust(limit + 1), headers=headers)
+        assert_error(over, 413, "body_too_large")
+        await session.clear()
