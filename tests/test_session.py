@@ -17,6 +17,7 @@ from callspeak.protocol import (
     CallSid,
     Clear,
     Connected,
+    Dtmf,
     Mark,
     Media,
     MediaFormat,
@@ -1421,3 +1422,78 @@ async def test_a_voice_limited_in_texts_a_minute_is_given_short_sentences_groupe
     assert provider.texts == ["Yes. Okay. Let me check that.", "One moment, please. Bye."]
     heard = [e.data["text"] for e in h.events if e.type == "speech.heard"]
     assert heard == ["Yes. Okay. Let me check that.", "One moment, please. Bye."]
+
+
+async def test_speech_after_a_clear_goes_out_at_once_not_after_the_audio_it_dropped() -> None:
+    """A clear empties Twilio's buffer: the next utterance's first audio goes out at once, not
+    after waiting for the second of cleared audio the pacer would otherwise still count."""
+    clock = InstantClock()  # moves only when the sender waits for the pacer
+    provider = FakeProvider(chunk=80_000)  # 2 s of greeting at once
+    async with Harness(provider, greeting="x" * 200, max_lead=1.0, clock=clock) as h:
+        h.transport.clock = clock
+        h.transport.push(start_json())
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        cleared_at = clock.now()
+        assert h.transport.sent_at[0] <= cleared_at - 0.9  # a second of it still unplayed
+        await h.session.clear()
+        after = h.session.say("Next.")
+        await h.transport.wait_for(lambda ms: isinstance(ms[-1], OutboundMark))
+    sent = h.transport.messages()
+    first = next(
+        i for i in range(sent.index(Clear(SID)), len(sent)) if isinstance(sent[i], OutboundMedia)
+    )
+    assert h.transport.sent_at[first] == cleared_at
+    assert after.play_starts == [cleared_at]
+
+
+async def test_an_interrupt_digit_spares_speech_that_is_not_interruptible() -> None:
+    """A key in interrupt_digits stops speech as barge-in does: only interruptible speech.
+    A legal notice said with interruptible=False plays on, and no clear is sent."""
+    async with Harness(greeting=None, interrupt_digits="#") as h:
+        await h.start_idle()
+        notice = h.session.say("Legal notice.", interruptible=False)
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+        h.transport.push(Dtmf(5, SID, "inbound_track", "#").to_json())
+        h.transport.push(echo("g0.u1.s0"))
+        assert await asyncio.wait_for(notice.wait(), 5) is SpeechStatus.PLAYED
+    assert not any(isinstance(m, Clear) for m in h.transport.messages())
+    assert "dtmf" in h.types() and "speech.interrupted" not in h.types()
+
+
+class LateLaterSentences(FakeProvider):
+    """Synthesises the first sentence at once, the later ones only once ``gate`` is set."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.gate = asyncio.Event()
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        if continuation:
+            await self.gate.wait()
+        async for chunk in super().stream(text, continuation=continuation, ahead=ahead):
+            yield chunk
+
+
+async def test_a_sentence_whose_audio_came_late_is_cut_at_what_played_of_it() -> None:
+    """The previous mark's echo starts the next sentence only if some of its audio was sent:
+    audio that comes 2 s later starts playing then, and a clear 0.5 s after that reports
+    0.5 s of it heard, not 2.5 s (all of it)."""
+    clock = InstantClock()
+    provider = LateLaterSentences(seconds_per_char=0.2)  # 0.8 s a sentence
+    async with Harness(provider, greeting=None, clock=clock) as h:
+        await h.start_idle()
+        utterance = h.session.say("One. Two.")
+        await h.transport.wait_for(lambda ms: len(h.marks()) == 1)
+        h.transport.push(echo("g0.u1.s0"))
+        await asyncio.sleep(0.01)
+        assert utterance.heard_count == 1
+        clock.t += 2.0
+        provider.gate.set()  # "Two." arrives, and goes out
+        await h.transport.wait_for(lambda ms: len(h.marks()) == 2)
+        clock.t += 0.5
+        assert await h.session.clear() == [utterance]
+    assert utterance.record == HeardRecord(("One.",), "Two.", pytest.approx(0.5), ())
+    interrupted = next(e for e in h.events if e.type == "speech.interrupted")
+    assert interrupted.data["cutSeconds"] == pytest.approx(0.5)
