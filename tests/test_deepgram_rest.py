@@ -339,6 +339,20 @@ async def test_huge_error_body_is_read_only_in_part(
     assert await collect(service.open().stream("Hi.")) == fake.audio_for("Hi.")
 
 
+async def test_an_error_body_is_read_no_further_than_64_kib(
+    service: DeepgramRestService, fake: FakeDeepgram
+) -> None:
+    """A misbehaving server's error body is read only up to 64 KiB (the rest is dropped with
+    the connection), not held whole in memory. Here its first 64 KiB are a JSON error padded
+    with spaces, followed by a megabyte that would make it unreadable if it were read too."""
+    head = b'{"err_code": "BUSY", "err_msg": "Overloaded,\\n try later."}'
+    fake.fail_next(503, head.ljust(64 * 1024) + b"x" * 1_000_000)
+    with pytest.raises(TTSError) as info:
+        await collect(service.open().stream("Hi."))
+    assert (info.value.status, info.value.code) == (503, "BUSY")
+    assert info.value.message == "Overloaded, try later."  # one line
+
+
 async def test_closing_the_service_ends_streams_without_retry(
     service: DeepgramRestService, fake: FakeDeepgram
 ) -> None:
