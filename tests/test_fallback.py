@@ -78,6 +78,36 @@ async def test_retryable_failure_before_audio_is_retried_once_on_the_same_voice(
     assert primary.texts == [TEXT, TEXT]
 
 
+def too_many(retry_after: float | None) -> TTSError:
+    return TTSError(
+        "primary", "Too many requests.", retryable=True, status=429, retry_after=retry_after
+    )
+
+
+class RestingService(ScriptedService):
+    """Resting after a 429 from its first text on, as the REST voice rests (so the chain does
+    not retry it at once)."""
+
+    def resting(self) -> bool:
+        return bool(self.provider.texts)
+
+
+async def test_the_last_voice_tries_once_more_after_a_short_rest_rather_than_apologise() -> None:
+    """With no other voice to turn to, a 429 asking for a short rest is waited out and tried
+    once more (a moment's silence rather than the apology); one asking for longer, or a second
+    429, plays the apology at once."""
+    primary = ScriptedProvider([too_many(0.05)])
+    chain = FallbackService([RestingService(primary)], apology=b"sorry")
+    assert await collect(chain, TEXT) == tone_for(TEXT)
+    assert primary.texts == [TEXT, TEXT]
+    for errors in ([too_many(5.0)], [too_many(0.05), too_many(0.05)]):
+        primary = ScriptedProvider(errors)
+        chain = FallbackService([RestingService(primary)], apology=b"\xff" * 160)
+        with pytest.raises(TTSError, match="every voice failed"):
+            await collect(chain, TEXT)
+        assert primary.texts == [TEXT] * len(errors)
+
+
 async def test_second_failure_falls_back_and_logs_the_cause(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -9,7 +9,9 @@ sentence by sentence) its provider tries the engines in order:
   the rest is over (:mod:`~callspeak.tts.too_many_requests`);
 * a failure before any audio of the text was yielded, at the start of an utterance, is retried
   once on the same engine when it is retryable (5xx, timeouts, a stall, a cut) — but a 429 is
-  not: sending it again at once would add to the load Deepgram just refused;
+  not: sending it again at once would add to the load Deepgram just refused. Only on the last
+  engine of the chain (no other voice to turn to) is a 429 tried once more, after the rest it
+  asked for, if that is at most :data:`LAST_VOICE_WAIT`;
 * any other failure moves on to the next engine — a text cut mid-stream is spoken again from its
   start by the next voice (where the cut fell in the text is unknowable), unless the engine
   says how much of it was streamed whole (:attr:`TTSError.unspoken`: the REST voice's parts
@@ -32,6 +34,7 @@ always Twilio's format; an engine with another format is converted on the way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
@@ -48,12 +51,17 @@ from callspeak.tts.base import (
     warm_up,
     worth_trying,
 )
+from callspeak.tts.too_many_requests import DEFAULT_REST
 
 __all__ = ["APOLOGY_TEXT", "FallbackService", "load_apology"]
 
 log = logging.getLogger("callspeak.tts")
 
 APOLOGY_TEXT = "Sorry, I can't speak right now. Please try again later."
+
+#: The longest a text waits on the chain's last voice after a 429 before its one more try:
+#: a second's silence, rather than the apology, while Deepgram's requests in progress end.
+LAST_VOICE_WAIT = 1.0
 
 
 def load_apology() -> bytes:
@@ -186,8 +194,14 @@ class _FallbackProvider:
                 except Exception as raised:
                     exc = _as_tts_error(provider.name, raised)
                     failures.append(exc)
-                    # Not on an engine resting now: it refused as too many at once (429).
-                    again = retry and not yielded and exc.retryable and worth_trying(service)
+                    # Not on an engine resting now: it refused as too many at once (429). The
+                    # last voice has no next one, so it waits out a short rest and tries once.
+                    wait = _wait_for_last_voice(exc) if index == len(self._chain) - 1 else None
+                    again = (
+                        retry
+                        and not yielded
+                        and ((exc.retryable and worth_trying(service)) or wait is not None)
+                    )
                     retry = False
                     _log_failure(provider.name, exc, yielded=yielded, retrying=again)
                     if self._on_failure is not None:
@@ -196,6 +210,8 @@ class _FallbackProvider:
                         text = exc.unspoken  # what was heard whole is not said again
                     if not again:
                         break
+                    if wait:
+                        await asyncio.sleep(wait)
             # The next engine takes over this text and the rest of the utterance.
             self._first = min(index + 1, len(self._chain) - 1)
         causes = "; ".join(str(exc) for exc in failures) or "no engine is healthy"
@@ -253,6 +269,17 @@ def _as_tts_error(name: str, exc: Exception) -> TTSError:
         return exc
     log.error("voice %s failed unexpectedly", name, exc_info=exc)
     return TTSError(name, f"unexpected error: {exc!r}", retryable=False)
+
+
+def _wait_for_last_voice(exc: TTSError) -> float | None:
+    """Seconds the chain's last voice waits before trying a text again after Deepgram refused it
+    as too many at once (429): the rest it asked for, if that is short (at most
+    :data:`LAST_VOICE_WAIT`); None when the failure is no 429, or the rest is longer (the
+    apology then plays at once rather than after a longer silence)."""
+    if exc.status != 429 or isinstance(exc, TTSAuthError):
+        return None
+    rest = DEFAULT_REST if exc.retry_after is None else exc.retry_after
+    return rest if rest <= LAST_VOICE_WAIT else None
 
 
 def _log_failure(name: str, exc: TTSError, *, yielded: bool, retrying: bool) -> None:
