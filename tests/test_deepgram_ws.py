@@ -411,6 +411,42 @@ async def test_a_handshake_refused_as_too_many_is_not_tried_again_until_the_rest
     await third.aclose()
 
 
+async def test_a_call_retrying_its_connect_when_a_rest_begins_opens_no_socket(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """Another call's handshake refused with 429 while this one waits to retry (after a 503):
+    its retry does not go out during the rest."""
+    fake.refuse_ws(503)
+    service: DeepgramWebSocketService
+
+    async def backoff(seconds: float) -> None:  # meanwhile, another call is refused with 429
+        service.too_many_requests.refused(5.0)
+
+    service = make(ws_url, max_reconnects=3, sleep=backoff)
+    with pytest.raises(TTSError, match="not opening a socket for 5.0 s more") as info:
+        await collect(service.open().stream("Hi."))
+    assert not info.value.retryable and fake.ws_connections == 1
+
+
+async def test_an_old_socket_is_kept_rather_than_replaced_during_a_rest(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """A socket past its age is replaced before the next utterance, but not while no new one
+    may be opened (a 429's rest, a minute at most, well within Deepgram's 60-minute limit)."""
+    clock = SettableClock()
+    service = make(ws_url, clock=clock, max_connection_age=100.0)
+    provider = service.open()
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+    clock.now += 100
+    service.too_many_requests.refused(30.0)
+    assert await collect(provider.stream("Again.")) == fake.audio_for("Again.")
+    assert fake.ws_connections == 1  # the old socket spoke
+    clock.now += 30
+    assert await collect(provider.stream("Third.")) == fake.audio_for("Third.")
+    assert fake.ws_connections == 2  # the rest over: replaced
+    await provider.aclose()
+
+
 async def test_a_handshake_refused_with_a_repeated_header_is_a_tts_error(ws_url: str) -> None:
     """A load balancer's refusal with two ``Set-Cookie``: websockets' ``Headers`` raise for a
     repeated name when read as a mapping, which must not escape the error's parsing."""

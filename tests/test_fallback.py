@@ -85,17 +85,24 @@ def too_many(retry_after: float | None) -> TTSError:
 
 
 class RestingService(ScriptedService):
-    """Resting after a 429 from its first text on, as the REST voice rests (so the chain does
-    not retry it at once)."""
+    """Resting ``rest`` seconds after its first text (a 429), as the REST voice rests: the chain
+    does not retry it at once."""
 
-    def resting(self) -> bool:
-        return bool(self.provider.texts)
+    def __init__(self, provider: ScriptedProvider, rest: float = 0.05) -> None:
+        super().__init__(provider)
+        self.rest = rest
+
+    def rest_remaining(self) -> float:
+        return self.rest if self.provider.texts else 0.0
 
 
-async def test_the_last_voice_tries_once_more_after_a_short_rest_rather_than_apologise() -> None:
+async def test_the_last_voice_tries_once_more_after_a_short_rest_rather_than_apologise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """With no other voice to turn to, a 429 asking for a short rest is waited out and tried
     once more (a moment's silence rather than the apology); one asking for longer, or a second
     429, plays the apology at once."""
+    monkeypatch.setattr("callspeak.tts.too_many_requests.DEFAULT_REST", 0.05)  # the shortest
     primary = ScriptedProvider([too_many(0.05)])
     chain = FallbackService([RestingService(primary)], apology=b"sorry")
     assert await collect(chain, TEXT) == tone_for(TEXT)
@@ -106,6 +113,22 @@ async def test_the_last_voice_tries_once_more_after_a_short_rest_rather_than_apo
         with pytest.raises(TTSError, match="every voice failed"):
             await collect(chain, TEXT)
         assert primary.texts == [TEXT] * len(errors)
+
+
+async def test_a_last_voice_found_resting_is_waited_for_briefly_and_never_asked_meanwhile() -> None:
+    """The last voice is asked even when it cannot be skipped for another, but not while it
+    rests after a 429: a short rest is waited out first, a long one plays the apology without
+    a request (which would only be refused again, adding to the load)."""
+    for rest, asked in ((0.05, [TEXT, TEXT]), (30.0, [TEXT])):
+        primary = ScriptedProvider([])
+        chain = FallbackService([RestingService(primary, rest)], apology=b"\xff" * 160)
+        assert await collect(chain, TEXT) == tone_for(TEXT)  # not resting yet
+        if rest > 1:
+            with pytest.raises(TTSError, match="resting 30.0 s more"):
+                await collect(chain, TEXT)
+        else:
+            assert await collect(chain, TEXT) == tone_for(TEXT)
+        assert primary.texts == asked
 
 
 async def test_second_failure_falls_back_and_logs_the_cause(

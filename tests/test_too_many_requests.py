@@ -55,7 +55,9 @@ def test_a_429_rests_a_second_when_it_says_nothing_and_only_the_first_starts_a_r
     assert rest.refused(None)  # over: the next 429 starts another
 
 
-def test_a_429_rests_for_its_retry_after_capped_and_never_shortens_a_rest() -> None:
+def test_a_429_rests_for_its_retry_after_within_bounds_and_never_shortens_a_rest() -> None:
+    """At most a minute; at least a second, even for ``Retry-After: 0`` or a date already past
+    (a skewed clock): no rest would let every call send its next sentence at once again."""
     clock = SettableClock()
     rest = TooManyRequests(clock)
     rest.refused(5.0)
@@ -65,8 +67,8 @@ def test_a_429_rests_for_its_retry_after_capped_and_never_shortens_a_rest() -> N
     assert rest.remaining() == LONGEST_REST
     clock.now += LONGEST_REST
     assert not rest.resting()
-    rest.refused(0.0)  # "now": no rest at all
-    assert not rest.resting()
+    assert rest.refused(0.0)  # "now": the shortest rest still
+    assert rest.remaining() == DEFAULT_REST
 
 
 def test_a_429s_retry_after_reaches_the_error_even_beside_a_repeated_header() -> None:

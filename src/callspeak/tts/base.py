@@ -30,6 +30,7 @@ __all__ = [
     "TTSProvider",
     "TTSService",
     "aclose_stream",
+    "rest_remaining",
     "warm_up",
     "worth_trying",
 ]
@@ -185,16 +186,22 @@ class TTSService(Protocol):
 
 def worth_trying(service: TTSService) -> bool:
     """Whether to ask ``service`` for speech now: it is not resting after refusing too many
-    requests (an engine with a ``resting()`` method, as Deepgram's voices: see
-    :mod:`~callspeak.tts.too_many_requests`), and it is healthy or its refused credentials are
-    due to be tried again (an engine with a ``recheck_due()`` method, as Deepgram's voices)."""
-    resting = getattr(service, "resting", None)
-    if resting is not None and resting():
+    requests (:func:`rest_remaining`), and it is healthy or its refused credentials are due to
+    be tried again (an engine with a ``recheck_due()`` method, as Deepgram's voices)."""
+    if rest_remaining(service) > 0:
         return False
     if service.healthy:
         return True
     due = getattr(service, "recheck_due", None)
     return bool(due is not None and due())
+
+
+def rest_remaining(service: TTSService) -> float:
+    """Seconds ``service`` still rests after refusing too many requests at once (a 429), from
+    its optional ``rest_remaining()`` method (the REST Deepgram voice has one: see
+    :mod:`~callspeak.tts.too_many_requests`); 0 when it has none or is not resting."""
+    method = getattr(service, "rest_remaining", None)
+    return float(method()) if method is not None else 0.0
 
 
 def warm_up(provider: TTSProvider) -> None:

@@ -157,9 +157,10 @@ class DeepgramRestService:
         """Refused at least ``auth_recheck`` seconds ago: worth trying the key again."""
         return self.refused_key.due()
 
-    def resting(self) -> bool:
-        """Deepgram answered 429 a moment ago: a fallback chain skips this voice meanwhile."""
-        return self.too_many_requests.resting()
+    def rest_remaining(self) -> float:
+        """Seconds left of the rest after Deepgram answered 429 (0: none): a fallback chain skips
+        this voice meanwhile (see :func:`~callspeak.tts.base.worth_trying`)."""
+        return self.too_many_requests.remaining()
 
     @property
     def closed(self) -> bool:

@@ -59,7 +59,7 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   sentences to that, so a call speaking without a pause flushes about as often as the limit
   allows, and the waits above fall within audio still to play.
 * A socket older than ``max_connection_age`` (55 min; Deepgram allows 60) is closed and replaced
-  before the next utterance, never during one.
+  before the next utterance, never during one, nor during a 429's rest.
 
 Thin client on ``websockets`` rather than ``deepgram-sdk``: four messages do not justify an SDK
 whose async socket layer is built on the deprecated ``websockets.legacy``.
@@ -198,7 +198,7 @@ class DeepgramWebSocketService:
         self.connect: Connect = connect if connect is not None else _default_connect
         self.refused_key = RefusedKey(auth_recheck, clock)
         #: The rest after Deepgram refused a handshake with 429 (too many at once): no socket is
-        #: opened meanwhile, while the sockets open go on speaking (so no ``resting()`` here,
+        #: opened meanwhile, while the sockets open go on speaking (so no ``rest_remaining()`` here,
         #: which would make a fallback chain skip this voice for calls whose socket is open).
         self.too_many_requests = TooManyRequests(clock)
         self._providers: weakref.WeakSet[DeepgramWebSocketProvider] = weakref.WeakSet()
@@ -305,8 +305,8 @@ class DeepgramWebSocketProvider:
         when the host's addresses are known."""
         if self._closed or self._ws is not None or self._warming is not None or self._streaming:
             return
-        if self._svc.refused_key.error is not None:
-            return  # the first stream() raises it, with no connect attempt
+        if self._svc.refused_key.error is not None or self._svc.too_many_requests.resting():
+            return  # the first stream() raises it (or the rest's), with no connect attempt
         self._warming = start_task(self._connect(), name="deepgram-ws-connect")
         self._warming.add_done_callback(self._warmed)
 
@@ -404,21 +404,16 @@ class DeepgramWebSocketProvider:
     # -- connection ----------------------------------------------------------------------
     async def _connect(self) -> ClientConnection:
         svc = self._svc
+        # Before the key's re-check is taken: a rest would waste it (the next is an interval on).
+        self._raise_if_resting()
         svc.refused_key.admit()  # refused: only a due re-check connects, one per interval
-        if (rest := svc.too_many_requests.remaining()) > 0:
-            raise TTSError(
-                _NAME,
-                f"not opening a socket for {rest:.1f} s more: Deepgram refused one as too many"
-                " at once for the project (429)",
-                retryable=False,
-                status=429,
-            )
         for attempt in range(svc.max_reconnects + 1):
             if attempt:  # refused meanwhile, to this or another call?
                 svc.refused_key.raise_if_refused()
             self._check_open()
             if attempt:
                 await svc.sleep(svc.backoff * 2 ** (attempt - 1) * (0.5 + svc.jitter()))
+                self._raise_if_resting()  # another call's handshake was refused meanwhile
             try:
                 ws = await self._dial(
                     open_timeout=svc.connect_timeout,
@@ -483,6 +478,20 @@ class DeepgramWebSocketProvider:
             request_id=error.request_id,
         )
 
+    def _raise_if_resting(self) -> None:
+        """Raise (not retryable) while no socket may be opened: Deepgram refused one as too many
+        at once a moment ago. The error says how long is left (``retry_after``)."""
+        rest = self._svc.too_many_requests.remaining()
+        if rest > 0:
+            raise TTSError(
+                _NAME,
+                f"not opening a socket for {rest:.1f} s more: Deepgram refused one as too many"
+                " at once for the project (429)",
+                retryable=False,
+                status=429,
+                retry_after=rest,
+            )
+
     async def _dial(self, **kwargs: Any) -> ClientConnection:
         """``connect()`` to the service's URL: through the kept addresses when it has them, in
         turn until one connects, the lookup and all of them within ``connect_timeout``."""
@@ -528,7 +537,13 @@ class DeepgramWebSocketProvider:
                 ws.close_reason or "",
             )
             await self._drop()
-        elif ws is not None and self._svc.clock() - self._opened_at >= self._svc.max_connection_age:
+        elif (
+            ws is not None
+            and self._svc.clock() - self._opened_at >= self._svc.max_connection_age
+            # Not while no socket may be opened (a 429's rest, a minute at most): this one is
+            # still good, and 5 minutes short of Deepgram's limit of 60.
+            and not self._svc.too_many_requests.resting()
+        ):
             logger.info("deepgram-ws socket near its 60-minute limit; replacing it")
             with contextlib.suppress(ConnectionClosed, TimeoutError):
                 await self._bounded(ws.send(_CLOSE))

@@ -11,7 +11,8 @@ sentence by sentence) its provider tries the engines in order:
   once on the same engine when it is retryable (5xx, timeouts, a stall, a cut) — but a 429 is
   not: sending it again at once would add to the load Deepgram just refused. Only on the last
   engine of the chain (no other voice to turn to) is a 429 tried once more, after the rest it
-  asked for, if that is at most :data:`LAST_VOICE_WAIT`;
+  asked for, if that is at most :data:`LAST_VOICE_WAIT`; a last engine found resting waits out
+  such a rest before it is asked, and is not asked at all during a longer one;
 * any other failure moves on to the next engine — a text cut mid-stream is spoken again from its
   start by the next voice (where the cut fell in the text is unknowable), unless the engine
   says how much of it was streamed whole (:attr:`TTSError.unspoken`: the REST voice's parts
@@ -48,10 +49,11 @@ from callspeak.tts.base import (
     TTSProvider,
     TTSService,
     aclose_stream,
+    rest_remaining,
     warm_up,
     worth_trying,
 )
-from callspeak.tts.too_many_requests import DEFAULT_REST
+from callspeak.tts.too_many_requests import rest_for
 
 __all__ = ["APOLOGY_TEXT", "FallbackService", "load_apology"]
 
@@ -179,8 +181,18 @@ class _FallbackProvider:
         failures: list[TTSError] = []
         for index in range(self._first, len(self._chain)):
             service, provider = self._chain[index]
-            if not worth_trying(service) and index < len(self._chain) - 1:
-                continue
+            last = index == len(self._chain) - 1
+            if not worth_trying(service):
+                if not last:
+                    continue
+                # The last voice, asked even when unhealthy (it may still speak), but not
+                # while it rests after a 429: a rest of a second or less is waited out.
+                rest = rest_remaining(service)
+                if rest > LAST_VOICE_WAIT:
+                    failures.append(_resting_error(provider.name, rest))
+                    break
+                if rest > 0:
+                    await asyncio.sleep(rest)
             retry = not continuation
             while True:
                 yielded = False
@@ -196,7 +208,7 @@ class _FallbackProvider:
                     failures.append(exc)
                     # Not on an engine resting now: it refused as too many at once (429). The
                     # last voice has no next one, so it waits out a short rest and tries once.
-                    wait = _wait_for_last_voice(exc) if index == len(self._chain) - 1 else None
+                    wait = _wait_for_last_voice(exc) if last else None
                     again = (
                         retry
                         and not yielded
@@ -278,8 +290,18 @@ def _wait_for_last_voice(exc: TTSError) -> float | None:
     apology then plays at once rather than after a longer silence)."""
     if exc.status != 429 or isinstance(exc, TTSAuthError):
         return None
-    rest = DEFAULT_REST if exc.retry_after is None else exc.retry_after
+    rest = rest_for(exc.retry_after)
     return rest if rest <= LAST_VOICE_WAIT else None
+
+
+def _resting_error(name: str, rest: float) -> TTSError:
+    return TTSError(
+        name,
+        f"resting {rest:.1f} s more after Deepgram refused a request as too many at once (429)",
+        retryable=False,
+        status=429,
+        retry_after=rest,
+    )
 
 
 def _log_failure(name: str, exc: TTSError, *, yielded: bool, retrying: bool) -> None:

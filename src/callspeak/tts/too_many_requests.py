@@ -3,10 +3,11 @@
 Deepgram limits how many requests a project has in progress at once (its concurrency limit,
 per project, not per key) and answers 429 past it. Sending the same request again at once, or
 every other call's next sentence, would only add to the load it just refused, at the moment it
-refused it. So a 429 rests the voice for every call: for the ``Retry-After`` the answer gave
-(capped at :data:`LONGEST_REST`), else for :data:`DEFAULT_REST`. Meanwhile the REST voice is
-skipped by a fallback chain (its next voice speaks, no request is sent), which does not retry
-the refused request on it either; the WebSocket voice opens no socket (a call with one open
+refused it. So a 429 rests the voice for every call: for the ``Retry-After`` the answer gave,
+but at least :data:`DEFAULT_REST` (a ``Retry-After: 0``, or a date already past on a skewed
+clock, would otherwise be no rest at all) and at most :data:`LONGEST_REST`. Meanwhile the REST
+voice is skipped by a fallback chain (its next voice speaks, no request is sent), which does not
+retry the refused request on it either; the WebSocket voice opens no socket (a call with one open
 goes on speaking on it). The voice stays healthy: this is load, not a setting to fix.
 """
 
@@ -16,17 +17,24 @@ import email.utils
 import math
 from collections.abc import Callable
 
-__all__ = ["DEFAULT_REST", "LONGEST_REST", "RESTING_LOG", "TooManyRequests", "parse_retry_after"]
+__all__ = [
+    "DEFAULT_REST",
+    "LONGEST_REST",
+    "RESTING_LOG",
+    "TooManyRequests",
+    "parse_retry_after",
+    "rest_for",
+]
 
-#: Seconds a voice rests after a 429 that gave no ``Retry-After``: about one request's life
-#: (a sentence streams in well under a second), so the requests in progress have ended.
+#: Seconds a voice rests after a 429 that gave no ``Retry-After``, and the shortest rest: about
+#: one request's life (a sentence streams in well under a second), so those in progress ended.
 DEFAULT_REST = 1.0
 #: The longest rest a ``Retry-After`` can ask for here: past it the voice is tried again anyway.
 LONGEST_REST = 60.0
 #: The warning when a rest starts (with the voice's name and the rest's seconds).
 RESTING_LOG = (
-    "%s: Deepgram refused a request as too many at once for the project (429); new speech"
-    " goes to the next voice for %.1f s"
+    "%s: Deepgram refused a request as too many at once for the project (429); resting %.1f s"
+    " (new requests, or sockets, go to the next voice meanwhile)"
 )
 
 
@@ -52,6 +60,13 @@ def parse_retry_after(value: str | None, now: Callable[[], float]) -> float | No
     return max(0.0, seconds)
 
 
+def rest_for(retry_after: float | None) -> float:
+    """The seconds a 429 answered with ``retry_after`` (None: not said) rests the voice."""
+    if retry_after is None:
+        return DEFAULT_REST
+    return min(max(retry_after, DEFAULT_REST), LONGEST_REST)
+
+
 class TooManyRequests:
     """When the voice rests until, after the last 429 (see the module docstring)."""
 
@@ -65,8 +80,7 @@ class TooManyRequests:
         under way): the moment to say so in the log, once."""
         now = self._clock()
         starts = now >= self._until
-        rest = DEFAULT_REST if retry_after is None else min(max(retry_after, 0.0), LONGEST_REST)
-        self._until = max(self._until, now + rest)
+        self._until = max(self._until, now + rest_for(retry_after))
         return starts
 
     def resting(self) -> bool:
