@@ -3,7 +3,8 @@
 Every event carries the call's ids and a wall-clock timestamp (seconds since the epoch), so a
 consumer can order and correlate them across calls. Types:
 
-``call.started`` · ``speech.started`` (first audio of an utterance sent) · ``speech.heard`` (one
+``call.started`` · ``speech.started`` (first audio of an utterance sent; ``firstAudioMs`` from
+its turn to speak, not from when it was asked for) · ``speech.heard`` (one
 sentence fully played, from its mark) · ``speech.done`` (every sentence of an utterance played) ·
 ``speech.interrupted`` (cleared, or the call ended, while it was being heard: heard and unheard
 text, and why: ``barge-in``, ``dtmf``, ``clear`` (the control API), ``app`` (a hook's
