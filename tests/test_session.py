@@ -623,17 +623,20 @@ async def test_a_call_ending_during_early_synthesis_cancels_it_and_closes_the_vo
 
 
 class GatedProvider(FakeProvider):
-    """Yields its audio (in ``chunk``-byte pieces) only once ``gate`` is set."""
+    """Yields its audio (in ``chunk``-byte pieces) only once ``gate`` is set; with
+    ``later_only``, an utterance's first sentence at once and only the later ones then."""
 
-    def __init__(self, **options: object) -> None:
+    def __init__(self, *, later_only: bool = False, **options: object) -> None:
         super().__init__(**options)  # type: ignore[arg-type]
         self.gate = asyncio.Event()
+        self.later_only = later_only
 
     async def stream(
         self, text: str, *, continuation: bool = False, ahead: float = 0.0
     ) -> AsyncIterator[bytes]:
         self.texts.append(text)
-        await self.gate.wait()
+        if continuation or not self.later_only:
+            await self.gate.wait()
         audio = tone_for(text, self.seconds_per_char)
         for i in range(0, len(audio), self.chunk):
             yield audio[i : i + self.chunk]
@@ -1460,28 +1463,12 @@ async def test_an_interrupt_digit_spares_speech_that_is_not_interruptible() -> N
     assert "dtmf" in h.types() and "speech.interrupted" not in h.types()
 
 
-class LateLaterSentences(FakeProvider):
-    """Synthesises the first sentence at once, the later ones only once ``gate`` is set."""
-
-    def __init__(self, **options: object) -> None:
-        super().__init__(**options)  # type: ignore[arg-type]
-        self.gate = asyncio.Event()
-
-    async def stream(
-        self, text: str, *, continuation: bool = False, ahead: float = 0.0
-    ) -> AsyncIterator[bytes]:
-        if continuation:
-            await self.gate.wait()
-        async for chunk in super().stream(text, continuation=continuation, ahead=ahead):
-            yield chunk
-
-
 async def test_a_sentence_whose_audio_came_late_is_cut_at_what_played_of_it() -> None:
     """The previous mark's echo starts the next sentence only if some of its audio was sent:
     audio that comes 2 s later starts playing then, and a clear 0.5 s after that reports
     0.5 s of it heard, not 2.5 s (all of it)."""
     clock = InstantClock()
-    provider = LateLaterSentences(seconds_per_char=0.2)  # 0.8 s a sentence
+    provider = GatedProvider(later_only=True, seconds_per_char=0.2)  # 0.8 s a sentence
     async with Harness(provider, greeting=None, clock=clock) as h:
         await h.start_idle()
         utterance = h.session.say("One. Two.")
