@@ -115,7 +115,27 @@ async def test_the_last_voice_tries_once_more_after_a_short_rest_rather_than_apo
         assert primary.texts == [TEXT] * len(errors)
 
 
-async def test_a_last_voice_found_resting_is_waited_for_briefly_and_never_asked_meanwhile() -> None:
+async def test_mid_utterance_the_last_voice_also_waits_out_a_short_rest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A later sentence of an utterance refused with 429 on the only voice: it too waits out
+    the rest and is tried once more, rather than the apology at once (and the log does not
+    say "falling back" with no voice to fall back to)."""
+    monkeypatch.setattr("callspeak.tts.too_many_requests.DEFAULT_REST", 0.05)
+    primary = ScriptedProvider([too_many(None)])
+    chain = FallbackService([RestingService(primary)], apology=b"sorry")
+    with caplog.at_level(logging.WARNING, "callspeak.tts"):
+        assert await collect(chain, TEXT, continuation=True) == tone_for(TEXT)
+    assert primary.texts == [TEXT, TEXT] and "retrying once" in caplog.text
+    primary = ScriptedProvider([too_many(None), too_many(None)])
+    chain = FallbackService([RestingService(primary)], apology=b"\xff" * 160)
+    with caplog.at_level(logging.WARNING, "callspeak.tts"), pytest.raises(TTSError):
+        await collect(chain, TEXT, continuation=True)
+    assert primary.texts == [TEXT, TEXT]  # once more, not twice
+    assert "no other voice left" in caplog.text and "falling back" not in caplog.text
+
+
+async def test_a_last_voice_found_resting_is_waited_for_briefly_else_not_asked() -> None:
     """The last voice is asked even when it cannot be skipped for another, but not while it
     rests after a 429: a short rest is waited out first, a long one plays the apology without
     a request (which would only be refused again, adding to the load)."""
@@ -324,6 +344,35 @@ async def test_past_deepgrams_concurrency_limit_the_next_voice_speaks_and_deepgr
         four = await collect(chain, "Four.")
         assert four.rstrip(b"\xff") == fake.audio_for("Four.").rstrip(b"\xff")
         assert [request.status for request in fake.requests] == [200, 429, 200]
+        await chain.aclose()
+
+
+async def test_during_a_rest_a_websocket_call_without_a_socket_goes_to_the_next_voice_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Deepgram refused a call's socket with 429: that call's next texts go to the backup voice
+    with no attempt, warning or error counted for each (as the REST voice is skipped), while
+    a call with its socket open goes on speaking on Deepgram."""
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01, max_concurrent=1, retry_after=30)
+    failures: list[TTSError] = []
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
+        deepgram = deepgram_voice(dg_url, websocket=True)
+        backup = FakeService("backup")
+        chain = FallbackService([deepgram, backup], apology=b"sorry")
+        chain.on_failure(lambda name, error: failures.append(error))
+        holding, refused = chain.open(), chain.open()
+        one = b"".join([chunk async for chunk in holding.stream("One.")])
+        assert one.rstrip(b"\xff") == fake.audio_for("One.").rstrip(b"\xff")
+        with caplog.at_level(logging.WARNING, "callspeak.tts"):
+            for text in ("Two.", "Three.", "Four."):
+                heard = b"".join([chunk async for chunk in refused.stream(text)])
+                assert heard.rstrip(b"\xff") == tone_for(text).rstrip(b"\xff")
+        assert [error.status for error in failures] == [429]  # the refusal, once
+        assert caplog.text.count("failed before any audio") == 1
+        assert fake.ws_connections == 2
+        assert backup.providers[1].texts == ["Two.", "Three.", "Four."]
+        five = b"".join([chunk async for chunk in holding.stream("Five.")])
+        assert five.rstrip(b"\xff") == fake.audio_for("Five.").rstrip(b"\xff")
         await chain.aclose()
 
 

@@ -196,11 +196,12 @@ def worth_trying(service: TTSService) -> bool:
     return bool(due is not None and due())
 
 
-def rest_remaining(service: TTSService) -> float:
-    """Seconds ``service`` still rests after refusing too many requests at once (a 429), from
-    its optional ``rest_remaining()`` method (the REST Deepgram voice has one: see
-    :mod:`~callspeak.tts.too_many_requests`); 0 when it has none or is not resting."""
-    method = getattr(service, "rest_remaining", None)
+def rest_remaining(voice: TTSService | TTSProvider) -> float:
+    """Seconds ``voice`` still rests after Deepgram refused too many requests at once (a 429),
+    from its optional ``rest_remaining()`` method (see :mod:`~callspeak.tts.too_many_requests`):
+    the REST Deepgram service has one (no request goes out), and the WebSocket voice's provider
+    (a call with no socket open, since no socket may be opened). 0 when it has none."""
+    method = getattr(voice, "rest_remaining", None)
     return float(method()) if method is not None else 0.0
 
 

@@ -298,6 +298,16 @@ class DeepgramWebSocketProvider:
             if self._in_utterance and not self._closed:
                 await self._send_clear()  # abandoned mid-utterance: stop it, drain later
 
+    def rest_remaining(self) -> float:
+        """Seconds this call cannot speak on Deepgram: a 429's rest, while it has no socket
+        open (none may be opened meanwhile); 0 with one open. A fallback chain skips the voice
+        for this call meanwhile, as it skips the REST voice (see
+        :func:`~callspeak.tts.base.rest_remaining`)."""
+        ws = self._ws
+        if ws is not None and ws.state is State.OPEN:
+            return 0.0
+        return self._svc.too_many_requests.remaining()
+
     def warm_up(self) -> None:
         """Start connecting now, in the background, unless a socket is open or opening (or the
         credentials were refused, the provider is closed, or a stream is connecting itself). On

@@ -182,18 +182,19 @@ class _FallbackProvider:
         for index in range(self._first, len(self._chain)):
             service, provider = self._chain[index]
             last = index == len(self._chain) - 1
-            if not worth_trying(service):
+            if not _worth_asking(service, provider):
                 if not last:
                     continue
                 # The last voice, asked even when unhealthy (it may still speak), but not
                 # while it rests after a 429: a rest of a second or less is waited out.
-                rest = rest_remaining(service)
+                rest = _rest(service, provider)
                 if rest > LAST_VOICE_WAIT:
                     failures.append(_resting_error(provider.name, rest))
                     break
                 if rest > 0:
                     await asyncio.sleep(rest)
             retry = not continuation
+            waited = False  # (a 429 on the last voice: one wait and one more try per text)
             while True:
                 yielded = False
                 try:
@@ -207,15 +208,15 @@ class _FallbackProvider:
                     exc = _as_tts_error(provider.name, raised)
                     failures.append(exc)
                     # Not on an engine resting now: it refused as too many at once (429). The
-                    # last voice has no next one, so it waits out a short rest and tries once.
-                    wait = _wait_for_last_voice(exc) if last else None
-                    again = (
-                        retry
-                        and not yielded
-                        and ((exc.retryable and worth_trying(service)) or wait is not None)
+                    # last voice has no next one, so it waits out a short rest and tries once
+                    # more, mid-utterance too.
+                    wait = _wait_for_last_voice(exc) if last and not waited else None
+                    again = not yielded and (
+                        (retry and exc.retryable and _worth_asking(service, provider))
+                        or wait is not None
                     )
-                    retry = False
-                    _log_failure(provider.name, exc, yielded=yielded, retrying=again)
+                    retry, waited = False, waited or wait is not None
+                    _log_failure(provider.name, exc, yielded=yielded, retrying=again, last=last)
                     if self._on_failure is not None:
                         self._on_failure(provider.name, exc)
                     if yielded and exc.unspoken is not None:
@@ -283,6 +284,17 @@ def _as_tts_error(name: str, exc: Exception) -> TTSError:
     return TTSError(name, f"unexpected error: {exc!r}", retryable=False)
 
 
+def _rest(service: TTSService, provider: TTSProvider) -> float:
+    """Seconds the voice still rests after a 429: the service's (no request goes out), or the
+    provider's (the WebSocket voice's call with no socket open, as no socket may be opened)."""
+    return max(rest_remaining(service), rest_remaining(provider))
+
+
+def _worth_asking(service: TTSService, provider: TTSProvider) -> bool:
+    """:func:`~callspeak.tts.base.worth_trying`, and this call's voice is not resting either."""
+    return worth_trying(service) and rest_remaining(provider) == 0
+
+
 def _wait_for_last_voice(exc: TTSError) -> float | None:
     """Seconds the chain's last voice waits before trying a text again after Deepgram refused it
     as too many at once (429): the rest it asked for, if that is short (at most
@@ -304,12 +316,14 @@ def _resting_error(name: str, rest: float) -> TTSError:
     )
 
 
-def _log_failure(name: str, exc: TTSError, *, yielded: bool, retrying: bool) -> None:
+def _log_failure(
+    name: str, exc: TTSError, *, yielded: bool, retrying: bool, last: bool = False
+) -> None:
     if isinstance(exc, TTSAuthError):
         what = "was refused for payment" if exc.status == 402 else "refused the credentials"
     elif yielded:
         what = "failed mid-stream"
     else:
         what = "failed before any audio"
-    then = "retrying once" if retrying else "falling back"
+    then = "retrying once" if retrying else "no other voice left" if last else "falling back"
     log.warning("voice %s %s (%s); %s", name, what, exc, then)
