@@ -154,11 +154,14 @@ async def test_the_upgrade_is_answered_101_and_a_refusal_403_with_its_text() -> 
 async def test_reading_pauses_when_the_call_falls_behind_and_resumes_once_it_catches_up() -> None:
     go = asyncio.Event()
     got: list[str | bytes | None] = []
+    resumed_after: list[int] = []  # messages read when reading resumed
 
     async def serve(sock: MediaSocket) -> None:
         await go.wait()
         while (message := await sock.receive()) is not None:
             got.append(message)
+            if wired.transport.resumed and not resumed_after:
+                resumed_after.append(len(got))
             if len(got) == INBOX_HIGH + 10:
                 return
 
@@ -176,6 +179,7 @@ async def test_reading_pauses_when_the_call_falls_behind_and_resumes_once_it_cat
     await asyncio.wait_for(asyncio.gather(*wired.tasks), 5)
     assert got == [f"m{n}" for n in range(INBOX_HIGH + 10)]
     assert wired.transport.resumed == 1  # once, on reaching INBOX_LOW
+    assert resumed_after == [INBOX_HIGH + 10 - INBOX_LOW]  # with INBOX_LOW left unread
     assert INBOX_LOW < INBOX_HIGH
 
 
@@ -384,6 +388,62 @@ async def test_broken_frames_are_websockets_to_refuse(frame: bytes, code: int) -
     assert got == ["before"]
     close = wired.frames()[-1]
     assert close.opcode is Opcode.CLOSE and close.data[:2] == code.to_bytes(2, "big")
+
+
+async def test_a_message_of_max_size_is_delivered_and_one_byte_more_closes_with_1009() -> None:
+    got: list[str | bytes | None] = []
+
+    async def serve(sock: MediaSocket) -> None:
+        while (message := await sock.receive()) is not None:
+            got.append(message)
+
+    wired = Wired(serve, max_size=1024)
+    await asyncio.sleep(0)
+    wired.send_text("x" * 1024)
+    wired.send_text("y" * 1025)
+    wired.send_text("after")
+    await asyncio.wait_for(asyncio.gather(*wired.tasks), 5)
+    assert got == ["x" * 1024]
+    close = wired.frames()[-1]
+    assert close.opcode is Opcode.CLOSE and close.data[:2] == (1009).to_bytes(2, "big")
+
+
+async def test_nothing_the_peer_sends_after_its_close_frame_is_delivered() -> None:
+    """A close frame and a message behind it in one read: the call sees the close, not the
+    message (websockets reads nothing after a close)."""
+    got: list[str | bytes | None] = []
+
+    async def serve(sock: MediaSocket) -> None:
+        while (message := await sock.receive()) is not None:
+            got.append(message)
+
+    wired = Wired(serve)
+    await asyncio.sleep(0)
+    wired.client.send_text(b"before")
+    wired.client.send_close(1000)
+    late = Frame(Opcode.TEXT, b"after the close").serialize(mask=True)
+    wired.deliver(late)
+    await asyncio.wait_for(asyncio.gather(*wired.tasks), 5)
+    assert got == ["before"]
+    assert wired.frames()[-1].opcode is Opcode.CLOSE  # the close echoed
+
+
+async def test_receive_keeps_answering_none_once_the_stream_has_ended() -> None:
+    """A reader asking again after the end is told again, not left waiting for good."""
+    ends: list[str | bytes | None] = []
+
+    async def serve(sock: MediaSocket) -> None:
+        while await sock.receive() is not None:
+            pass
+        ends.append(await asyncio.wait_for(sock.receive(), 1))
+
+    wired = Wired(serve)
+    await asyncio.sleep(0)
+    wired.send_text("one")
+    wired.client.send_close(1000)
+    wired.deliver()
+    await asyncio.wait_for(asyncio.gather(*wired.tasks), 5)
+    assert ends == [None]
 
 
 async def test_frames_sent_right_behind_the_request_are_read_after_the_101() -> None:
