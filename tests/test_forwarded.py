@@ -16,6 +16,10 @@ def test_forwarded_for_names_the_nearest_untrusted_hop() -> None:
     assert forwarded_client("10.0.0.6, 10.0.0.5", trusted) == ("10.0.0.6", 0)
     assert trusted_proxies("*")("203.0.113.7")
     assert trusted_proxies(["192.0.2.1"])("192.0.2.1")
+    # a name that is no address is trusted as written, as uvicorn trusts it
+    named = trusted_proxies("proxy.internal, 10.0.0.0/8")
+    assert named("proxy.internal") and not named("other.internal")
+    assert forwarded_client("203.0.113.7, proxy.internal", named) == ("203.0.113.7", 0)
 
 
 def test_hops_with_ports_are_judged_by_their_host_as_uvicorn_judges_them() -> None:

@@ -39,3 +39,13 @@ def test_frames_are_found_one_after_another_and_unmasked_ones_say_so() -> None:
     unmasked = Frame(Opcode.BINARY, b"abc").serialize(mask=False)
     found = frame_at(unmasked, 0)
     assert found == (0x82, -1, 2, 5)
+
+
+@pytest.mark.parametrize("size", [300, 70000])
+def test_an_unmasked_header_cut_anywhere_is_incomplete(size: int) -> None:
+    """No masking key to wait for: the extended length alone must be waited for whole."""
+    frame = Frame(Opcode.BINARY, b"x" * size).serialize(mask=False)
+    header = 4 if size < 65536 else 10
+    for cut in range(header):
+        assert frame_at(frame[:cut], 0) is None
+    assert frame_at(frame[:header], 0) == (0x82, -1, header, header + size)
