@@ -189,6 +189,34 @@ async def test_a_webhook_body_over_64_kib_gets_413(serve: Serve) -> None:
     assert fine.status_code == 200
 
 
+async def test_a_webhook_body_that_is_not_a_form_gets_415(serve: Serve) -> None:
+    import httpx
+
+    app = create_app(local(), tts=FakeService())
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
+        sent_json = await client.post("/voice", json={"CallSid": "CA" + "0" * 32})
+    assert sent_json.status_code == 415
+    assert sent_json.text == "expected application/x-www-form-urlencoded"
+
+
+async def test_the_active_calls_gauge_counts_a_call_while_it_lasts(serve: Serve) -> None:
+    app = create_app(local(), tts=FakeService())
+    registry = app.state.callspeak.metrics.registry
+
+    def active() -> float | None:
+        return registry.get_sample_value("callspeak_calls_active")
+
+    async with serve(app) as url:
+        server = RunningServer(url, app)
+        call = asyncio.create_task(
+            dial(DialOptions(url=server.ws_url, parameters={"say": "Hi."}, duration=1.0))
+        )
+        await until(lambda: active() == 1)
+        await asyncio.wait_for(call, 10)
+        await until(lambda: server.state.calls.connections == 0)
+    assert active() == 0
+
+
 async def test_an_api_request_whose_body_stops_arriving_gets_408(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -155,13 +155,14 @@ async def test_status_callbacks_are_signature_checked_and_logged(
 ) -> None:
     caplog.set_level(logging.INFO, "callspeak.server")
     call = {"CallSid": "CA" + "2" * 32, "CallStatus": "ringing"}
+    busy = {"CallSid": "CA" + "4" * 32, "CallStatus": "busy"}
     error = {
         "CallSid": "CA" + "2" * 32,
         "StreamSid": "MZ" + "3" * 32,
         "StreamEvent": "stream-error",
         "StreamError": "Stream - WebSocket - Handshake Error",
     }
-    for form in (call, error):
+    for form in (call, busy, error):
         signed = sign(TOKEN, PUBLIC + "/status", form)
         assert (await post_form(secure_server, "/status", form, signed)).status_code == 204
     assert (await post_form(secure_server, "/status", call, None)).status_code == 403
@@ -169,6 +170,8 @@ async def test_status_callbacks_are_signature_checked_and_logged(
     records = [r for r in caplog.records if r.name == "callspeak.server"]
     ringing = next(r for r in records if "call status: ringing" in r.getMessage())
     assert ringing.levelno == logging.INFO and ringing.call_sid == call["CallSid"]  # type: ignore[attr-defined]
+    not_reached = next(r for r in records if "call status: busy" in r.getMessage())
+    assert not_reached.levelno == logging.WARNING  # a call that never connected stands out
     failed = next(r for r in records if "stream error" in r.getMessage())
     assert failed.levelno == logging.WARNING and "Handshake Error" in failed.getMessage()
     assert failed.stream_sid == error["StreamSid"]  # type: ignore[attr-defined]
