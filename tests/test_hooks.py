@@ -6,6 +6,7 @@ from examples import menu
 
 from callspeak.config import Settings
 from callspeak.emulator import DialOptions, dial
+from callspeak.events import CallEventRecord
 from callspeak.hooks import Call, CallHooks
 from callspeak.server import create_app
 from callspeak.tts.sentences import split_sentences
@@ -121,3 +122,23 @@ async def test_a_digit_during_a_waiting_on_start_is_handled_once_on_start_return
 
     await run_call(hooks, Settings(validate_signatures=False), dtmf=[(0.3, "5")], quiet_seconds=0.3)
     assert order == ["start", "start done", "digit 5"]
+
+
+async def test_on_interrupted_gets_the_interruption_with_its_reason() -> None:
+    hooks = CallHooks()
+    seen: list[tuple[str, str]] = []
+
+    @hooks.on_interrupted
+    async def interrupted(call: Call, event: CallEventRecord) -> None:
+        seen.append((event.call_sid, str(event.data["reason"])))
+
+    text = "A long announcement. " * 6
+    settings = Settings(validate_signatures=False, greeting=text.strip(), interrupt_digits="#")
+    app = create_app(settings, tts=FakeService(seconds_per_char=PACE), hooks=hooks)
+    async with serve_app(app) as url:
+        report = await dial(
+            DialOptions(
+                url=url.replace("http", "ws") + "/twilio", dtmf=[(0.5, "#")], quiet_seconds=0.5
+            )
+        )
+    assert seen == [(report.call_sid, "dtmf")]
