@@ -181,6 +181,24 @@ def test_client_sends_the_token_and_escapes_the_call_sid() -> None:
     assert request.content == b'{"afterSpeech":true}'
 
 
+def test_requests_the_server_holds_get_a_longer_timeout_than_the_default() -> None:
+    """say --wait is held up to 60 s and hangup after speech up to 30 s: the default 10 s
+    would give up on a request that is going well."""
+    timeouts: dict[str, float | None] = {}
+
+    def server(request: httpx.Request) -> httpx.Response:
+        timeouts[request.url.path] = request.extensions["timeout"]["read"]
+        return httpx.Response(200, json={"callSid": "CA1", "id": 1, "status": "played"})
+
+    with ApiClient("http://x.test", transport=httpx.MockTransport(server)) as client:
+        client.say("CA1", "hi", wait=True)
+        client.hangup("CA1", after_speech=True)
+        client.clear("CA1")
+    assert timeouts["/calls/CA1/say"] is not None and timeouts["/calls/CA1/say"] > 60
+    assert timeouts["/calls/CA1/hangup"] is not None and timeouts["/calls/CA1/hangup"] > 30
+    assert timeouts["/calls/CA1/clear"] == 10.0
+
+
 def test_default_server() -> None:
     assert default_server({}) == "http://127.0.0.1:5000"
     assert default_server({"CALLSPEAK_PORT": "8080"}) == "http://127.0.0.1:8080"

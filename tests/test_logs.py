@@ -199,6 +199,21 @@ def test_ids_from_the_peer_cannot_forge_lines(restore_root: None) -> None:
     assert "MZ" + "9" * 62 + "…] stream started" in line
 
 
+def test_ids_with_spaces_are_escaped_and_a_64_character_id_is_kept_whole(
+    restore_root: None,
+) -> None:
+    """A space alone (printable) would let an id pass for two: "[CA1 MZ2] x MZ…]"."""
+    out = io.StringIO()
+    configure_logging("info", "text", stream=out)
+    whole = "MZ" + "7" * 62
+    logging.getLogger("callspeak.test").info(
+        "hi", extra={"call_sid": "CA1 MZ2] forged", "stream_sid": whole}
+    )
+    assert flush_logs()
+    [line] = out.getvalue().splitlines()
+    assert f"[CA1\\x20MZ2]\\x20forged {whole}] hi" in line
+
+
 def test_a_hooks_own_lines_carry_the_call_ids(restore_root: None) -> None:
     """An application's handler runs in a task of the call: its lines were "[- -]"."""
     import asyncio
@@ -241,7 +256,7 @@ def test_a_log_budget_writes_some_lines_a_window_then_says_how_many_it_held_back
     budget = LogBudget(per_window=3, window=60.0, clock=lambda: now[0])
     assert [budget.take("a") for _ in range(5)] == [0, 0, 0, None, None]
     assert budget.take("b") == 0  # each kind its own ration
-    now[0] = 61.0
+    now[0] = 60.0  # a window is 60 s: the next one begins here
     assert budget.take("a") == 2 and budget.take("a") == 0
     assert held_back(2) == " (and 2 more like it not logged)" and held_back(0) == ""
 
