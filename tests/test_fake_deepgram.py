@@ -80,7 +80,12 @@ def test_wav_container_header() -> None:
 
 # -- REST validation -------------------------------------------------------------------------
 async def test_auth_refused(client: httpx.AsyncClient) -> None:
-    for headers in ({}, {"Authorization": "Token nope"}, {"Authorization": "test-key"}):
+    for headers in (
+        {},
+        {"Authorization": "Token nope"},
+        {"Authorization": "test-key"},
+        {"Authorization": "Basic test-key"},  # the right key under another scheme
+    ):
         response = await speak(client, headers=headers)
         assert response.status_code == 401
         body = response.json()
@@ -369,6 +374,21 @@ async def test_ws_clear_drops_audio_then_cleared(base: str, fake: FakeDeepgram) 
     await send(ws, "Flush")
     audio, _ = await until(ws, "Flushed")
     assert audio == fake.audio_for("Fresh.")  # nothing of the cleared utterance
+    await ws.close()
+
+
+async def test_ws_clear_drops_text_spoken_but_not_yet_flushed(
+    base: str, fake: FakeDeepgram
+) -> None:
+    ws = await ws_connect(base)
+    await ws.recv()
+    await send(ws, "Speak", text="Never said. ")
+    await send(ws, "Clear")
+    await until(ws, "Cleared")
+    await send(ws, "Speak", text="Fresh.")
+    await send(ws, "Flush")
+    audio, _ = await until(ws, "Flushed")
+    assert audio == fake.audio_for("Fresh.")
     await ws.close()
 
 
