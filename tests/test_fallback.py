@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -85,15 +86,21 @@ def too_many(retry_after: float | None) -> TTSError:
 
 
 class RestingService(ScriptedService):
-    """Resting ``rest`` seconds after its first text (a 429), as the REST voice rests: the chain
-    does not retry it at once."""
+    """Resting ``rest`` seconds from each text it was asked for (as if each were answered 429),
+    as the REST voice rests: the chain does not retry it at once. ``until`` (monotonic time) can
+    be moved, as another call's 429 makes a rest longer."""
 
     def __init__(self, provider: ScriptedProvider, rest: float = 0.05) -> None:
         super().__init__(provider)
         self.rest = rest
+        self.until: float | None = None
+        self._asked = 0
 
     def rest_remaining(self) -> float:
-        return self.rest if self.provider.texts else 0.0
+        if len(self.provider.texts) != self._asked:  # asked since: a rest from now
+            self._asked = len(self.provider.texts)
+            self.until = time.monotonic() + self.rest
+        return 0.0 if self.until is None else max(0.0, self.until - time.monotonic())
 
 
 async def test_the_last_voice_tries_once_more_after_a_short_rest_rather_than_apologise(
@@ -133,6 +140,43 @@ async def test_mid_utterance_the_last_voice_also_waits_out_a_short_rest(
         await collect(chain, TEXT, continuation=True)
     assert primary.texts == [TEXT, TEXT]  # once more, not twice
     assert "no other voice left" in caplog.text and "falling back" not in caplog.text
+
+
+async def test_the_last_voice_is_not_asked_again_if_the_rest_grew_while_it_waited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Waiting out a short rest after a 429, another call's 429 makes it 30 s: the text is not
+    sent again (it would be refused), the apology plays."""
+    monkeypatch.setattr("callspeak.tts.too_many_requests.DEFAULT_REST", 0.05)
+    primary = ScriptedProvider([too_many(None)])
+    voice = RestingService(primary)
+    chain = FallbackService([voice], apology=b"\xff" * 160)
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        voice.until = time.monotonic() + 30  # meanwhile, another call is refused
+        await real_sleep(seconds)
+
+    monkeypatch.setattr("callspeak.tts.fallback.asyncio.sleep", sleep)
+    with pytest.raises(TTSError, match=r"resting (29\.9|30\.0) s more"):
+        await collect(chain, TEXT)
+    assert primary.texts == [TEXT]
+
+
+async def test_a_text_waits_for_a_rest_once_not_before_and_again_after_asking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last voice found resting is waited for, then asked; refused again with 429, the
+    apology plays rather than a second wait (the caller's silence stays within a second)."""
+    monkeypatch.setattr("callspeak.tts.too_many_requests.DEFAULT_REST", 0.05)
+    primary = ScriptedProvider([])
+    voice = RestingService(primary, rest=0.5)
+    chain = FallbackService([voice], apology=b"\xff" * 160)
+    assert await collect(chain, TEXT) == tone_for(TEXT)  # its rest starts now (see the fake)
+    primary.errors = [too_many(None), too_many(None)]
+    with pytest.raises(TTSError, match="every voice failed"):
+        await collect(chain, TEXT)
+    assert primary.texts == [TEXT, TEXT]  # the first call's, then one after the wait: no third
 
 
 async def test_a_last_voice_found_resting_is_waited_for_briefly_else_not_asked() -> None:

@@ -64,6 +64,7 @@ APOLOGY_TEXT = "Sorry, I can't speak right now. Please try again later."
 #: The longest a text waits on the chain's last voice after a 429 before its one more try:
 #: a second's silence, rather than the apology, while Deepgram's requests in progress end.
 LAST_VOICE_WAIT = 1.0
+_TIMER_SLACK = 0.05
 
 
 def load_apology() -> bytes:
@@ -187,14 +188,15 @@ class _FallbackProvider:
                     continue
                 # The last voice, asked even when unhealthy (it may still speak), but not
                 # while it rests after a 429: a rest of a second or less is waited out.
-                rest = _rest(service, provider)
-                if rest > LAST_VOICE_WAIT:
-                    failures.append(_resting_error(provider.name, rest))
+                rested = await _wait_out_rest(service, provider, 0.0, failures)
+                if rested is None:
                     break
-                if rest > 0:
-                    await asyncio.sleep(rest)
+            else:
+                rested = 0.0
             retry = not continuation
-            waited = False  # (a 429 on the last voice: one wait and one more try per text)
+            # A 429 on the last voice: one wait and one more try per text (none more if the
+            # voice was waited for before it was asked).
+            waited = rested > 0
             while True:
                 yielded = False
                 try:
@@ -223,8 +225,9 @@ class _FallbackProvider:
                         text = exc.unspoken  # what was heard whole is not said again
                     if not again:
                         break
-                    if wait:
-                        await asyncio.sleep(wait)
+                    if wait is not None:
+                        if await _wait_out_rest(service, provider, wait, failures) is None:
+                            break  # (another call's 429 made the rest longer meanwhile)
             # The next engine takes over this text and the rest of the utterance.
             self._first = min(index + 1, len(self._chain) - 1)
         causes = "; ".join(str(exc) for exc in failures) or "no engine is healthy"
@@ -293,6 +296,29 @@ def _rest(service: TTSService, provider: TTSProvider) -> float:
 def _worth_asking(service: TTSService, provider: TTSProvider) -> bool:
     """:func:`~callspeak.tts.base.worth_trying`, and this call's voice is not resting either."""
     return worth_trying(service) and rest_remaining(provider) == 0
+
+
+async def _wait_out_rest(
+    service: TTSService, provider: TTSProvider, first: float, failures: list[TTSError]
+) -> float | None:
+    """Wait ``first`` seconds, then what is left of the voice's rest after a 429 (another call's
+    429 may have made it longer), as long as the whole wait stays within
+    :data:`LAST_VOICE_WAIT` (and a timer's slack). The seconds waited; None, with a failure
+    added to ``failures``, when the rest is longer: then no request goes out at all."""
+    waited, pending = 0.0, first
+    for _ in range(3):  # (a timer may wake a hair early: the rest is then checked again)
+        left = max(pending, _rest(service, provider))
+        if left <= 0:
+            return waited
+        if waited + left > LAST_VOICE_WAIT + _TIMER_SLACK:
+            break
+        await asyncio.sleep(left)
+        waited, pending = waited + left, 0.0
+    left = _rest(service, provider)
+    if left <= 0:
+        return waited
+    failures.append(_resting_error(provider.name, left))
+    return None
 
 
 def _wait_for_last_voice(exc: TTSError) -> float | None:
