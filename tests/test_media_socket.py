@@ -10,7 +10,7 @@ import socket
 import struct
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 import pytest
@@ -131,6 +131,17 @@ class Wired:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def collecting() -> tuple[list[str | bytes | None], Callable[[MediaSocket], Awaitable[None]]]:
+    """A server that keeps every message it receives, and the list it keeps them in."""
+    got: list[str | bytes | None] = []
+
+    async def serve(sock: MediaSocket) -> None:
+        while (message := await sock.receive()) is not None:
+            got.append(message)
+
+    return got, serve
 
 
 async def test_the_upgrade_is_answered_101_and_a_refusal_403_with_its_text() -> None:
@@ -372,11 +383,7 @@ async def test_close_drops_the_connection_if_the_peer_never_answers() -> None:
     ids=["too-big", "reserved-bit", "orphan-continuation", "unmasked", "cuts-into-fragments"],
 )
 async def test_broken_frames_are_websockets_to_refuse(frame: bytes, code: int) -> None:
-    got: list[str | bytes | None] = []
-
-    async def serve(sock: MediaSocket) -> None:
-        while (message := await sock.receive()) is not None:
-            got.append(message)
+    got, serve = collecting()
 
     wired = Wired(serve, max_size=1024)
     await asyncio.sleep(0)
@@ -391,11 +398,7 @@ async def test_broken_frames_are_websockets_to_refuse(frame: bytes, code: int) -
 
 
 async def test_a_message_of_max_size_is_delivered_and_one_byte_more_closes_with_1009() -> None:
-    got: list[str | bytes | None] = []
-
-    async def serve(sock: MediaSocket) -> None:
-        while (message := await sock.receive()) is not None:
-            got.append(message)
+    got, serve = collecting()
 
     wired = Wired(serve, max_size=1024)
     await asyncio.sleep(0)
@@ -411,11 +414,7 @@ async def test_a_message_of_max_size_is_delivered_and_one_byte_more_closes_with_
 async def test_nothing_the_peer_sends_after_its_close_frame_is_delivered() -> None:
     """A close frame and a message behind it in one read: the call sees the close, not the
     message (websockets reads nothing after a close)."""
-    got: list[str | bytes | None] = []
-
-    async def serve(sock: MediaSocket) -> None:
-        while (message := await sock.receive()) is not None:
-            got.append(message)
+    got, serve = collecting()
 
     wired = Wired(serve)
     await asyncio.sleep(0)
