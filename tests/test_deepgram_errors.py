@@ -7,7 +7,7 @@ import json
 import pytest
 from websockets.datastructures import Headers
 
-from callspeak.tts.base import TTSAuthError, TTSError
+from callspeak.tts.base import APOLOGY, TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
 
 
@@ -27,6 +27,33 @@ def test_auth_errors_name_the_setting(status: int, code: str) -> None:
     text = str(error)
     assert "DEEPGRAM_API_KEY" in text and "Nope." in text and code in text and "r-1" in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (401, "refused"),
+        (403, "refused"),
+        (402, "payment"),
+        (429, "too_many"),
+        (500, "server"),
+        (503, "server"),
+        (400, "request"),
+        (413, "request"),
+    ],
+)
+def test_each_failure_has_a_kind_for_the_error_metric(status: int, kind: str) -> None:
+    """``callspeak_tts_errors_total``'s ``kind`` said only TTSError or TTSAuthError: a 429, a
+    5xx and a stall could not be told apart there."""
+    assert parse_error(status, _body(err_msg="m"), {}).kind == kind
+
+
+def test_failures_without_a_status_are_kinds_too() -> None:
+    assert TTSError("deepgram", "stalled after 999 bytes", retryable=True).kind == "connection"
+    assert TTSError("deepgram", "closed", retryable=False).kind == "other"
+    assert TTSAuthError("deepgram", "the API key was refused").kind == "refused"
+    apology = TTSError("fallback", "every voice failed", retryable=False, code=APOLOGY)
+    assert apology.kind == "apology"
 
 
 def test_payment_required_names_the_balance() -> None:

@@ -783,11 +783,11 @@ async def test_each_voice_failure_is_counted_not_only_the_whole_chain_failing() 
             report = await dial(DialOptions(url=url.replace("http", "ws") + "/twilio"))
         await chain.aclose()
     registry = app.state.callspeak.metrics.registry
-    labels = {"provider": "deepgram", "kind": "TTSError"}
+    labels = {"provider": "deepgram", "kind": "server"}  # (500)
     assert registry.get_sample_value("callspeak_tts_errors_total", labels) == 2
     assert (
         registry.get_sample_value(
-            "callspeak_tts_errors_total", {"provider": "fallback", "kind": "TTSError"}
+            "callspeak_tts_errors_total", {"provider": "fallback", "kind": "apology"}
         )
         is None
     )  # the chain itself did not fail: the backup spoke

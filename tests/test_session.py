@@ -259,7 +259,7 @@ async def test_tts_failure_is_reported_and_the_next_utterance_still_speaks() -> 
     assert "speech.failed" in h.types()
     assert (
         h.metrics.registry.get_sample_value(
-            "callspeak_tts_errors_total", {"provider": "fake", "kind": "TTSError"}
+            "callspeak_tts_errors_total", {"provider": "fake", "kind": "other"}
         )
         == 1
     )

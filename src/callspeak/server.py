@@ -248,7 +248,7 @@ def create_app(
     on_failure = getattr(state.tts, "on_failure", None)
     if on_failure is not None:  # a chain: each voice's failures, not only the whole chain's
         errors = state.metrics.tts_errors
-        on_failure(lambda name, exc: errors.labels(name, type(exc).__name__).inc())
+        on_failure(lambda name, exc: errors.labels(name, exc.kind).inc())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -882,7 +882,7 @@ class CallSession:
                     await frames.put((index, frame))
                 await frames.put((index, None))
         except TTSError as exc:
-            self._metrics.tts_errors.labels(exc.provider, type(exc).__name__).inc()
+            self._metrics.tts_errors.labels(exc.provider, exc.kind).inc()
             log.error("text-to-speech failed: %s", exc, extra=self._ids())
             utterance.error = str(exc)
             if exc.code == APOLOGY:  # what this sentence sent is the apology, not the sentence

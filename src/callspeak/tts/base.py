@@ -92,6 +92,24 @@ class TTSError(Exception):
         self.request_id = request_id
         self.retry_after = retry_after
 
+    @property
+    def kind(self) -> str:
+        """The failure in a word (the ``kind`` label of ``callspeak_tts_errors_total``):
+        ``refused`` (credentials, 401/403), ``payment`` (402), ``too_many`` (429), ``server``
+        (5xx), ``request`` (another status: the request was at fault), ``apology`` (every voice
+        failed), ``connection`` (no status, worth trying again: a timeout, a stall, a cut),
+        ``other``."""
+        status = self.status
+        if isinstance(self, TTSAuthError):
+            return "payment" if status == 402 else "refused"
+        if self.code == APOLOGY:
+            return "apology"
+        if status is None:
+            return "connection" if self.retryable else "other"
+        if status == 429:
+            return "too_many"
+        return "server" if status >= 500 else "request"
+
     def __str__(self) -> str:
         parts = [f"{self.provider}: {self.message}"]
         if self.status is not None:
