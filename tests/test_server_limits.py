@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import websockets
@@ -15,7 +17,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from callspeak.config import Settings
 from callspeak.emulator import DialOptions, dial
 from callspeak.protocol import AccountSid, CallSid, Connected, MediaFormat, Start, StreamSid
-from callspeak.server import create_app
+from callspeak.server import CallRegistry, create_app
+from callspeak.session import CallSession
 from tests.conftest import RunningServer, Serve, serve_app
 from tests.fakes import FakeService, spoken
 
@@ -383,3 +386,18 @@ async def test_time_to_first_audio_is_counted_from_each_utterances_turn() -> Non
     assert registry.get_sample_value("callspeak_first_audio_seconds_count") == 2
     # Before: the second utterance's sample held its ~1 s in the queue.
     assert registry.get_sample_value("callspeak_first_audio_seconds_sum") < 0.3
+
+
+async def test_a_stream_ending_does_not_unregister_a_newer_one_of_the_same_call() -> None:
+    """Twilio may open a new stream for a call (a reconnect, a second ``<Connect>``) while the
+    old one's session is still ending: the old one leaving must not make the live one
+    unreachable by its callSid (the control API's /calls/{callSid})."""
+    registry = CallRegistry()
+    old = cast(CallSession, SimpleNamespace(call_sid="CA1"))
+    new = cast(CallSession, SimpleNamespace(call_sid="CA1"))
+    await registry.add(old)
+    await registry.add(new)
+    registry.discard(old)
+    assert registry.get("CA1") is new and len(registry) == 1
+    registry.discard(new)
+    assert registry.get("CA1") is None and len(registry) == 0
