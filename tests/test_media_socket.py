@@ -662,13 +662,14 @@ async def refused_as_full(
     headers: websockets.datastructures.HeadersLike,
     settings: Settings | None = None,
     path: str = "/twilio",
+    **config: Any,
 ) -> list[str]:
     """Open one stream with ``headers`` on a server taking one call, then a second, refused as
     full: the server's log lines, its refusal naming the client it saw among them."""
     caplog.set_level(logging.INFO)
     settings = settings or Settings(validate_signatures=False, max_calls=1)
     app = create_app(settings, tts=FakeService())
-    async with serve(app, log_level="info") as url:
+    async with serve(app, log_level="info", **config) as url:
         ws_url = url.replace("http", "ws", 1) + path
         async with websockets.connect(ws_url, additional_headers=headers):
             with pytest.raises(InvalidStatus):
@@ -706,6 +707,16 @@ async def test_repeated_forwarded_for_and_signature_lines_are_read_not_fatal(
     ]
     messages = await refused_as_full(serve, caplog, headers, settings)
     assert refusals(messages)[0].startswith("refused media stream from 203.0.113.7:")
+
+
+async def test_without_proxy_headers_the_peer_is_the_client_whatever_it_forwards(
+    serve: ServeApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn's ``proxy_headers=False`` (``--no-proxy-headers``): X-Forwarded-For is not read,
+    even from a loopback peer uvicorn would otherwise trust."""
+    headers = {"X-Forwarded-For": "203.0.113.7"}
+    messages = await refused_as_full(serve, caplog, headers, proxy_headers=False)
+    assert refusals(messages)[0].startswith("refused media stream from 127.0.0.1:")
 
 
 async def test_an_empty_forwarded_hop_leaves_the_peer_as_the_client(
