@@ -195,6 +195,23 @@ async def test_a_last_voice_found_resting_is_waited_for_briefly_else_not_asked()
         assert primary.texts == asked
 
 
+async def test_the_apology_names_the_voices_skipped_as_well_as_those_that_failed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A voice not asked (refused credentials, a 429's rest) is among the causes the apology's
+    log line gives, not only the last voice's failure."""
+    refused, resting = FakeService("refused"), RestingService(ScriptedProvider([]), rest=30)
+    refused.healthy = False
+    resting.provider.texts.append("an earlier text")  # its rest runs from then
+    last = ScriptedProvider([TTSError("last", "boom", retryable=False)])
+    chain = FallbackService([refused, resting, ScriptedService(last)], apology=b"\xff" * 160)
+    with caplog.at_level(logging.ERROR, "callspeak.tts"), pytest.raises(TTSError):
+        await collect(chain, TEXT)
+    [line] = [r.getMessage() for r in caplog.records if "every voice failed" in r.getMessage()]
+    assert "refused: not asked: its credentials stand refused" in line
+    assert "primary: resting 30.0 s more" in line and "last: boom" in line
+
+
 async def test_second_failure_falls_back_and_logs_the_cause(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -185,6 +185,9 @@ class _FallbackProvider:
             last = index == len(self._chain) - 1
             if not _worth_asking(service, provider):
                 if not last:
+                    # Named among the causes should the apology play: "every voice failed"
+                    # with only the last voice's failure would hide why the first was not asked.
+                    failures.append(_skipped(service.name, _rest(service, provider)))
                     continue
                 # The last voice, asked even when unhealthy (it may still speak), but not
                 # while it rests after a 429: a rest of a second or less is waited out.
@@ -330,6 +333,13 @@ def _wait_for_last_voice(exc: TTSError) -> float | None:
         return None
     rest = rest_for(exc.retry_after)
     return rest if rest <= LAST_VOICE_WAIT else None
+
+
+def _skipped(name: str, rest: float) -> TTSError:
+    """Why a voice was not asked for a text: resting after a 429, else unhealthy."""
+    if rest > 0:
+        return _resting_error(name, rest)
+    return TTSError(name, "not asked: its credentials stand refused", retryable=False)
 
 
 def _resting_error(name: str, rest: float) -> TTSError:
