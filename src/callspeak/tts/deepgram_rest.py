@@ -69,7 +69,7 @@ from callspeak.tts.base import TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
 from callspeak.tts.refused_key import RefusedKey
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text, has_words
-from callspeak.tts.too_many_requests import RESTING_LOG, TooManyRequests
+from callspeak.tts.too_many_requests import TooManyRequests, note_refusal
 
 __all__ = ["DeepgramRestProvider", "DeepgramRestService"]
 
@@ -538,9 +538,7 @@ class DeepgramRestProvider:
         if isinstance(error, TTSAuthError):
             self._service.mark_unhealthy(error)
         elif error.status == 429:
-            rest = self._service.too_many_requests
-            if rest.refused(error.retry_after):
-                logger.warning(RESTING_LOG, _NAME, rest.remaining())
+            note_refusal(self._service.too_many_requests, _NAME, error.retry_after)
         return error
 
 

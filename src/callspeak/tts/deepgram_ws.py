@@ -99,7 +99,7 @@ from callspeak.tts.resolved_host import (
     needs_lookup,
 )
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text, has_words
-from callspeak.tts.too_many_requests import RESTING_LOG, TooManyRequests
+from callspeak.tts.too_many_requests import TooManyRequests, note_refusal
 from callspeak.tts.ws_send_on_open import SendOnOpenConnection
 
 __all__ = [
@@ -451,8 +451,7 @@ class DeepgramWebSocketProvider:
                     svc.mark_unhealthy(error)
                     raise error from None
                 if error.status == 429:  # another attempt now would only add to the load
-                    if svc.too_many_requests.refused(error.retry_after):
-                        logger.warning(RESTING_LOG, _NAME, svc.too_many_requests.remaining())
+                    note_refusal(svc.too_many_requests, _NAME, error.retry_after)
                     raise error.copy(retryable=False) from None
                 if not error.retryable:
                     raise error from None

@@ -1,4 +1,5 @@
-"""Deepgram said "too many requests" (429): how long the voice rests. Pure: the clock is given.
+"""Deepgram said "too many requests" (429): how long the voice rests. Pure but for the log line
+:func:`note_refusal` writes: the clock is given.
 
 Deepgram limits how many requests a project has in progress at once (its concurrency limit,
 per project, not per key) and answers 429 past it. Sending the same request again at once, or
@@ -14,17 +15,20 @@ goes on speaking on it). The voice stays healthy: this is load, not a setting to
 from __future__ import annotations
 
 import email.utils
+import logging
 import math
 from collections.abc import Callable
 
 __all__ = [
     "DEFAULT_REST",
     "LONGEST_REST",
-    "RESTING_LOG",
     "TooManyRequests",
+    "note_refusal",
     "parse_retry_after",
     "rest_for",
 ]
+
+_log = logging.getLogger(__name__)
 
 #: Seconds a voice rests after a 429 that gave no ``Retry-After``, and the shortest rest: about
 #: one request's life (a sentence streams in well under a second), so those in progress ended.
@@ -32,7 +36,7 @@ DEFAULT_REST = 1.0
 #: The longest rest a ``Retry-After`` can ask for here: past it the voice is tried again anyway.
 LONGEST_REST = 60.0
 #: The warning when a rest starts (with the voice's name and the rest's seconds).
-RESTING_LOG = (
+_RESTING_LOG = (
     "%s: Deepgram refused a request as too many at once for the project (429); resting %.1f s"
     " (new requests, or sockets, go to the next voice meanwhile)"
 )
@@ -90,3 +94,10 @@ class TooManyRequests:
     def remaining(self) -> float:
         """Seconds left of the rest; 0 when none is under way."""
         return max(0.0, self._until - self._clock())
+
+
+def note_refusal(rest: TooManyRequests, name: str, retry_after: float | None) -> None:
+    """Record a 429 answered to the voice ``name`` (both Deepgram voices call this), with a
+    warning when it starts a rest: one line a rest, however many calls are refused in it."""
+    if rest.refused(retry_after):
+        _log.warning(_RESTING_LOG, name, rest.remaining())
