@@ -354,6 +354,9 @@ def main() -> None:
                 "CALLSPEAK_DEEPGRAM_URL": fake.url("http", deepgram_host),
                 "CALLSPEAK_DEEPGRAM_WS_URL": fake.url("ws", deepgram_host),
                 "CALLSPEAK_DEEPGRAM_FIRST_BYTE_TIMEOUT": "10",
+                # The fake has no concurrency limit: 200 calls' requests all go out at once, as
+                # with a Deepgram plan that allows them (the default, 15, is Pay as You Go's).
+                "CALLSPEAK_DEEPGRAM_MAX_CONCURRENT": "0",
                 # the fake's certificate, trusted as a private CA would be
                 **({"SSL_CERT_FILE": str(fake.cert)} if fake.cert else {}),
             }

@@ -100,6 +100,15 @@ class Settings(BaseSettings):
         description="Seconds after Deepgram refuses the key (401/403) before a call tries it "
         "again; meanwhile calls skip to the fallback voice and /healthz says degraded.",
     )
+    deepgram_max_concurrent: int = Field(
+        15,
+        ge=0,
+        description="Requests to Deepgram in progress at once at most, per voice (REST requests; "
+        "WebSocket sockets open), as the project's concurrency limit allows: 15 on Deepgram's "
+        "Pay as You Go and Growth plans. Past it, REST speech waits for a request to end (a "
+        "second, or while the call still has audio to play) and a call finding every socket "
+        "taken uses the next voice, rather than Deepgram answering 429. 0 = no limit.",
+    )
     fallback: str = Field(
         "piper",
         description="Comma-separated voices to fall back to, in order, when the chosen one "

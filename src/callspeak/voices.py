@@ -49,6 +49,7 @@ def make_engine(
             # waits for a pooled connection.
             max_connections=settings.max_calls,
             auth_recheck=settings.deepgram_auth_recheck,
+            max_concurrent=settings.deepgram_max_concurrent or None,
         )
     from callspeak.tts.deepgram_ws import DeepgramWebSocketService
 
@@ -60,6 +61,7 @@ def make_engine(
         stall_timeout=settings.deepgram_stall_timeout,
         connect_timeout=settings.deepgram_connect_timeout,
         auth_recheck=settings.deepgram_auth_recheck,
+        max_concurrent=settings.deepgram_max_concurrent or None,
     )
 
 

@@ -25,11 +25,13 @@ from callspeak.audio.format import AudioFormat
 
 __all__ = [
     "APOLOGY",
+    "CONCURRENCY_LIMIT",
     "TTSAuthError",
     "TTSError",
     "TTSProvider",
     "TTSService",
     "aclose_stream",
+    "at_capacity",
     "rest_remaining",
     "warm_up",
     "worth_trying",
@@ -41,6 +43,9 @@ _log = logging.getLogger("callspeak.tts")
 #: The ``code`` of the :class:`TTSError` a stream raises after yielding an apology in place of
 #: its text (every voice failed): the audio sent for that text was not the text.
 APOLOGY = "APOLOGY"
+#: The ``code`` of the :class:`TTSError` of a Deepgram voice that found every slot of its
+#: concurrency limit taken (``CALLSPEAK_DEEPGRAM_MAX_CONCURRENT``): no request was sent.
+CONCURRENCY_LIMIT = "CONCURRENCY_LIMIT"
 
 
 class TTSError(Exception):
@@ -97,13 +102,15 @@ class TTSError(Exception):
         """The failure in a word (the ``kind`` label of ``callspeak_tts_errors_total``):
         ``refused`` (credentials, 401/403), ``payment`` (402), ``too_many`` (429), ``server``
         (5xx), ``request`` (another status: the request was at fault), ``apology`` (every voice
-        failed), ``connection`` (no status, worth trying again: a timeout, a stall, a cut),
-        ``other``."""
+        failed), ``busy`` (our own limit of requests in progress was reached: none was sent),
+        ``connection`` (no status, worth trying again: a timeout, a stall, a cut), ``other``."""
         status = self.status
         if isinstance(self, TTSAuthError):
             return "payment" if status == 402 else "refused"
         if self.code == APOLOGY:
             return "apology"
+        if self.code == CONCURRENCY_LIMIT:
+            return "busy"
         if status is None:
             return "connection" if self.retryable else "other"
         if status == 429:
@@ -221,6 +228,15 @@ def rest_remaining(voice: TTSService | TTSProvider) -> float:
     (a call with no socket open, since no socket may be opened). 0 when it has none."""
     method = getattr(voice, "rest_remaining", None)
     return float(method()) if method is not None else 0.0
+
+
+def at_capacity(provider: TTSProvider) -> bool:
+    """Whether ``provider`` cannot speak for its call now because every slot of its engine's
+    limit of requests in progress is another call's, from its optional ``at_capacity()`` method
+    (see :mod:`~callspeak.tts.request_slots`): the WebSocket voice's, for a call with no socket
+    open. False when it has none (the REST voice waits for a slot instead)."""
+    method = getattr(provider, "at_capacity", None)
+    return bool(method()) if method is not None else False
 
 
 def warm_up(provider: TTSProvider) -> None:

@@ -65,9 +65,10 @@ from yarl import URL
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
 from callspeak.audio.wav import WavHeaderStripper
 from callspeak.tasks import start_task, wait_cancelled
-from callspeak.tts.base import TTSAuthError, TTSError
+from callspeak.tts.base import CONCURRENCY_LIMIT, TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
 from callspeak.tts.refused_key import RefusedKey
+from callspeak.tts.request_slots import RequestSlots, slot_wait
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text, has_words
 from callspeak.tts.too_many_requests import TooManyRequests, note_refusal
 
@@ -118,9 +119,13 @@ class DeepgramRestService:
         max_connections: int = 200,
         auth_recheck: float = 60.0,
         keepalive: float = _KEEPALIVE_SECONDS,
+        max_concurrent: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model = model
+        #: Requests in progress, at most ``max_concurrent`` (None: no limit): see
+        #: :mod:`~callspeak.tts.request_slots`.
+        self.slots = RequestSlots(max_concurrent, _NAME, clock=clock)
         self.refused_key = RefusedKey(auth_recheck, clock)
         #: The rest after Deepgram answered 429 (too many requests at once for the project).
         self.too_many_requests = TooManyRequests(clock)
@@ -245,6 +250,10 @@ class DeepgramRestProvider:
     """One call's Deepgram REST voice. See :mod:`callspeak.tts.base` for the stream contract.
 
     ``clear()`` is a no-op (each text is its own request: closing the iterator stops it).
+    Each request takes one of the service's :attr:`~DeepgramRestService.slots` from before it
+    is sent until its answer is read or dropped; when none is free it waits for one, as long
+    as :func:`~callspeak.tts.request_slots.slot_wait` allows, then raises a :class:`TTSError`
+    (``code="CONCURRENCY_LIMIT"``, not retryable: the next voice speaks) without sending it.
     ``aclose()`` makes an in-flight ``stream()`` stop at its next await with a non-retryable
     :class:`TTSError` and releases its response; later ``stream()`` calls fail the same way.
     """
@@ -275,7 +284,7 @@ class DeepgramRestProvider:
         after it — and a header declaring any other audio raises a :class:`TTSError` that is not
         retryable (the fallback voice takes over).
         """
-        async with contextlib.aclosing(self._stream_text(text)) as audio:
+        async with contextlib.aclosing(self._stream_text(text, ahead)) as audio:
             async for payload in audio:
                 yield payload
         # For the call's next text: its request then finds a connection without opening one,
@@ -283,7 +292,7 @@ class DeepgramRestProvider:
         # a stream closed early (a barge-in: its connection, cut mid-body, was closed).
         self._hold(first=False)
 
-    async def _stream_text(self, text: str) -> AsyncGenerator[bytes, None]:
+    async def _stream_text(self, text: str, ahead: float) -> AsyncGenerator[bytes, None]:
         chunks = chunk_text(text, DEFAULT_CHUNK_LIMIT)
         for index, chunk in enumerate(chunks):
             try:
@@ -292,7 +301,12 @@ class DeepgramRestProvider:
                 # Closed with this iterator, not later by the garbage collector: the connection
                 # goes back to the pool at once, and a late cleanup cannot touch the next
                 # stream's state.
-                async with contextlib.aclosing(self._stream_chunk(chunk)) as audio_chunks:
+                answer = (
+                    self._stream_chunk(chunk)
+                    if self._service.slots.limit is None
+                    else self._in_slot(chunk, ahead)
+                )
+                async with contextlib.aclosing(answer) as audio_chunks:
                     async for audio in audio_chunks:
                         payload = header.push(audio)  # raw audio (always, in practice): as is
                         info = header.info
@@ -421,6 +435,26 @@ class DeepgramRestProvider:
             finally:
                 if self._deadline is deadline:
                     self._deadline = None
+
+    async def _in_slot(self, text: str, ahead: float) -> AsyncGenerator[bytes, None]:
+        """:meth:`_stream_chunk`, holding a slot of the service's limit throughout (see the
+        class docstring); the wait for it is not counted in the first-byte deadline."""
+        slots, wait = self._service.slots, slot_wait(ahead)
+        if not await slots.acquire(wait):
+            raise TTSError(
+                _NAME,
+                f"{slots.limit} requests already in progress, the limit"
+                f" (CALLSPEAK_DEEPGRAM_MAX_CONCURRENT); none ended within {wait:.1f} s",
+                retryable=False,
+                code=CONCURRENCY_LIMIT,
+            )
+        try:
+            self._check_open()  # (closed while it waited)
+            async with contextlib.aclosing(self._stream_chunk(text)) as audio:
+                async for piece in audio:
+                    yield piece
+        finally:
+            slots.release()
 
     async def _stream_chunk(self, text: str) -> AsyncGenerator[bytes, None]:
         service = self._service

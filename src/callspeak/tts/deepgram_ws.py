@@ -88,9 +88,10 @@ from websockets.uri import parse_uri
 
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
 from callspeak.tasks import start_task, wait_cancelled
-from callspeak.tts.base import TTSAuthError, TTSError
+from callspeak.tts.base import CONCURRENCY_LIMIT, TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
 from callspeak.tts.refused_key import RefusedKey
+from callspeak.tts.request_slots import RequestSlots
 from callspeak.tts.resolved_host import (
     AddrInfo,
     Resolve,
@@ -175,6 +176,7 @@ class DeepgramWebSocketService:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         resolve: Resolve = getaddrinfo_tcp,
+        max_concurrent: int | None = None,
     ) -> None:
         query = urlencode({"model": model, "encoding": "mulaw", "sample_rate": "8000"})
         self.url = f"{ws_url.rstrip('/')}/v1/speak?{query}"
@@ -202,6 +204,10 @@ class DeepgramWebSocketService:
         #: which would make a fallback chain skip this voice for calls whose socket is open).
         self.too_many_requests = TooManyRequests(clock)
         self._providers: weakref.WeakSet[DeepgramWebSocketProvider] = weakref.WeakSet()
+        #: Sockets open or being opened, at most ``max_concurrent`` (None: no limit): Deepgram
+        #: limits its streaming sockets per project. A socket lives as long as its call, so a
+        #: call finding every slot taken does not wait for one: the next voice speaks for it.
+        self.slots = RequestSlots(max_concurrent, _NAME, clock=clock)
 
     @property
     def healthy(self) -> bool:
@@ -260,6 +266,7 @@ class DeepgramWebSocketProvider:
         self._deadline: asyncio.Timeout | None = None  # the recv in flight
         self._closed = False
         self._warming: asyncio.Task[ClientConnection] | None = None  # warm_up()'s connect
+        self._slot = False  # holds one of the service's slots (a socket open or opening)
         self._on_open: list[str] = []  # an utterance's messages, for the socket being opened
         self._sent_on_open: ClientConnection | None = None  # the socket that wrote them
         # The same, kept for _connect when the stream has ended: it counts what was written
@@ -308,6 +315,16 @@ class DeepgramWebSocketProvider:
             return 0.0
         return self._svc.too_many_requests.remaining()
 
+    def at_capacity(self) -> bool:
+        """True when this call has no socket and may not open one: every slot of the limit
+        (``max_concurrent``) is another call's. A fallback chain skips the voice for this call
+        meanwhile (see :func:`~callspeak.tts.base.at_capacity`)."""
+        slots = self._svc.slots
+        if self._slot or not slots.full():
+            return False
+        slots.note_full()  # (once a minute: the chain then skips the voice quietly)
+        return True
+
     def warm_up(self) -> None:
         """Start connecting now, in the background, unless a socket is open or opening (or the
         credentials were refused, the provider is closed, or a stream is connecting itself). On
@@ -317,6 +334,8 @@ class DeepgramWebSocketProvider:
             return
         if self._svc.refused_key.error is not None or self._svc.too_many_requests.resting():
             return  # the first stream() raises it (or the rest's), with no connect attempt
+        if self.at_capacity():
+            return  # (the fallback chain skips this voice for the call, quietly)
         self._warming = start_task(self._connect(), name="deepgram-ws-connect")
         self._warming.add_done_callback(self._warmed)
 
@@ -356,6 +375,7 @@ class DeepgramWebSocketProvider:
                     await self._bounded(ws.send(_CLOSE))
             finally:
                 await self._shut(ws)  # nothing else will: it is no longer self._ws
+        self._give_slot_back()
 
     # -- helpers -------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -390,6 +410,29 @@ class DeepgramWebSocketProvider:
         self._in_utterance, self._pending_clears = False, 0
         if ws is not None:
             await self._shut(ws)
+        if self._ws is None:  # (not replaced meanwhile)
+            self._give_slot_back()
+
+    def _take_slot(self) -> None:
+        """Hold a slot for the socket about to be opened, or raise (not retryable): every slot
+        is taken."""
+        if self._slot:
+            return
+        slots = self._svc.slots
+        if not slots.try_acquire():
+            raise TTSError(
+                _NAME,
+                f"not opening a socket: {slots.limit} are open, the limit"
+                " (CALLSPEAK_DEEPGRAM_MAX_CONCURRENT)",
+                retryable=False,
+                code=CONCURRENCY_LIMIT,
+            )
+        self._slot = True
+
+    def _give_slot_back(self) -> None:
+        if self._slot:
+            self._slot = False
+            self._svc.slots.release()
 
     async def _recv(self, ws: ClientConnection, when: float) -> str | bytes:
         async with asyncio.timeout_at(when) as self._deadline:
@@ -413,9 +456,19 @@ class DeepgramWebSocketProvider:
 
     # -- connection ----------------------------------------------------------------------
     async def _connect(self) -> ClientConnection:
-        svc = self._svc
-        # Before the key's re-check is taken: a rest would waste it (the next is an interval on).
+        # Before the key's re-check is taken: a rest, or every slot taken, would waste it (the
+        # next is an interval on).
         self._raise_if_resting()
+        self._take_slot()
+        try:
+            return await self._attempts()
+        except BaseException:
+            if self._ws is None:  # no socket after all: the slot is free for another call
+                self._give_slot_back()
+            raise
+
+    async def _attempts(self) -> ClientConnection:
+        svc = self._svc
         svc.refused_key.admit()  # refused: only a due re-check connects, one per interval
         for attempt in range(svc.max_reconnects + 1):
             if attempt:  # refused meanwhile, to this or another call?

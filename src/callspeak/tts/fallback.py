@@ -6,7 +6,10 @@ sentence by sentence) its provider tries the engines in order:
 * an engine whose service is unhealthy (credentials refused) is skipped, until its refused
   credentials are due to be tried again (:func:`~callspeak.tts.base.worth_trying`);
 * an engine resting after Deepgram refused too many requests at once (429) is skipped until
-  the rest is over (:mod:`~callspeak.tts.too_many_requests`);
+  the rest is over (:mod:`~callspeak.tts.too_many_requests`), and so is one that cannot speak
+  for this call because every slot of its limit of requests in progress is another call's (the
+  WebSocket voice with ``CALLSPEAK_DEEPGRAM_MAX_CONCURRENT`` sockets open;
+  :mod:`~callspeak.tts.request_slots`);
 * a failure before any audio of the text was yielded, at the start of an utterance, is retried
   once on the same engine when it is retryable (5xx, timeouts, a stall, a cut) — but a 429 is
   not: sending it again at once would add to the load Deepgram just refused. Only on the last
@@ -44,11 +47,13 @@ from callspeak.audio.convert import TwilioAudioConverter
 from callspeak.audio.format import FRAME_BYTES, TWILIO_FORMAT, AudioFormat
 from callspeak.tts.base import (
     APOLOGY,
+    CONCURRENCY_LIMIT,
     TTSAuthError,
     TTSError,
     TTSProvider,
     TTSService,
     aclose_stream,
+    at_capacity,
     rest_remaining,
     warm_up,
     worth_trying,
@@ -187,7 +192,7 @@ class _FallbackProvider:
                 if not last:
                     # Named among the causes should the apology play: "every voice failed"
                     # with only the last voice's failure would hide why the first was not asked.
-                    failures.append(_skipped(service.name, _rest(service, provider)))
+                    failures.append(_skipped(service.name, _rest(service, provider), provider))
                     continue
                 # The last voice, asked even when unhealthy (it may still speak), but not
                 # while it rests after a 429: a rest of a second or less is waited out.
@@ -297,8 +302,9 @@ def _rest(service: TTSService, provider: TTSProvider) -> float:
 
 
 def _worth_asking(service: TTSService, provider: TTSProvider) -> bool:
-    """:func:`~callspeak.tts.base.worth_trying`, and this call's voice is not resting either."""
-    return worth_trying(service) and rest_remaining(provider) == 0
+    """:func:`~callspeak.tts.base.worth_trying`, and this call's voice is not resting, nor at
+    its limit of requests in progress, either."""
+    return worth_trying(service) and rest_remaining(provider) == 0 and not at_capacity(provider)
 
 
 async def _wait_out_rest(
@@ -335,10 +341,18 @@ def _wait_for_last_voice(exc: TTSError) -> float | None:
     return rest if rest <= LAST_VOICE_WAIT else None
 
 
-def _skipped(name: str, rest: float) -> TTSError:
-    """Why a voice was not asked for a text: resting after a 429, else unhealthy."""
+def _skipped(name: str, rest: float, provider: TTSProvider) -> TTSError:
+    """Why a voice was not asked for a text: resting after a 429, at its limit of requests in
+    progress, else unhealthy."""
     if rest > 0:
         return _resting_error(name, rest)
+    if at_capacity(provider):
+        return TTSError(
+            name,
+            "not asked: every slot of CALLSPEAK_DEEPGRAM_MAX_CONCURRENT is another call's",
+            retryable=False,
+            code=CONCURRENCY_LIMIT,
+        )
     return TTSError(name, "not asked: its credentials stand refused", retryable=False)
 
 

@@ -17,10 +17,11 @@ reproduces:
 * WebSocket ``Metadata`` on connect, ``Speak`` buffering, ``Flush`` → audio then ``Flushed``,
   ``Clear`` → ``Cleared`` with no stale audio after it, ``Close`` → flush then close, the 20
   flushes / 60 s limit (extra flushes get a ``Warning`` and are ignored), 2000 characters a Speak;
-* with ``max_concurrent``, Deepgram's per-project concurrency limit: a REST request or a
-  WebSocket handshake past that many REST answers in progress plus sockets open is refused with
-  429 (with ``Retry-After`` when ``retry_after`` is set). Whether Deepgram counts an open
-  socket as one is not documented; the fake does, which is the stricter reading.
+* with ``max_concurrent``, Deepgram's per-project concurrency limits: a REST request past that
+  many REST answers in progress, or a WebSocket handshake past that many sockets open, is
+  refused with 429 (with ``Retry-After`` when ``retry_after`` is set). Deepgram's "API Rate
+  Limits" page lists the two apart ("Text to Speech REST" and "Text to Speech Streaming", 15
+  each on Pay as You Go and Growth); ``rest_peak`` and ``ws_peak`` keep the most there were.
 
 Only the raw encodings (linear16, mulaw, alaw) are simulated; mp3/opus/flac/aac are refused with
 ``INVALID_QUERY_PARAMETER``. Faults are queued per test: each ``count`` is consumed by the next
@@ -137,10 +138,12 @@ class FakeDeepgram:
         #: The project's concurrency limit (None: no limit), and the 429's ``Retry-After``.
         self.max_concurrent, self.retry_after = max_concurrent, retry_after
         self.rest_in_progress = 0  #: REST answers being streamed right now
+        self.rest_peak = 0  #: the most REST answers there were in progress at once
         self.requests: list[RecordedRequest] = []
         self.ws_messages: list[dict[str, Any]] = []
         self.ws_connections = 0  #: WebSocket handshakes received, refused ones included
         self.ws_open = 0  #: WebSockets open right now
+        self.ws_peak = 0  #: the most WebSockets there were open at once
         #: When the first audio byte of each text was sent (``clock()``), for latency benches.
         self.first_bytes: dict[str, float] = {}
         #: When each text's request was read (REST: the whole body; WebSocket: its Flush).
@@ -250,10 +253,11 @@ class FakeDeepgram:
         """Send a ``Warning`` before the audio of the next flushes."""
         self._faults.append(Fault("ws_warn", count, body=description.encode(), reason=code))
 
-    def _check_concurrency(self) -> None:
-        """Refuse (429) a request past ``max_concurrent`` in progress (see the module docs)."""
+    def _check_concurrency(self, in_progress: int) -> None:
+        """Refuse (429) a request past ``max_concurrent`` ``in_progress`` of its kind (REST
+        answers, or sockets open: see the module docs)."""
         limit = self.max_concurrent
-        if limit is not None and self.rest_in_progress + self.ws_open >= limit:
+        if limit is not None and in_progress >= limit:
             raise Reject(
                 429,
                 "TOO_MANY_REQUESTS",
@@ -321,7 +325,7 @@ class FakeDeepgram:
                     "PAYLOAD_TOO_LARGE",
                     f"Text is {len(text)} characters; the limit is {MAX_CHARS}.",
                 )
-            self._check_concurrency()
+            self._check_concurrency(self.rest_in_progress)
         except Reject as reject:
             record.status = reject.status
             error = {"err_code": reject.code, "err_msg": reject.message, "request_id": rid}
@@ -343,6 +347,7 @@ class FakeDeepgram:
         audio = synthesize(text, encoding, rate, container)
         # Counted from here until the stream ends (AudioStream.__call__): a concurrency slot.
         self.rest_in_progress += 1
+        self.rest_peak = max(self.rest_peak, self.rest_in_progress)
         stream = AudioStream(self, audio, headers, take(self._faults, "stall", "cut"), arrived)
         stream.text = text
         return stream
@@ -370,7 +375,7 @@ class FakeDeepgram:
                 raise Reject(fault.status, error.get("err_code", ""), error.get("err_msg", ""))
             model = check_auth_and_model(headers, query, self.api_key)
             encoding, rate, _ = audio_params(query, websocket=True)
-            self._check_concurrency()
+            self._check_concurrency(self.ws_open)
         except Reject as reject:
             record.status = reject.status
             error = json.dumps(
@@ -386,6 +391,7 @@ class FakeDeepgram:
         side closes; then the socket is closed (1011 if the session failed). :attr:`ws_open`
         counts the socket from now until the task is done, however it ends."""
         self.ws_open += 1
+        self.ws_peak = max(self.ws_peak, self.ws_open)
         task = asyncio.get_running_loop().create_task(self._served(peer, verdict))
         task.add_done_callback(self._ws_closed)
         return task
@@ -465,8 +471,8 @@ def main(argv: list[str] | None = None) -> None:
         "--max-concurrent",
         type=int,
         default=None,
-        help="refuse with 429 past this many REST answers in progress plus sockets open, as "
-        "Deepgram's per-project concurrency limit does (default: no limit)",
+        help="refuse with 429 past this many REST answers in progress, or sockets open, as "
+        "Deepgram's per-project concurrency limits do (default: no limit)",
     )
     parser.add_argument(
         "--retry-after",
