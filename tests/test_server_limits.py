@@ -344,6 +344,73 @@ async def test_the_next_request_on_a_kept_connection_has_the_same_deadline(
     assert rest.endswith(b"request head not received within 0.3 s")
 
 
+async def kept_connection_answers(
+    url: str, first: bytes, idle: float, second: bytes
+) -> tuple[bytes, bytes, float]:
+    """Send ``first`` on a new connection and read its answer, stay idle ``idle`` s, send
+    ``second`` on the same connection, and read until the server closes it: the two answers,
+    and how long the close took after ``second`` was sent."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(first)
+        answer = await asyncio.wait_for(reader.readuntil(b"}"), 5)  # (the JSON body's end)
+        await asyncio.sleep(idle)
+        writer.write(second)
+        sent = time.monotonic()
+        try:
+            rest = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+        except ConnectionResetError:
+            rest = b"(reset)"
+        return answer, rest, time.monotonic() - sent
+    finally:
+        writer.close()
+
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def test_a_kept_connection_idle_past_the_head_deadline_serves_its_next_request(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle between requests is the keep-alive's to bound, not the head deadline's: a client's
+    pooled connection reused after a pause must not be closed as the request goes out (a
+    ``POST /say`` lost so is not sent again). The next head still has its own deadline."""
+    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
+    app = create_app(local(), tts=FakeService())
+    async with serve(app) as url:
+        first, rest, _ = await kept_connection_answers(
+            url, HEALTH, 0.8, HEALTH.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+        )
+        assert first.startswith(b"HTTP/1.1 200 ") and rest.startswith(b"HTTP/1.1 200 ")
+        _, rest, seconds = await kept_connection_answers(url, HEALTH, 0.8, b"GET /healthz HT")
+    assert rest.startswith(b"HTTP/1.1 408 ") and 0.25 < seconds < 2
+
+
+async def test_an_idle_kept_connection_is_closed_after_the_keep_alive(serve: Serve) -> None:
+    app = create_app(local(), tts=FakeService())
+    async with serve(app, timeout_keep_alive=0.3) as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(HEALTH)
+        began = time.monotonic()
+        answer = await asyncio.wait_for(reader.read(), 5)  # the answer, then the close
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ") and 0.25 < time.monotonic() - began < 2
+
+
+def test_the_server_keeps_idle_connections_longer_than_http_clients_pool_them() -> None:
+    """httpx reuses an idle connection for 5 s, aiohttp for 15 s: uvicorn's own 5 s met
+    httpx's in the soak, and a request sent as the server closed the connection failed."""
+    import httpx
+
+    from callspeak.cli import uvicorn_options
+
+    app = create_app(local(), tts=FakeService())
+    keep_alive = uvicorn_options(local(), app)["timeout_keep_alive"]
+    assert keep_alive > max(httpx.Limits().keepalive_expiry or 0, 15.0)
+
+
 async def test_requests_and_calls_outlasting_the_head_deadline_are_untouched(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:

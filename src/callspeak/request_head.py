@@ -5,9 +5,12 @@ uvicorn closes a kept-alive connection left idle between requests, but sets no l
 connection that sends nothing, nor on a request line and headers that arrive a byte every few
 seconds (slowloris). Each such connection holds a file descriptor for good; enough of them and
 a new call cannot connect. Here a connection has :data:`HEAD_SECONDS` from when it opens (after
-TLS, which asyncio bounds itself), and again from the end of each response, to finish its next
-request head. Then it is closed: with a 408 if part of a head had come, silently if nothing had
-(as uvicorn's own keep-alive timeout does).
+TLS, which asyncio bounds itself) to finish its first request head, and each later head as long
+from its first byte. Then it is closed: with a 408 if part of a head had come, silently if nothing
+had. Between requests a kept-alive connection is idle, and uvicorn's keep-alive timeout bounds
+that (``callspeak serve`` sets it, :data:`~callspeak.cli.KEEP_ALIVE_SECONDS`, longer than
+clients keep an idle connection: one closed here as a client sends on it fails a request the
+client does not send again, a ``POST /say`` above all).
 
 The deadline ends with the head: a request body has its own bound
 (:data:`~callspeak.api.BODY_SECONDS`), and a WebSocket upgraded from the request leaves this
@@ -31,7 +34,8 @@ HEAD_SECONDS = 10.0
 
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, closing a connection whose request head is not complete
-    :data:`HEAD_SECONDS` after the connection opened or the previous response ended."""
+    :data:`HEAD_SECONDS` after the connection opened (its first request) or after the head's
+    first byte came (a later request on the kept-alive connection)."""
 
     _head_timer: asyncio.TimerHandle | None = None
     #: Part of a request head has arrived (the parser began a message) and not all of it.
@@ -47,19 +51,14 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        if self._head_timer is None:  # a later request: its head's time starts now
+            self._arm_head_timer()
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
         super().on_headers_complete()
-
-    def on_response_complete(self) -> None:
-        # A pipelined request already has its head; it starts in super() and needs no deadline.
-        pipelined = bool(self.pipeline)
-        super().on_response_complete()
-        if not pipelined and not self.transport.is_closing():
-            self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
