@@ -861,6 +861,33 @@ async def test_warm_up_reaches_the_first_healthy_voice_only() -> None:
     assert [p.warmed for p in primary.providers + backup.providers] == [1, 0, 0, 1]
 
 
+class FullProvider(FakeProvider):
+    """A voice whose engine has every slot of its limit taken (the WebSocket voice's sockets)."""
+
+    def at_capacity(self) -> bool:
+        return True
+
+
+class FullService(FakeService):
+    def open(self) -> FullProvider:
+        provider = FullProvider()
+        self.providers.append(provider)
+        return provider
+
+
+async def test_warm_up_skips_a_voice_the_chain_would_skip_for_the_first_text() -> None:
+    """Every Deepgram socket taken: the call's first text goes to the next voice, so that is
+    the one to warm up (its connection opened ahead of start), not the full one."""
+    full, backup = FullService("deepgram-ws"), FakeService("backup")
+    chain = FallbackService([full, backup], apology=b"sorry")
+    call = chain.open()
+    call.warm_up()  # type: ignore[attr-defined]
+    assert [p.warmed for p in full.providers + backup.providers] == [0, 1]
+    heard = b"".join([chunk async for chunk in call.stream("Hi.")])
+    assert heard.rstrip(b"\xff") == tone_for("Hi.")  # (padded to a whole frame)
+    assert full.providers[0].texts == [] and backup.providers[0].texts == ["Hi."]
+
+
 class RaisingProvider(FakeProvider):
     """A voice that fails with its engine's own exception, not a TTSError."""
 

@@ -268,9 +268,10 @@ class _FallbackProvider:
 
     def warm_up(self) -> None:
         """Warm up the voice a new utterance tries first (the others are for bad moments), if
-        it has anything to warm up (see :class:`~callspeak.tts.base.TTSProvider`)."""
+        it has anything to warm up (see :class:`~callspeak.tts.base.TTSProvider`): the first
+        healthy one not skipped now (resting after a 429, or every slot of its limit taken)."""
         for service, provider in self._chain:
-            if service.healthy:
+            if service.healthy and _worth_asking(service, provider):
                 warm_up(provider)
                 return
 
