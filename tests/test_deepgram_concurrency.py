@@ -210,3 +210,28 @@ async def test_a_server_at_its_deepgram_limit_speaks_every_call_with_deepgram() 
     assert [r.status for r in fake.requests] == [200] * 6 and fake.rest_peak == 2
     for text, report in zip(texts, reports, strict=True):
         assert untrimmed(fake.audio_for(text)) in bytes(report.played)
+
+
+async def test_with_every_socket_taken_the_rest_voice_speaks_in_the_same_aura_voice() -> None:
+    """`--tts deepgram-ws` with `CALLSPEAK_FALLBACK=deepgram,piper`: a call past the streaming
+    limit is spoken over REST, whose limit Deepgram counts apart — the same voice, not Piper."""
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01, max_concurrent=1)
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
+        settings = Settings(
+            validate_signatures=False,
+            deepgram_api_key=KEY,
+            tts="deepgram-ws",
+            deepgram_url=dg_url,
+            deepgram_ws_url=dg_url.replace("http", "ws"),
+            deepgram_max_concurrent=1,
+            fallback="deepgram",
+        )
+        streaming, rest = make_engine(settings, "deepgram-ws"), make_engine(settings, "deepgram")
+        chain = FallbackService([streaming, rest], apology=b"sorry")
+        first, second = chain.open(), chain.open()
+        one, two = await heard(first.stream("One.")), await heard(second.stream("Two."))
+        await chain.aclose()
+    assert untrimmed(one) == untrimmed(fake.audio_for("One."))
+    assert untrimmed(two) == untrimmed(fake.audio_for("Two."))
+    # One socket (the first call's), one REST request (the second call's text), no 429.
+    assert [(r.method, r.status) for r in fake.requests] == [("GET", 101), ("POST", 200)]
