@@ -20,6 +20,7 @@ from callspeak.tts.fallback import FallbackService
 from callspeak.voices import make_engine
 from tests.conftest import serve_app
 from tests.fakes import FakeService, tone_for
+from tests.test_server_limits import until
 
 KEY = "test-key"
 
@@ -143,9 +144,7 @@ async def test_a_websocket_call_finding_every_socket_taken_uses_the_next_voice_q
         assert len(warnings) == 1 and "CALLSPEAK_DEEPGRAM_MAX_CONCURRENT" in warnings[0].message
         await first.aclose()
         assert deepgram.slots.in_use == 0
-        async with asyncio.timeout(2):  # the fake's count follows the close a moment later
-            while fake.ws_open:
-                await asyncio.sleep(0.01)
+        await until(lambda: not fake.ws_open)  # the fake's count follows the close a moment later
         five = await heard(second.stream("Five."))
         assert untrimmed(five) == untrimmed(fake.audio_for("Five."))
         await chain.aclose()
@@ -169,7 +168,7 @@ async def test_a_websocket_slot_is_freed_by_a_failed_connect_and_kept_across_a_r
         fake.ws_close_after_flushed(count=1)  # Deepgram closes the socket between utterances
         await heard(call.stream("Again."))
         assert untrimmed(await heard(call.stream("Bye."))) == untrimmed(fake.audio_for("Bye."))
-        assert deepgram.slots.in_use == 1 and deepgram.slots.peak == 1
+        assert deepgram.slots.in_use == 1
         await call.aclose()
         assert deepgram.slots.in_use == 0
         await deepgram.aclose()
@@ -238,3 +237,108 @@ async def test_with_every_socket_taken_the_rest_voice_speaks_in_the_same_aura_vo
     assert untrimmed(two) == untrimmed(fake.audio_for("Two."))
     # One socket (the first call's), one REST request (the second call's text), no 429.
     assert [(r.method, r.status) for r in fake.requests] == [("GET", 101), ("POST", 200)]
+
+
+async def test_the_wait_for_a_slot_is_not_counted_in_the_first_byte_deadline() -> None:
+    """A first-byte deadline of 0.5 s, a wait of over a second for the slot: the answer is
+    still taken (the deadline starts when the request is sent)."""
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01, bytes_per_second=8000)
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
+        deepgram = DeepgramRestService(
+            KEY, base_url=dg_url, max_concurrent=1, first_byte_timeout=0.5
+        )
+        holder = deepgram.open().stream("One, two, three.")  # about 1 s of the fake's audio
+        first = await anext(holder)
+        holding = asyncio.create_task(heard(holder))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        audio = await heard(deepgram.open().stream("Two.", ahead=5.0))
+        assert loop.time() - began > 0.7 and audio == fake.audio_for("Two.")
+        assert first + await holding == fake.audio_for("One, two, three.")
+        await deepgram.aclose()
+
+
+async def test_closing_a_call_ends_its_wait_for_a_slot_at_once() -> None:
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01, bytes_per_second=8000)
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
+        deepgram = DeepgramRestService(KEY, base_url=dg_url, max_concurrent=1)
+        holder = deepgram.open().stream("One, two, three, four, five, six.")
+        await anext(holder)
+        call = deepgram.open()
+        waiting = asyncio.create_task(heard(call.stream("Two.", ahead=6.0)))
+        await asyncio.sleep(0.1)
+        loop = asyncio.get_running_loop()
+        closed_at = loop.time()
+        await call.aclose()
+        with pytest.raises(TTSError, match="closed"):
+            await waiting
+        assert loop.time() - closed_at < 0.5  # not the 5.5 s it could have waited
+        assert deepgram.slots.in_use == 1  # the holder's, only
+        await holder.aclose()  # type: ignore[attr-defined]
+        assert deepgram.slots.in_use == 0
+        await deepgram.aclose()
+
+
+async def test_a_websocket_call_closed_mid_close_gives_its_slot_back() -> None:
+    """The call's end cut short (cancelled) while its socket closes: the slot is not kept for
+    good (after 15 of these, no call could open a socket until a restart)."""
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01)
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
+        deepgram = DeepgramWebSocketService(
+            KEY, ws_url=dg_url.replace("http", "ws"), max_concurrent=1
+        )
+        call = deepgram.open()
+        await heard(call.stream("Hi."))
+        assert deepgram.slots.in_use == 1
+        closing = asyncio.create_task(call.aclose())
+        await asyncio.sleep(0)  # into its Close
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        await call.aclose()
+        assert deepgram.slots.in_use == 0
+        await until(lambda: not fake.ws_open)  # and no socket is left open (as the fake sees)
+        other = deepgram.open()
+        assert untrimmed(await heard(other.stream("Bye."))) == untrimmed(fake.audio_for("Bye."))
+        await deepgram.aclose()
+
+
+async def test_a_socket_deepgram_closed_while_its_call_was_idle_frees_its_slot() -> None:
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01, max_concurrent=1)
+    fake.ws_close_after_flushed(count=1)  # Deepgram closes the first call's socket, idle
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
+        deepgram = DeepgramWebSocketService(
+            KEY, ws_url=dg_url.replace("http", "ws"), max_concurrent=1
+        )
+        idle, other = deepgram.open(), deepgram.open()
+        await heard(idle.stream("Hi."))
+        assert other.at_capacity()  # the idle call's socket is open: its slot is taken
+        await until(lambda: not other.at_capacity())  # once the close reaches our side
+        assert untrimmed(await heard(other.stream("Two."))) == untrimmed(fake.audio_for("Two."))
+        assert idle.at_capacity()  # its slot went to the other call
+        await deepgram.aclose()
+    assert [r.status for r in fake.requests] == [101, 101]  # no 429: two sockets, one at a time
+
+
+async def test_a_last_voice_with_every_socket_taken_is_not_asked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`CALLSPEAK_FALLBACK=none`: past the limit the apology plays at once, naming the limit,
+    with no connect attempt and no failure counted for each text."""
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01)
+    async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
+        deepgram = DeepgramWebSocketService(
+            KEY, ws_url=dg_url.replace("http", "ws"), max_concurrent=1
+        )
+        chain = FallbackService([deepgram], apology=b"\x55" * 160)
+        failures: list[TTSError] = []
+        chain.on_failure(lambda name, error: failures.append(error))
+        first, second = chain.open(), chain.open()
+        await heard(first.stream("One."))
+        with caplog.at_level(logging.WARNING):
+            for text in ("Two.", "Three."):
+                with pytest.raises(TTSError, match="CALLSPEAK_DEEPGRAM_MAX_CONCURRENT"):
+                    assert await heard(second.stream(text)) == b"\x55" * 160
+        await chain.aclose()
+    assert fake.ws_connections == 1 and failures == []
+    assert "failed before any audio" not in caplog.text

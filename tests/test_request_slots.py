@@ -119,3 +119,17 @@ async def test_reaching_the_limit_is_said_once_a_minute_naming_the_setting(
 def test_a_request_waits_a_second_or_while_the_call_has_more_than_that_to_play() -> None:
     assert slot_wait(0.0) == slot_wait(SLOT_WAIT) == SLOT_WAIT
     assert slot_wait(4.0) == 4.0 - SLOT_AHEAD_MARGIN
+
+
+async def test_a_waiter_cancelled_as_a_slot_frees_is_cancelled_not_an_error() -> None:
+    """A release in the same loop iteration as the cancel, before the waiter resumes, passes
+    over it: the waiter must still end cancelled (a barge-in), and hold nothing."""
+    one = slots(1)
+    assert await one.acquire(0.0)
+    waiter = asyncio.create_task(one.acquire(5.0))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    one.release()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert one.in_use == 0 and one.try_acquire()

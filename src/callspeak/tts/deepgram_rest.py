@@ -440,7 +440,15 @@ class DeepgramRestProvider:
         """:meth:`_stream_chunk`, holding a slot of the service's limit throughout (see the
         class docstring); the wait for it is not counted in the first-byte deadline."""
         slots, wait = self._service.slots, slot_wait(ahead)
-        if not await slots.acquire(wait):
+        try:
+            async with asyncio.timeout(None) as self._deadline:  # (for aclose() to end the wait)
+                took = await slots.acquire(wait)
+        except TimeoutError:
+            self._check_open()  # closed while it waited: that is the error
+            raise
+        finally:
+            self._deadline = None
+        if not took:
             raise TTSError(
                 _NAME,
                 f"{slots.limit} requests already in progress, the limit"
@@ -449,7 +457,7 @@ class DeepgramRestProvider:
                 code=CONCURRENCY_LIMIT,
             )
         try:
-            self._check_open()  # (closed while it waited)
+            self._check_open()  # (closed as the slot was taken)
             async with contextlib.aclosing(self._stream_chunk(text)) as audio:
                 async for piece in audio:
                     yield piece

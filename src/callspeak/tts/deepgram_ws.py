@@ -227,6 +227,16 @@ class DeepgramWebSocketService:
         if self.refused_key.accept():
             logger.info("deepgram-ws: the API key is accepted again; calls use Deepgram again")
 
+    def slot_free(self) -> bool:
+        """Whether a socket may be opened now: a slot of ``max_concurrent`` is free, once any
+        held for a socket that has closed while its call was idle are given back (looked for
+        only when every slot is taken)."""
+        if not self.slots.full():
+            return True
+        for provider in list(self._providers):
+            provider.release_if_closed()
+        return not self.slots.full()
+
     async def start(self) -> None:
         """Nothing to warm up: sockets open per call, on first use."""
 
@@ -319,10 +329,9 @@ class DeepgramWebSocketProvider:
         """True when this call has no socket and may not open one: every slot of the limit
         (``max_concurrent``) is another call's. A fallback chain skips the voice for this call
         meanwhile (see :func:`~callspeak.tts.base.at_capacity`)."""
-        slots = self._svc.slots
-        if self._slot or not slots.full():
+        if self._slot or self._svc.slot_free():
             return False
-        slots.note_full()  # (once a minute: the chain then skips the voice quietly)
+        self._svc.slots.note_full()  # (once a minute: the chain then skips the voice quietly)
         return True
 
     def warm_up(self) -> None:
@@ -363,19 +372,26 @@ class DeepgramWebSocketProvider:
             return
         self._closed = True
         self._interrupt()
-        warming, self._warming = self._warming, None
-        if warming is not None:
-            warming.cancel()
-            with contextlib.suppress(Exception):  # of no use now; _warmed has logged it
-                await wait_cancelled(warming)
-        ws, self._ws = self._ws, None
-        if ws is not None:
-            try:
+        ws: ClientConnection | None = None
+        try:
+            warming, self._warming = self._warming, None
+            if warming is not None:
+                warming.cancel()
+                with contextlib.suppress(Exception):  # of no use now; _warmed has logged it
+                    await wait_cancelled(warming)
+            ws, self._ws = self._ws, None
+            if ws is not None:
                 with contextlib.suppress(ConnectionClosed, TimeoutError):  # (not reading)
                     await self._bounded(ws.send(_CLOSE))
-            finally:
                 await self._shut(ws)  # nothing else will: it is no longer self._ws
-        self._give_slot_back()
+        except BaseException:
+            # Cut short (cancelled, as a call's end can be): no socket is left open, unowned.
+            ws, self._ws = ws or self._ws, None
+            if ws is not None:
+                ws.transport.abort()
+            raise
+        finally:
+            self._give_slot_back()  # (a later aclose() returns at once: now or never)
 
     # -- helpers -------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -408,9 +424,23 @@ class DeepgramWebSocketProvider:
     async def _drop(self) -> None:
         ws, self._ws = self._ws, None
         self._in_utterance, self._pending_clears = False, 0
-        if ws is not None:
-            await self._shut(ws)
-        if self._ws is None:  # (not replaced meanwhile)
+        try:
+            if ws is not None:
+                await self._shut(ws)
+        except BaseException:
+            if ws is not None:
+                ws.transport.abort()  # cut short: not left open, unowned
+            raise
+        finally:
+            if self._ws is None:  # (not replaced meanwhile)
+                self._give_slot_back()
+
+    def release_if_closed(self) -> None:
+        """Give back the slot of a socket that closed while the call was idle (Deepgram's side,
+        or the network): no longer counted by Deepgram, it must not keep another call from
+        opening one. The call's next text opens a socket again, if a slot is free then."""
+        ws = self._ws
+        if self._slot and not self._streaming and ws is not None and ws.state is State.CLOSED:
             self._give_slot_back()
 
     def _take_slot(self) -> None:
@@ -418,6 +448,7 @@ class DeepgramWebSocketProvider:
         is taken."""
         if self._slot:
             return
+        self._svc.slot_free()  # (any slot of a socket closed meanwhile given back first)
         slots = self._svc.slots
         if not slots.try_acquire():
             raise TTSError(

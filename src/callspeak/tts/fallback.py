@@ -9,7 +9,7 @@ sentence by sentence) its provider tries the engines in order:
   the rest is over (:mod:`~callspeak.tts.too_many_requests`), and so is one that cannot speak
   for this call because every slot of its limit of requests in progress is another call's (the
   WebSocket voice with ``CALLSPEAK_DEEPGRAM_MAX_CONCURRENT`` sockets open;
-  :mod:`~callspeak.tts.request_slots`);
+  :mod:`~callspeak.tts.request_slots`) — the last voice too, with nobody to wait for;
 * a failure before any audio of the text was yielded, at the start of an utterance, is retried
   once on the same engine when it is retryable (5xx, timeouts, a stall, a cut) — but a 429 is
   not: sending it again at once would add to the load Deepgram just refused. Only on the last
@@ -194,6 +194,11 @@ class _FallbackProvider:
                     # with only the last voice's failure would hide why the first was not asked.
                     failures.append(_skipped(service.name, _rest(service, provider), provider))
                     continue
+                if at_capacity(provider):
+                    # The last voice, every slot of its limit another call's: none frees within
+                    # a wait worth a caller's silence (a socket lasts a whole call).
+                    failures.append(_skipped(service.name, _rest(service, provider), provider))
+                    break
                 # The last voice, asked even when unhealthy (it may still speak), but not
                 # while it rests after a 429: a rest of a second or less is waited out.
                 rested = await _wait_out_rest(service, provider, 0.0, failures)

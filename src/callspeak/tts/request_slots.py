@@ -17,6 +17,7 @@ waiters are bounded by the calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections import deque
@@ -92,7 +93,10 @@ class RequestSlots:
                 self.release()  # handed a slot as it gave up: on to the next
             else:
                 waiter.cancel()
-                self._waiters.remove(waiter)  # (release() only takes those it hands a slot)
+                # Still queued, unless a release() passed over it: cancelled before this task
+                # resumed (a barge-in, or its wait's end), in the iteration a slot freed.
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
             if isinstance(exc, TimeoutError):
                 return False
             raise
