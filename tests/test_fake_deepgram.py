@@ -59,6 +59,28 @@ async def speak(
     return await client.post("/v1/speak", params=PHONE if params is None else params, **kw)
 
 
+async def test_rest_and_streaming_limits_are_counted_apart_and_reported(
+    client: httpx.AsyncClient, base: str, fake: FakeDeepgram
+) -> None:
+    """Deepgram's rate-limit page lists "Text to Speech REST" and "Text to Speech Streaming" as
+    two limits: two answers in progress fill the REST one (the third is refused), and a socket
+    is still accepted; ``/_fake/counts`` tells a benchmark in another process what happened."""
+    fake.max_concurrent, fake.bytes_per_second = 2, 8000  # answers stream in real time
+    params = {"params": PHONE, "headers": AUTH}
+    async with (
+        client.stream("POST", "/v1/speak", json={"text": "One, two."}, **params) as one,
+        client.stream("POST", "/v1/speak", json={"text": "Three, four."}, **params) as two,
+    ):
+        assert (one.status_code, two.status_code) == (200, 200)
+        third = await speak(client)
+        assert third.status_code == 429 and third.json()["err_code"] == "TOO_MANY_REQUESTS"
+        url = base.replace("http", "ws") + "/v1/speak?model=aura-2-thalia-en"
+        async with connect(url, additional_headers=AUTH) as ws:
+            assert json.loads(await ws.recv())["type"] == "Metadata"
+    counts = (await client.get("/_fake/counts")).json()
+    assert counts == {"statuses": {"200": 2, "429": 1, "101": 1}, "rest_peak": 2, "ws_peak": 1}
+
+
 # -- audio ---------------------------------------------------------------------------------
 def test_synthetic_audio_is_deterministic_speechlike_and_grows_with_text() -> None:
     short, longer = synthesize("Hi"), synthesize("Hi there")

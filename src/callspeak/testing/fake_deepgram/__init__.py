@@ -156,6 +156,7 @@ class FakeDeepgram:
                 # Not Deepgram's: lets a benchmark in another process read first-byte times.
                 Route("/_fake/first-bytes", self._first_bytes, methods=["GET"]),
                 Route("/_fake/arrivals", self._arrivals, methods=["GET"]),
+                Route("/_fake/counts", self._counts, methods=["GET"]),
             ]
         )
 
@@ -181,6 +182,18 @@ class FakeDeepgram:
 
     async def _arrivals(self, request: Request) -> JSONResponse:
         return JSONResponse(self.arrivals)
+
+    def counts(self) -> dict[str, Any]:
+        """How many requests (REST) and handshakes (WebSocket) were answered with each status,
+        and the most REST answers in progress and sockets open there were at once."""
+        statuses: dict[str, int] = {}
+        for request in self.requests:
+            key = str(request.status)
+            statuses[key] = statuses.get(key, 0) + 1
+        return {"statuses": statuses, "rest_peak": self.rest_peak, "ws_peak": self.ws_peak}
+
+    async def _counts(self, request: Request) -> JSONResponse:
+        return JSONResponse(self.counts())
 
     # -- fault injection ----------------------------------------------------------------
     def fail_next(
