@@ -60,6 +60,13 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   allows, and the waits above fall within audio still to play.
 * A socket older than ``max_connection_age`` (55 min; Deepgram allows 60) is closed and replaced
   before the next utterance, never during one, nor during a 429's rest.
+* With ``max_concurrent`` (Deepgram's limit of streaming sockets per project), a call holds one
+  of the service's :attr:`~DeepgramWebSocketService.slots` from opening its socket until the
+  socket is dropped, the provider closed (a close cut short included), or — while the call is
+  idle — the socket found closed by Deepgram or the network. A call that finds every slot taken
+  opens none: ``at_capacity()`` tells a fallback chain to skip the voice for it, quietly (one
+  warning a minute in all), and a connect raises a :class:`TTSError` that is not retryable
+  (``code="CONCURRENCY_LIMIT"``). It does not wait: a socket lasts as long as its call.
 
 Thin client on ``websockets`` rather than ``deepgram-sdk``: four messages do not justify an SDK
 whose async socket layer is built on the deprecated ``websockets.legacy``.
