@@ -187,6 +187,30 @@ def test_the_setting_defaults_to_deepgrams_published_limit_and_0_means_none() ->
         Settings(deepgram_max_concurrent=-1)
 
 
+@pytest.mark.parametrize(
+    ("limit", "said"),
+    [
+        (15, "voice: deepgram > piper (deepgram at most 15 at once: CALLSPEAK_DEEPGRAM_MAX_"),
+        (0, "voice: deepgram > piper; event loop"),
+    ],
+)
+async def test_the_start_up_line_says_the_limit_the_voice_keeps(
+    limit: int, said: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plan allowing more than 15 would otherwise find out only from its calls' voices."""
+    settings = Settings(
+        validate_signatures=False,
+        deepgram_api_key=KEY,
+        deepgram_max_concurrent=limit,
+        deepgram_url="http://127.0.0.1:9",  # (never asked: no call is placed)
+    )
+    chain = FallbackService([make_engine(settings, "deepgram"), FakeService("piper")])
+    with caplog.at_level(logging.INFO, "callspeak.server"):
+        async with serve_app(create_app(settings, tts=chain)):
+            pass
+    assert said in caplog.text
+
+
 async def test_a_server_at_its_deepgram_limit_speaks_every_call_with_deepgram() -> None:
     """As deployed: `callspeak serve`'s settings, six emulated calls at once, a project limit
     of two. No 429, every caller hears Deepgram's greeting."""

@@ -204,6 +204,20 @@ class StarletteTransport:
             await self._ws.close(code, reason)
 
 
+def _limits(tts: TTSService) -> str:
+    """The limits of requests in progress the voices keep (Deepgram's concurrency limit, see
+    :mod:`~callspeak.tts.request_slots`), for the start-up line: "" when none has one."""
+    said = []
+    for service in getattr(tts, "services", [tts]):
+        slots = getattr(service, "slots", None)
+        limit = getattr(slots, "limit", None)
+        if limit is not None:
+            said.append(f"{service.name} at most {limit} at once")
+    if not said:
+        return ""
+    return f" ({', '.join(said)}: CALLSPEAK_DEEPGRAM_MAX_CONCURRENT)"
+
+
 def create_app(
     settings: Settings,
     *,
@@ -254,8 +268,9 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.tts.start()
         log.info(
-            "voice: %s; event loop: %s",
+            "voice: %s%s; event loop: %s",
             state.tts.name,
+            _limits(state.tts),
             type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         if verifier is None:
