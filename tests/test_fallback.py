@@ -722,6 +722,24 @@ async def test_when_every_voice_fails_the_caller_hears_the_apology(
     assert ("could not connect" if websocket else "request_id=r503") in caplog.text
 
 
+@pytest.mark.parametrize("websocket", [False, True], ids=["rest", "websocket"])
+async def test_an_apology_is_one_error_line_not_three(
+    websocket: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The chain's line names every voice's cause; the session's own lines for the same
+    failure ("text-to-speech failed", "speaking utterance 1 failed") said it twice more."""
+    fake = FakeDeepgram(KEY, first_byte_delay=0.01)
+    if websocket:
+        fake.refuse_ws(503, count=None)
+    else:
+        fake.fail_next(503, count=None)
+    with caplog.at_level(logging.WARNING):
+        heard = await call_through(fake, websocket=websocket)
+    assert heard.played.rstrip(b"\xff") == load_apology().rstrip(b"\xff")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("every voice failed, playing the apology")
+
+
 @pytest.mark.parametrize("chunk_size", [333, 7])
 @pytest.mark.parametrize("websocket", [False, True], ids=["rest", "websocket"])
 async def test_healthy_deepgram_streams_bytes_untouched_in_whole_frames(

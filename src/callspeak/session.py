@@ -152,6 +152,10 @@ class SpeechQueueFull(RuntimeError):
     """Too many utterances are waiting in this call."""
 
 
+class _SpeechFailed(RuntimeError):
+    """An utterance's synthesis failed: what the sender raises, once the producer logged why."""
+
+
 class SessionClosed(RuntimeError):
     """The call has ended; it cannot speak any more."""
 
@@ -813,7 +817,10 @@ class CallSession:
             if isinstance(exc, TransportClosed):
                 self._end_with_call(utterance)
             else:
-                log.error("speaking utterance %d failed: %r", utterance.id, exc, extra=self._ids())
+                if not isinstance(exc, _SpeechFailed):  # (the producer logged that one)
+                    log.error(
+                        "speaking utterance %d failed: %r", utterance.id, exc, extra=self._ids()
+                    )
                 if utterance.status.final:  # a clear() ended it before the speaker woke to this
                     continue
                 utterance.finish(SpeechStatus.FAILED, error=str(exc))
@@ -883,7 +890,8 @@ class CallSession:
                 await frames.put((index, None))
         except TTSError as exc:
             self._metrics.tts_errors.labels(exc.provider, exc.kind).inc()
-            log.error("text-to-speech failed: %s", exc, extra=self._ids())
+            if exc.code != APOLOGY:  # (the chain said so already, with every voice's cause)
+                log.error("text-to-speech failed: %s", exc, extra=self._ids())
             utterance.error = str(exc)
             if exc.code == APOLOGY:  # what this sentence sent is the apology, not the sentence
                 utterance.apology_at = index
@@ -943,7 +951,7 @@ class CallSession:
                     # (A socket closed under the mark: the speech still failed, as reported.)
                     with contextlib.suppress(TransportClosed):
                         await self._mark_failed(utterance, marked)
-                    raise RuntimeError(utterance.error or "text-to-speech failed")
+                    raise _SpeechFailed(utterance.error or "text-to-speech failed")
                 if index == _SOCKET_CLOSED:
                     raise TransportClosed("the media socket closed")
                 name = mark_name(self._generation, utterance.id, index)
