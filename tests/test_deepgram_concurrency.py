@@ -29,6 +29,17 @@ async def heard(stream_of: object) -> bytes:
     return b"".join([chunk async for chunk in stream_of])  # type: ignore[attr-defined]
 
 
+def settings_for(dg_url: str, **fields: object) -> Settings:
+    """`callspeak serve`'s settings with Deepgram (its key, its base URLs) at ``dg_url``."""
+    return Settings(
+        validate_signatures=False,
+        deepgram_api_key=KEY,
+        deepgram_url=dg_url,
+        deepgram_ws_url=dg_url.replace("http", "ws"),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
 def untrimmed(audio: bytes) -> bytes:
     return audio.rstrip(b"\xff")  # (the chain pads its last frame with μ-law silence)
 
@@ -198,16 +209,13 @@ async def test_the_start_up_line_says_the_limit_the_voice_keeps(
     limit: int, said: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A plan allowing more than 15 would otherwise find out only from its calls' voices."""
-    settings = Settings(
-        validate_signatures=False,
-        deepgram_api_key=KEY,
-        deepgram_max_concurrent=limit,
-        deepgram_url="http://127.0.0.1:9",  # (never asked: no call is placed)
-    )
+    # (never asked: no call is placed)
+    settings = settings_for("http://127.0.0.1:9", deepgram_max_concurrent=limit)
     chain = FallbackService([make_engine(settings, "deepgram"), FakeService("piper")])
     with caplog.at_level(logging.INFO, "callspeak.server"):
         async with serve_app(create_app(settings, tts=chain)):
             pass
+    await chain.aclose()  # (an injected voice is its owner's to close)
     assert said in caplog.text
 
 
@@ -216,14 +224,7 @@ async def test_a_server_at_its_deepgram_limit_speaks_every_call_with_deepgram() 
     of two. No 429, every caller hears Deepgram's greeting."""
     fake = FakeDeepgram(KEY, first_byte_delay=0.05, bytes_per_second=40_000, max_concurrent=2)
     async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
-        settings = Settings(
-            validate_signatures=False,
-            deepgram_api_key=KEY,
-            tts="deepgram",
-            deepgram_url=dg_url,
-            deepgram_max_concurrent=2,
-            fallback="none",
-        )
+        settings = settings_for(dg_url, tts="deepgram", deepgram_max_concurrent=2, fallback="none")
         async with serve_app(create_app(settings)) as url:
             ws_url = url.replace("http", "ws") + "/twilio"
             texts = [f"Hello caller {n}." for n in range(6)]
@@ -243,14 +244,8 @@ async def test_with_every_socket_taken_the_rest_voice_speaks_in_the_same_aura_vo
     limit is spoken over REST, whose limit Deepgram counts apart — the same voice, not Piper."""
     fake = FakeDeepgram(KEY, first_byte_delay=0.01, max_concurrent=1)
     async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
-        settings = Settings(
-            validate_signatures=False,
-            deepgram_api_key=KEY,
-            tts="deepgram-ws",
-            deepgram_url=dg_url,
-            deepgram_ws_url=dg_url.replace("http", "ws"),
-            deepgram_max_concurrent=1,
-            fallback="deepgram",
+        settings = settings_for(
+            dg_url, tts="deepgram-ws", deepgram_max_concurrent=1, fallback="deepgram"
         )
         streaming, rest = make_engine(settings, "deepgram-ws"), make_engine(settings, "deepgram")
         chain = FallbackService([streaming, rest], apology=b"sorry")
