@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
 from callspeak.testing.processes import wait_until_listening
 
@@ -29,9 +30,10 @@ def callspeak_server(env: Mapping[str, str] | None = None, *args: str) -> Iterat
 
 @contextmanager
 def callspeak_server_process(
-    env: Mapping[str, str] | None = None, *args: str
+    env: Mapping[str, str] | None = None, *args: str, log_to: Path | None = None
 ) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """Like :func:`callspeak_server`, yielding the port and the process (for its CPU time)."""
+    """Like :func:`callspeak_server`, yielding the port and the process (for its CPU time). The
+    server's log goes to ``log_to`` when given, else to this process's standard error."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -40,13 +42,18 @@ def callspeak_server_process(
         "CALLSPEAK_VALIDATE_SIGNATURES": "false",  # loopback benchmark, no Twilio
     }
     full_env.update(env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "callspeak.cli", "serve", *args], env=full_env)
+    log = None if log_to is None else open(log_to, "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "callspeak.cli", "serve", *args], env=full_env, stderr=log
+    )
     try:
         wait_until_listening(proc, port, timeout=60)
         yield port, proc
     finally:
         proc.terminate()
         proc.wait(15)
+        if log is not None:
+            log.close()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -144,6 +144,8 @@ async def test_a_websocket_call_finding_every_socket_taken_uses_the_next_voice_q
         )
         backup = FakeService("backup")
         chain = FallbackService([deepgram, backup], apology=b"sorry")
+        counted: list[str] = []  # what callspeak_tts_errors_total counts
+        chain.on_failure(lambda name, error: counted.append(f"{name} {error.kind}"))
         first, second = chain.open(), chain.open()
         assert untrimmed(await heard(first.stream("One."))) == untrimmed(fake.audio_for("One."))
         with caplog.at_level(logging.WARNING):
@@ -153,6 +155,8 @@ async def test_a_websocket_call_finding_every_socket_taken_uses_the_next_voice_q
         assert fake.ws_connections == 1  # no handshake refused, none tried
         warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 1 and "CALLSPEAK_DEEPGRAM_MAX_CONCURRENT" in warnings[0].message
+        assert warnings[0].message.startswith("deepgram-ws: the 1 socket the limit allows is open")
+        assert counted == ["deepgram-ws busy"] * 3  # each text the limit kept from the voice
         await first.aclose()
         assert deepgram.slots.in_use == 0
         await until(lambda: not fake.ws_open)  # the fake's count follows the close a moment later
@@ -201,8 +205,8 @@ def test_the_setting_defaults_to_deepgrams_published_limit_and_0_means_none() ->
 @pytest.mark.parametrize(
     ("limit", "said"),
     [
-        (15, "voice: deepgram > piper (deepgram at most 15 at once: CALLSPEAK_DEEPGRAM_MAX_"),
-        (0, "voice: deepgram > piper; event loop"),
+        (15, "voice: deepgram > piper (at once: deepgram at most 15; CALLSPEAK_DEEPGRAM_MAX_"),
+        (0, "voice: deepgram > piper (at once: deepgram no limit; CALLSPEAK_DEEPGRAM_MAX_"),
     ],
 )
 async def test_the_start_up_line_says_the_limit_the_voice_keeps(
@@ -359,5 +363,5 @@ async def test_a_last_voice_with_every_socket_taken_is_not_asked(
                 with pytest.raises(TTSError, match="CALLSPEAK_DEEPGRAM_MAX_CONCURRENT"):
                     assert await heard(second.stream(text)) == b"\x55" * 160
         await chain.aclose()
-    assert fake.ws_connections == 1 and failures == []
-    assert "failed before any audio" not in caplog.text
+    assert fake.ws_connections == 1 and "failed before any audio" not in caplog.text
+    assert [failure.kind for failure in failures] == ["busy", "busy"]  # counted in the metric

@@ -113,7 +113,27 @@ async def test_reaching_the_limit_is_said_once_a_minute_naming_the_setting(
         assert not one.try_acquire()
     assert len(caplog.records) == 2
     assert "CALLSPEAK_DEEPGRAM_MAX_CONCURRENT" in caplog.records[0].getMessage()
-    assert "deepgram: 1 requests to Deepgram in progress" in caplog.records[0].getMessage()
+    said = caplog.records[0].getMessage()
+    assert said.startswith("deepgram: the 1 request the limit allows is in progress")
+
+
+def test_the_warning_says_what_is_limited_and_what_happens_then(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sockets = RequestSlots(
+        2,
+        "deepgram-ws",
+        clock=SettableClock(),
+        what=("socket", "sockets"),
+        state="open",
+        then="new calls use the next voice",
+    )
+    assert sockets.try_acquire() and sockets.try_acquire()
+    with caplog.at_level(logging.WARNING):
+        assert not sockets.try_acquire()
+    said = caplog.records[0].getMessage()
+    assert said.startswith("deepgram-ws: all 2 sockets the limit allows are open (")
+    assert "): new calls use the next voice; raise it if your plan allows more" in said
 
 
 def test_a_request_waits_a_second_or_while_the_call_has_more_than_that_to_play() -> None:

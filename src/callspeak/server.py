@@ -206,16 +206,17 @@ class StarletteTransport:
 
 def _limits(tts: TTSService) -> str:
     """The limits of requests in progress the voices keep (Deepgram's concurrency limit, see
-    :mod:`~callspeak.tts.request_slots`), for the start-up line: "" when none has one."""
+    :mod:`~callspeak.tts.request_slots`), for the start-up line: "" when no voice keeps one
+    (none is Deepgram's)."""
     said = []
     for service in getattr(tts, "services", [tts]):
         slots = getattr(service, "slots", None)
-        limit = getattr(slots, "limit", None)
-        if limit is not None:
-            said.append(f"{service.name} at most {limit} at once")
+        if slots is not None:
+            limit = slots.limit
+            said.append(f"{service.name} {'no limit' if limit is None else f'at most {limit}'}")
     if not said:
         return ""
-    return f" ({', '.join(said)}: CALLSPEAK_DEEPGRAM_MAX_CONCURRENT)"
+    return f" (at once: {', '.join(said)}; CALLSPEAK_DEEPGRAM_MAX_CONCURRENT)"
 
 
 def create_app(

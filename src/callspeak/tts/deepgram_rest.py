@@ -68,7 +68,7 @@ from callspeak.tasks import start_task, wait_cancelled
 from callspeak.tts.base import CONCURRENCY_LIMIT, TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
 from callspeak.tts.refused_key import RefusedKey
-from callspeak.tts.request_slots import RequestSlots, slot_wait
+from callspeak.tts.request_slots import SLOT_WAIT, RequestSlots, slot_wait
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text, has_words
 from callspeak.tts.too_many_requests import TooManyRequests, note_refusal
 
@@ -125,7 +125,14 @@ class DeepgramRestService:
         self.model = model
         #: Requests in progress, at most ``max_concurrent`` (None: no limit): see
         #: :mod:`~callspeak.tts.request_slots`.
-        self.slots = RequestSlots(max_concurrent, _NAME, clock=clock)
+        self.slots = RequestSlots(
+            max_concurrent,
+            _NAME,
+            clock=clock,
+            then=f"more speech waits for one to end (at least {SLOT_WAIT:g} s, longer while the"
+            " call has audio left to play: silence for a caller waiting for its first words),"
+            " then goes to the next voice",
+        )
         self.refused_key = RefusedKey(auth_recheck, clock)
         #: The rest after Deepgram answered 429 (too many requests at once for the project).
         self.too_many_requests = TooManyRequests(clock)
@@ -451,8 +458,8 @@ class DeepgramRestProvider:
         if not took:
             raise TTSError(
                 _NAME,
-                f"{slots.limit} requests already in progress, the limit"
-                f" (CALLSPEAK_DEEPGRAM_MAX_CONCURRENT); none ended within {wait:.1f} s",
+                f"the limit of {slots.limit} at once (CALLSPEAK_DEEPGRAM_MAX_CONCURRENT) is"
+                f" reached; no request ended within {wait:.1f} s, this one was not sent",
                 retryable=False,
                 code=CONCURRENCY_LIMIT,
             )

@@ -214,7 +214,15 @@ class DeepgramWebSocketService:
         #: Sockets open or being opened, at most ``max_concurrent`` (None: no limit): Deepgram
         #: limits its streaming sockets per project. A socket lives as long as its call, so a
         #: call finding every slot taken does not wait for one: the next voice speaks for it.
-        self.slots = RequestSlots(max_concurrent, _NAME, clock=clock)
+        self.slots = RequestSlots(
+            max_concurrent,
+            _NAME,
+            clock=clock,
+            what=("socket", "sockets"),
+            state="open (one a call)",
+            then="a call without one does not open one, and speaks with the next voice until"
+            " a socket closes",
+        )
 
     @property
     def healthy(self) -> bool:
@@ -460,8 +468,8 @@ class DeepgramWebSocketProvider:
         if not slots.try_acquire():
             raise TTSError(
                 _NAME,
-                f"not opening a socket: {slots.limit} are open, the limit"
-                " (CALLSPEAK_DEEPGRAM_MAX_CONCURRENT)",
+                f"not opening a socket: the limit of {slots.limit} open at once"
+                " (CALLSPEAK_DEEPGRAM_MAX_CONCURRENT) is reached",
                 retryable=False,
                 code=CONCURRENCY_LIMIT,
             )

@@ -189,15 +189,21 @@ class _FallbackProvider:
             service, provider = self._chain[index]
             last = index == len(self._chain) - 1
             if not _worth_asking(service, provider):
+                # Named among the causes should the apology play: "every voice failed" with
+                # only the last voice's failure would hide why the first was not asked.
+                skipped = _skipped(service.name, _rest(service, provider), provider)
+                if skipped.code == CONCURRENCY_LIMIT and self._on_failure is not None:
+                    # Counted, as the REST voice's wait for a slot is when it gives up: how
+                    # often the limit kept a text from the voice (a rest is counted once, at
+                    # its 429).
+                    self._on_failure(service.name, skipped)
                 if not last:
-                    # Named among the causes should the apology play: "every voice failed"
-                    # with only the last voice's failure would hide why the first was not asked.
-                    failures.append(_skipped(service.name, _rest(service, provider), provider))
+                    failures.append(skipped)
                     continue
-                if at_capacity(provider):
+                if skipped.code == CONCURRENCY_LIMIT:
                     # The last voice, every slot of its limit another call's: none frees within
                     # a wait worth a caller's silence (a socket lasts a whole call).
-                    failures.append(_skipped(service.name, _rest(service, provider), provider))
+                    failures.append(skipped)
                     break
                 # The last voice, asked even when unhealthy (it may still speak), but not
                 # while it rests after a 429: a rest of a second or less is waited out.

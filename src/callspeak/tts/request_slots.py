@@ -45,14 +45,28 @@ def slot_wait(ahead: float) -> float:
 
 
 class RequestSlots:
-    """At most ``limit`` holders at once (None: any number). ``name`` names the voice in the
-    warning logged when the limit is first reached (then at most once a minute, on ``clock``)."""
+    """At most ``limit`` holders at once (None: any number).
 
-    def __init__(self, limit: int | None, name: str, *, clock: Callable[[], float]) -> None:
+    When the limit is first reached (then at most once a minute, on ``clock``) a warning says
+    so: "``name``: all N ``what`` the limit allows are ``state``…: ``then``", e.g. "deepgram:
+    all 15 requests the limit allows are in progress (…): more speech waits…".
+    """
+
+    def __init__(
+        self,
+        limit: int | None,
+        name: str,
+        *,
+        clock: Callable[[], float],
+        what: tuple[str, str] = ("request", "requests"),
+        state: str = "in progress",
+        then: str = "more speech waits for one to end",
+    ) -> None:
         if limit is not None and limit < 1:
             raise ValueError(f"a limit of requests in progress must be 1 or more, not {limit}")
         self.limit = limit
         self._name = name
+        self._what, self._state, self._then = what, state, then
         self._clock = clock
         self._warned_at = -math.inf
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -118,11 +132,16 @@ class RequestSlots:
         if now - self._warned_at < _WARN_EVERY:
             return
         self._warned_at = now
+        one, many = self._what
         _log.warning(
-            "%s: %d requests to Deepgram in progress, the limit set by "
-            "CALLSPEAK_DEEPGRAM_MAX_CONCURRENT (Deepgram's own, per project, is 15 on Pay as "
-            "You Go and Growth): more speech waits for one to end, or uses the next voice; "
-            "raise it if your plan allows more",
+            "%s: %s %d %s the limit allows %s %s (CALLSPEAK_DEEPGRAM_MAX_CONCURRENT; "
+            "Deepgram's own, per project, is 15 on Pay as You Go and Growth): %s; raise it if "
+            "your plan allows more",
             self._name,
+            "the" if self.in_use == 1 else "all",
             self.in_use,
+            one if self.in_use == 1 else many,
+            "is" if self.in_use == 1 else "are",
+            self._state,
+            self._then,
         )
