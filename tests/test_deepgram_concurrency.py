@@ -206,7 +206,7 @@ def test_the_setting_defaults_to_deepgrams_published_limit_and_0_means_none() ->
     ("limit", "said"),
     [
         (15, "voice: deepgram > piper (at once: deepgram at most 15; CALLSPEAK_DEEPGRAM_MAX_"),
-        (0, "voice: deepgram > piper (at once: deepgram no limit; CALLSPEAK_DEEPGRAM_MAX_"),
+        (0, "voice: deepgram > piper (at once: deepgram any number; CALLSPEAK_DEEPGRAM_MAX_"),
     ],
 )
 async def test_the_start_up_line_says_the_limit_the_voice_keeps(
@@ -347,7 +347,7 @@ async def test_a_last_voice_with_every_socket_taken_is_not_asked(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """`CALLSPEAK_FALLBACK=none`: past the limit the apology plays at once, naming the limit,
-    with no connect attempt and no failure counted for each text."""
+    with no connect attempt and no warning for each text (each is counted as busy)."""
     fake = FakeDeepgram(KEY, first_byte_delay=0.01)
     async with serve_asgi(fake.app, ws=fake.ws_protocol) as dg_url:
         deepgram = DeepgramWebSocketService(

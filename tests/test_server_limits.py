@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import websockets
@@ -19,6 +19,7 @@ from callspeak.emulator import DialOptions, dial
 from callspeak.protocol import AccountSid, CallSid, Connected, MediaFormat, Start, StreamSid
 from callspeak.server import CallRegistry, create_app
 from callspeak.session import CallSession
+from callspeak.testing.asgi_server import serve_asgi
 from tests.conftest import RunningServer, Serve, serve_app
 from tests.fakes import FakeService, spoken
 
@@ -385,6 +386,39 @@ async def test_a_kept_connection_idle_past_the_head_deadline_serves_its_next_req
         assert first.startswith(b"HTTP/1.1 200 ") and rest.startswith(b"HTTP/1.1 200 ")
         _, rest, seconds = await kept_connection_answers(url, HEALTH, 0.8, b"GET /healthz HT")
     assert rest.startswith(b"HTTP/1.1 408 ") and 0.25 < seconds < 2
+
+
+async def test_blank_lines_between_requests_do_not_hold_a_kept_connection_open(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any byte stops uvicorn's keep-alive timer; a CRLF begins no request head (the parser
+    skips it), so neither deadline would run and the descriptor would be held for good."""
+    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
+    app = create_app(local(), tts=FakeService())
+    async with serve(app) as url:
+        first, rest, seconds = await kept_connection_answers(url, HEALTH, 0.1, b"\r\n")
+    assert first.startswith(b"HTTP/1.1 200 ") and rest == b"" and 0.25 < seconds < 2
+
+
+async def test_a_head_pipelined_behind_a_slow_answer_does_not_cut_that_answer_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that pipelines: the next head's time starts when the answer before it ends,
+    not while that answer is still being made (a POST /say's answer would be lost)."""
+    from callspeak.request_head import BoundedHeadProtocol
+
+    async def slow(scope: dict[str, object], receive: object, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await asyncio.sleep(0.6)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    monkeypatch.setattr("callspeak.request_head.HEAD_SECONDS", 0.3)
+    async with serve_asgi(slow, http=BoundedHeadProtocol) as url:
+        answer, seconds = await answer_to(url, [HEALTH + b"GET /x HTT"])
+    assert answer is not None and answer.startswith(b"HTTP/1.1 200 ")
+    assert b"HTTP/1.1 408 " in answer and 0.85 < seconds < 3  # 0.6 s answer, then 0.3 s
 
 
 async def test_an_idle_kept_connection_is_closed_after_the_keep_alive(serve: Serve) -> None:

@@ -534,10 +534,10 @@ def _load_hooks(spec: str) -> Any:
 #: Seconds ``callspeak serve`` waits on SIGTERM for requests other than calls to finish.
 GRACEFUL_SHUTDOWN_SECONDS = 10
 #: Seconds a kept-alive connection may sit idle between requests (uvicorn's 5 s by default).
-#: Longer than HTTP clients keep an idle pooled connection (httpx 5 s, aiohttp 15 s, Node's
-#: 4–5 s; nginx's own default is 75 s): a server closing one as the client sends on it fails
-#: that request, and a ``POST /say`` is not sent again by any client (in a soak, 17 of 12 000
-#: with httpx at uvicorn's default).
+#: Longer than common HTTP clients keep an idle pooled connection (httpx 5 s, aiohttp 15 s,
+#: Node's 4–5 s; nginx's own default is 75 s, Go's client keeps one 90 s): a server closing one
+#: as the client sends on it fails that request, and a ``POST /say`` is not sent again by any
+#: client (in a soak, 17 of 12 000 with httpx at uvicorn's default).
 KEEP_ALIVE_SECONDS = 75
 
 

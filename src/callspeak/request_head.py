@@ -49,11 +49,30 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._cancel_head_timer()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)  # (cancels uvicorn's keep-alive timer, whatever the bytes)
+        # Bytes that begin no request (CRLF between requests) leave neither timer armed.
+        if (
+            self._head_timer is None
+            and self.timeout_keep_alive_task is None
+            and (self.cycle is None or self.cycle.response_complete)
+            and not self.transport.is_closing()
+            and self.transport.get_protocol() is self  # (not upgraded to a WebSocket)
+        ):
+            self._arm_head_timer()
+
     def on_message_begin(self) -> None:
         self._in_head = True
-        if self._head_timer is None:  # a later request: its head's time starts now
+        idle = self.cycle is None or self.cycle.response_complete
+        if self._head_timer is None and idle:  # a later request: its head's time starts now
             self._arm_head_timer()
         super().on_message_begin()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # A head begun during the previous response: its time starts now.
+        if self._in_head and self._head_timer is None and not self.transport.is_closing():
+            self._arm_head_timer()
 
     def on_headers_complete(self) -> None:
         self._in_head = False

@@ -213,7 +213,7 @@ def _limits(tts: TTSService) -> str:
         slots = getattr(service, "slots", None)
         if slots is not None:
             limit = slots.limit
-            said.append(f"{service.name} {'no limit' if limit is None else f'at most {limit}'}")
+            said.append(f"{service.name} {'any number' if limit is None else f'at most {limit}'}")
     if not said:
         return ""
     return f" (at once: {', '.join(said)}; CALLSPEAK_DEEPGRAM_MAX_CONCURRENT)"

@@ -890,7 +890,7 @@ class CallSession:
                 await frames.put((index, None))
         except TTSError as exc:
             self._metrics.tts_errors.labels(exc.provider, exc.kind).inc()
-            if exc.code != APOLOGY:  # (the chain said so already, with every voice's cause)
+            if exc.code != APOLOGY or exc.provider != "fallback":  # (the chain said so already)
                 log.error("text-to-speech failed: %s", exc, extra=self._ids())
             utterance.error = str(exc)
             if exc.code == APOLOGY:  # what this sentence sent is the apology, not the sentence
