@@ -668,6 +668,21 @@ async def test_first_audio_goes_out_in_the_step_that_received_it() -> None:
         assert utterance.first_audio_at is not None
 
 
+async def test_a_whole_sentence_ready_at_once_goes_out_up_to_the_lead_in_that_step() -> None:
+    """A voice that renders a sentence whole (Piper): all the lead allows (1 s) leaves in the
+    step that received it, not one message now and one per loop iteration after — a caller
+    with 100 ms to play heard a gap when twenty calls arriving together slowed iterations."""
+    provider = GatedProvider(chunk=100_000, seconds_per_char=0.03)  # 1.7 s, in one chunk
+    async with Harness(provider, greeting=None) as h:
+        await h.start_idle()
+        h.session.say("A sentence of well over a second of audio, rendered whole.")
+        await asyncio.sleep(0.01)
+        provider.gate.set()
+        assert await loop_iterations_until(lambda: bool(media_sizes(h))) == 1
+        sizes = media_sizes(h)
+        assert sizes == [5] * 10  # 1 s ahead (max_lead), in full messages, in that one step
+
+
 async def test_audio_sent_straight_away_stops_once_the_caller_has_a_message_to_play() -> None:
     provider = GatedProvider(chunk=320)  # two frames a chunk, all at once
     async with Harness(provider, greeting="x" * 150) as h:  # 1.5 s of audio

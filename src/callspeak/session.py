@@ -911,20 +911,29 @@ class CallSession:
         await frames.put((_END_OF_UTTERANCE, None))
 
     async def _send_now(self, utterance: Utterance, index: int, ready: list[bytes]) -> list[bytes]:
-        """Send ``ready`` (frames of sentence ``index``) in one message, as far as the lead has
-        room — but only while the caller has less than a message's worth left to play (the
-        first audio of an utterance, or after a gap): otherwise a loop iteration is no loss, and
-        the sender's fuller messages are cheaper. Returns what is left, for the frame queue."""
-        now, room = self._clock.now(), 0
+        """Send ``ready`` (frames of sentence ``index``), in messages of up to
+        :data:`MAX_FRAMES_PER_MESSAGE` frames, as far as the lead has room — but only while the
+        caller has less than a message's worth left to play (the first audio of an utterance, or
+        after a gap): otherwise a loop iteration is no loss, and the sender's fuller messages
+        are cheaper. Returns what is left, for the frame queue.
+
+        All the lead allows goes out now, not a message now and the rest a loop iteration each:
+        with a message's worth to play, a caller would hear a gap as soon as iterations slow to
+        tens of milliseconds — as when a score of calls arrive together."""
+        now = self._clock.now()
         if self._pacer.lead(now) >= FRAME_SECONDS * MAX_FRAMES_PER_MESSAGE:
             return ready
-        while room < min(len(ready), MAX_FRAMES_PER_MESSAGE) and (
-            self._pacer.delay(now, FRAME_SECONDS * (room + 1)) == 0
-        ):
-            room += 1
-        if room:
+        while ready:
+            room = 0
+            while room < min(len(ready), MAX_FRAMES_PER_MESSAGE) and (
+                self._pacer.delay(now, FRAME_SECONDS * (room + 1)) == 0
+            ):
+                room += 1
+            if not room:
+                break
             await self._send_audio(utterance, index, ready[:room], now)
-        return ready[room:]
+            ready, now = ready[room:], self._clock.now()
+        return ready
 
     async def _send_frames(
         self, utterance: Utterance, frames: asyncio.Queue[tuple[int, bytes | None]]
