@@ -199,12 +199,14 @@ async def test_the_emulator_speaks_twilios_protocol_on_a_20_ms_clock(clock: Cloc
     for tick, taken in enumerate(report.played_per_tick):
         assert heard[tick * 160 + taken : (tick + 1) * 160] == b"\xff" * (160 - taken)
 
-    # Timing: tick n's media is never sent before start + n × 20 ms (a little slack for the
-    # start message's own trip), nor far behind it.
+    # Timing: tick n's media is never sent before start + n × 20 ms, nor far behind it. Each
+    # is timed from its arrival here, so the slack is for the start message's trip being longer
+    # than a media message's: up to 5 ms on a quiet machine, just over it when another test
+    # process shares the two cores (CI runs two). A tick early would be 20 ms.
     t_start = recording.messages[1][0]
     for i, event in media:
         lead = recording.messages[i][0] - t_start - 0.02 * (event.chunk - 1)
-        assert -0.005 < lead < 0.25, (event.chunk, lead)
+        assert -0.01 < lead < 0.25, (event.chunk, lead)
 
 
 async def test_a_duration_longer_than_max_seconds_is_kept() -> None:
