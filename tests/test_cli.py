@@ -153,8 +153,16 @@ def test_serve_refuses_a_public_url_twilio_cannot_use_in_one_line(
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
-        ("CALLSPEAK_DEEPGRAM_WS_URL", "http://127.0.0.1:5711", "deepgram_ws_url 'http://"),
-        ("CALLSPEAK_DEEPGRAM_URL", "api.deepgram.com", "deepgram_url 'api.deepgram.com'"),
+        (
+            "CALLSPEAK_DEEPGRAM_WS_URL",
+            "http://127.0.0.1:5711",
+            "deepgram_ws_url (CALLSPEAK_DEEPGRAM_WS_URL, --deepgram-ws-url) 'http://",
+        ),
+        (
+            "CALLSPEAK_DEEPGRAM_URL",
+            "api.deepgram.com",
+            "deepgram_url (CALLSPEAK_DEEPGRAM_URL, --deepgram-url) 'api.deepgram.com'",
+        ),
     ],
 )
 def test_serve_refuses_a_deepgram_url_in_one_line(
@@ -456,8 +464,43 @@ def test_serve_refuses_infinite_numbers_in_one_line(
     monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
     assert main(["serve", "--no-validate-signatures", "--port", "0", *args]) == 2
     err = one_line_error(capsys)
-    field = "piper_cache_mb" if "cache" in str([args, env]).lower() else "idle_timeout"
+    field = (
+        "piper_cache_mb (CALLSPEAK_PIPER_CACHE_MB, --piper-cache-mb)"
+        if "cache" in str([args, env]).lower()
+        else "idle_timeout (CALLSPEAK_IDLE_TIMEOUT, --idle-timeout)"
+    )
     assert err == f"callspeak: invalid setting: {field}: Input should be a finite number\n", err
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"CALLSPEAK_DEEPGRAM_MAX_CONCURRENT": "-1"}, "deepgram_max_concurrent (CALLSPEAK_DEEP"),
+        ({"CALLSPEAK_MAX_CALLS": "abc"}, "max_calls (CALLSPEAK_MAX_CALLS, --max-calls): "),
+    ],
+)
+def test_a_bad_setting_is_named_as_the_user_set_it(
+    env: dict[str, str],
+    named: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """ "deepgram_max_concurrent: Input should be…" left a user to work out which variable (or
+    flag) that is; the field's name is kept, for the docs' settings table."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    assert main(["serve", "--no-validate-signatures", "--port", "0"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"callspeak: invalid setting: {named}"), err
+
+
+def test_a_setting_read_from_another_variable_is_named_by_it() -> None:
+    from callspeak.cli import _setting_names
+
+    assert _setting_names("deepgram_api_key") == "deepgram_api_key (DEEPGRAM_API_KEY)"
+    assert _setting_names("twilio_auth_token") == "twilio_auth_token (TWILIO_AUTH_TOKEN)"
+    assert _setting_names("media.payload") == "media.payload"  # no setting: as it was
 
 
 @pytest.mark.parametrize("command", ["serve", "demo"])

@@ -317,13 +317,36 @@ def _refused(message: str) -> int:
 
 
 def _one_line(exc: ValidationError) -> str:
-    """The problems pydantic found, one line (no input values: they may be secrets)."""
+    """The problems pydantic found, one line (no input values: they may be secrets), each
+    setting named as a user sets it too (see :func:`_setting_names`)."""
     problems = []
     for error in exc.errors():
         field = ".".join(map(str, error["loc"]))
         message = error["msg"].removeprefix("Value error, ")
-        problems.append(message if message.startswith(field) else f"{field}: {message}")
+        named = _setting_names(field)
+        if message.startswith(field):
+            problems.append(named + message[len(field) :])
+        else:
+            problems.append(f"{named}: {message}")
     return "; ".join(problems)
+
+
+def _setting_names(field: str) -> str:
+    """``field`` with the variable and the ``serve`` flag that set it, e.g. ``max_calls
+    (CALLSPEAK_MAX_CALLS, --max-calls)``: the field's name alone sent users looking. ``field``
+    as it is when it is no setting."""
+    from callspeak.config import Settings
+
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return field
+    choices = getattr(info.validation_alias, "choices", [])
+    aliases = [c for c in choices if isinstance(c, str) and c.isupper()]
+    prefix = str(Settings.model_config.get("env_prefix", "")).upper()
+    names = [aliases[0] if aliases else f"{prefix}{field.upper()}"]
+    if field.replace("_", "-") in _SERVE_FLAGS:
+        names.append(f"--{field.replace('_', '-')}")
+    return f"{field} ({', '.join(names)})"
 
 
 def _serve(args: argparse.Namespace) -> int:
