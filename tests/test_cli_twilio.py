@@ -160,8 +160,8 @@ def test_call_and_end_call_refuse_a_twilio_api_url_without_a_scheme_in_one_line(
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert err.startswith(
-        "callspeak: invalid setting: twilio_api_url 'api.twilio.com' is not an absolute http(s) "
-        "URL with a host, e.g. https://api.twilio.com"
+        "callspeak: invalid setting: twilio_api_url (CALLSPEAK_TWILIO_API_URL) 'api.twilio.com'"
+        " is not an absolute http(s) URL with a host, e.g. https://api.twilio.com"
     )
 
 
