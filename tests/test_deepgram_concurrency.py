@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -25,8 +26,8 @@ from tests.test_server_limits import until
 KEY = "test-key"
 
 
-async def heard(stream_of: object) -> bytes:
-    return b"".join([chunk async for chunk in stream_of])  # type: ignore[attr-defined]
+async def heard(stream: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in stream])
 
 
 def settings_for(dg_url: str, **fields: object) -> Settings:

@@ -79,14 +79,10 @@ class RequestSlots:
         """Every slot is taken: one more holder would have to wait (never, without a limit)."""
         return self.limit is not None and self.in_use >= self.limit
 
-    def note_full(self) -> None:
-        """Warn that the limit was reached: at most once a minute (see the class docstring)."""
-        self._warn()
-
     def try_acquire(self) -> bool:
         """Take a slot if one is free now and nobody waits for one; never waits."""
         if self.full() or self._waiters:
-            self._warn()
+            self.note_full()
             return False
         self.in_use += 1
         self.peak = max(self.peak, self.in_use)
@@ -127,7 +123,8 @@ class RequestSlots:
                 return
         self.in_use -= 1
 
-    def _warn(self) -> None:
+    def note_full(self) -> None:
+        """Warn that the limit was reached: at most once a minute (see the class docstring)."""
         now = self._clock()
         if now - self._warned_at < _WARN_EVERY:
             return
