@@ -180,6 +180,9 @@ class MediaSocket(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._connections.discard(self)
+        # Nothing more to deliver; and the session holds this socket while the socket holds
+        # its handler (a bound method of the session): a cycle left for the garbage collector.
+        self._handler = None
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None

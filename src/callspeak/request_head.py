@@ -61,6 +61,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         ):
             self._arm_head_timer()
 
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        # The connection is the WebSocket protocol's now, and this one is never called again.
+        # uvicorn drops its parser (whose callbacks are this protocol's bound methods, a
+        # reference cycle) in connection_lost, which an upgraded connection never reaches here.
+        self.parser = None  # type: ignore[assignment]
+
     def on_message_begin(self) -> None:
         self._in_head = True
         idle = self.cycle is None or self.cycle.response_complete

@@ -250,6 +250,7 @@ class CallSession:
         )
         self._state = CallState()
         self._listeners: list[EventListener] = [on_event] if on_event else []
+        self._ended = False  # the call is over: no more events, listeners let go
         self._queue: asyncio.Queue[Utterance] = asyncio.Queue(MAX_QUEUED_UTTERANCES)
         self._utterances: dict[int, Utterance] = {}
         #: Failed utterances whose audio is still in Twilio's buffer, by id: what they sent
@@ -327,7 +328,10 @@ class CallSession:
         return list(self._utterances.values())
 
     def add_listener(self, listener: EventListener) -> None:
-        self._listeners.append(listener)
+        """Call ``listener`` with each event of the call, ``call.stopped`` the last; listeners
+        are let go once the call has ended."""
+        if not self._ended:
+            self._listeners.append(listener)
 
     def remove_listener(self, listener: EventListener) -> None:
         with contextlib.suppress(ValueError):
@@ -1089,6 +1093,11 @@ class CallSession:
             self.rejected,
             extra=self._ids(),
         )
+        # No event comes after call.stopped. A listener is often a closure over this session
+        # (the hooks' is): let go of, it and the session are freed when the call's last
+        # reference goes, not left in a cycle for the garbage collector.
+        self._ended = True
+        self._listeners.clear()
 
     def _end_with_call(self, utterance: Utterance) -> None:
         """End ``utterance`` because the call ended: failed if its voice had failed (the speaker
