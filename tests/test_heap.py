@@ -16,6 +16,7 @@ from callspeak.emulator import DialOptions, dial
 from callspeak.events import CallEventRecord
 from callspeak.heap import YOUNG_THRESHOLD, collect_young_less_often, freeze_startup_objects
 from callspeak.hooks import Call, CallHooks
+from callspeak.media_socket import MediaSocket
 from callspeak.request_head import BoundedHeadProtocol
 from callspeak.server import create_app
 from callspeak.session import CallSession
@@ -160,7 +161,7 @@ async def test_an_ended_call_is_freed_at_once_not_left_in_cycles(
 
 async def _one_call(serve: Serve, app: Any, hooks: _Watched) -> None:
     async with serve(app) as url:
-        before = _alive(BoundedHeadProtocol)
+        protocols_before, sockets_before = _alive(BoundedHeadProtocol), _alive(MediaSocket)
         await dial(
             DialOptions(
                 url=url.replace("http", "ws") + "/twilio",
@@ -174,4 +175,5 @@ async def _one_call(serve: Serve, app: Any, hooks: _Watched) -> None:
         assert hooks.events[-1] == "call.stopped" and "dtmf" in hooks.events
         await until(lambda: all(ref() is None for ref in hooks.sessions), seconds=2.0)
         assert len(hooks.sessions) == 1
-        assert _alive(BoundedHeadProtocol) <= before
+        assert _alive(BoundedHeadProtocol) <= protocols_before
+        assert _alive(MediaSocket) <= sockets_before
