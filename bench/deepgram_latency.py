@@ -23,7 +23,9 @@ says each its own reply from an ``on_dtmf`` hook, as an application would; timed
 press to the reply's first audio at the caller, with the spread of the presses printed. With
 more than one call, the p99 of each round on its own too, since one round's tail can differ from
 the next by a third.
-Each row also gives the CPU the three processes used, as a share of one core: all three share
+Each row also gives the server's garbage collections while it ran (how many, their time in
+all, the longest: a collection pauses every call at once, and the longest shows in the
+first-frame tail), and the CPU the three processes used, as a share of one core: all three share
 the machine's cores, so a saturated machine shows there first. A machine reference (CPU to parse
 one media message, median of 5 x 20000) is printed from before and after each voice's rows: this
 machine's speed varies 2-3x between days and by half within a run, and figures compare only
@@ -213,8 +215,27 @@ def first_frames(path: Path) -> dict[str, float]:
     return sent
 
 
+def collector_pauses(path: Path, since: float, until: float) -> str:
+    """The server's garbage collections that began between ``since`` and ``until`` (monotonic),
+    from the ``_first_frames`` hooks' ``$BENCH_GC_PAUSES`` file: how many, their time in all and
+    the longest, with its generation."""
+    pauses: list[tuple[float, int]] = []
+    for line in path.read_text().splitlines():
+        began, took, gen = line.split()
+        if since <= float(began) < until:
+            pauses.append((float(took) * 1000, int(gen)))
+    if not pauses:
+        return "none"
+    longest, generation = max(pauses)
+    total = sum(took for took, _ in pauses)
+    return (
+        f"{len(pauses)}, {total:.1f} ms in all, the longest {longest:.1f} ms "
+        f"(generation {generation})"
+    )
+
+
 async def measure(
-    port: int, server_pid: int, fake: FakeProcess, sent_log: Path,
+    port: int, server_pid: int, fake: FakeProcess, sent_log: Path, gc_log: Path,
     calls: int, rounds: int, ramp: float, label: str,
 ) -> list[str]:  # fmt: skip
     url = f"ws://127.0.0.1:{port}/twilio"
@@ -241,7 +262,8 @@ async def measure(
             waited = [a.heard_at - a.asked_at for a in done if a.heard_at is not None]
             round_p99s.append(percentile([t * 1000 for t in waited], 99))
             results += done
-        wall = time.monotonic() - wall_before
+        wall_after = time.monotonic()
+        wall = wall_after - wall_before
         used = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
         cpu = [seconds / wall for seconds in used]
         async with fake.client() as client:
@@ -282,6 +304,8 @@ async def measure(
             f"{label}, {how}: CPU, share of one core: server {cpu[0]:.0%}, "
             f"fake Deepgram {cpu[1]:.0%}, emulated callers {cpu[2]:.0%}"
         )
+        collections = collector_pauses(gc_log, wall_before, wall_after)
+        lines.append(f"{label}, {how}: the server's garbage collections: {collections}")
         if silent:
             lines.append(f"{label}, {how}: {silent} of {len(results)} heard nothing")
     lines.append(
@@ -343,9 +367,12 @@ def main() -> None:
         for tts, label in (("deepgram", "REST"), ("deepgram-ws", "WebSocket")):
             sent_log = Path(scratch.name) / f"first-frames-{tts}"
             sent_log.touch()
+            gc_log = Path(scratch.name) / f"collections-{tts}"
+            gc_log.touch()
             env = {
                 "PYTHONPATH": os.pathsep.join(path),
                 "BENCH_FIRST_FRAMES": str(sent_log),
+                "BENCH_GC_PAUSES": str(gc_log),
                 "DEEPGRAM_API_KEY": "test-key",
                 "CALLSPEAK_TTS": tts,
                 "CALLSPEAK_FALLBACK": "none",
@@ -366,8 +393,8 @@ def main() -> None:
                     pin_process(server.pid, {0})
                 lines += eventloop.run(
                     measure(
-                        port, server.pid, fake, sent_log, args.calls, args.rounds,
-                        args.ramp, label,
+                        port, server.pid, fake, sent_log, gc_log, args.calls,
+                        args.rounds, args.ramp, label,
                     )
                 )  # fmt: skip
     finally:
