@@ -1094,8 +1094,8 @@ class CallSession:
             extra=self._ids(),
         )
         # No event comes after call.stopped. A listener is often a closure over this session
-        # (the hooks' is): let go of, it and the session are freed when the call's last
-        # reference goes, not left in a cycle for the garbage collector.
+        # (the hooks' is): let go of them, so that they and the session are freed by reference
+        # counting when the call's last reference goes, not left in a cycle for the collector.
         self._ended = True
         self._listeners.clear()
 
