@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
 from callspeak.clock import Clock
@@ -24,6 +24,8 @@ class FakeTransport:
         #: Set it to record in ``sent_at`` when (on this clock) each message was sent.
         self.clock: Clock | None = None
         self.sent_at: list[float] = []
+        #: How many messages each write to the socket carried (a send one, a send_all all).
+        self.writes: list[int] = []
 
     def push(self, message: str | bytes | None) -> None:
         self.inbound.put_nowait(message)
@@ -43,6 +45,21 @@ class FakeTransport:
         if self.clock is not None:
             self.sent_at.append(self.clock.now())
         self.sent.append(text)
+        self.writes.append(1)
+        self.sent_event.set()
+
+    async def send_all(self, texts: Sequence[str]) -> None:
+        """As a socket writes them: all (one write), or none if it is closed."""
+        if self.drop_after is not None and len(self.sent) >= self.drop_after:
+            await self.close(1006, "dropped")
+        if self.closed is not None:
+            from callspeak.session import TransportClosed
+
+            raise TransportClosed("closed")
+        if self.clock is not None:
+            self.sent_at.extend(self.clock.now() for _ in texts)
+        self.sent.extend(texts)
+        self.writes.append(len(texts))
         self.sent_event.set()
 
     async def close(self, code: int = 1000, reason: str = "") -> None:

@@ -681,6 +681,39 @@ async def test_a_whole_sentence_ready_at_once_goes_out_up_to_the_lead_in_that_st
         assert await loop_iterations_until(lambda: bool(media_sizes(h))) == 1
         sizes = media_sizes(h)
         assert sizes == [5] * 10  # 1 s ahead (max_lead), in full messages, in that one step
+        assert h.transport.writes[:1] == [10]  # and in one write (see _send_audio)
+
+
+class StallingClock(InstantClock):
+    """An :class:`InstantClock` whose every sleep overruns by ``stall`` seconds: a loop held up."""
+
+    def __init__(self, stall: float) -> None:
+        super().__init__()
+        self.stall = stall
+
+    async def sleep(self, seconds: float) -> None:
+        await super().sleep(seconds + self.stall)
+
+
+async def test_a_sender_woken_late_sends_all_it_has_room_for_in_one_write() -> None:
+    """The sender waiting for room wakes (a held-up loop) with room for several messages: they
+    go in one write, as the first audio does, not one by one (see _send_audio)."""
+    clock = StallingClock(0.4)
+    provider = FakeProvider(chunk=80_000)  # 2 s of greeting at once
+    async with Harness(provider, greeting="x" * 200, max_lead=1.0, clock=clock) as h:
+        h.transport.clock = clock
+        h.transport.push(start_json())
+        await h.transport.wait_for(lambda ms: any(isinstance(m, OutboundMark) for m in ms))
+    assert h.transport.writes[0] == 10  # the first second, at once (the sender was waiting)
+    # Then each wake finds 0.4 s more played than it waited for: room for five messages.
+    assert h.transport.writes[1:3] == [5, 5]
+    assert media_sizes(h)[:20] == [5] * 20
+    # Nothing sent past max_lead for all that: each write's audio fits in what had played.
+    play_end = 0.0
+    for at, m in zip(h.transport.sent_at, h.transport.messages(), strict=True):
+        if isinstance(m, OutboundMedia):
+            play_end = max(play_end, at) + len(m.payload) / 8000
+            assert play_end - at <= 1.0 + 1e-9
 
 
 async def test_audio_sent_straight_away_stops_once_the_caller_has_a_message_to_play() -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final, cast
 
 from websockets.datastructures import Headers
@@ -233,9 +233,13 @@ class MediaSocket(asyncio.Protocol):
         return message
 
     async def send(self, text: str) -> None:
+        await self.send_all((text,))
+
+    async def send_all(self, texts: Sequence[str]) -> None:
         if self._conn.state is not State.OPEN or self._lost:
             raise TransportClosed("the media socket is closed")
-        self._conn.send_text(text.encode())
+        for text in texts:
+            self._conn.send_text(text.encode())
         self._flush()
         if self._write_paused:
             # Bounded: resume_writing or connection_lost resolves it.
@@ -421,13 +425,22 @@ class MediaSocket(asyncio.Protocol):
         if transport is None or self._lost:
             self._conn.data_to_send()  # nowhere to write it (uvloop raises on a closed handle)
             return
+        # What is ready goes out in one write: frames written one by one may reach the peer
+        # apart (see CallSession._send_audio).
+        ready: list[bytes] = []
         for data in self._conn.data_to_send():
             if data:
-                transport.write(data)
-            elif transport.can_write_eof():
+                ready.append(data)
+                continue
+            if ready:
+                transport.write(b"".join(ready))
+                ready = []
+            if transport.can_write_eof():
                 transport.write_eof()  # the server half-closes first (RFC 6455 §7.1.1)
             else:
                 transport.close()
+        if ready:
+            transport.write(b"".join(ready))
         if self._conn.close_expected() and self._close_timer is None and not self._lost:
             self._close_timer = self._loop.call_later(self._close_timeout, self._abort)
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -194,6 +194,11 @@ class StarletteTransport:
         except (WebSocketDisconnect, RuntimeError, OSError) as exc:
             self._closed = True
             raise TransportClosed(str(exc) or "the media socket is closed") from exc
+
+    async def send_all(self, texts: Sequence[str]) -> None:
+        # One by one: ASGI has no way to hand the server several messages at once.
+        for text in texts:
+            await self.send(text)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._closed or self._ws.application_state is WebSocketState.DISCONNECTED:
