@@ -49,18 +49,24 @@ class FakeTransport:
         self.sent_event.set()
 
     async def send_all(self, texts: Sequence[str]) -> None:
-        """As a socket writes them: all (one write), or none if it is closed."""
-        if self.drop_after is not None and len(self.sent) >= self.drop_after:
-            await self.close(1006, "dropped")
-        if self.closed is not None:
-            from callspeak.session import TransportClosed
+        """In one write; a drop (``drop_after``) falling within them writes those before it,
+        and raises saying how many, as a transport writing them one by one does."""
+        from callspeak.session import TransportClosed
 
+        if self.closed is not None:
             raise TransportClosed("closed")
-        if self.clock is not None:
-            self.sent_at.extend(self.clock.now() for _ in texts)
-        self.sent.extend(texts)
-        self.writes.append(len(texts))
-        self.sent_event.set()
+        room = len(texts)
+        if self.drop_after is not None:
+            room = max(0, min(room, self.drop_after - len(self.sent)))
+        if room:
+            if self.clock is not None:
+                self.sent_at.extend(self.clock.now() for _ in texts[:room])
+            self.sent.extend(texts[:room])
+            self.writes.append(room)
+            self.sent_event.set()
+        if room < len(texts):
+            await self.close(1006, "dropped")
+            raise TransportClosed("closed", sent=room)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self.closed is None:

@@ -27,7 +27,13 @@ from callspeak.protocol import (
     Stop,
     StreamSid,
 )
-from callspeak.session import CallSession, SessionClosed, SpeechQueueFull, TextTooLong
+from callspeak.session import (
+    CallSession,
+    SessionClosed,
+    SpeechQueueFull,
+    TextTooLong,
+    TransportClosed,
+)
 from callspeak.speech import HeardRecord, SpeechStatus
 from callspeak.tasks import EAGER_START
 from callspeak.tts.base import TTSError
@@ -716,6 +722,27 @@ async def test_a_sender_woken_late_sends_all_it_has_room_for_in_one_write() -> N
             assert play_end - at <= 1.0 + 1e-9
 
 
+async def test_a_late_wake_at_a_sentences_end_sends_no_empty_message_before_its_mark() -> None:
+    """Woken late with room for more, the sender finds the sentence's last frames fill a
+    message exactly and its end comes next: the burst ends there, then the mark — no message
+    begun for frames that belong to the next sentence (it went out empty)."""
+    clock = StallingClock(0.6)
+    provider = FakeProvider(chunk=80_000)
+    greeting = "x" * 149 + ". " + "y" * 99 + "."  # 1.5 s, then 1 s: whole messages each
+    async with Harness(provider, greeting=greeting, max_lead=1.0, clock=clock) as h:
+        h.transport.clock = clock
+        h.transport.push(start_json())
+        await h.transport.wait_for(lambda ms: len(h.marks()) == 2)
+    kinds = []
+    for m in h.transport.messages():
+        if isinstance(m, OutboundMedia):
+            assert len(m.payload) == 800
+            kinds.append("media")
+        elif isinstance(m, OutboundMark):
+            kinds.append(m.name)
+    assert kinds == ["media"] * 15 + ["g0.u1.s0"] + ["media"] * 10 + ["g0.u1.s1"]
+
+
 async def test_audio_sent_straight_away_stops_once_the_caller_has_a_message_to_play() -> None:
     provider = GatedProvider(chunk=320)  # two frames a chunk, all at once
     async with Harness(provider, greeting="x" * 150) as h:  # 1.5 s of audio
@@ -977,6 +1004,55 @@ async def test_a_socket_drop_while_the_voice_winds_down_still_ends_the_call_clea
     assert utterance.status is SpeechStatus.INTERRUPTED
     assert h.types()[-2:] == ["speech.interrupted", "call.stopped"]
     assert provider.closed
+
+
+@pytest.mark.parametrize("drop_after", [1, 3])
+async def test_a_socket_drop_within_a_burst_counts_the_audio_written_before_it(
+    drop_after: int,
+) -> None:
+    """A whole sentence goes out at first audio as one burst (send_all); a socket that drops
+    within it (a transport writing the burst one message at a time, as through ASGI) wrote the
+    messages before the drop: that audio counts as sent and the speech as started, then
+    interrupted — as when each message was sent on its own."""
+    provider = FakeProvider(chunk=80_000)  # 2 s at once: a burst of 10 messages
+    async with Harness(provider, greeting=None) as h:
+        await h.start_idle()
+        h.transport.drop_after = drop_after
+        utterance = h.session.say("x" * 200)
+        assert h.task is not None
+        await asyncio.wait_for(h.task, 5)
+    assert media_sizes(h) == [5] * drop_after
+    assert utterance.sent_seconds[0] == pytest.approx(0.1 * drop_after)
+    assert h.session.frames_sent == 5 * drop_after
+    assert utterance.first_audio_at is not None
+    assert utterance.status is SpeechStatus.INTERRUPTED
+    assert h.types()[-3:] == ["speech.started", "speech.interrupted", "call.stopped"]
+
+
+async def test_the_asgi_transport_reports_how_many_of_a_burst_it_wrote_before_a_drop() -> None:
+    """Through ASGI a burst is sent one message at a time: the TransportClosed it raises says
+    how many went out, for the session to count (see the test above)."""
+    from starlette.websockets import WebSocketDisconnect
+
+    from callspeak.server import StarletteTransport
+
+    class DroppingSocket:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        async def send_text(self, text: str) -> None:
+            if len(self.sent) == 2:
+                raise WebSocketDisconnect(1006)
+            self.sent.append(text)
+
+    socket = DroppingSocket()
+    transport = StarletteTransport(socket)  # type: ignore[arg-type]
+    with pytest.raises(TransportClosed) as raised:
+        await transport.send_all(["a", "b", "c", "d"])
+    assert raised.value.sent == 2 and socket.sent == ["a", "b"]
+    with pytest.raises(TransportClosed) as again:
+        await transport.send_all(["e"])
+    assert again.value.sent == 0
 
 
 @pytest.mark.parametrize("max_lead", [0.04, 0.06, 0.08, 1.0])

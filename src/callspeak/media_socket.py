@@ -246,8 +246,8 @@ class MediaSocket(asyncio.Protocol):
             if self._drain is None:
                 self._drain = self._loop.create_future()
             await asyncio.shield(self._drain)
-            if self._lost:
-                raise TransportClosed("the media socket closed while sending")
+            if self._lost:  # (after all of texts was written)
+                raise TransportClosed("the media socket closed while sending", sent=len(texts))
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._conn.state is State.OPEN:

@@ -197,8 +197,11 @@ class StarletteTransport:
 
     async def send_all(self, texts: Sequence[str]) -> None:
         # One by one: ASGI has no way to hand the server several messages at once.
-        for text in texts:
-            await self.send(text)
+        for sent, text in enumerate(texts):
+            try:
+                await self.send(text)
+            except TransportClosed as exc:
+                raise TransportClosed(str(exc), sent=sent) from exc
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._closed or self._ws.application_state is WebSocketState.DISCONNECTED:

@@ -125,9 +125,11 @@ class Transport(Protocol):
         ...
 
     async def send_all(self, texts: Sequence[str]) -> None:
-        """Send ``texts`` in order, as one write to the socket where the transport can: what
-        is sent together then travels together (see :meth:`CallSession._send_audio`). Raises
-        if the socket is closed."""
+        """Send ``texts`` in order, as one write to the socket where the transport can (the
+        native ``/twilio`` socket; through ASGI, one by one): what is sent together then
+        travels together (see :meth:`CallSession._send_audio`). Raises
+        :class:`TransportClosed` if the socket is closed, its ``sent`` saying how many of
+        ``texts`` were written before."""
         ...
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
@@ -151,7 +153,12 @@ class DirectDelivery(Protocol):
 
 
 class TransportClosed(ConnectionError):
-    """The media socket closed under a send; the receive loop will end the call."""
+    """The media socket closed under a send; the receive loop will end the call. From
+    :meth:`Transport.send_all`, ``sent`` is how many of its messages were written first."""
+
+    def __init__(self, message: str, *, sent: int = 0) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class SpeechQueueFull(RuntimeError):
@@ -1031,24 +1038,34 @@ class CallSession:
     ) -> None:
         """Send each of ``batches`` (frames of sentence ``index``) as one media message at
         ``now``, and account for them: the lead, the sentence's play start and length, the
-        counters.
+        counters — for those written, should the socket close under the send.
 
-        The messages are handed to the socket together, in one write. Written one by one, the
-        first left at once and, on a loaded machine, the rest reached the caller 5-70 ms later
-        (the kernel holding small writes back behind one in flight: TCP autocorking, by all
-        signs): a caller sent a second of audio heard its first 100 ms, a gap, then the rest."""
-        frames = sum(len(batch) for batch in batches)
-        seconds = FRAME_SECONDS * frames
-        pacer = self._pacer
+        The messages are handed to the socket together, in one write (on the native socket).
+        Written one by one, the first left at once and, on a loaded machine, the rest reached
+        the caller 5-70 ms later — the kernel holding small writes back behind one in flight,
+        we think (TCP autocorking) — and a caller sent a second of audio heard its first 100 ms,
+        a gap, then the rest."""
         if utterance.play_starts[index] is None:
-            utterance.play_starts[index] = now + pacer.lead(now)
+            utterance.play_starts[index] = now + self._pacer.lead(now)
         sid = StreamSid(self.stream_sid)
         texts = [encode_media(sid, b"".join(batch)) for batch in batches]
-        if len(texts) == 1:
-            await self._send(texts[0])
-        else:
-            await self._send_all(texts)
-        pacer.sent(now, seconds)
+        try:
+            if len(texts) == 1:
+                await self._send(texts[0])
+            else:
+                await self._send_all(texts)
+        except TransportClosed as exc:
+            if exc.sent:  # (heard, or on its way: reported as the caller's)
+                self._sent_audio(utterance, index, batches[: exc.sent], now)
+            raise
+        self._sent_audio(utterance, index, batches, now)
+
+    def _sent_audio(
+        self, utterance: Utterance, index: int, batches: list[list[bytes]], now: float
+    ) -> None:
+        frames = sum(len(batch) for batch in batches)
+        seconds = FRAME_SECONDS * frames
+        self._pacer.sent(now, seconds)
         utterance.sent_seconds[index] += seconds
         self.frames_sent += frames
         self._metrics.frames_sent.inc(frames)
