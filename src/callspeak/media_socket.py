@@ -233,7 +233,13 @@ class MediaSocket(asyncio.Protocol):
         return message
 
     async def send(self, text: str) -> None:
-        await self.send_all((text,))
+        # (Not send_all((text,)): one message is the steady state, every 100 ms of every call.)
+        if self._conn.state is not State.OPEN or self._lost:
+            raise TransportClosed("the media socket is closed")
+        self._conn.send_text(text.encode())
+        self._flush()
+        if self._write_paused:
+            await self._writable(1)
 
     async def send_all(self, texts: Sequence[str]) -> None:
         if self._conn.state is not State.OPEN or self._lost:
@@ -242,12 +248,17 @@ class MediaSocket(asyncio.Protocol):
             self._conn.send_text(text.encode())
         self._flush()
         if self._write_paused:
-            # Bounded: resume_writing or connection_lost resolves it.
-            if self._drain is None:
-                self._drain = self._loop.create_future()
-            await asyncio.shield(self._drain)
-            if self._lost:  # (after all of texts was written)
-                raise TransportClosed("the media socket closed while sending", sent=len(texts))
+            await self._writable(len(texts))
+
+    async def _writable(self, written: int) -> None:
+        """Wait until the transport takes writes again (bounded: resume_writing or
+        connection_lost resolves it); raises if the connection was lost meanwhile, after the
+        ``written`` messages were written."""
+        if self._drain is None:
+            self._drain = self._loop.create_future()
+        await asyncio.shield(self._drain)
+        if self._lost:
+            raise TransportClosed("the media socket closed while sending", sent=written)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._conn.state is State.OPEN:
@@ -425,10 +436,14 @@ class MediaSocket(asyncio.Protocol):
         if transport is None or self._lost:
             self._conn.data_to_send()  # nowhere to write it (uvloop raises on a closed handle)
             return
+        pending = self._conn.data_to_send()
+        if len(pending) == 1 and pending[0]:  # one frame, the steady state
+            transport.write(pending[0])
+            pending = []
         # What is ready goes out in one write: frames written one by one may reach the peer
         # apart (see CallSession._send_audio).
         ready: list[bytes] = []
-        for data in self._conn.data_to_send():
+        for data in pending:
             if data:
                 ready.append(data)
                 continue
