@@ -436,14 +436,11 @@ class MediaSocket(asyncio.Protocol):
         if transport is None or self._lost:
             self._conn.data_to_send()  # nowhere to write it (uvloop raises on a closed handle)
             return
-        pending = self._conn.data_to_send()
-        if len(pending) == 1 and pending[0]:  # one frame, the steady state
-            transport.write(pending[0])
-            pending = []
         # What is ready goes out in one write: frames written one by one may reach the peer
-        # apart (see CallSession._send_audio).
+        # apart (see CallSession._send_audio). (A single frame, the steady state, is not
+        # copied: joining one bytes object returns it.)
         ready: list[bytes] = []
-        for data in pending:
+        for data in self._conn.data_to_send():
             if data:
                 ready.append(data)
                 continue
