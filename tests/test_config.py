@@ -86,6 +86,12 @@ def test_inconsistent_settings_are_refused(fields: dict[str, object], message: s
         ("https://calls.example.com\t/cs", "spaces or control characters"),
         ("https://calls.example.com /cs", "spaces or control characters"),
         ("https://user:pw@calls.example.com", "user name or password"),
+        # urlsplit reads "host:" as no port and "host:0443" as 443, but the URL is written into
+        # TwiML as typed, while the signatures were checked against "host::443" / "host:443".
+        ("https://calls.example.com:", "port written"),
+        ("https://calls.example.com:/cs", "port written"),
+        ("https://calls.example.com:0443", "port written"),
+        ("https://[::1]:", "port written"),
     ],
 )
 def test_a_public_url_twilio_cannot_use_is_refused_up_front(public_url: str, message: str) -> None:

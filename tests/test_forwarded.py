@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from callspeak.forwarded import forwarded_client, trusted_proxies
+
+
+def uvicorns_trusted_hosts() -> Any:
+    """The class the uvicorn installed reads ``forwarded_allow_ips`` with (private: the test
+    using it is skipped if it is gone, rather than compared with a copy)."""
+    from uvicorn.middleware import proxy_headers
+
+    trusted_hosts = getattr(proxy_headers, "_TrustedHosts", None)
+    if trusted_hosts is None:
+        pytest.skip("uvicorn no longer has _TrustedHosts")
+    return trusted_hosts
 
 
 def test_forwarded_for_names_the_nearest_untrusted_hop() -> None:
@@ -53,13 +66,31 @@ def test_hops_with_ports_are_judged_by_their_host_as_uvicorn_judges_them() -> No
     ],
 )
 def test_the_client_is_the_one_uvicorns_asgi_routes_see(header: str) -> None:
-    """The same answer as the uvicorn installed gives its ASGI routes (its class is private:
-    skipped if it is gone, rather than compared with a copy)."""
-    from uvicorn.middleware import proxy_headers
-
-    uvicorns = getattr(proxy_headers, "_TrustedHosts", None)
-    if uvicorns is None:
-        pytest.skip("uvicorn no longer has _TrustedHosts")
+    """The same answer as the uvicorn installed gives its ASGI routes."""
+    uvicorns = uvicorns_trusted_hosts()
     allowed = ["127.0.0.1", "::1", "10.0.0.0/8"]
+    expected = uvicorns(allowed).get_trusted_client_address(header)
+    assert forwarded_client(header, trusted_proxies(allowed)) == expected
+
+
+@pytest.mark.parametrize(
+    "allowed",
+    [
+        "127.0.0.1, *",  # "*" among others is a name, not "trust all", to uvicorn
+        ["127.0.0.1", "*"],
+        "10.0.0.1/8",  # host bits set: no network to uvicorn, a name nothing matches
+        "127.0.0.1, 10.0.0.0/8",
+        "*",
+        ["*"],
+    ],
+)
+def test_proxies_are_trusted_as_uvicorn_trusts_them(allowed: str | list[str]) -> None:
+    """uvicorn trusts every host only for the whole setting "*", and reads a network with host
+    bits set as a name: a client's own X-Forwarded-For must not name it where uvicorn's would
+    not."""
+    uvicorns = uvicorns_trusted_hosts()
+    header = "198.51.100.9, 10.2.3.4, 203.0.113.7"
+    for host in ("10.2.3.4", "203.0.113.7", "127.0.0.1", "*"):
+        assert trusted_proxies(allowed)(host) == (host in uvicorns(allowed)), host
     expected = uvicorns(allowed).get_trusted_client_address(header)
     assert forwarded_client(header, trusted_proxies(allowed)) == expected

@@ -7,7 +7,6 @@ from callspeak.signatures import (
     TwilioSignatureVerifier,
     new_call_token,
     sign,
-    tokens_match,
 )
 from callspeak.twiml import TwiMLError
 
@@ -158,7 +157,15 @@ def test_construction_refusals() -> None:
         TwilioSignatureVerifier(TOKEN, "h.example")
 
 
-@pytest.mark.parametrize("public", ["https://h.example:abc", "https://h.example:99999"])
+@pytest.mark.parametrize(
+    "public",
+    [
+        "https://h.example:abc",
+        "https://h.example:99999",
+        "https://h.example:",
+        "https://h.example:0443",
+    ],
+)
 def test_a_public_url_with_a_bad_port_is_refused_at_construction_not_per_request(
     public: str,
 ) -> None:
@@ -169,7 +176,3 @@ def test_a_public_url_with_a_bad_port_is_refused_at_construction_not_per_request
 def test_call_tokens() -> None:
     a, b = new_call_token(), new_call_token()
     assert a != b and len(a) >= 43
-    assert tokens_match(a, a)
-    assert not tokens_match(a, b)
-    assert not tokens_match(a, None)
-    assert not tokens_match("", "")

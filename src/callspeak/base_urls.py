@@ -14,8 +14,8 @@ def checked_base_url(
 ) -> str:
     """``value`` without a trailing slash, or a ValueError calling it ``name`` (a setting, or
     "public URL"): it must be an absolute URL of ``schemes`` ("https", "http(s)" or "ws(s)")
-    with a host, a port from 1 to 65535 if it gives one, and no query string, fragment, user
-    name, password, space or control character."""
+    with a host, a port from 1 to 65535 (plain digits) if it gives one, and no query string,
+    fragment, user name, password, space or control character."""
     if "?" in value or "#" in value:
         raise ValueError(f"{name} {value!r} must not carry a query string or fragment")
     # urlsplit() drops tabs and line breaks without a word, so the URL checked (and signed)
@@ -44,4 +44,14 @@ def checked_base_url(
         )
     if port == 0:
         raise ValueError(f"{name} {value!r} has port 0: give a port from 1 to 65535")
+    # urlsplit reads "host:" as no port and "host:0443" as 443, but the URL is used as typed
+    # (written into TwiML, signed by Twilio) while the signature checks rebuild it from the
+    # number: neither "host::443" nor "host:443" is what Twilio signed.
+    after_host = parts.netloc.rpartition("@")[2].rpartition("]")[2]
+    written = after_host.rpartition(":")[2] if ":" in after_host else None
+    if written is not None and written != str(port):
+        raise ValueError(
+            f"{name} {value!r} has a port written {written!r}: give a port from 1 to 65535 "
+            f"as plain digits (no leading zero), or none, {example}"
+        )
     return value.rstrip("/")

@@ -13,14 +13,16 @@ __all__ = ["forwarded_client", "trusted_proxies"]
 
 def trusted_proxies(allowed: str | list[str] | None) -> Callable[[str], bool]:
     """uvicorn's ``forwarded_allow_ips`` (addresses, networks or ``*``) as a test of a host."""
+    # As uvicorn's _TrustedHosts: "*" trusts all only as the whole setting ("127.0.0.1, *" is
+    # a name), and a network with host bits set ("10.0.0.1/8") is no network, only a name.
+    if allowed in ("*", ["*"]):
+        return lambda host: True
     items = allowed.split(",") if isinstance(allowed, str) else list(allowed or [])
     names = {item.strip() for item in items if item.strip()}
-    if "*" in names:
-        return lambda host: True
     networks = []
     for name in names:
         with contextlib.suppress(ValueError):
-            networks.append(ipaddress.ip_network(name, strict=False))
+            networks.append(ipaddress.ip_network(name))
 
     def trusted(host: str) -> bool:
         if host in names:

@@ -8,8 +8,8 @@ from the configured public URL and never from the request.
 The WebSocket upgrade is signed over the ``wss://`` URL as written in the TwiML, with no params.
 Twilio does not document this exactly (see ``shared/reference/twilio-media-streams.md``): log the
 result on a first real call before enforcing it, and keep the per-call token
-(:func:`new_call_token` in a ``<Parameter>``, checked with :func:`tokens_match` on ``start``) as a
-second line of defence.
+(:func:`new_call_token` in a ``<Parameter>``, redeemed once on ``start``: see
+:class:`~callspeak.call_tokens.CallTokenStore`) as a second line of defence.
 
 https://www.twilio.com/docs/usage/webhooks/webhooks-security
 """
@@ -33,7 +33,6 @@ __all__ = [
     "TwilioSignatureVerifier",
     "new_call_token",
     "sign",
-    "tokens_match",
 ]
 
 SIGNATURE_HEADER: Final = "X-Twilio-Signature"
@@ -131,10 +130,3 @@ def sign(auth_token: str, url: str, params: Mapping[str, str] | None = None) -> 
 def new_call_token() -> str:
     """Return a fresh unguessable per-call token (URL-safe, 256 bits) for a ``<Parameter>``."""
     return secrets.token_urlsafe(32)
-
-
-def tokens_match(expected: str, given: str | None) -> bool:
-    """Compare per-call tokens in constant time; a missing ``given`` or empty ``expected`` fails."""
-    if not expected or given is None:
-        return False
-    return hmac.compare_digest(expected.encode(), given.encode())
