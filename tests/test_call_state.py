@@ -133,3 +133,38 @@ def test_a_mark_name_whose_flushed_echo_is_still_due_cannot_be_reused() -> None:
     assert state.receive(Mark(5, SID, "a")) == MarkFlushed("a")
     state.mark_sent("a")  # the echo is in: the name is free again
     assert state.pending_marks == ("a",)
+
+
+def test_a_first_connected_after_start_is_not_called_a_duplicate() -> None:
+    """Nothing was duplicated: the reason must say what happened (a log reader would look for
+    a second 'connected' that never came)."""
+    state = CallState()
+    assert state.receive(START) == Started(START)
+    assert state.receive(Connected("Call", "1.0.0")) == Rejected(
+        "'connected' after 'start'", "connected"
+    )
+    assert state.receive(Connected("Call", "1.0.0")) == Rejected(
+        "'connected' after 'start'", "connected"
+    )
+
+
+def test_reusing_a_name_whose_flushed_echo_is_due_says_so_not_pending() -> None:
+    state = started()
+    state.mark_sent("a")
+    state.cleared()
+    assert state.pending_marks == ()
+    with pytest.raises(ValueError) as raised:
+        state.mark_sent("a")
+    assert "pending" not in str(raised.value)
+    assert "clear" in str(raised.value)
+
+
+def test_rejections_do_not_dump_what_the_peer_sent_into_the_reason() -> None:
+    """Reasons are logged: a long name or SID from the peer is cut, as the parser cuts its own
+    (test_protocol: "a huge value is truncated, not dumped into logs")."""
+    state = started()
+    unknown = state.receive(Mark(5, SID, "m" * 60_000))
+    foreign = state.receive(Media(6, StreamSid("MZ" + "x" * 60_000), "inbound", 1, 0, b""))
+    for event in (unknown, foreign):
+        assert isinstance(event, Rejected)
+        assert len(event.reason) < 200

@@ -1608,3 +1608,22 @@ async def test_a_sentence_whose_audio_came_late_is_cut_at_what_played_of_it() ->
     assert utterance.record == HeardRecord(("One.",), "Two.", pytest.approx(0.5), ())
     interrupted = next(e for e in h.events if e.type == "speech.interrupted")
     assert interrupted.data["cutSeconds"] == pytest.approx(0.5)
+
+
+async def test_the_message_size_limit_counts_bytes_not_characters() -> None:
+    """``max_message_bytes`` is a limit in bytes (the socket's own limit is too): a message of
+    non-ASCII text is over it with fewer characters than that."""
+    async with Harness(greeting=None, max_message_bytes=2000) as h:
+        await h.start_idle()
+        message = Mark(30, SID, "é" * 1000).to_json().replace("\\u00e9", "é")
+        assert len(message) < 2000 < len(message.encode())
+        h.transport.push(message)
+        await asyncio.sleep(0.05)
+        assert h.session.rejected == 1
+    samples = [
+        (sample.labels["reason"], sample.value)
+        for metric in h.metrics.protocol_errors.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    ]
+    assert samples == [("too_large", 1.0)]

@@ -155,8 +155,10 @@ class CallState:
         if self.phase is Phase.STOPPED:
             return Rejected(f"'{_event_name(message)}' after stop", _event_name(message))
         if isinstance(message, Connected):
-            if self._connected or self.phase is not Phase.CONNECTING:
+            if self._connected:
                 return Rejected("duplicate 'connected'", "connected")
+            if self.phase is not Phase.CONNECTING:
+                return Rejected("'connected' after 'start'", "connected")
             self._connected = True
             return StreamConnected(message.protocol, message.version)
         if isinstance(message, Start):
@@ -170,7 +172,7 @@ class CallState:
             return Rejected(f"'{name}' before 'start'", name)
         if message.stream_sid != self.start.stream_sid:
             return Rejected(
-                f"'{name}' for streamSid {message.stream_sid!r}, not this stream's "
+                f"'{name}' for streamSid {message.stream_sid!r:.60}, not this stream's "
                 f"{self.start.stream_sid!r}",
                 name,
             )
@@ -184,9 +186,12 @@ class CallState:
         return Stopped(message)
 
     def mark_sent(self, name: str) -> None:
-        """Register a mark about to be sent. Names must be unique within the call."""
-        if name in self._pending or name in self._flushed:
+        """Register a mark about to be sent. A name may not be reused while its echo is still
+        due (pending, or flushed by a clear and not echoed yet); once echoed it is free again."""
+        if name in self._pending:
             raise ValueError(f"mark name {name!r} is already pending")
+        if name in self._flushed:
+            raise ValueError(f"mark name {name!r} was dropped by a clear; its echo is still due")
         self._pending[name] = None
 
     def cleared(self) -> tuple[str, ...]:
@@ -202,7 +207,7 @@ class CallState:
             return MarkFlushed(name)
         if name not in self._pending:
             return Rejected(
-                f"echo of mark {name!r} not awaited (never sent, or echoed already)", "mark"
+                f"echo of mark {name!r:.60} not awaited (never sent, or echoed already)", "mark"
             )
         del self._pending[name]
         return MarkPlayed(name)

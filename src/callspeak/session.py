@@ -199,6 +199,12 @@ class _StillPlaying:
 _TWILIO_EVENTS = frozenset(("connected", "start", "media", "mark", "dtmf", "stop"))
 
 
+def _utf8_size(text: str) -> int:
+    """``text``'s size in bytes as it came off the socket (UTF-8). ``isascii`` is a flag check:
+    every message Twilio sends but a start with non-ASCII parameters costs no encoding."""
+    return len(text) if text.isascii() else len(text.encode(errors="surrogatepass"))
+
+
 def _error_kind(reason: str, event: str | None) -> str:
     """The ``callspeak_protocol_errors`` label for a message refused for ``reason``: the name of
     the Twilio event it was, or one of a few fixed kinds — never text from the message, since
@@ -567,7 +573,7 @@ class CallSession:
         :class:`DirectDelivery` for when a transport calls this."""
         if self._followup is not None or self._closed or type(message) is not str:
             return False
-        if len(message) > self._max_message_bytes:
+        if _utf8_size(message) > self._max_message_bytes:
             return False
         try:
             parsed = parse_message(message)
@@ -640,10 +646,10 @@ class CallSession:
         if isinstance(message, bytes):
             self._reject("binary frame (Twilio sends text frames only)", None)
             return True
-        if len(message) > self._max_message_bytes:
+        size = _utf8_size(message)
+        if size > self._max_message_bytes:
             self._reject(
-                f"message of {len(message)} bytes over the {self._max_message_bytes}-byte limit",
-                None,
+                f"message of {size} bytes over the {self._max_message_bytes}-byte limit", None
             )
             return True
         event = self._state.receive_text(message)
