@@ -96,3 +96,15 @@ def test_a_gap_before_the_last_partial_frame_counts_and_that_frame_does_not() ->
     assert report.gaps() == [Gap(0.02, 320 / 8000)]
     report.played_per_tick = [160, 80]
     assert report.gaps() == []
+
+
+def test_an_underrun_that_a_clear_ends_is_still_a_gap() -> None:
+    """Only the moments right after a clear are excluded: the silence heard before it counts,
+    whether or not the clear's own tick happened to play audio."""
+    report = CallReport("CA1", "MZ1")
+    report.heard = bytearray(160 * 9)
+    report.clears = [0.101]  # received during tick 5
+    report.played_per_tick = [160, 0, 0, 0, 0, 160, 0, 160, 160]
+    assert report.gaps() == [Gap(0.02, 4 * 160 / 8000)]
+    report.played_per_tick = [160, 0, 0, 0, 0, 0, 0, 160, 160]  # the clear's tick was silent
+    assert report.gaps() == [Gap(0.02, 4 * 160 / 8000)]

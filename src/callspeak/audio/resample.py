@@ -6,7 +6,9 @@ The resampler has an algorithmic delay: early calls may return fewer samples tha
 suggests, and :meth:`StreamResampler.flush` returns the held-back tail at the end of the stream.
 
 Samples are 1-D mono arrays of ``float32`` (nominally in [-1, 1]) or native ``int16``; output has
-the input's dtype (soxr clips ``int16`` output on overflow).
+the input's dtype (soxr clips ``int16`` output on overflow). ``int16`` output also carries libsoxr's
+default TPDF dither: digital silence comes out as -1/0/+1, and a stream fed in pieces matches the
+whole to within 2 LSB rather than exactly (the ``float32`` path is undithered and exact).
 """
 
 from __future__ import annotations

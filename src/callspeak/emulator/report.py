@@ -102,8 +102,8 @@ class CallReport:
                     run_start = i
                 missing += short
             elif run_start is not None:
-                if ticks[i]:
-                    gaps.append(Gap(run_start * 0.02, missing / _BYTES_PER_SECOND))
+                # (Also when the run ends at a clear: that silence came before it, and was heard.)
+                gaps.append(Gap(run_start * 0.02, missing / _BYTES_PER_SECOND))
                 run_start, missing = None, 0
         return [g for g in gaps if g.seconds > min_seconds]
 
