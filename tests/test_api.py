@@ -16,6 +16,7 @@ from pydantic import SecretStr
 
 from callspeak.api import api_routes, check_access, is_loopback, names_loopback
 from callspeak.api_events import PING, EventSubscription, sse_frame
+from callspeak.api_openapi import openapi_spec
 from callspeak.audio.mulaw import MULAW_SILENCE
 from callspeak.config import Settings
 from callspeak.emulator import CallReport, DialOptions, dial
@@ -23,7 +24,7 @@ from callspeak.events import CallEventRecord
 from callspeak.protocol import AccountSid, CallSid, Connected, MediaFormat, Start, Stop, StreamSid
 from callspeak.server import AppState, create_app
 from callspeak.session import CallSession
-from callspeak.speech import SpeechStatus
+from callspeak.speech import SpeechStatus, Utterance
 from tests.conftest import serve_app
 from tests.fakes import FakeProvider, FakeService, FakeTransport, tone_for
 from tests.test_server_limits import until
@@ -448,8 +449,10 @@ def test_a_loopback_client_naming_another_host_is_refused_without_a_token(
 
 
 async def test_through_a_same_machine_proxy_the_api_needs_the_token(api: Api) -> None:
-    """nginx on this machine without X-Forwarded-For: the request comes from loopback with
-    the public Host; without a token it is refused, with X-Forwarded-For it is refused too."""
+    """A proxy on this machine that passes on the public Host (nginx with `proxy_set_header
+    Host $host`, ngrok): the request comes from loopback naming the public host; without a
+    token it is refused, with X-Forwarded-For it is refused too. (nginx's default Host, its
+    upstream's 127.0.0.1:port, cannot be told from a local client: see check_access.)"""
     proxied = await api.http.get("/calls", headers={"Host": "calls.example.com"})
     assert_error(proxied, 403, "forbidden")
     forwarded = await api.http.get("/calls", headers={"X-Forwarded-For": "203.0.113.9"})
@@ -576,10 +579,10 @@ async def test_invalid_bodies_are_422_with_pydantic_errors(api: Api) -> None:
         assert session.phase.value == "streaming"  # none of it hurt the call
 
 
-async def _ended_session() -> CallSession:
+async def _ended_session(kind: type[CallSession] = CallSession) -> CallSession:
     """A call that has ended but is still registered: the moment before its server drops it."""
     transport = FakeTransport()
-    session = CallSession(transport, FakeProvider(), greeting=None)
+    session = kind(transport, FakeProvider(), greeting=None)
     sid = StreamSid("MZended")
     for message in (
         Connected("Call", "1.0.0").to_json(),
@@ -786,3 +789,53 @@ async def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413(api:
         over = await api.http.post(say, content=body.ljust(limit + 1), headers=headers)
         assert_error(over, 413, "body_too_large")
         await session.clear()
+
+
+async def test_an_utterance_that_just_played_stays_reachable_behind_a_long_queue(api: Api) -> None:
+    """Kept: every unfinished utterance, and the last HISTORY (20) *finished* ones. With 25
+    queued, the first finishes first: the one finished utterance, yet its Location answered
+    404 as soon as it had played (the cap counted the unfinished ones too)."""
+    async with live_call(api, duration=20) as (session, _):
+        sid = session.call_sid
+        locations = []
+        for n in range(25):
+            r = await api.http.post(f"/calls/{sid}/say", json={"text": f"Number {n}."})
+            assert r.status_code == 202, r.text
+            locations.append(r.headers["location"])
+        first = session.utterances[0]
+        await until(lambda: first.status is SpeechStatus.PLAYED)
+        response = await api.http.get(locations[0])
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "played"
+        await session.hangup()
+
+
+async def test_the_public_spec_and_its_page_are_built_once_not_on_every_request(api: Api) -> None:
+    """/openapi.json and /docs need no token, from any address; each request rebuilt the spec
+    from pydantic's JSON schemas (~6 ms of the loop that paces every call's audio)."""
+    from callspeak import api as api_module
+
+    api_module._spec_json.cache_clear()
+    api_module._docs_page.cache_clear()
+    first = await api.http.get("/openapi.json")
+    for _ in range(5):
+        again = await api.http.get("/openapi.json")
+        assert again.status_code == 200 and again.headers["content-type"] == "application/json"
+        assert again.content == first.content
+        assert (await api.http.get("/docs")).status_code == 200
+    assert first.json() == openapi_spec(5000)
+    assert api_module._spec_json.cache_info().misses == 1
+    assert api_module._docs_page.cache_info().misses == 1
+
+
+async def test_a_handler_that_fails_answers_in_the_api_error_shape(api: Api) -> None:
+    """docs/api.md: every error is ``{"error": {"code", "message"}}``. A handler that raised
+    (as POST /clear did with the speaker's TransportClosed) got Starlette's text/plain 500."""
+
+    class FailingSession(CallSession):
+        async def clear(self, **_: Any) -> list[Utterance]:
+            raise RuntimeError("a bug")
+
+    await api.state.calls.add(await _ended_session(FailingSession))
+    error = assert_error(await api.http.post("/calls/CAended/clear"), 500, "internal_error")
+    assert "a bug" not in error["message"]  # the log has it; the client gets no internals

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from examples import menu
 
 from callspeak.config import Settings
 from callspeak.emulator import DialOptions, dial
 from callspeak.events import CallEventRecord
 from callspeak.hooks import Call, CallHooks
+from callspeak.protocol import AccountSid, CallSid, Connected, MediaFormat, Start, StreamSid
 from callspeak.server import create_app
+from callspeak.session import CallSession
 from callspeak.tts.sentences import split_sentences
 from tests.conftest import serve_app
-from tests.fakes import FakeService, tone_for
+from tests.fakes import FakeProvider, FakeService, FakeTransport, tone_for
 
 #: Seconds of fake speech per character: about as slow as a real voice.
 PACE = 0.03
@@ -142,3 +146,63 @@ async def test_on_interrupted_gets_the_interruption_with_its_reason() -> None:
             )
         )
     assert seen == [(report.call_sid, "dtmf")]
+
+
+async def test_a_handler_that_raises_cancelled_error_does_not_stop_the_calls_later_handlers() -> (
+    None
+):
+    """A handler that awaits something cancelled (a task it started and cancelled, a gather
+    whose child was cancelled) raises CancelledError although nobody cancelled the call's
+    handlers. It was re-raised as if the call were ending: the lane ended, silently, and every
+    later event of the call went unhandled. It is a failure of that handler, logged."""
+    hooks = CallHooks()
+    digits: list[str] = []
+
+    @hooks.on_dtmf
+    async def pressed(call: Call, digit: str) -> None:
+        digits.append(digit)
+        if digit == "1":
+            helper = asyncio.ensure_future(asyncio.sleep(10))
+            helper.cancel()
+            await helper  # CancelledError: the helper's, not the lane's
+
+    settings = Settings(validate_signatures=False, greeting="")
+    await run_call(hooks, settings, dtmf=[(0.2, "1"), (0.5, "2")], duration=1.0)
+    assert digits == ["1", "2"]
+
+
+async def test_on_interrupted_is_not_called_for_speech_the_end_of_the_call_stopped() -> None:
+    """on_interrupted is "not for reason call-ended". When the media socket drops under a send,
+    the speaker ends its utterance as call-ended while the call's handler lane still runs, and
+    the handler was called with it."""
+    hooks = CallHooks()
+    seen: list[str] = []
+
+    @hooks.on_interrupted
+    async def interrupted(call: Call, event: CallEventRecord) -> None:
+        seen.append(str(event.data["reason"]))
+
+    transport = FakeTransport()
+    transport.drop_after = 3  # the peer is gone after three messages
+    session = CallSession(transport, FakeProvider(), greeting="A long greeting. " * 20)
+    reasons: list[str] = []
+    session.add_listener(
+        lambda e: reasons.append(str(e.data["reason"])) if e.type == "speech.interrupted" else None
+    )
+    hooks.attach(session)
+    transport.push(Connected("Call", "1.0.0").to_json())
+    transport.push(
+        Start(
+            1,
+            StreamSid("MZ1"),
+            AccountSid("AC1"),
+            CallSid("CA1"),
+            ("inbound",),
+            {},
+            MediaFormat("audio/x-mulaw", 8000, 1),
+        ).to_json()
+    )
+    async with asyncio.timeout(5):
+        await session.run()
+    assert reasons == ["call-ended"]  # (the speech was stopped by the end of the call)
+    assert seen == []

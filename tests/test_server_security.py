@@ -134,6 +134,27 @@ async def test_call_tokens_without_signature_validation_are_warned_about(
     assert "call tokens protect nothing with signature validation off" in caplog.text
 
 
+async def test_a_public_server_without_an_api_token_is_warned_about(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reverse proxy on the same machine that names its upstream (nginx's default Host,
+    127.0.0.1:port) looks like a local client, which the API serves without a token."""
+    caplog.set_level(logging.WARNING, "callspeak.server")
+    warning = "the control API has no token (CALLSPEAK_API_TOKEN)"
+    async with serve(
+        create_app(Settings(twilio_auth_token=TOKEN, public_url=PUBLIC), tts=FakeService())
+    ):
+        pass
+    assert warning in caplog.text and PUBLIC in caplog.text
+    caplog.clear()
+    with_token = Settings(twilio_auth_token=TOKEN, public_url=PUBLIC, api_token="t0ken")
+    async with serve(create_app(with_token, tts=FakeService())):
+        pass
+    async with serve(create_app(Settings(validate_signatures=False), tts=FakeService())):
+        pass  # (no public URL: reached on this machine, or through a tunnel naming its host)
+    assert warning not in caplog.text
+
+
 async def test_refused_requests_are_all_counted_but_their_lines_are_rationed(
     secure_server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:

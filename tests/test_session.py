@@ -1627,3 +1627,33 @@ async def test_the_message_size_limit_counts_bytes_not_characters() -> None:
         if sample.name.endswith("_total")
     ]
     assert samples == [("too_large", 1.0)]
+
+
+async def test_a_clear_just_after_the_socket_dropped_under_a_send_does_not_raise() -> None:
+    """The speaker's send failed (TransportClosed) and its task is closing the voice's stream
+    when a clear() cancels it: the task swallows that cancellation in its `finally` and ends
+    with TransportClosed. clear() raised it — to POST /calls/{sid}/clear as a 500, to barge-in
+    and DTMF as a failure of the call's reader. The speaker handles that error itself (the
+    call ended), and clear() returns what it stopped."""
+    transport = FakeTransport()
+    transport.drop_after = 10  # the peer is gone mid-utterance, under one of the sender's sends
+    session = CallSession(transport, FakeProvider(delay=0.01), greeting="A long greeting. " * 20)
+    ended: list[tuple[str, object]] = []
+    session.add_listener(
+        lambda e: (
+            ended.append((e.type, e.data.get("reason")))
+            if e.type.startswith("speech.") and e.type not in ("speech.queued", "speech.started")
+            else None
+        )
+    )
+    transport.push(Connected("Call", "1.0.0").to_json())
+    transport.push(start_json())
+    run = asyncio.create_task(session.run())
+    async with asyncio.timeout(5):
+        while transport.closed is None:  # noqa: ASYNC110 - the drop is the fake's, not an event
+            await asyncio.sleep(0)
+        stopped = await session.clear()
+        await run
+    # The call's end stopped the greeting (its audio was partly sent), not the clear
+    assert stopped == []
+    assert ended == [("speech.interrupted", "call-ended")]

@@ -17,13 +17,14 @@ public. Errors are ``{"error": {"code", "message"[, "errors"]}}``: 401 ``unautho
 403 ``forbidden``, 404 ``unknown_call``/``unknown_utterance``/``not_found``,
 405 ``method_not_allowed``, 408 ``body_timeout``, 409 ``call_ended``, 413 ``body_too_large``,
 422 ``invalid_json``/``invalid_request``/``nothing_to_say``,
-429 ``speech_queue_full``/``too_many_subscribers``. Starlette's own 404 and 405 get that shape on
-the API's paths through :func:`api_exception_handlers`.
+429 ``speech_queue_full``/``too_many_subscribers``, 500 ``internal_error``. Starlette's own
+404 and 405 get that shape on the API's paths through :func:`api_exception_handlers`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -187,10 +188,13 @@ def check_access(
     With a token configured the request must carry ``Authorization: Bearer <token>`` (compared
     in constant time), wherever it comes from. Without one, only loopback clients are served:
     a server exposed for Twilio's webhook must not also hand out control of its calls. The
-    request must then also name a loopback host (``host_header``): a reverse proxy or tunnel
-    on the same machine (nginx without ``X-Forwarded-For``, a tunnel's agent) connects from
-    loopback but passes on the public host it was asked for, and a web page whose name was
-    made to resolve to 127.0.0.1 (DNS rebinding) names its own.
+    request must then also name a loopback host (``host_header``): a tunnel's agent or a
+    reverse proxy on the same machine that passes on the public host it was asked for (ngrok
+    by default, nginx with ``proxy_set_header Host $host``) connects from loopback but names
+    that host, and a web page whose name was made to resolve to 127.0.0.1 (DNS rebinding) names
+    its own. A proxy that names its upstream instead — nginx's default (``Host: $proxy_host``,
+    i.e. ``127.0.0.1:5000``) with no ``X-Forwarded-For`` — looks exactly like a local client
+    and is served: nothing here can tell them apart, hence the token.
     """
     if token is None:
         if not is_loopback(client_host):
@@ -284,6 +288,10 @@ class _ControlApi:
                 return await handler(request, state)
             except ApiError as exc:
                 return exc.response()
+            except Exception:  # a bug: logged, and answered in the API's error shape all the same
+                log.exception("%s %s failed", request.method, request.url.path)
+                message = "the server failed to carry the request out (see its log)"
+                return ApiError(500, "internal_error", message).response()
 
         return endpoint
 
@@ -319,6 +327,24 @@ class _ControlApi:
         kept = {u.id for u in [u for u in ordered if u.status.final][-HISTORY:]}
         return [u for u in ordered if not u.status.final or u.id in kept]
 
+    def _remember(self, session: CallSession, utterance: Utterance) -> None:
+        """Keep ``utterance`` for :meth:`_recent` once the session forgets it (when it ends).
+        What is dropped is only the oldest *finished* ones past :data:`HISTORY`: an unfinished
+        one dropped here would answer 404 at its Location as soon as it finished (a cap on all
+        of them lost the first of 25 queued the moment it played). Unfinished ones are at most
+        the speech queue's limit plus the few being heard, so this stays bounded."""
+        history = self._history.setdefault(session, deque())
+        history.append(utterance)
+        excess = sum(u.status.final for u in history) - HISTORY
+        if excess > 0:
+            kept: deque[Utterance] = deque()
+            for u in history:
+                if excess > 0 and u.status.final:
+                    excess -= 1
+                else:
+                    kept.append(u)
+            self._history[session] = kept
+
     # -- acting ----------------------------------------------------------------------------
 
     async def say(self, request: Request, state: AppState) -> Response:
@@ -338,7 +364,7 @@ class _ControlApi:
             ) from exc
         except ValueError as exc:
             raise ApiError(422, "nothing_to_say", str(exc)) from exc
-        self._history.setdefault(session, deque(maxlen=HISTORY)).append(utterance)
+        self._remember(session, utterance)
         if wait:
             try:
                 async with asyncio.timeout(WAIT_LIMIT):
@@ -408,15 +434,28 @@ class _ControlApi:
 
     async def spec(self, request: Request) -> Response:
         state: AppState = request.app.state.callspeak
-        return JSONResponse(openapi_spec(_max_text_chars(state)))
+        return Response(_spec_json(_max_text_chars(state)), media_type="application/json")
 
     async def docs(self, request: Request) -> Response:
         state: AppState = request.app.state.callspeak
         return HTMLResponse(
-            docs_html(openapi_spec(_max_text_chars(state))),
+            _docs_page(_max_text_chars(state)),
             # The page is self-contained; forbid it from loading anything at all.
             headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
         )
+
+
+# The spec and its page depend only on max_text_chars, and building them (pydantic's JSON
+# schemas) takes some 6 ms of the event loop that paces every call's audio: made once, not on
+# every request to these public, unauthenticated routes.
+@functools.lru_cache(maxsize=4)
+def _spec_json(max_text_chars: int) -> bytes:
+    return json.dumps(openapi_spec(max_text_chars), separators=(",", ":")).encode()
+
+
+@functools.lru_cache(maxsize=4)
+def _docs_page(max_text_chars: int) -> str:
+    return docs_html(openapi_spec(max_text_chars))
 
 
 #: No caching, and no buffering in nginx-like proxies: events must arrive as sent.

@@ -117,12 +117,18 @@ class CallHooks:
         lane: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue(maxsize=64)
 
         async def run_lane() -> None:
+            me = asyncio.current_task()
+            assert me is not None
             while True:
                 job = await lane.get()
                 try:
                     await job()
                 except asyncio.CancelledError:
-                    raise
+                    if me.cancelling():  # the call is ending: this lane with it
+                        raise
+                    # The handler's own: it awaited something cancelled (a task, a gather). A
+                    # failure of that handler, like any other; the lane goes on.
+                    log.exception("call handler failed")
                 except Exception:
                     log.exception("call handler failed")  # (with the call's ids: see spawn)
 
@@ -144,7 +150,9 @@ class CallHooks:
                 digit = str(event.data.get("digit", ""))
                 for dtmf_fn in self._dtmf:
                     enqueue(_bind(dtmf_fn, call, digit))
-            elif event.type == "speech.interrupted":
+            elif event.type == "speech.interrupted" and event.data.get("reason") != "call-ended":
+                # (Not for speech the end of the call stopped, as on_interrupted says: a socket
+                # dropped under a send ends it so while this call's lane still runs.)
                 for int_fn in self._interrupted:
                     enqueue(_bind(int_fn, call, event))
 

@@ -294,6 +294,17 @@ def create_app(
                 )
         else:
             log.info("checking Twilio signatures against %s", settings.public_url)
+        if settings.public_url and settings.api_token is None:
+            # Loopback clients naming a loopback host are served without a token, and a proxy
+            # on this machine that names its upstream (nginx's default Host, 127.0.0.1:port)
+            # cannot be told from one: a public server is one such proxy away from open.
+            log.warning(
+                "the control API has no token (CALLSPEAK_API_TOKEN): it answers clients on "
+                "this machine, and so anyone a reverse proxy here forwards with Host "
+                "127.0.0.1 or localhost (nginx's default); set a token on a server reachable "
+                "from %s",
+                settings.public_url,
+            )
         prerender = getattr(state.tts, "prerender", None)
         if prerender is not None and settings.greeting.strip():
             await prerender([settings.greeting])

@@ -450,7 +450,10 @@ class CallSession:
         task = self._current_task
         if task is not None and not task.done() and self._current in stopped:
             task.cancel()
-            await wait_cancelled(task)
+            # Waited for, not awaited: how it ended is the speaker's to handle (it may end with
+            # the error it was already raising — a socket closed under a send — when the
+            # cancellation reaches it in its `finally`), not the clearer's to raise.
+            await asyncio.wait({task})
         # One may have ended while this waited: played (its last mark echoed) or failed. It
         # keeps that end, and is not reported stopped. (Echoes after the clear count as flushed.)
         stopped = [u for u in stopped if not u.status.final]
