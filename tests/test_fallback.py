@@ -1003,3 +1003,95 @@ async def test_a_fallback_voice_whose_key_is_refused_makes_health_degraded() -> 
     assert chain.healthy
     backup.healthy = False  # what a 401 from Deepgram does
     assert not chain.healthy
+
+
+class OneTextAtATime(FakeProvider):
+    """As the WebSocket voice: a stream still open when the next one starts is refused."""
+
+    def __init__(self, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.streaming = False
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        if self.streaming:
+            raise RuntimeError("streams one text at a time")
+        self.streaming = True
+        try:
+            async for chunk in super().stream(text, continuation=continuation, ahead=ahead):
+                yield chunk
+        finally:
+            self.streaming = False
+
+
+class OneAtATimeService(FakeService):
+    def open(self) -> OneTextAtATime:  # type: ignore[override]
+        provider = OneTextAtATime(**self.provider_options)
+        self.providers.append(provider)
+        return provider
+
+
+async def test_closing_the_chains_stream_early_closes_the_voices_stream_before_returning() -> None:
+    """What the session does at a barge-in while its producer waits on a full frame queue: the
+    voice's stream was left open until the collector finalised it, loop turns later, and the
+    WebSocket voice refused a text asked for meanwhile ("streams one text at a time") — which
+    the chain took for a failure and gave to the next voice."""
+    primary, backup = OneAtATimeService("primary", chunk=160), FakeService("backup")
+    chain = FallbackService([primary, backup], apology=b"\xff" * 160)
+    provider = chain.open()
+    stream = provider.stream("A long reply that the caller interrupts.")
+    await anext(stream)  # type: ignore[arg-type]
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert not primary.providers[0].streaming
+    assert [c async for c in provider.stream("Sorry, go ahead.")]
+    assert backup.providers[0].texts == []
+
+
+class FailsAfter(FakeProvider):
+    """Yields ``audio`` bytes at once, then ``delay`` s later fails (not retryable)."""
+
+    def __init__(self, audio: int, delay: float) -> None:
+        super().__init__()
+        self.audio, self.delay = audio, delay
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        if self.audio:
+            yield b"\x7f" * self.audio
+        await asyncio.sleep(self.delay)
+        raise TTSError("primary", "stalled", retryable=False)
+
+
+class FailsAfterService(FakeService):
+    def __init__(self, audio: int, delay: float) -> None:
+        super().__init__("primary")
+        self.provider = FailsAfter(audio, delay)
+
+    def open(self) -> FailsAfter:  # type: ignore[override]
+        return self.provider
+
+
+@pytest.mark.parametrize(
+    ("ahead", "audio", "delay", "left"),
+    [
+        (1.0, 0, 0.3, 0.7),  # the failure took 0.3 s of the 1 s the caller had
+        (0.5, 0, 0.7, 0.0),  # the caller ran dry waiting for it
+        (0.0, 8000, 0.2, 0.8),  # it yielded 1 s of audio, 0.2 s of which has played
+    ],
+)
+async def test_the_next_voice_is_told_what_the_caller_has_left_now(
+    ahead: float, audio: int, delay: float, left: float
+) -> None:
+    """``ahead`` went unchanged to the voice asked after another failed: after a 2 s first-byte
+    timeout the REST fallback waited for a slot (and Piper set its deadline) as if the caller
+    still had all of it to play."""
+    backup = FakeService("backup")
+    chain = FallbackService([FailsAfterService(audio, delay), backup], apology=b"\xff" * 160)
+    provider = chain.open()
+    async for _ in provider.stream("Your table is ready.", continuation=True, ahead=ahead):
+        pass
+    (told,) = backup.providers[0].aheads
+    # Time only takes from it: at most what was left, and less only by how late the loop ran
+    assert left - 0.3 <= told <= left + 0.01

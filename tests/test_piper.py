@@ -251,3 +251,66 @@ async def test_starting_twice_at_once_starts_one_pool_of_workers() -> None:
     assert len(workers() - before) == 2
     await service.aclose()
     assert not {t for t in workers() - before if t.is_alive()}
+
+
+class TimedEngine:
+    """Stands in for PiperService: each piece takes ``wait`` s (queue and render) and is
+    ``audio`` s long; notes each piece's priority as due-in seconds; ``fail_at`` raises there."""
+
+    def __init__(self, wait: float, audio: float, fail_at: int | None = None) -> None:
+        self.wait, self.audio, self.fail_at = wait, audio, fail_at
+        self.asked: list[tuple[str, float, float]] = []
+
+    def cached(self, sentence: str) -> bytes | None:
+        return None
+
+    async def synthesize_sentence(self, sentence: str, *, priority: tuple[float, float]) -> bytes:
+        self.asked.append((sentence, priority[0], priority[1] - time.monotonic()))
+        if len(self.asked) - 1 == self.fail_at:
+            raise TTSError("piper", "synthesis failed: Fail: boom", retryable=False)
+        await asyncio.sleep(self.wait)
+        return b"\xff" * int(8000 * self.audio)
+
+
+async def test_the_second_clause_of_first_words_is_due_when_the_first_has_played() -> None:
+    """The first clause waited 0.3 s for a worker and is 0.2 s of audio: the caller has just
+    begun hearing it when the second is asked for. The wait was taken off that audio too, so the
+    second clause went in with nothing left to play: the class of new calls' first words, behind
+    every speaking call's work — the middle of a sentence waiting, as the pool's rule forbids."""
+    engine = TimedEngine(wait=0.3, audio=0.2)
+    provider = _PiperProvider(engine)  # type: ignore[arg-type]
+    text = "Hello caller number 3, how are you today?"
+    assert [c async for c in provider.stream(text, ahead=0.0)]
+    (_, first_class, _), (_, second_class, due) = engine.asked
+    assert first_class == 1.0  # first words
+    assert second_class == 0.0  # speech under way
+    assert due <= 0.21  # the rest of the first clause, at most (less, if the loop ran late)
+
+
+async def test_speech_under_way_that_has_run_dry_is_the_most_urgent() -> None:
+    """A later sentence of an utterance whose caller has nothing left to play (ahead 0) went in
+    behind every other call's speech, however far ahead those were."""
+    assert priority(0.0, continuing=True) < priority(0.5) < priority(9.0) < priority(0.0)
+    engine = TimedEngine(wait=0.0, audio=1.0)
+    provider = _PiperProvider(engine)  # type: ignore[arg-type]
+    assert [c async for c in provider.stream("And the rest.", continuation=True, ahead=0.0)]
+    assert engine.asked[0][1] == 0.0
+
+
+async def test_after_piper_fails_mid_text_the_next_voice_says_only_the_rest() -> None:
+    """Piper yields whole pieces: a failure after some says which were not heard, so a fallback
+    voice (``--tts piper`` with ``CALLSPEAK_FALLBACK=deepgram``) does not say the first again."""
+    engine = TimedEngine(wait=0.0, audio=0.5, fail_at=1)
+    provider = _PiperProvider(engine)  # type: ignore[arg-type]
+    heard = []
+    with pytest.raises(TTSError) as caught:
+        async for chunk in provider.stream("Your order has shipped. It arrives Monday. Bye."):
+            heard.append(chunk)
+    assert len(heard) == 1
+    assert caught.value.unspoken == "It arrives Monday. Bye."
+    # Nothing heard yet: the whole text is the next voice's.
+    engine = TimedEngine(wait=0.0, audio=0.5, fail_at=0)
+    with pytest.raises(TTSError) as caught:
+        async for _ in _PiperProvider(engine).stream("One. Two."):  # type: ignore[arg-type]
+            pass
+    assert caught.value.unspoken is None

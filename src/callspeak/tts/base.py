@@ -54,9 +54,10 @@ class TTSError(Exception):
     ``retryable`` says whether the same request may succeed if sent again (429, 5xx, timeouts, a
     stall, a cut connection); ``request_id`` is the engine's id for the request when it gave one.
     ``unspoken``, when an engine sets it, is the end of the text whose audio it had not yet
-    yielded whole when it failed (the REST voice's parts after the last it finished): what a
-    fallback voice still has to say. None means the whole text. ``retry_after`` is the wait in
-    seconds the engine asked for before another request (a 429's ``Retry-After``), if it said.
+    yielded whole when it failed (the REST voice's parts after the last it finished, the local
+    voice's sentences and clauses after the last it yielded): what a fallback voice still has to
+    say. None means the whole text. ``retry_after`` is the wait in seconds the engine asked for
+    before another request (a 429's ``Retry-After``), if it said.
     """
 
     unspoken: str | None = None

@@ -19,8 +19,10 @@ sentence by sentence) its provider tries the engines in order:
 * any other failure moves on to the next engine — a text cut mid-stream is spoken again from its
   start by the next voice (where the cut fell in the text is unknowable), unless the engine
   says how much of it was streamed whole (:attr:`TTSError.unspoken`: the REST voice's parts
-  of a text over 2000 characters), when the next voice says only the rest; the rest of that
-  utterance stays on the voice that took over;
+  of a text over 2000 characters, the local voice's sentences and clauses), when the next voice
+  says only the rest; the rest of that utterance stays on the voice that took over. The next
+  voice is told what the caller has left to play now (``ahead``, less the time the failure
+  took, plus the audio it yielded), not when the text was first asked for;
 * an engine failing with anything but a :class:`TTSError` (a bug, an engine's own exception, audio
   the converter refuses) is treated as a failure that is not retried;
 * when every engine has failed, the pre-rendered apology is yielded instead (in whole 20 ms
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
 
@@ -70,6 +73,7 @@ APOLOGY_TEXT = "Sorry, I can't speak right now. Please try again later."
 #: a second's silence, rather than the apology, while Deepgram's requests in progress end.
 LAST_VOICE_WAIT = 1.0
 _TIMER_SLACK = 0.05
+_BYTES_PER_SECOND = TWILIO_FORMAT.sample_rate  # (μ-law: a byte a sample)
 
 
 def load_apology() -> bytes:
@@ -185,6 +189,10 @@ class _FallbackProvider:
         if not continuation:
             self._first = 0  # a new utterance tries the preferred voice
         failures: list[TTSError] = []
+        # ``ahead`` was measured when the text was asked for: a voice asked after another failed
+        # is told what the caller has left now (less the time the failures took, plus the audio
+        # they yielded), as the REST voice's wait for a slot and Piper's deadline depend on it.
+        left, at = ahead, time.monotonic()
         for index in range(self._first, len(self._chain)):
             service, provider = self._chain[index]
             last = index == len(self._chain) - 1
@@ -218,9 +226,14 @@ class _FallbackProvider:
             waited = rested > 0
             while True:
                 yielded = False
+                now = time.monotonic()
+                left, at = max(0.0, left - (now - at)), now
+                attempt = self._converted(provider, text, continuation, left)
                 try:
-                    async for chunk in self._converted(provider, text, continuation, ahead):
-                        yielded = True
+                    async for chunk in attempt:
+                        yielded, now = True, time.monotonic()
+                        left = max(0.0, left - (now - at)) + len(chunk) / _BYTES_PER_SECOND
+                        at = now
                         yield chunk
                     if index != self._first:
                         self._first = index
@@ -247,6 +260,11 @@ class _FallbackProvider:
                     if wait is not None:
                         if await _wait_out_rest(service, provider, wait, failures) is None:
                             break  # (another call's 429 made the rest longer meanwhile)
+                finally:
+                    # Closed here when this stream is closed early (at a yield), not left to
+                    # the collector: the voice's own stream ends, and the voice is free for the
+                    # next text, before aclose() returns. (After a failure: already ended.)
+                    await aclose_stream(attempt)
             # The next engine takes over this text and the rest of the utterance.
             self._first = min(index + 1, len(self._chain) - 1)
         causes = "; ".join(str(exc) for exc in failures) or "no engine is healthy"

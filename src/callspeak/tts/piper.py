@@ -46,16 +46,18 @@ __all__ = [
 ]
 
 
-def priority(ahead: float) -> Priority:
+def priority(ahead: float, *, continuing: bool = False) -> Priority:
     """Where a piece of speech goes in the shared synthesis queue (lower runs first).
 
     Two classes, earliest deadline first within each. Speech that continues what a caller is
-    hearing (``ahead`` > 0 seconds of their audio still to play) comes before every caller who is
-    waiting for first words: a call that is speaking must never run dry because others started —
-    under overload it is the new calls' first audio that waits, not the middle of a sentence.
+    hearing (``ahead`` > 0 seconds of their audio still to play, or ``continuing``: a later
+    piece or sentence of speech under way) comes before every caller who is waiting for first
+    words: a call that is speaking must never run dry because others started — under overload it
+    is the new calls' first audio that waits, not the middle of a sentence. A call mid-speech
+    that has already run dry (``ahead`` 0) is the most urgent of all, not sent behind the others.
     """
     now = time.monotonic()
-    if ahead > 0:
+    if ahead > 0 or continuing:
         return (0.0, now + ahead)
     return (1.0, now)
 
@@ -334,14 +336,27 @@ class _PiperProvider:
         if ahead <= 0 and pieces and self._service.cached(pieces[0]) is None:
             pieces[:1] = split_first_clause(pieces[0])
         since = time.monotonic()
-        for piece in pieces:
+        continuing, yielded = continuation, False
+        for index, piece in enumerate(pieces):
             # What the caller has left to hear shrinks while this renders and while the audio
             # yielded waits to be sent: each piece's deadline from now, not from the stream's start.
             now = time.monotonic()
             ahead, since = max(0.0, ahead - (now - since)), now
-            audio = await self._service.synthesize_sentence(piece, priority=priority(ahead))
+            try:
+                audio = await self._service.synthesize_sentence(
+                    piece, priority=priority(ahead, continuing=continuing)
+                )
+            except TTSError as exc:
+                if not yielded:
+                    raise
+                # The pieces yielded were heard whole: a fallback voice says only the rest.
+                raise exc.copy(unspoken=" ".join(pieces[index:])) from exc.__cause__
             if audio:
-                ahead += len(audio) / TWILIO_FORMAT.sample_rate
+                # Left to hear once this audio is ready: what was left when it was asked for,
+                # less the time it took (nothing, if the caller ran dry meanwhile), plus it.
+                now = time.monotonic()
+                ahead = max(0.0, ahead - (now - since)) + len(audio) / TWILIO_FORMAT.sample_rate
+                since, continuing, yielded = now, True, True
                 yield audio
 
     async def clear(self) -> None:
