@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -533,3 +534,66 @@ def test_a_misspelt_setting_is_warned_of_once_with_the_name_it_may_mean(
     )
     assert "WARNING" in warnings[0] and "CALLSPEAK_NOPE" in warnings[1]
     assert "secret-value" not in err
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ws://127.0.0.1:99999/twilio", "ws://[::1/twilio", "ws://127.0.0.1:abc/twilio"],
+)
+def test_dial_refuses_a_url_with_a_bad_port_or_host_in_one_line(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """websockets' parse_uri lets urlsplit's ValueError through for these (not InvalidURI):
+    a traceback."""
+    assert main(["dial", url]) == 2
+    assert "dial takes a ws:// or wss:// URL" in one_line_error(capsys)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_serve_writes_the_log_lines_still_queued_when_sigterm_ends_it() -> None:
+    """uvicorn re-raises SIGTERM once it has shut down, with the handler it found, the default:
+    the process died there, before main()'s flush_logs() or the exit's, and every line still
+    queued for the writer thread — the shutdown's own among them — was lost whenever the log
+    reader was behind. (Ctrl-C was spared: it ends in KeyboardInterrupt, and main flushes.)"""
+    import signal
+
+    import httpx
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "CALLSPEAK_PORT": str(port),
+        "CALLSPEAK_VALIDATE_SIGNATURES": "false",
+        "CALLSPEAK_TTS": "piper",
+    }
+    env.pop("DEEPGRAM_API_KEY", None)
+    proc = subprocess.Popen(
+        [*CALLSPEAK, "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    try:
+        wait_until_listening(proc, port, timeout=30)
+        # Nothing reads stderr yet: past the pipe's 64 KiB the writer thread waits, and the
+        # access lines of these requests queue behind it — a log reader that is behind.
+        requests = 1000
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            for _ in range(requests):
+                assert client.get("/healthz").status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        lines = []
+        for line in proc.stderr:  # the reader catches up now, a line a millisecond
+            lines.append(line)
+            time.sleep(0.001)
+        err = "".join(lines)
+        assert proc.wait(20) == -signal.SIGTERM  # still ended by the signal, as uvicorn has it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stderr.close()
+    assert err.count('"GET /healthz HTTP/1.1" 200') == requests
+    assert "Finished server process" in err.splitlines()[-1]

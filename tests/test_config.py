@@ -266,3 +266,11 @@ def test_unknown_variables_are_found_with_the_setting_they_may_misspell() -> Non
         ("CALLSPEAK_NOT_A_THING", None),
         ("callspeak_loglevel", "CALLSPEAK_LOG_LEVEL"),
     ]
+
+
+def test_a_notice_over_twilios_say_limit_is_refused_at_start_up() -> None:
+    """The notice is Twilio's <Say>: at most 3000 bytes (Polly; 4096 basic). Only
+    max_text_chars (5000 by default) was checked, so /voice served a <Say> Twilio refuses."""
+    Settings(notice="a" * 3000)
+    with pytest.raises(ValidationError, match="3000"):
+        Settings(notice="a" * 3001)

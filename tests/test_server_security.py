@@ -335,3 +335,16 @@ async def test_each_server_rations_its_own_lines_about_bad_handshakes(
         caplog.clear()
         assert (await bad_handshake(two)).startswith(b"HTTP/1.1 400")
     assert "bad WebSocket handshake" in caplog.text
+
+
+async def test_voice_answers_400_not_500_to_a_host_it_cannot_build_a_stream_url_from(
+    serve: Serve,
+) -> None:
+    """With no public URL (signature checks off) /voice guesses the stream URL from Host; a
+    Host that makes no URL is the client's error: it was a 500 and an error-level line."""
+    async with serve(create_app(Settings(validate_signatures=False), tts=FakeService())) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            response = await client.post("/voice", headers={"host": "h.example?x"})
+            assert response.status_code == 400, response.text
+            assert "CALLSPEAK_PUBLIC_URL" in response.text
+            assert (await client.post("/voice", headers={"host": "h.example"})).status_code == 200

@@ -230,3 +230,70 @@ def test_a_url_with_a_tab_or_line_break_is_refused(url: str, callback: str | Non
     other checks; TwiML would then carry a URL Twilio cannot use. It is refused up front."""
     with pytest.raises(TwiMLError, match="line break"):
         connect_stream_twiml(url, status_callback=callback)
+
+
+# -- from a second reading ----------------------------------------------------------------------
+
+
+def test_a_say_over_twilios_say_limit_is_refused_not_written() -> None:
+    """Twilio's <Say> takes at most 3000 bytes with a Polly voice (4096 with the basic ones; a
+    <Say> without voice= speaks with the account's default, which may be Polly): a longer one
+    is refused at call time (warning 13521). It was written into the TwiML."""
+    from callspeak.twiml import MAX_SAY_BYTES
+
+    assert MAX_SAY_BYTES == 3000
+    connect_stream_twiml("wss://h.example/twilio", say="a" * MAX_SAY_BYTES)
+    with pytest.raises(TwiMLError, match="3000"):
+        connect_stream_twiml("wss://h.example/twilio", say="a" * (MAX_SAY_BYTES + 1))
+    with pytest.raises(TwiMLError, match="bytes"):  # counted in UTF-8 bytes, as Twilio does
+        connect_stream_twiml("wss://h.example/twilio", say="é" * (MAX_SAY_BYTES // 2 + 1))
+    # and URL-encoded, at most 4500 characters: "é" is "%C3%A9"
+    connect_stream_twiml("wss://h.example/twilio", say="é" * 750)
+    with pytest.raises(TwiMLError, match="URL-encoded"):
+        connect_stream_twiml("wss://h.example/twilio", say="é" * 751)
+
+
+@pytest.mark.parametrize(
+    ("url", "callback"),
+    [
+        ("wss://h.example:99999/twilio", None),
+        ("wss://h.example:abc/twilio", None),
+        ("wss://h.example:/twilio", None),
+        ("wss://h.example:0/twilio", None),
+        ("wss://user:pw@h.example/twilio", None),
+        ("wss://[::1/twilio", None),
+        ("wss://h.example/twilio", "https://h.example:99999/status"),
+        ("wss://h.example/twilio", "https://user:pw@h.example/status"),
+        ("wss://h.example/twilio", "https://[::1/status"),
+    ],
+)
+def test_a_url_with_a_bad_port_host_or_credentials_is_refused(
+    url: str, callback: str | None
+) -> None:
+    """The public URL is checked for all of these (base_urls.checked_base_url), but a stream
+    URL or callback given as such (`twiml --url`, `--status-callback`) was written into the
+    TwiML with an impossible port or a password, and a broken IPv6 host was urlsplit's bare
+    ValueError: a traceback from `callspeak twiml`."""
+    with pytest.raises(TwiMLError):
+        connect_stream_twiml(url, status_callback=callback)
+
+
+def test_a_status_callback_keeps_its_query_string() -> None:
+    xml = connect_stream_twiml(
+        "wss://h.example:8443/twilio", status_callback="https://h.example:8443/status?c=1&d=2"
+    )
+    stream = ET.fromstring(xml).find("Connect/Stream")
+    assert stream is not None
+    assert stream.get("statusCallback") == "https://h.example:8443/status?c=1&d=2"
+    assert stream.get("url") == "wss://h.example:8443/twilio"
+
+
+@pytest.mark.parametrize("url", ["wss://[::1/twilio", "wss://h.example:99999/twilio"])
+def test_twiml_refuses_a_broken_stream_url_in_one_line(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from callspeak.cli import main
+
+    assert main(["twiml", "--url", url]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("callspeak: stream URL") and err.count("\n") == 1, err

@@ -14,11 +14,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -366,13 +367,39 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(
         settings, hooks=_load_hooks(args.hooks) if args.hooks else None, freeze_heap=True
     )
-    with _VoiceStartGuard(app, settings) as guard:
+    with _VoiceStartGuard(app, settings) as guard, _log_flushed_on_sigterm():
         try:
             uvicorn.run(guard, **uvicorn_options(settings, app))
         except SystemExit:  # uvicorn's exit 3 when the app did not start
             guard.raise_if_failed()
             raise
     return 0
+
+
+@contextlib.contextmanager
+def _log_flushed_on_sigterm() -> Iterator[None]:
+    """While the server runs, SIGTERM writes the log lines still queued before it ends the
+    process. uvicorn shuts down on SIGTERM, then raises it again with the handler it found
+    there — the default, which ended the process at once: before main()'s flush_logs() and
+    the exit's, so the lines queued behind a slow log reader (the shutdown's own among them)
+    were lost. The process still ends by the signal, as supervisors expect."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def flush_then_end(signum: int, frame: object) -> None:
+        flush_logs()
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, flush_then_end)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _VoiceStartGuard:
@@ -624,10 +651,15 @@ def _dial_options(args: argparse.Namespace, url: str) -> Any:
 
 async def _dial(args: argparse.Namespace) -> int:
     from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+    from websockets.uri import parse_uri
 
     from callspeak.audio.wav import WavError
     from callspeak.emulator import dial
 
+    try:
+        parse_uri(args.url)
+    except (InvalidURI, ValueError) as exc:  # urlsplit's own, for "ws://h:99999", "ws://[::1"
+        raise UsageError(f"dial takes a ws:// or wss:// URL: {exc}") from exc
     try:
         options = _dial_options(args, args.url)
     except (OSError, WavError) as exc:

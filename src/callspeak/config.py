@@ -22,7 +22,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from callspeak.base_urls import checked_base_url
-from callspeak.twiml import xml_text_problem
+from callspeak.twiml import say_problem, xml_text_problem
 
 __all__ = [
     "DEFAULT_GREETING",
@@ -290,6 +290,8 @@ class Settings(BaseSettings):
                 )
         if self.notice is not None and (problem := xml_text_problem(self.notice)) is not None:
             raise ValueError(f"notice (spoken by Twilio's <Say>) {problem}")
+        if self.notice is not None and (problem := say_problem(self.notice)) is not None:
+            raise ValueError(f"notice {problem}: shorten it, or make it the greeting")
         return self
 
     def signature_problem(self) -> str | None:

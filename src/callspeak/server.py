@@ -518,6 +518,13 @@ async def _voice(request: Request) -> Response:
         # Twilio reaches us through a TLS tunnel or proxy; without a configured public URL the
         # best guess is the Host it used. Set CALLSPEAK_PUBLIC_URL to make this exact.
         public = f"https://{request.headers.get('host', 'localhost')}"
+        try:
+            stream_url_from_public(public, STREAM_PATH)
+        except TwiMLError as exc:  # the client's Host, not this server, is at fault
+            return PlainTextResponse(
+                f"no stream URL from the Host header ({exc}); set CALLSPEAK_PUBLIC_URL",
+                status_code=400,
+            )
         log.warning(
             "CALLSPEAK_PUBLIC_URL is not set; guessing the stream URL from Host: %s", public
         )

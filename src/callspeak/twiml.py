@@ -11,8 +11,8 @@ https://www.twilio.com/docs/voice/twiml/stream and https://www.twilio.com/docs/v
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
-from urllib.parse import urlsplit
+from typing import Final, Literal
+from urllib.parse import SplitResult, quote_plus, urlsplit
 
 from twilio.twiml.voice_response import Connect, Parameter, Stream, VoiceResponse
 
@@ -20,8 +20,11 @@ from callspeak.base_urls import checked_base_url
 
 __all__ = [
     "MAX_PARAMETER_LENGTH",
+    "MAX_SAY_BYTES",
+    "MAX_SAY_URL_ENCODED",
     "TwiMLError",
     "connect_stream_twiml",
+    "say_problem",
     "stream_url_from_public",
     "webhook_url_from_public",
     "xml_text_problem",
@@ -29,6 +32,14 @@ __all__ = [
 
 MAX_PARAMETER_LENGTH: Final = 500
 """Twilio's limit: a ``<Parameter>``'s name plus value must be shorter than this (characters)."""
+
+MAX_SAY_BYTES: Final = 3000
+"""Twilio's limit on a ``<Say>``'s text, in UTF-8 bytes: 3000 with a Polly voice, 4096 with the
+basic ones (warning 13521 beyond). A ``<Say>`` without ``voice=`` speaks with the account's
+default voice, which the Console may set to Polly: the lower limit is the one that always holds."""
+
+MAX_SAY_URL_ENCODED: Final = 4500
+"""Twilio's other limit on a ``<Say>``'s text: its length URL-encoded (warning 13521)."""
 
 _CALLBACK_METHODS: Final = frozenset({"GET", "POST"})
 
@@ -66,9 +77,11 @@ def connect_stream_twiml(
     ``statusCallbackMethod`` is written only when ``status_callback`` is given.
 
     Raises :class:`TwiMLError` for: a ``stream_url`` that is not ``wss://host/…`` or that has a
-    query string or fragment; an empty parameter name; a parameter whose name and value together are
-    :data:`MAX_PARAMETER_LENGTH` characters or more; a ``status_callback`` that is not an absolute
-    ``http(s)`` URL; a ``status_callback_method`` other than GET or POST.
+    query string or fragment; a URL with a port that is not 1 to 65535 in plain digits, a user
+    name or password, or a malformed host; a ``say`` Twilio's ``<Say>`` cannot take whole
+    (:func:`say_problem`); an empty parameter name; a parameter whose name and value together
+    are :data:`MAX_PARAMETER_LENGTH` characters or more; a ``status_callback`` that is not an
+    absolute ``http(s)`` URL; a ``status_callback_method`` other than GET or POST.
     """
     _check_stream_url(stream_url)
     params = dict(parameters or {})
@@ -83,7 +96,7 @@ def connect_stream_twiml(
             )
 
     if say is not None:
-        _check_xml_text("the <Say> text", say)
+        _check_say(say)
     response = VoiceResponse()
     if say is not None and say.strip():  # an empty or blank one says nothing: no <Say/>
         response.say(say)
@@ -171,26 +184,74 @@ def _check_xml_text(what: str, value: str) -> None:
         raise TwiMLError(f"{what} {problem}")
 
 
+def say_problem(say: str) -> str | None:
+    """Why Twilio's ``<Say>`` cannot speak ``say`` whole, or None: over :data:`MAX_SAY_BYTES`,
+    or over the :data:`MAX_SAY_URL_ENCODED` characters Twilio also counts (URL-encoded: non-ASCII
+    text is three characters a byte there)."""
+    size = len(say.encode())
+    encoded = len(quote_plus(say))
+    if size <= MAX_SAY_BYTES and encoded <= MAX_SAY_URL_ENCODED:
+        return None
+    measure = (
+        f"{size} bytes (UTF-8), over the {MAX_SAY_BYTES}"
+        if size > MAX_SAY_BYTES
+        else f"{encoded} characters URL-encoded, over the {MAX_SAY_URL_ENCODED}"
+    )
+    return f"is {measure} Twilio's <Say> takes (warning 13521)"
+
+
+def _check_say(say: str) -> None:
+    _check_xml_text("the <Say> text", say)
+    problem = say_problem(say)
+    if problem is not None:
+        raise TwiMLError(
+            f"the <Say> text {problem}: shorten it, or have callspeak speak it (the 'say' "
+            "parameter, or the greeting)"
+        )
+
+
 def _check_url_text(what: str, url: str) -> None:
     _check_xml_text(what, url)
     if any(char.isspace() for char in url):
         raise TwiMLError(f"{what} {url!r} holds a space or line break: Twilio cannot use it")
 
 
+def _split(url: str) -> SplitResult | None:
+    """``urlsplit(url)``, or None where it raises ("wss://[::1"): :func:`_check_authority`
+    then says why, naming the URL."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
+def _check_authority(
+    what: str, url: str, schemes: Literal["http(s)", "ws(s)"], example: str
+) -> None:
+    """The host, port and credentials of ``url`` (its query string aside), checked as the
+    public URL's are: a port from 1 to 65535 in plain digits, no user name or password, a host
+    urlsplit can read."""
+    try:
+        checked_base_url(what, url.partition("?")[0], schemes, example)
+    except ValueError as exc:
+        raise TwiMLError(str(exc)) from None
+
+
 def _check_stream_url(url: str) -> None:
     _check_url_text("stream URL", url)
-    parts = urlsplit(url)
-    if parts.scheme != "wss" or not parts.hostname:
-        raise TwiMLError(
-            f"stream URL {url!r} must start with wss:// and name a host: Twilio only opens "
-            "secure WebSockets for <Stream> (build it from the server's https:// public URL)"
-        )
     if "?" in url or "#" in url:
         raise TwiMLError(
             f"stream URL {url!r} has a query string or fragment, which Twilio strips or "
             "refuses; pass per-call data as <Parameter>s instead (`parameters`; --param on the "
             "command line)"
         )
+    parts = _split(url)
+    if parts is not None and (parts.scheme != "wss" or not parts.hostname):
+        raise TwiMLError(
+            f"stream URL {url!r} must start with wss:// and name a host: Twilio only opens "
+            "secure WebSockets for <Stream> (build it from the server's https:// public URL)"
+        )
+    _check_authority("stream URL", url, "ws(s)", "e.g. wss://example.ngrok.app/twilio")
 
 
 def _check_parameter(name: str, value: str) -> None:
@@ -208,11 +269,12 @@ def _check_parameter(name: str, value: str) -> None:
 
 def _check_callback_url(url: str) -> None:
     _check_url_text("status_callback", url)
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    parts = _split(url)
+    if parts is not None and (parts.scheme not in ("https", "http") or not parts.hostname):
         # Read by Python callers and command-line users alike: both names, as for --param.
         raise TwiMLError(
             f"status_callback {url!r} must be an absolute http(s) URL Twilio can reach, e.g. "
             "https://example.ngrok.app/status (`status_callback`; --status-callback on the "
             "command line)"
         )
+    _check_authority("status_callback", url, "http(s)", "e.g. https://example.ngrok.app/status")
