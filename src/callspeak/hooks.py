@@ -117,14 +117,12 @@ class CallHooks:
         lane: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue(maxsize=64)
 
         async def run_lane() -> None:
-            me = asyncio.current_task()
-            assert me is not None
             while True:
                 job = await lane.get()
                 try:
                     await job()
                 except asyncio.CancelledError:
-                    if me.cancelling():  # the call is ending: this lane with it
+                    if _being_cancelled():  # the call is ending: this lane with it
                         raise
                     # The handler's own: it awaited something cancelled (a task, a gather). A
                     # failure of that handler, like any other; the lane goes on.
@@ -161,3 +159,11 @@ class CallHooks:
 
 def _bind(fn: Callable[..., Awaitable[None]], *args: Any) -> Callable[[], Awaitable[None]]:
     return lambda: fn(*args)
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task is being cancelled (not only seeing a CancelledError that
+    something it awaited raised). A function of its own: a task held in a local variable of
+    its own coroutine is a reference cycle, which kept the call's objects for the collector."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
