@@ -31,6 +31,7 @@ from callspeak.testing.fake_deepgram.audio import (
 )
 from callspeak.testing.fake_deepgram.websocket import WebSocketSession
 from callspeak.testing.processes import wait_until_listening
+from callspeak.tts.base import TTSError
 from callspeak.tts.deepgram_rest import DeepgramRestService
 from callspeak.tts.deepgram_ws import DeepgramWebSocketService
 from tests.fakes import SettableClock
@@ -839,3 +840,66 @@ def test_the_command_line_wants_a_key_with_a_certificate(
         fake_deepgram_main(["--port", "1", "--certfile", "cert.pem"])
     assert exit_info.value.code == 2
     assert "--certfile and --keyfile go together" in capsys.readouterr().err
+
+
+async def test_ws_close_1006_drops_the_connection_without_a_close_frame(
+    base: str, fake: FakeDeepgram
+) -> None:
+    """1006 is what a client sees when the socket dies without a close frame (the reference's
+    "sockets can close abruptly"): the fake drops the TCP connection. Before, the fake tried to
+    send a 1006 close frame, which websockets refuses; the writer swallowed the error and the
+    socket stayed open, silent: the test measured a stall instead."""
+    fake.ws_close_after(500, 1006)
+    ws = await ws_connect(base)
+    await ws.recv()
+    await send(ws, "Speak", text="Hello there.")
+    await send(ws, "Flush")
+    audio, closed = await audio_until_closed(ws)
+    assert len(audio) == 500
+    assert closed.rcvd is None  # no close frame: the connection was dropped
+
+
+@pytest.mark.parametrize(("code", "reason"), [(1005, ""), (999, ""), (5000, ""), (1011, "x" * 124)])
+def test_a_close_no_server_can_send_is_refused_when_injected(code: int, reason: str) -> None:
+    """Codes a close frame may not carry (1005, 1015, out of range) and reasons over 123 bytes
+    are refused at once, rather than becoming a silent stall mid-test."""
+    fake = FakeDeepgram()
+    with pytest.raises(ValueError):
+        fake.ws_close_after(0, code, reason)
+    with pytest.raises(ValueError):
+        fake.ws_close_after_flushed(code, reason)
+
+
+async def test_rest_stall_never_ends_as_a_complete_answer() -> None:
+    """A stall that outlasts ``stall_limit`` ends with the connection dropped, not with the
+    chunked body's last chunk: the client must not take the truncated audio for a whole answer."""
+    fake = FakeDeepgram(first_byte_delay=0.0, stall_limit=0.3)
+    fake.stall_after(1000)
+    async with serve_asgi(fake.app) as base, httpx.AsyncClient(base_url=base, timeout=5) as c:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await c.post("/v1/speak", params=PHONE, headers=AUTH, json={"text": "Hello there."})
+
+
+async def test_callspeak_retries_a_socket_dropped_mid_utterance(
+    base: str, fake: FakeDeepgram
+) -> None:
+    """callspeak's own handling of 1006 (deepgram_ws: "Its own trouble (1011 NET-…, 1006, 1001)
+    is worth the one retry"), which the fake could not produce before."""
+    fake.ws_close_after(480, 1006)
+    service = DeepgramWebSocketService(
+        "test-key", ws_url=base.replace("http", "ws"), model="aura-2-thalia-en"
+    )
+    provider = service.open()
+    received = 0
+    with pytest.raises(TTSError, match="1006") as info:
+        async with asyncio.timeout(5):
+            async for chunk in provider.stream("Hello there."):
+                received += len(chunk)
+    assert received == 480 and info.value.retryable and info.value.code == "1006"
+    again = bytearray()
+    async with asyncio.timeout(5):
+        async for chunk in provider.stream("Again."):
+            again += chunk
+    assert bytes(again) == fake.audio_for("Again.")
+    await provider.aclose()
+    await service.aclose()

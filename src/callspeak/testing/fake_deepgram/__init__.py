@@ -51,6 +51,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from websockets.exceptions import ProtocolError
+from websockets.frames import Close, Frame, Opcode
 
 from callspeak.testing.fake_deepgram.audio import RAW_CONTENT_TYPES, SECONDS_PER_CHAR, synthesize
 from callspeak.testing.fake_deepgram.faults import Fault, take
@@ -62,7 +64,7 @@ from callspeak.testing.fake_deepgram.validation import (
     audio_params,
     check_auth_and_model,
 )
-from callspeak.testing.fake_deepgram.websocket import Peer, WebSocketSession
+from callspeak.testing.fake_deepgram.websocket import ABRUPT_CLOSE, Peer, WebSocketSession
 
 log = logging.getLogger("callspeak.testing.fake_deepgram")
 
@@ -242,13 +244,20 @@ class FakeDeepgram:
     def ws_close_after(
         self, n_bytes: int, code: int = 1011, reason: str = "", *, count: int | None = 1
     ) -> None:
-        """During the next flushes, close the socket with ``code``/``reason`` after ``n_bytes``."""
+        """During the next flushes, close the socket with ``code``/``reason`` after ``n_bytes``.
+
+        ``code`` 1006 drops the TCP connection without a close frame (an abrupt close: what a
+        client then reports as 1006); a close no server may send (1005, 1015, a code out of
+        range, a reason over 123 bytes) raises ``ValueError`` here."""
+        _check_close(code, reason)
         self._faults.append(Fault("ws_close", count, n_bytes=n_bytes, code=code, reason=reason))
 
     def ws_close_after_flushed(
         self, code: int = 1000, reason: str = "", *, count: int | None = 1
     ) -> None:
-        """After the next ``Flushed``, close the socket (a server-side close between utterances)."""
+        """After the next ``Flushed``, close the socket (a server-side close between utterances;
+        ``code`` as for :meth:`ws_close_after`)."""
+        _check_close(code, reason)
         self._faults.append(Fault("ws_close_flushed", count, code=code, reason=reason))
 
     def ws_stall(self, n_bytes: int = 0, *, count: int | None = 1) -> None:
@@ -433,6 +442,18 @@ class FakeDeepgram:
             # The session may end with the socket still open (e.g. a Close whose audio outlasted
             # stall_limit): close it, as an ASGI server closes a socket its handler left.
             await peer.close(code, reason)
+
+
+def _check_close(code: int, reason: str) -> None:
+    """``ValueError`` unless a server can end a socket so: 1006 (dropped), or a close frame."""
+    if code == ABRUPT_CLOSE:
+        if reason:
+            raise ValueError("a dropped connection (1006) carries no reason")
+        return
+    try:
+        Frame(Opcode.CLOSE, Close(code, reason).serialize()).check()
+    except ProtocolError as exc:
+        raise ValueError(f"no server can close with {code} {reason!r:.40}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

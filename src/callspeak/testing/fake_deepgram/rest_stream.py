@@ -3,8 +3,9 @@
 Contract: the body is ``audio`` sent in ``fake.chunk_size`` pieces after ``fake.first_byte_delay``
 (paced at ``fake.bytes_per_second`` when set), without a ``content-length``. A ``stall`` fault sends
 ``n_bytes`` and then holds the connection open until the client leaves (at most
-``fake.stall_limit``); a ``cut`` fault sends ``n_bytes`` and drops the connection. Sending stops
-as soon as the client disconnects. ``fake.first_bytes[text]`` records when headers went out.
+``fake.stall_limit``, then drops it); a ``cut`` fault sends ``n_bytes`` and drops the connection.
+Sending stops as soon as the client disconnects. ``fake.first_bytes[text]`` records when headers
+went out.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class AudioStream(Response):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(fake.stall_limit):
                     await gone.wait()
-        if fault is None or fault.kind == "stall":
+        if fault is None:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        # a "cut" returns with the body incomplete: the server drops the connection
+        # A "cut" — and a "stall" past stall_limit — returns with the body incomplete: the server
+        # drops the connection. (Ending the body would pass the audio so far off as the whole.)

@@ -166,6 +166,16 @@ class SpeakSocket(asyncio.Protocol):
             self._flush()
         self._end_input()
 
+    def abort(self) -> None:
+        """Drop the TCP connection now, without a close frame (the client sees 1006)."""
+        if self._transport is not None and not self._lost:
+            self._transport.abort()
+        # Gone from now on (connection_lost follows): nothing more is written to it (uvloop
+        # raises on a closed handle), and senders waiting for it to drain are woken.
+        self._lost = True
+        self._end_input()
+        self._resume_senders()
+
     # -- inside ---------------------------------------------------------------------------
 
     def _upgrade(self, request: Request) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -26,7 +27,12 @@ from callspeak.testing.fake_deepgram.validation import MAX_CHARS
 if TYPE_CHECKING:
     from callspeak.testing.fake_deepgram import FakeDeepgram
 
-__all__ = ["Peer", "WebSocketSession"]
+__all__ = ["ABRUPT_CLOSE", "Peer", "WebSocketSession"]
+
+log = logging.getLogger("callspeak.testing.fake_deepgram")
+
+#: The close code of a ``ws_close`` fault that drops the connection without a close frame.
+ABRUPT_CLOSE = 1006
 
 
 class Peer(Protocol):
@@ -43,6 +49,9 @@ class Peer(Protocol):
         """Raises ``ConnectionError`` once the socket is closing or gone."""
 
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+    def abort(self) -> None:
+        """Drop the connection at once, without a close frame."""
 
 
 def _json(message: dict[str, Any]) -> str:
@@ -149,8 +158,12 @@ class WebSocketSession:
                 elif op == "close":
                     await self.ws.close(*arg)
                     return
-        except Exception:  # the client went away mid-send: nothing left to do
+        except ConnectionError:  # the client went away mid-send: nothing left to do
             return
+        except Exception:  # a bug in the fake: say so, and do not leave the client waiting
+            log.exception("the fake Deepgram's WebSocket writer failed")
+            with contextlib.suppress(Exception):
+                await self.ws.close(1011, "internal error")
 
     async def _stall(self) -> None:
         """Send nothing more until a Clear or a close wakes this socket (or ``stall_limit``)."""
@@ -197,11 +210,18 @@ class WebSocketSession:
             await self._stall()
             return True
         if fault is not None and closing:
-            await self.ws.close(fault.code, fault.reason)
+            await self._close(fault)
             return False
         await self.ws.send_text(_json({"type": "Flushed", "sequence_id": self.flushed_seq}))
         self.flushed_seq += 1
         if fault is not None and fault.kind == "ws_close_flushed":
-            await self.ws.close(fault.code, fault.reason)
+            await self._close(fault)
             return False
         return True
+
+    async def _close(self, fault: Fault) -> None:
+        """End the socket as a ``ws_close*`` fault asks: a close frame, or (1006) none at all."""
+        if fault.code == ABRUPT_CLOSE:
+            self.ws.abort()
+        else:
+            await self.ws.close(fault.code, fault.reason)
