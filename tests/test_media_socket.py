@@ -924,3 +924,89 @@ async def test_empty_continuation_frames_take_no_memory() -> None:
     assert got == ["xy"]
     assert grown < 4096, grown  # a list of 20,000 empty pieces held 160 kB
     await wired.finish()
+
+
+@pytest.fixture
+async def patient_server() -> AsyncIterator[RunningServer]:
+    """As ``server``, but a call is not ended for its silence within the test's time."""
+    app = create_app(Settings(validate_signatures=False, idle_timeout=30), tts=FakeService())
+    options = serving_options(app, ws=uvicorn_ws_protocol(app, close_timeout=0.3))
+    async with serve_asgi(app, **options) as url:
+        yield RunningServer(url, app)
+
+
+async def _open_call(server: RunningServer) -> tuple[socket.socket, ClientProtocol]:
+    """A call opened on a raw socket with a small receive buffer, by websockets' client
+    protocol: connected and start sent, the 101 read."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    loop = asyncio.get_running_loop()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.setblocking(False)
+    await loop.sock_connect(raw, (host, int(port)))
+    client = ClientProtocol(parse_uri(server.ws_url))
+    client.send_request(client.connect())
+    await loop.sock_sendall(raw, b"".join(client.data_to_send()))
+    events: list[Any] = []
+    while not events:
+        client.receive_data(await loop.sock_recv(raw, 65536))
+        events = client.events_received()
+    assert events[0].status_code == 101
+    client.send_text(Connected("Call", "1.0.0").to_json().encode())
+    client.send_text(start_message().encode())
+    await loop.sock_sendall(raw, b"".join(client.data_to_send()))
+    return raw, client
+
+
+async def test_a_peer_that_half_closes_without_reading_is_still_dropped(
+    patient_server: RunningServer,
+) -> None:
+    """The peer stops reading, then sends a FIN (no close frame) while some of our output is
+    still in the transport's buffer: the transport's close() waits for a drain that never
+    comes, unless something aborts it."""
+    loop = asyncio.get_running_loop()
+    raw, client = await _open_call(patient_server)
+    session = await asyncio.wait_for(patient_server.state.calls.wait_for(), 5)
+    media = session.transport
+    assert isinstance(media, MediaSocket)
+    transport = media._transport
+    assert transport is not None
+    try:
+        # Pings the server answers with pongs we never read, until some of them wait in the
+        # transport's own buffer (the kernel's are full) but writing is not paused yet.
+        for _ in range(100_000):
+            if transport.get_write_buffer_size() > 0 and not media._write_paused:
+                break
+            client.send_ping(b"x" * 125)
+            await loop.sock_sendall(raw, b"".join(client.data_to_send()))
+            await asyncio.sleep(0)
+        else:
+            pytest.fail("the transport's buffer never filled")
+        raw.shutdown(socket.SHUT_WR)  # a FIN, no close frame
+        await until(lambda: patient_server.state.calls.connections == 0)  # the call ended
+        await asyncio.sleep(2)  # close_timeout is 0.3 s
+        assert media._lost, "the connection is still open 2 s after the peer's FIN"
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("extra", [b"Transfer-Encoding: chunked\r\n", b"Content-Length: 3\r\n"])
+async def test_an_upgrade_websockets_cannot_read_gets_400_as_on_the_asgi_path(
+    server: RunningServer, extra: bytes
+) -> None:
+    """A request httptools accepts but websockets cannot read (a body): the native path gave
+    only a half-close, no status and no log line."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"GET /twilio HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        + extra
+        + b"\r\n"
+    )
+    try:
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert server.state.calls.connections == 0

@@ -502,3 +502,15 @@ async def test_a_stream_ending_does_not_unregister_a_newer_one_of_the_same_call(
     assert registry.get("CA1") is new and len(registry) == 1
     registry.discard(new)
     assert registry.get("CA1") is None and len(registry) == 0
+
+
+async def test_a_request_head_over_64_kib_is_refused_with_431(serve: Serve) -> None:
+    """httptools bounds neither a head's size nor its reads (h11's default is 16 KiB), and a
+    header value grown across reads was copied whole at each: one client sending an endless
+    header held the loop that paces every call's audio, and memory, for as long as it liked."""
+    head = [b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ", *[b"a" * 16384] * 16]
+    async with serve(create_app(local(), tts=FakeService())) as url:
+        answer, seconds = await answer_to(url, head, 0.02)
+    # Closed while our bytes kept arriving, the connection may be reset before the 431 is read.
+    assert answer is None or answer.startswith(b"HTTP/1.1 431 ")
+    assert seconds < 2  # (without a bound: no answer until the test's 5 s timeout)

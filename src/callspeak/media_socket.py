@@ -175,6 +175,10 @@ class MediaSocket(asyncio.Protocol):
         self._flush()
         self._end_input()
         self._wake()
+        # The transport closes itself once it has written what it holds; a peer that sent its
+        # FIN but reads nothing (a zero window) would keep that wait, and the socket, for good.
+        if self._close_timer is None and not self._lost:
+            self._close_timer = self._loop.call_later(self._close_timeout, self._abort)
         return None  # let the transport close itself
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -332,11 +336,32 @@ class MediaSocket(asyncio.Protocol):
                 self._keep(data, 1)
             return
         self._to_websockets(data[: end + 4])
+        if self._conn.handshake_exc is not None:
+            self._answer_unreadable()
         rest = data[end + 4 :]
         if rest and self._conn.state is State.OPEN:
             self._read_frames(rest)
         elif rest:
             self._to_websockets(rest)
+
+    def _answer_unreadable(self) -> None:
+        """A request websockets could not read (a body, ``Transfer-Encoding``, a non-ASCII
+        target…) gets only its EOF from websockets: answer 400 ahead of it, as uvicorn's
+        protocol does on every other WebSocket path."""
+        writes = self._conn.data_to_send()
+        if writes and not any(writes):  # the EOF alone: no response was made
+            self._refusals_logged.warning(
+                log,
+                "bad handshake",
+                "refused media stream from %s: unreadable upgrade request (%s)",
+                self.client,
+                exc.__cause__ or exc if (exc := self._conn.handshake_exc) else None,
+            )
+            response = self._conn.reject(
+                400, "Failed to open a WebSocket connection: invalid request.\n"
+            )
+            writes = [self._with_defaults(response).serialize(), *writes]
+        self._flush(writes)
 
     def _read_frames(self, data: bytes) -> None:
         """Whole masked text and binary frames are unmasked here; every other frame is handed to
@@ -431,16 +456,18 @@ class MediaSocket(asyncio.Protocol):
             if not self._write_paused:  # else already paused for that
                 self._transport.pause_reading()
 
-    def _flush(self) -> None:
+    def _flush(self, writes: list[bytes] | None = None) -> None:
+        """Write what websockets has to send (or ``writes``, taken from it already)."""
+        if writes is None:
+            writes = self._conn.data_to_send()
         transport = self._transport
         if transport is None or self._lost:
-            self._conn.data_to_send()  # nowhere to write it (uvloop raises on a closed handle)
-            return
+            return  # nowhere to write it (uvloop raises on a closed handle)
         # What is ready goes out in one write: frames written one by one may reach the peer
         # apart (see CallSession._send_audio). (A single frame, the steady state, is not
         # copied: joining one bytes object returns it.)
         ready: list[bytes] = []
-        for data in self._conn.data_to_send():
+        for data in writes:
             if data:
                 ready.append(data)
                 continue

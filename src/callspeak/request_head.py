@@ -24,12 +24,15 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["HEAD_SECONDS", "BoundedHeadProtocol"]
+__all__ = ["HEAD_SECONDS", "MAX_HEAD_BYTES", "BoundedHeadProtocol"]
 
 log = logging.getLogger("callspeak.server")
 
 #: Seconds a connection has to send a whole request head (request line and headers).
 HEAD_SECONDS = 10.0
+#: Bytes a request head may take after the read it began in (httptools sets no bound; h11's is
+#: 16 KiB). Twilio's heads are a few kB.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
@@ -40,6 +43,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     _head_timer: asyncio.TimerHandle | None = None
     #: Part of a request head has arrived (the parser began a message) and not all of it.
     _in_head = False
+    #: Bytes read since the read the current head began in.
+    _head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -50,7 +55,20 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        continued = self._in_head  # a head begun in an earlier read
         super().data_received(data)  # (cancels uvicorn's keep-alive timer, whatever the bytes)
+        if continued and self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                log.debug("closed a connection from %s: request head too large", self.client)
+                if self.cycle is None or self.cycle.response_complete:
+                    self._refuse(
+                        b"431 Request Header Fields Too Large",
+                        f"request head over {MAX_HEAD_BYTES} bytes",
+                    )
+                else:  # (a head pipelined behind an answer still being written: no 431 into it)
+                    self.transport.close()
+                return
         # Bytes that begin no request (CRLF between requests) leave neither timer armed.
         if (
             self._head_timer is None
@@ -70,6 +88,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._head_bytes = 0
         idle = self.cycle is None or self.cycle.response_complete
         if self._head_timer is None and idle:  # a later request: its head's time starts now
             self._arm_head_timer()
@@ -99,18 +118,27 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
-        if self._in_head:
-            message = f"request head not received within {HEAD_SECONDS:g} s".encode()
-            self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\n"
-                b"content-type: text/plain; charset=utf-8\r\n"
-                b"connection: close\r\n"
-                b"content-length: %d\r\n\r\n%s" % (len(message), message)
-            )
         log.debug(
             "closed a connection from %s: %s within %g s",
             f"{self.client[0]}:{self.client[1]}" if self.client else "?",
             "request head not complete" if self._in_head else "no request",
             HEAD_SECONDS,
+        )
+        if self._in_head:
+            self._refuse(
+                b"408 Request Timeout", f"request head not received within {HEAD_SECONDS:g} s"
+            )
+        else:
+            self.transport.close()
+
+    def _refuse(self, status: bytes, text: str) -> None:
+        """Answer ``status`` with ``text`` and close the connection."""
+        self._cancel_head_timer()
+        message = text.encode()
+        self.transport.write(
+            b"HTTP/1.1 %s\r\n"
+            b"content-type: text/plain; charset=utf-8\r\n"
+            b"connection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (status, len(message), message)
         )
         self.transport.close()
