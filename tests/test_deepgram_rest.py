@@ -901,3 +901,27 @@ async def test_a_request_cut_by_the_service_closing_is_not_sent_again() -> None:
         await provider.aclose()
         listener.close()
         await listener.wait_closed()
+
+
+async def test_an_answer_with_a_wav_header_it_cannot_read_fails_as_a_tts_error(
+    service: DeepgramRestService, fake: FakeDeepgram
+) -> None:
+    """A header of audio the stripper refuses outright (A-law here, stereo, 8-bit PCM…) is the
+    same case as other audio than asked: a TTSError that is not retryable — not a bare
+    ValueError — and after parts already heard, the fallback voice is told only the rest."""
+    fake.answer_in_wav("alaw", 8000)
+    with pytest.raises(TTSError, match="WAV") as info:
+        await collect(service.open().stream("Hi."))
+    assert not info.value.retryable
+
+    text = " ".join(f"This is sentence {i}." for i in range(250))  # three requests
+    fake.requests.clear()
+    provider = service.open()
+    injected = False
+    with pytest.raises(TTSError) as info:
+        async for _ in provider.stream(text):
+            if not injected:
+                fake.answer_in_wav("alaw", 8000)  # the second part's answer
+                injected = True
+    parts = chunk_text(text)
+    assert info.value.unspoken == " ".join(parts[1:])  # the first was heard whole

@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.frames import Close
 from websockets.http11 import Response
 
+from callspeak.testing.asgi_server import serve_asgi
 from callspeak.testing.fake_deepgram import FakeDeepgram
 from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService, worth_trying
 from callspeak.tts.deepgram_ws import (
@@ -1228,3 +1230,96 @@ async def test_calls_refused_while_retrying_each_raise_their_own_copy_of_the_ref
     assert len({id(error) for error in raised}) == 5
     assert all(error is not kept and error.status == 401 for error in raised)
     await svc.aclose()
+
+
+async def test_wss_sockets_share_one_tls_context_rather_than_load_the_ca_store_each(
+    self_signed: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real Deepgram is wss. A TLS context loads the whole CA store (~145 certificates: tens of
+    milliseconds of CPU with OpenSSL 3, on the event loop): made once for the service, not by
+    the loop for every socket (``ssl=True``), which blocked the loop for every call arriving."""
+    cert, key = self_signed
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    fake = FakeDeepgram(first_byte_delay=0.0)
+    opened: list[ClientConnection] = []
+
+    async def recording(url: str, **kwargs: Any) -> ClientConnection:
+        ws = await connect(url, **kwargs)
+        opened.append(ws)
+        return ws
+
+    async with serve_asgi(
+        fake.app, ws=fake.ws_protocol, ssl_certfile=str(cert), ssl_keyfile=str(key)
+    ) as base:
+        service = make(base.replace("https://", "wss://"), connect=recording)
+        providers = [service.open() for _ in range(3)]
+        for provider in providers:
+            assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")
+        contexts = {id(ws.transport.get_extra_info("sslcontext")) for ws in opened}
+        assert len(opened) == 3 and len(contexts) == 1  # one context, not one per socket
+        await service.aclose()
+
+
+@pytest.mark.parametrize("resting", [False, True])
+async def test_a_clear_while_the_next_stream_waits_for_cleared_keeps_the_socket(
+    ws_url: str, fake: FakeDeepgram, resting: bool
+) -> None:
+    """A second barge-in while the next stream still drops the first one's audio (waiting for
+    its ``Cleared``): that stream ends quietly, as clear() ends any stream, and the socket —
+    healthy, its Cleared on the way — is kept; it is not replaced (nor, while no socket may be
+    opened, lost with a TTSError)."""
+    fake.chunk_size, fake.bytes_per_second = 4000, 8000  # a Cleared comes up to 0.5 s late
+    service = make(ws_url)
+    provider = service.open()
+    stream = provider.stream(LONG)
+    assert await anext(stream)
+    await provider.clear()  # the first barge-in: a Clear, its Cleared pending
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+    nxt = asyncio.ensure_future(collect(provider.stream("Next.")))
+    await asyncio.sleep(0.1)  # the next stream waits for the Cleared (up to 0.5 s away)
+    assert not nxt.done()
+    if resting:
+        service.too_many_requests.refused(5.0)  # another call's 429: no socket may be opened
+    await provider.clear()  # the second barge-in
+    assert await nxt == b""  # ended quietly
+    assert fake.ws_connections == 1  # the same socket
+    fake.bytes_per_second = None
+    if not resting:
+        assert await collect(provider.stream("After.")) == fake.audio_for("After.")
+    await provider.aclose()
+
+
+async def test_a_call_ending_while_its_socket_opens_keeps_its_slot_until_that_socket_is_gone(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """A call hangs up while its first socket is still opening (its handshake on the way to
+    Deepgram): the slot of CALLSPEAK_DEEPGRAM_MAX_CONCURRENT stays that socket's until it is
+    closed, so another call cannot open one meanwhile and have Deepgram count one too many —
+    a 429, which rests the voice for every call."""
+    fake.max_concurrent = 1
+    dials = 0
+
+    async def slow_first(url: str, **kwargs: Any) -> ClientConnection:
+        nonlocal dials
+        dials += 1
+        if dials == 1:
+            await asyncio.sleep(0.3)  # this handshake reaches Deepgram late (DNS, TCP, TLS…)
+        return await connect(url, **kwargs)
+
+    service = make(ws_url, connect=slow_first, max_concurrent=1)
+    first, second = service.open(), service.open()
+    opening = asyncio.ensure_future(collect(first.stream("Hello.")))
+    await until(lambda: dials == 1)
+    await first.aclose()  # the caller hung up, its handshake still on the way
+    with pytest.raises(TTSError) as raised:  # another call asks meanwhile: no slot yet
+        await collect(second.stream("Hi."))
+    assert raised.value.code == "CONCURRENCY_LIMIT"  # (its next voice speaks), not a 429
+    with contextlib.suppress(TTSError):
+        await opening  # the first socket opened, and was closed
+    assert await collect(second.stream("Hi.")) == fake.audio_for("Hi.")  # the slot is free
+    assert all(r.status != 429 for r in fake.requests), [r.status for r in fake.requests]
+    assert not service.too_many_requests.resting()
+    await second.aclose()
+    assert service.slots.in_use == 0

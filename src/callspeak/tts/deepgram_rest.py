@@ -63,7 +63,7 @@ from aiohttp.connector import Connection
 from yarl import URL
 
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
-from callspeak.audio.wav import WavHeaderStripper
+from callspeak.audio.wav import WavError, WavHeaderStripper
 from callspeak.tasks import start_task, wait_cancelled
 from callspeak.tts.base import CONCURRENCY_LIMIT, TTSAuthError, TTSError
 from callspeak.tts.deepgram_errors import parse_error
@@ -315,7 +315,12 @@ class DeepgramRestProvider:
                 )
                 async with contextlib.aclosing(answer) as audio_chunks:
                     async for audio in audio_chunks:
-                        payload = header.push(audio)  # raw audio (always, in practice): as is
+                        try:
+                            payload = header.push(audio)  # raw audio (always, in practice)
+                        except WavError as exc:  # a header of audio it cannot take
+                            raise TTSError(
+                                _NAME, f"answered part {index + 1} with {exc}", retryable=False
+                            ) from None
                         info = header.info
                         if info is not None and not info.format.is_twilio_native:
                             raise TTSError(

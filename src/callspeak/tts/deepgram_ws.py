@@ -62,11 +62,13 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
   before the next utterance, never during one, nor during a 429's rest.
 * With ``max_concurrent`` (Deepgram's limit of streaming sockets per project), a call holds one
   of the service's :attr:`~DeepgramWebSocketService.slots` from opening its socket until the
-  socket is dropped, the provider closed (a close cut short included), or — while the call is
-  idle — the socket found closed by Deepgram or the network. A call that finds every slot taken
-  opens none: ``at_capacity()`` tells a fallback chain to skip the voice for it, quietly (one
-  warning a minute in all), and a connect raises a :class:`TTSError` that is not retryable
-  (``code="CONCURRENCY_LIMIT"``). It does not wait: a socket lasts as long as its call.
+  socket is dropped, the provider closed (a close cut short included; while its stream's own
+  connect is under way, until that connect has ended, closing the socket it opened), or —
+  while the call is idle — the socket found closed by Deepgram or the network. A call that
+  finds every slot taken opens none: ``at_capacity()`` tells a fallback chain to skip the voice
+  for it, quietly (one warning a minute in all), and a connect raises a :class:`TTSError` that
+  is not retryable (``code="CONCURRENCY_LIMIT"``). It does not wait: a socket lasts as long as
+  its call.
 
 Thin client on ``websockets`` rather than ``deepgram-sdk``: four messages do not justify an SDK
 whose async socket layer is built on the deprecated ``websockets.legacy``.
@@ -80,6 +82,7 @@ import functools
 import json
 import logging
 import random
+import ssl
 import time
 import weakref
 from collections import deque
@@ -193,6 +196,10 @@ class DeepgramWebSocketService:
         #: ~40 % of opening a socket's CPU when 200 calls arrived together.
         self.uri = uri = parse_uri(self.url)
         self.proxy: str | None = get_proxy(uri)
+        #: The TLS context of every ``wss://`` socket, made once: given ``ssl=True``, asyncio
+        #: makes a context per connection, loading the whole CA store each time (tens of ms of
+        #: the event loop's CPU with OpenSSL 3, for every call's socket).
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if uri.secure else None
         #: The URL's host looked up once for the sockets opened within a few seconds, rather than
         #: by websockets on every connect (None: a proxy resolves it, or it is an IP address).
         self.resolved_host: ResolvedHost | None = None
@@ -292,6 +299,7 @@ class DeepgramWebSocketProvider:
         self._closed = False
         self._warming: asyncio.Task[ClientConnection] | None = None  # warm_up()'s connect
         self._slot = False  # holds one of the service's slots (a socket open or opening)
+        self._connecting = False  # a _connect() is under way (it gives the slot back if it fails)
         self._on_open: list[str] = []  # an utterance's messages, for the socket being opened
         self._sent_on_open: ClientConnection | None = None  # the socket that wrote them
         # The same, kept for _connect when the stream has ended: it counts what was written
@@ -406,7 +414,11 @@ class DeepgramWebSocketProvider:
                 ws.transport.abort()
             raise
         finally:
-            self._give_slot_back()  # (a later aclose() returns at once: now or never)
+            # (a later aclose() returns at once: now or never) — unless a stream's own connect
+            # is under way: its socket may yet reach Deepgram, and be counted there, before that
+            # connect ends (closing it); the connect gives the slot back then.
+            if not self._connecting:
+                self._give_slot_back()
 
     # -- helpers -------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -506,12 +518,15 @@ class DeepgramWebSocketProvider:
         # next is an interval on).
         self._raise_if_resting()
         self._take_slot()
+        self._connecting = True
         try:
             return await self._attempts()
         except BaseException:
             if self._ws is None:  # no socket after all: the slot is free for another call
                 self._give_slot_back()
             raise
+        finally:
+            self._connecting = False
 
     async def _attempts(self) -> ClientConnection:
         svc = self._svc
@@ -522,6 +537,7 @@ class DeepgramWebSocketProvider:
             self._check_open()
             if attempt:
                 await svc.sleep(svc.backoff * 2 ** (attempt - 1) * (0.5 + svc.jitter()))
+                self._check_open()  # closed as it waited: no socket to open
                 self._raise_if_resting()  # another call's handshake was refused meanwhile
             try:
                 ws = await self._dial(
@@ -530,6 +546,7 @@ class DeepgramWebSocketProvider:
                     # The payload is audio, which deflate cannot shrink: compression would only
                     # cost CPU on both ends (measured: ~2 % of the server at 200 calls).
                     compression=None,
+                    **({} if svc.ssl is None else {"ssl": svc.ssl}),
                     # websockets types this as a class, and documents a wrapper as fine too.
                     create_connection=cast(
                         type[ClientConnection],
@@ -560,7 +577,13 @@ class DeepgramWebSocketProvider:
                 raise TTSError(_NAME, f"cannot connect: {exc}", retryable=False) from None
             else:
                 if self._closed:  # closed while connecting: this socket is nobody's
-                    ws.transport.abort()
+                    # Closed with a close handshake, not aborted: Deepgram counted it open,
+                    # and its slot is given back (by _connect) once Deepgram has seen it close.
+                    try:
+                        await self._shut(ws)
+                    except BaseException:
+                        ws.transport.abort()  # cut short: not left open, unowned
+                        raise
                     raise TTSError(_NAME, "provider closed while connecting", retryable=False)
                 svc.mark_accepted()
                 self._ws, self._opened_at, self.request_id = ws, svc.clock(), None
@@ -661,8 +684,12 @@ class DeepgramWebSocketProvider:
         while self._pending_clears:
             try:
                 message = await self._recv(ws, when)
-            except (TimeoutError, ConnectionClosed):
+            except (TimeoutError, ConnectionClosed) as exc:
                 self._check_open()
+                if self._interrupted and isinstance(exc, TimeoutError):
+                    # clear() ended this stream as it waited: the socket is fine, its Cleared
+                    # on the way; the next stream waits for it.
+                    return ws
                 logger.warning("deepgram-ws: no Cleared in time; replacing the socket")
                 await self._drop()
                 return await self._connected()
