@@ -52,13 +52,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import aiohttp
-import certifi
 from aiohttp.connector import Connection
 from yarl import URL
 
@@ -70,6 +67,7 @@ from callspeak.tts.deepgram_errors import parse_error
 from callspeak.tts.refused_key import RefusedKey
 from callspeak.tts.request_slots import SLOT_WAIT, RequestSlots, slot_wait
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text, has_words
+from callspeak.tts.tls import client_tls_context
 from callspeak.tts.too_many_requests import TooManyRequests, note_refusal
 
 __all__ = ["DeepgramRestProvider", "DeepgramRestService"]
@@ -78,17 +76,6 @@ _NAME = "deepgram"
 logger = logging.getLogger(__name__)
 _ERROR_BODY_LIMIT = 64 * 1024
 _KEEPALIVE_SECONDS = 30.0
-
-
-def _tls_context() -> ssl.SSLContext:
-    """Whom the client trusts: the CAs in ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set, else
-    certifi's bundle (aiohttp alone would use the system store). Read when a service makes its
-    session, once per process in practice (loading a bundle takes milliseconds)."""
-    if cafile := os.environ.get("SSL_CERT_FILE"):
-        return ssl.create_default_context(cafile=cafile)
-    if capath := os.environ.get("SSL_CERT_DIR"):
-        return ssl.create_default_context(capath=capath)
-    return ssl.create_default_context(cafile=certifi.where())
 
 
 class DeepgramRestService:
@@ -206,7 +193,7 @@ class DeepgramRestService:
                 limit=self.max_connections,
                 limit_per_host=0,  # one host: ``limit`` is the bound
                 keepalive_timeout=self.keepalive,
-                ssl=_tls_context() if self.base_url.startswith("https:") else True,
+                ssl=client_tls_context() if self.base_url.startswith("https:") else True,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,

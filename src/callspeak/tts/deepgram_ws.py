@@ -110,6 +110,7 @@ from callspeak.tts.resolved_host import (
     needs_lookup,
 )
 from callspeak.tts.sentences import DEFAULT_CHUNK_LIMIT, chunk_text, has_words
+from callspeak.tts.tls import client_tls_context
 from callspeak.tts.too_many_requests import TooManyRequests, note_refusal
 from callspeak.tts.ws_send_on_open import SendOnOpenConnection
 
@@ -199,7 +200,7 @@ class DeepgramWebSocketService:
         #: The TLS context of every ``wss://`` socket, made once: given ``ssl=True``, asyncio
         #: makes a context per connection, loading the whole CA store each time (tens of ms of
         #: the event loop's CPU with OpenSSL 3, for every call's socket).
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if uri.secure else None
+        self.ssl: ssl.SSLContext | None = client_tls_context() if uri.secure else None
         #: The URL's host looked up once for the sockets opened within a few seconds, rather than
         #: by websockets on every connect (None: a proxy resolves it, or it is an IP address).
         self.resolved_host: ResolvedHost | None = None
