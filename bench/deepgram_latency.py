@@ -43,7 +43,9 @@ a DNS server, so it shows the server's own cost of a lookup, not the network's).
 
 ``--tls`` has the fake serve https:// and wss:// with a throw-away certificate (the openssl
 command) that the server trusts through ``SSL_CERT_FILE``, as Deepgram is only reached over TLS:
-every connection the server opens then costs it a TLS handshake too.
+every connection the server opens then costs it a TLS handshake too. The file holds certifi's
+bundle as well, as a production trust store holds a hundred-odd CAs: loading it is what a TLS
+context costs (a client that made one per connection paid that for every call's socket).
 
     .venv/bin/python bench/deepgram_latency.py [--calls 200] [--rounds 3] [--ramp 2] [--pin]
         [--by-name] [--tls]
@@ -63,6 +65,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import certifi
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -359,6 +362,10 @@ def main() -> None:
     scratch = tempfile.TemporaryDirectory(prefix="callspeak-bench-")
     tls = self_signed_certificate(Path(scratch.name)) if args.tls else None
     fake = start_fake(free_port(), args.first_byte_delay, args.bytes_per_second or None, tls)
+    trust_store = None
+    if tls is not None:
+        trust_store = Path(scratch.name) / "trusted.pem"
+        trust_store.write_text(Path(certifi.where()).read_text() + tls[0].read_text())
     lines: list[str] = []
     # the _first_frames hooks, next to this script: when the server sent each call's first frame
     here = Path(__file__).resolve().parent
@@ -384,8 +391,8 @@ def main() -> None:
                 # The fake has no concurrency limit: 200 calls' requests all go out at once, as
                 # with a Deepgram plan that allows them (the default, 15, is Pay as You Go's).
                 "CALLSPEAK_DEEPGRAM_MAX_CONCURRENT": "0",
-                # the fake's certificate, trusted as a private CA would be
-                **({"SSL_CERT_FILE": str(fake.cert)} if fake.cert else {}),
+                # the fake's certificate, trusted as a private CA would be, among the others
+                **({"SSL_CERT_FILE": str(trust_store)} if trust_store else {}),
             }
             hooks = ("--hooks", "_first_frames:hooks")
             with callspeak_server_process(env, *hooks) as (port, server):
