@@ -494,15 +494,23 @@ async def test_ws_refuse_fault_then_accept(base: str, fake: FakeDeepgram) -> Non
     assert fake.ws_connections == 2
 
 
-async def test_ws_close_after_bytes(base: str, fake: FakeDeepgram) -> None:
-    fake.ws_close_after(500, 1011, "boom")
+@pytest.mark.parametrize(("code", "reason"), [(1011, "boom"), (1006, "")])
+async def test_ws_close_after_bytes(base: str, fake: FakeDeepgram, code: int, reason: str) -> None:
+    """A close frame with the code and reason asked for; 1006, what a client sees when the socket
+    dies without one (the reference's "sockets can close abruptly"), drops the TCP connection
+    (before, the fake tried to send a 1006 close frame, which websockets refuses; the writer
+    swallowed the error and the socket stayed open, silent: a stall instead)."""
+    fake.ws_close_after(500, code, reason)
     ws = await ws_connect(base)
     await ws.recv()
     await send(ws, "Speak", text="Hello there.")
     await send(ws, "Flush")
     audio, closed = await audio_until_closed(ws)
     assert len(audio) == 500
-    assert closed.rcvd is not None and (closed.rcvd.code, closed.rcvd.reason) == (1011, "boom")
+    if code == 1006:
+        assert closed.rcvd is None  # no close frame: the connection was dropped
+    else:
+        assert closed.rcvd is not None and (closed.rcvd.code, closed.rcvd.reason) == (code, reason)
 
 
 async def test_ws_close_after_flushed(base: str, fake: FakeDeepgram) -> None:
@@ -840,23 +848,6 @@ def test_the_command_line_wants_a_key_with_a_certificate(
         fake_deepgram_main(["--port", "1", "--certfile", "cert.pem"])
     assert exit_info.value.code == 2
     assert "--certfile and --keyfile go together" in capsys.readouterr().err
-
-
-async def test_ws_close_1006_drops_the_connection_without_a_close_frame(
-    base: str, fake: FakeDeepgram
-) -> None:
-    """1006 is what a client sees when the socket dies without a close frame (the reference's
-    "sockets can close abruptly"): the fake drops the TCP connection. Before, the fake tried to
-    send a 1006 close frame, which websockets refuses; the writer swallowed the error and the
-    socket stayed open, silent: the test measured a stall instead."""
-    fake.ws_close_after(500, 1006)
-    ws = await ws_connect(base)
-    await ws.recv()
-    await send(ws, "Speak", text="Hello there.")
-    await send(ws, "Flush")
-    audio, closed = await audio_until_closed(ws)
-    assert len(audio) == 500
-    assert closed.rcvd is None  # no close frame: the connection was dropped
 
 
 @pytest.mark.parametrize(("code", "reason"), [(1005, ""), (999, ""), (5000, ""), (1011, "x" * 124)])

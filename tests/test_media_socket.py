@@ -5,6 +5,7 @@ behind uvicorn."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -497,12 +498,20 @@ async def test_frames_sent_right_behind_the_request_are_read_after_the_101() -> 
 # -- the whole app behind uvicorn ------------------------------------------------------------
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[RunningServer]:
-    app = create_app(Settings(validate_signatures=False, idle_timeout=0.3), tts=FakeService())
+@contextlib.asynccontextmanager
+async def native_server(idle_timeout: float) -> AsyncIterator[RunningServer]:
+    """A server whose /twilio is the native socket, with a short close timeout."""
+    settings = Settings(validate_signatures=False, idle_timeout=idle_timeout)
+    app = create_app(settings, tts=FakeService())
     options = serving_options(app, ws=uvicorn_ws_protocol(app, close_timeout=0.3))
     async with serve_asgi(app, **options) as url:
         yield RunningServer(url, app)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RunningServer]:
+    async with native_server(idle_timeout=0.3) as running:
+        yield running
 
 
 async def test_twilio_is_served_natively_and_other_paths_reach_the_asgi_app(
@@ -929,10 +938,8 @@ async def test_empty_continuation_frames_take_no_memory() -> None:
 @pytest.fixture
 async def patient_server() -> AsyncIterator[RunningServer]:
     """As ``server``, but a call is not ended for its silence within the test's time."""
-    app = create_app(Settings(validate_signatures=False, idle_timeout=30), tts=FakeService())
-    options = serving_options(app, ws=uvicorn_ws_protocol(app, close_timeout=0.3))
-    async with serve_asgi(app, **options) as url:
-        yield RunningServer(url, app)
+    async with native_server(idle_timeout=30) as running:
+        yield running
 
 
 async def _open_call(server: RunningServer) -> tuple[socket.socket, ClientProtocol]:

@@ -62,6 +62,16 @@ def start_json(**params: str) -> str:
     ).to_json()
 
 
+def protocol_error_counts(metrics: Metrics) -> list[tuple[str, float]]:
+    """``callspeak_protocol_errors_total`` as (reason, count) pairs."""
+    return [
+        (sample.labels["reason"], sample.value)
+        for metric in metrics.protocol_errors.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    ]
+
+
 def echo(name: str, seq: int = 10) -> str:
     return Mark(seq, SID, name).to_json()
 
@@ -1204,12 +1214,7 @@ async def test_protocol_error_labels_never_carry_text_from_the_message() -> None
         h.transport.push(Mark(30, SID, "never-sent").to_json())
         await asyncio.sleep(0.05)
         assert h.session.rejected == 42
-    samples = [
-        (sample.labels["reason"], sample.value)
-        for metric in h.metrics.protocol_errors.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total")
-    ]
+    samples = protocol_error_counts(h.metrics)
     assert sorted(samples) == [
         ("malformed", 1.0),
         ("mark", 1.0),
@@ -1620,12 +1625,7 @@ async def test_the_message_size_limit_counts_bytes_not_characters() -> None:
         h.transport.push(message)
         await asyncio.sleep(0.05)
         assert h.session.rejected == 1
-    samples = [
-        (sample.labels["reason"], sample.value)
-        for metric in h.metrics.protocol_errors.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_total")
-    ]
+    samples = protocol_error_counts(h.metrics)
     assert samples == [("too_large", 1.0)]
 
 
