@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from importlib import resources
 
@@ -61,6 +60,7 @@ from callspeak.tts.base import (
     warm_up,
     worth_trying,
 )
+from callspeak.tts.left_to_play import LeftToPlay
 from callspeak.tts.too_many_requests import rest_for
 
 __all__ = ["APOLOGY_TEXT", "FallbackService", "load_apology"]
@@ -192,7 +192,7 @@ class _FallbackProvider:
         # ``ahead`` was measured when the text was asked for: a voice asked after another failed
         # is told what the caller has left now (less the time the failures took, plus the audio
         # they yielded), as the REST voice's wait for a slot and Piper's deadline depend on it.
-        left, at = ahead, time.monotonic()
+        left = LeftToPlay(ahead)
         for index in range(self._first, len(self._chain)):
             service, provider = self._chain[index]
             last = index == len(self._chain) - 1
@@ -226,14 +226,11 @@ class _FallbackProvider:
             waited = rested > 0
             while True:
                 yielded = False
-                now = time.monotonic()
-                left, at = max(0.0, left - (now - at)), now
-                attempt = self._converted(provider, text, continuation, left)
+                attempt = self._converted(provider, text, continuation, left.now())
                 try:
                     async for chunk in attempt:
-                        yielded, now = True, time.monotonic()
-                        left = max(0.0, left - (now - at)) + len(chunk) / _BYTES_PER_SECOND
-                        at = now
+                        yielded = True
+                        left.add(len(chunk) / _BYTES_PER_SECOND)
                         yield chunk
                     if index != self._first:
                         self._first = index

@@ -34,6 +34,7 @@ from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
 from callspeak.audio.mulaw import float_to_mulaw
 from callspeak.audio.resample import resample_once
 from callspeak.tts.base import TTSError, TTSProvider
+from callspeak.tts.left_to_play import LeftToPlay
 from callspeak.tts.priority_pool import Priority, PriorityPool
 from callspeak.tts.sentences import chunk_text, split_sentences
 
@@ -335,16 +336,14 @@ class _PiperProvider:
         # unless the whole sentence is cached (a pre-rendered greeting), which is sooner still.
         if ahead <= 0 and pieces and self._service.cached(pieces[0]) is None:
             pieces[:1] = split_first_clause(pieces[0])
-        since = time.monotonic()
-        continuing, yielded = continuation, False
+        # What the caller has left to hear shrinks while a piece renders and while the audio
+        # yielded waits to be sent: each piece's deadline from now, not from the stream's start.
+        left = LeftToPlay(ahead)
+        yielded = False
         for index, piece in enumerate(pieces):
-            # What the caller has left to hear shrinks while this renders and while the audio
-            # yielded waits to be sent: each piece's deadline from now, not from the stream's start.
-            now = time.monotonic()
-            ahead, since = max(0.0, ahead - (now - since)), now
             try:
                 audio = await self._service.synthesize_sentence(
-                    piece, priority=priority(ahead, continuing=continuing)
+                    piece, priority=priority(left.now(), continuing=continuation or yielded)
                 )
             except TTSError as exc:
                 if not yielded:
@@ -352,11 +351,8 @@ class _PiperProvider:
                 # The pieces yielded were heard whole: a fallback voice says only the rest.
                 raise exc.copy(unspoken=" ".join(pieces[index:])) from exc.__cause__
             if audio:
-                # Left to hear once this audio is ready: what was left when it was asked for,
-                # less the time it took (nothing, if the caller ran dry meanwhile), plus it.
-                now = time.monotonic()
-                ahead = max(0.0, ahead - (now - since)) + len(audio) / TWILIO_FORMAT.sample_rate
-                since, continuing, yielded = now, True, True
+                left.add(len(audio) / TWILIO_FORMAT.sample_rate)
+                yielded = True
                 yield audio
 
     async def clear(self) -> None:
