@@ -394,7 +394,8 @@ def test_serve_refuses_a_piper_model_without_its_config_in_one_line(
     model = tmp_path / "joe.onnx"
     shutil.copy(bundled_voice_paths()[0], model)
     monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
-    assert main(["serve", "--piper-model", str(model), "--no-validate-signatures"]) == 2
+    serving = ["serve", "--piper-model", str(model), "--no-validate-signatures", "--port", "0"]
+    assert main(serving) == 2  # (port 0: the default, 5000, may be another program's)
     err = one_line_error(capsys)
     assert err.startswith(f"callspeak: piper_model {str(model)!r} has no 'joe.onnx.json'"), err
 

@@ -725,7 +725,16 @@ async def test_a_warm_up_refused_for_credentials_fails_the_first_stream_only_onc
     await other.aclose()
 
 
-async def test_closing_during_a_warm_up_stops_it(ws_url: str, fake: FakeDeepgram) -> None:
+def connect_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "deepgram-ws-connect"]
+
+
+async def test_closing_during_a_warm_up_leaves_its_connect_to_the_service(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """``aclose()`` returns at once, without aborting the handshake under way (Deepgram may
+    already count that socket); the service owns the connect until it ends, and the service's
+    own close stops it."""
     started = asyncio.Event()
 
     async def hanging_connect(url: str, **kwargs: Any) -> ClientConnection:
@@ -733,14 +742,19 @@ async def test_closing_during_a_warm_up_stops_it(ws_url: str, fake: FakeDeepgram
         await asyncio.Event().wait()  # a handshake that never completes
         raise AssertionError("unreachable")
 
-    provider = make(ws_url, connect=hanging_connect).open()
+    service = make(ws_url, connect=hanging_connect, max_concurrent=2)
+    provider = service.open()
     provider.warm_up()
     await asyncio.wait_for(started.wait(), 5)
     await asyncio.wait_for(provider.aclose(), 2)
     provider.warm_up()  # closed: no new connect
-    assert [t for t in asyncio.all_tasks() if t.get_name() == "deepgram-ws-connect"] == []
     with pytest.raises(TTSError, match="closed"):
         await collect(provider.stream("Hi."))
+    [connecting] = connect_tasks()  # still under way, its slot held
+    assert service.slots.in_use == 1
+    await asyncio.wait_for(service.aclose(), 2)
+    assert connecting.cancelled() and connect_tasks() == []
+    assert service.slots.in_use == 0
 
 
 async def test_closing_while_a_stream_waits_for_the_warm_up_gives_that_stream_a_tts_error(
@@ -1291,35 +1305,78 @@ async def test_a_clear_while_the_next_stream_waits_for_cleared_keeps_the_socket(
     await provider.aclose()
 
 
+@pytest.mark.parametrize("opened_by", ["stream", "warm-up"])
 async def test_a_call_ending_while_its_socket_opens_keeps_its_slot_until_that_socket_is_gone(
-    ws_url: str, fake: FakeDeepgram
+    ws_url: str, fake: FakeDeepgram, opened_by: str
 ) -> None:
     """A call hangs up while its first socket is still opening (its handshake on the way to
-    Deepgram): the slot of CALLSPEAK_DEEPGRAM_MAX_CONCURRENT stays that socket's until it is
-    closed, so another call cannot open one meanwhile and have Deepgram count one too many —
-    a 429, which rests the voice for every call."""
+    Deepgram), whether a stream or the warm-up opens it: the slot of
+    CALLSPEAK_DEEPGRAM_MAX_CONCURRENT stays that socket's until it is closed, with a close
+    handshake, so another call cannot open one meanwhile and have Deepgram count one too many
+    — a 429, which rests the voice for every call."""
     fake.max_concurrent = 1
     dials = 0
+    first_socket: list[ClientConnection] = []
 
     async def slow_first(url: str, **kwargs: Any) -> ClientConnection:
         nonlocal dials
         dials += 1
-        if dials == 1:
-            await asyncio.sleep(0.3)  # this handshake reaches Deepgram late (DNS, TCP, TLS…)
-        return await connect(url, **kwargs)
+        if dials > 1:
+            return await connect(url, **kwargs)
+        await asyncio.sleep(0.3)  # this handshake reaches Deepgram late (DNS, TCP, TLS…)
+        first_socket.append(await connect(url, **kwargs))
+        return first_socket[0]
 
     service = make(ws_url, connect=slow_first, max_concurrent=1)
     first, second = service.open(), service.open()
+    if opened_by == "warm-up":
+        first.warm_up()
     opening = asyncio.ensure_future(collect(first.stream("Hello.")))
     await until(lambda: dials == 1)
     await first.aclose()  # the caller hung up, its handshake still on the way
     with pytest.raises(TTSError) as raised:  # another call asks meanwhile: no slot yet
         await collect(second.stream("Hi."))
     assert raised.value.code == "CONCURRENCY_LIMIT"  # (its next voice speaks), not a 429
-    with contextlib.suppress(TTSError):
-        await opening  # the first socket opened, and was closed
+    with pytest.raises(TTSError, match="closed"):
+        await opening  # at once: it does not wait for the connect
+    await until(lambda: service.slots.in_use == 0)  # the first socket opened, and was closed
+    assert first_socket[0].close_code == 1000  # with a handshake: Deepgram has seen it close
+    await until(lambda: fake.ws_open == 0)  # (and counted it closed)
     assert await collect(second.stream("Hi.")) == fake.audio_for("Hi.")  # the slot is free
     assert all(r.status != 429 for r in fake.requests), [r.status for r in fake.requests]
     assert not service.too_many_requests.resting()
     await second.aclose()
+    assert service.slots.in_use == 0
+
+
+async def test_a_barge_in_while_a_stream_opens_its_socket_keeps_the_socket_for_the_next(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """A barge-in cancels a stream while its own socket is opening (no warm-up): the handshake
+    is not aborted. Its slot stays taken (aborted, the socket was freed at once while Deepgram
+    could still count it: another call's socket then met a 429, resting the voice for every
+    call), and the socket, once open, serves the call's next utterance without a new
+    handshake."""
+    fake.max_concurrent = 1
+    held = HeldConnect()
+    service = make(ws_url, connect=held, max_concurrent=1)
+    first, second = service.open(), service.open()
+    speaking = asyncio.ensure_future(collect(first.stream(LONG)))
+    await until(lambda: held.dials == 1)
+    speaking.cancel()  # the barge-in
+    with pytest.raises(asyncio.CancelledError):
+        await speaking
+    await first.clear()  # what the session does next
+    with pytest.raises(TTSError) as raised:  # another call asks meanwhile: no slot
+        await collect(second.stream("Hi."))
+    assert raised.value.code == "CONCURRENCY_LIMIT"
+    held.go.set()
+    assert await collect(first.stream("Said.")) == fake.audio_for("Said.")  # the reply
+    assert held.dials == 1 and fake.ws_connections == 1  # on the socket the barge-in left
+    assert [m.get("text") for m in fake.ws_messages if m["type"] == "Speak"] == ["Said."]
+    assert all(r.status != 429 for r in fake.requests)
+    await first.aclose()
+    await until(lambda: fake.ws_open == 0)  # (Deepgram, too, counts a socket for a moment)
+    assert await collect(second.stream("Hi.")) == fake.audio_for("Hi.")
+    await service.aclose()
     assert service.slots.in_use == 0

@@ -9,15 +9,20 @@ Contract of :class:`DeepgramWebSocketProvider` (on top of :mod:`callspeak.tts.ba
 * The socket (``encoding=mulaw&sample_rate=8000``) opens on the first ``stream()``, or earlier
   with ``warm_up()``: the session calls it as the call's stream is accepted, so Deepgram's
   handshake (TCP, TLS, upgrade) runs while Twilio is still sending ``start``. The first
-  ``stream()`` waits for that connect and raises what it raised (the closed provider's
-  :class:`TTSError` if ``aclose()`` stops it); cancelling that stream does not stop the connect.
+  ``stream()`` waits for that connect and raises what it raised. Every connect, a stream's own
+  too, runs as a task of its own: cancelling the stream waiting for it (a barge-in) does not
+  stop it, and the socket it opens serves the next utterance; ``aclose()`` does not stop it
+  either (see below). Aborting a handshake under way would free its slot while Deepgram may
+  still count the socket.
 * A ``stream()`` that finds no socket open queues its ``Speak`` and ``Flush`` for the socket being
   opened, which writes them in the callback that reads its handshake response
   (:mod:`callspeak.tts.ws_send_on_open`) — unless the stream was cleared or closed by then. The
   utterance counts as in flight from then, so a stream cancelled before it resumes still has it
   cleared. If that socket fails to open, opens without writing them, or has closed by the time
   the stream resumes, they are sent the usual way (on a new socket if need be).
-* A provider closed while a socket opens closes that socket rather than keeping it.
+* A provider closed while a socket opens closes that socket, with a close handshake, once it
+  has opened (or gives up at the next retry), rather than keeping it; the service owns that
+  connect meanwhile, and its ``aclose()`` cancels it.
 * ``stream(text)`` sends the text as ≤2000-character ``Speak`` messages and one ``Flush``, then
   yields audio until ``Flushed``. No audio and no ``Flushed`` for ``receive_timeout`` s (for
   ``stall_timeout`` s once audio has come) → the socket is dropped and a retryable
@@ -219,6 +224,7 @@ class DeepgramWebSocketService:
         #: which would make a fallback chain skip this voice for calls whose socket is open).
         self.too_many_requests = TooManyRequests(clock)
         self._providers: weakref.WeakSet[DeepgramWebSocketProvider] = weakref.WeakSet()
+        self._adopted: set[asyncio.Task[Any]] = set()  # closed providers' connects (adopt())
         #: Sockets open or being opened, at most ``max_concurrent`` (None: no limit): Deepgram
         #: limits its streaming sockets per project. A socket lives as long as its call, so a
         #: call finding every slot taken does not wait for one: the next voice speaks for it.
@@ -268,10 +274,20 @@ class DeepgramWebSocketService:
         self._providers.add(provider)
         return provider
 
+    def adopt(self, task: asyncio.Task[Any]) -> None:
+        """Own a closed provider's connect until it ends by itself (see its ``aclose()``);
+        :meth:`aclose` cancels those still under way."""
+        self._adopted.add(task)
+        task.add_done_callback(self._adopted.discard)
+
     async def aclose(self) -> None:
-        """Close every provider still open. Idempotent."""
+        """Close every provider still open, and stop the connects of closed ones. Idempotent."""
         for provider in list(self._providers):
             await provider.aclose()
+        for task in list(self._adopted):
+            task.cancel()
+            with contextlib.suppress(Exception):  # of no use now, and logged as it ended
+                await wait_cancelled(task)
         if self.resolved_host is not None:
             await self.resolved_host.aclose()
 
@@ -298,7 +314,8 @@ class DeepgramWebSocketProvider:
         self._interrupted = False  # clear()/aclose() asked the active stream to stop
         self._deadline: asyncio.Timeout | None = None  # the recv in flight
         self._closed = False
-        self._warming: asyncio.Task[ClientConnection] | None = None  # warm_up()'s connect
+        self._warming: asyncio.Task[ClientConnection] | None = None  # the connect under way
+        self._closing: asyncio.Future[None] | None = None  # done by aclose(): ends waits for it
         self._slot = False  # holds one of the service's slots (a socket open or opening)
         self._connecting = False  # a _connect() is under way (it gives the slot back if it fails)
         self._on_open: list[str] = []  # an utterance's messages, for the socket being opened
@@ -369,16 +386,29 @@ class DeepgramWebSocketProvider:
             return  # the first stream() raises it (or the rest's), with no connect attempt
         if self.at_capacity():
             return  # (the fallback chain skips this voice for the call, quietly)
-        self._warming = start_task(self._connect(), name="deepgram-ws-connect")
-        self._warming.add_done_callback(self._warmed)
+        self._start_connect(ahead_of_speech=True)
 
-    def _warmed(self, task: asyncio.Task[ClientConnection]) -> None:
+    def _start_connect(self, *, ahead_of_speech: bool) -> asyncio.Task[ClientConnection]:
+        """Open a socket as a task of its own (``self._warming``), for warm_up() or a stream:
+        a stream cancelled while it waits (a barge-in) leaves the connect running, so the
+        socket it opens — one Deepgram may already count — serves the next utterance, and its
+        slot is not handed to another call while Deepgram may still count it."""
+        task = start_task(self._connect(), name="deepgram-ws-connect")
+        self._warming = task
+        task.add_done_callback(functools.partial(self._connect_ended, ahead=ahead_of_speech))
+        return task
+
+    def _connect_ended(self, task: asyncio.Task[ClientConnection], *, ahead: bool) -> None:
         # Forgotten once done: its socket is self._ws by now; a refused key stays known to the
         # service, and any other failure is tried afresh by the next stream().
         if self._warming is task:
             self._warming = None
-        if not task.cancelled() and (error := task.exception()) is not None:
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        if ahead:
             logger.warning("deepgram-ws: opening the socket ahead of speech failed: %s", error)
+        elif not self._closed:  # (the stream that waited for it raised it, or was cancelled)
+            logger.debug("deepgram-ws: opening a socket failed: %s", error)
 
     async def clear(self) -> None:
         """Drop the utterance in flight; its audio is discarded up to ``Cleared`` before the next
@@ -396,13 +426,17 @@ class DeepgramWebSocketProvider:
             return
         self._closed = True
         self._interrupt()
+        if self._closing is not None and not self._closing.done():
+            self._closing.set_result(None)
         ws: ClientConnection | None = None
         try:
             warming, self._warming = self._warming, None
-            if warming is not None:
-                warming.cancel()
-                with contextlib.suppress(Exception):  # of no use now; _warmed has logged it
-                    await wait_cancelled(warming)
+            if warming is not None and not warming.done():
+                # Not cancelled: cancelling would abort a handshake Deepgram may already count,
+                # and free its slot for another call's at once (a 429 for one too many). It ends
+                # by itself — a socket it opens is closed with a handshake, its slot given back
+                # then — owned meanwhile by the service.
+                self._svc.adopt(warming)
             ws, self._ws = self._ws, None
             if ws is not None:
                 with contextlib.suppress(ConnectionClosed, TimeoutError):  # (not reading)
@@ -415,9 +449,9 @@ class DeepgramWebSocketProvider:
                 ws.transport.abort()
             raise
         finally:
-            # (a later aclose() returns at once: now or never) — unless a stream's own connect
-            # is under way: its socket may yet reach Deepgram, and be counted there, before that
-            # connect ends (closing it); the connect gives the slot back then.
+            # (a later aclose() returns at once: now or never) — unless a connect is under way:
+            # its socket may yet reach Deepgram, and be counted there, before that connect ends
+            # (closing it); the connect gives the slot back then.
             if not self._connecting:
                 self._give_slot_back()
 
@@ -708,17 +742,18 @@ class DeepgramWebSocketProvider:
         try:
             async with budget:
                 warming = self._warming
-                if warming is not None and not warming.done():
-                    try:
-                        # shielded: a stream cancelled meanwhile (a barge-in, the budget) leaves
-                        # the connect running
-                        return await asyncio.shield(warming)
-                    except asyncio.CancelledError:
-                        task = asyncio.current_task()
-                        if not warming.cancelled() or (task is not None and task.cancelling()):
-                            raise  # this stream was cancelled
-                        self._check_open()  # aclose() stopped the connect: a TTSError
-                return await self._connect()
+                if warming is None or warming.done():
+                    warming = self._start_connect(ahead_of_speech=False)
+                if self._closing is None:
+                    self._closing = asyncio.get_running_loop().create_future()
+                # asyncio.wait, like a shield: a stream cancelled meanwhile (a barge-in, the
+                # budget) leaves the connect running, for the next utterance. aclose() ends
+                # the wait (not the connect).
+                either: set[asyncio.Future[Any]] = {warming, self._closing}
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if self._closed:  # (the connect, if still under way, closes its socket)
+                    raise TTSError(_NAME, "provider closed while connecting", retryable=False)
+                return warming.result()
         except TimeoutError:
             if not budget.expired():
                 raise
