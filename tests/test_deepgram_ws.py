@@ -380,6 +380,7 @@ async def test_handshake_failures_retry_with_backoff(ws_url: str, fake: FakeDeep
         await collect(provider.stream("Hi."))
     # Retried here already: a fallback takes over at once rather than running these again.
     assert not info.value.retryable and info.value.status == 503
+    assert info.value.kind == "server"  # (the metric's label: what the last attempt met)
     assert fake.ws_connections == 6
 
 
@@ -511,6 +512,7 @@ async def test_flush_limit_waits_or_fails_fast(ws_url: str, fake: FakeDeepgram) 
     with pytest.raises(TTSError, match="flush limit") as info:
         await collect(provider.stream("b"))
     assert info.value.retryable and info.value.code == "FLUSH_LIMIT"
+    assert info.value.kind == "flush_limit"  # not "connection": nothing is wrong with the network
     clock.now += 60.8  # the oldest flush leaves the window (60 s and the margin) in 0.2 s
     assert await collect(provider.stream("c")) == fake.audio_for("c")
     assert slept == [pytest.approx(0.2)]
@@ -571,6 +573,7 @@ async def test_a_flush_deepgram_ignores_fails_at_once_and_its_text_is_cleared(
         await collect(provider.stream("Two."))
     assert loop.time() - started < 1.0
     assert info.value.code == "FLUSH_LIMIT" and not info.value.retryable  # fall back at once
+    assert info.value.kind == "flush_limit"
     fake.flush_limit = 20  # Deepgram's window has room again
     assert await collect(provider.stream("Three.")) == fake.audio_for("Three.")
     assert fake.ws_connections == 1  # the socket is kept
@@ -1125,7 +1128,7 @@ async def test_a_stream_waits_for_its_socket_twice_connect_timeout_at_most(
     provider = service.open()
     with pytest.raises(TTSError, match=r"no connection within 0.4 s") as raised:
         await collect(provider.stream("Hi."))
-    assert not raised.value.retryable
+    assert not raised.value.retryable and raised.value.kind == "connection"
     assert len(dialled) == 2  # four without the budget
     await provider.aclose()
 
@@ -1380,3 +1383,31 @@ async def test_a_barge_in_while_a_stream_opens_its_socket_keeps_the_socket_for_t
     assert await collect(second.stream("Hi.")) == fake.audio_for("Hi.")
     await service.aclose()
     assert service.slots.in_use == 0
+
+
+async def test_errors_count_in_the_metric_by_what_they_were_not_by_whether_to_retry(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """``callspeak_tts_errors_total``'s ``kind``: a socket no attempt could open is a
+    ``connection`` error, as the REST voice's are (it was ``other``, being past retrying: an
+    alert on ``kind="connection"`` missed a WebSocket voice that could not reach Deepgram), and a
+    close saying the request was at fault is ``request``."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # nothing listens there once closed
+    provider = make(f"ws://127.0.0.1:{port}", max_reconnects=1).open()
+    with pytest.raises(TTSError, match="could not connect after 2 attempts") as raised:
+        await collect(provider.stream("Hi."))
+    assert not raised.value.retryable and raised.value.kind == "connection"
+    await provider.aclose()
+
+    fake.ws_close_after(0, 1008, "DATA-0000")
+    provider = make(ws_url).open()
+    with pytest.raises(TTSError, match="code 1008") as raised:
+        await collect(provider.stream("Hi."))
+    assert not raised.value.retryable and raised.value.kind == "request"
+    fake.ws_close_after(0, 1011, "NET-0001")
+    with pytest.raises(TTSError, match="code 1011") as raised:
+        await collect(provider.stream("Hi."))
+    assert raised.value.retryable and raised.value.kind == "connection"
+    await provider.aclose()

@@ -46,6 +46,9 @@ APOLOGY = "APOLOGY"
 #: The ``code`` of the :class:`TTSError` of a Deepgram voice that found every slot of its
 #: concurrency limit taken (``CALLSPEAK_DEEPGRAM_MAX_CONCURRENT``): no request was sent.
 CONCURRENCY_LIMIT = "CONCURRENCY_LIMIT"
+#: The code of a WebSocket text not spoken for Deepgram's limit of flushes a minute (ours
+#: counted, or Deepgram's Warning).
+FLUSH_LIMIT = "FLUSH_LIMIT"
 
 
 class TTSError(Exception):
@@ -88,8 +91,10 @@ class TTSError(Exception):
         code: str | None = None,
         request_id: str | None = None,
         retry_after: float | None = None,
+        kind: str | None = None,
     ) -> None:
         super().__init__(message)
+        self._kind = kind  # (see the property: None derives it)
         self.provider = provider
         self.message = message
         self.retryable = retryable
@@ -104,7 +109,12 @@ class TTSError(Exception):
         ``refused`` (credentials, 401/403), ``payment`` (402), ``too_many`` (429), ``server``
         (5xx), ``request`` (another status: the request was at fault), ``apology`` (every voice
         failed), ``busy`` (our own limit of requests in progress was reached: none was sent),
-        ``connection`` (no status, worth trying again: a timeout, a stall, a cut), ``other``."""
+        ``flush_limit`` (the WebSocket's flushes a minute), ``connection`` (no status, worth
+        trying again: a timeout, a stall, a cut; or ``kind="connection"`` given, as for a socket
+        that no attempt could open), ``other``. A ``kind`` given to the constructor wins: whether
+        an error is worth retrying does not say what it was."""
+        if self._kind is not None:
+            return self._kind
         status = self.status
         if isinstance(self, TTSAuthError):
             return "payment" if status == 402 else "refused"
@@ -112,6 +122,8 @@ class TTSError(Exception):
             return "apology"
         if self.code == CONCURRENCY_LIMIT:
             return "busy"
+        if self.code == FLUSH_LIMIT:
+            return "flush_limit"
         if status is None:
             return "connection" if self.retryable else "other"
         if status == 429:

@@ -104,6 +104,7 @@ from websockets.uri import parse_uri
 from callspeak.audio.format import TWILIO_FORMAT, AudioFormat
 from callspeak.tasks import start_task, wait_cancelled
 from callspeak.tts.base import CONCURRENCY_LIMIT, TTSAuthError, TTSError
+from callspeak.tts.base import FLUSH_LIMIT as FLUSH_LIMIT_CODE
 from callspeak.tts.deepgram_errors import parse_error
 from callspeak.tts.refused_key import RefusedKey
 from callspeak.tts.request_slots import RequestSlots
@@ -642,6 +643,7 @@ class DeepgramWebSocketProvider:
             status=error.status,
             code=error.code,
             request_id=error.request_id,
+            kind=error.kind,  # (a connection error, or the status the last attempt met)
         )
 
     def _raise_if_resting(self) -> None:
@@ -761,6 +763,7 @@ class DeepgramWebSocketProvider:
                 _NAME,
                 f"no connection within {limit:g} s (twice connect_timeout)",
                 retryable=False,
+                kind="connection",
             ) from None
 
     async def _respect_flush_limit(self, ahead: float) -> None:
@@ -779,7 +782,7 @@ class DeepgramWebSocketProvider:
                 f"flush limit: {FLUSH_LIMIT} per {FLUSH_WINDOW:g} s used;"
                 f" next slot in {wait:.1f} s",
                 retryable=True,
-                code="FLUSH_LIMIT",
+                code=FLUSH_LIMIT_CODE,
             )
         logger.info("deepgram-ws flush limit reached; waiting %.2f s", wait)
         await svc.sleep(wait)
@@ -840,8 +843,8 @@ class DeepgramWebSocketProvider:
                 error = self._error(
                     f"socket closed mid-utterance: code {code} {reason!r}", code=str(code)
                 )
-                if code in REQUEST_FAULT_CLOSE_CODES:
-                    error.retryable = False
+                if code in REQUEST_FAULT_CLOSE_CODES:  # (its metric's kind: the request's fault)
+                    error = error.copy(retryable=False, _kind="request")
                 raise error from None
             if isinstance(message, bytes):
                 if message:
@@ -858,7 +861,7 @@ class DeepgramWebSocketProvider:
                     f"Deepgram ignored the Flush: its limit of {FLUSH_LIMIT} per"
                     f" {FLUSH_WINDOW:g} s was reached (it counted more flushes than we did)",
                     retryable=False,
-                    code="FLUSH_LIMIT",
+                    code=FLUSH_LIMIT_CODE,
                     request_id=self.request_id,
                 )
         if self._closed:
