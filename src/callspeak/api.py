@@ -5,7 +5,7 @@ the full contract is served at ``GET /openapi.json`` and rendered at ``GET /docs
 
 * ``GET /calls`` · ``GET /calls/{callSid}`` · ``GET /calls/{callSid}/utterances/{id}``
 * ``POST /calls/{callSid}/say`` ``{"text", "interruptible"}`` → 202 (``?wait=true``: 200 once
-  played or interrupted, at most :data:`WAIT_LIMIT` seconds, else 202)
+  its status is final, at most :data:`WAIT_LIMIT` seconds, else 202)
 * ``POST /calls/{callSid}/clear`` · ``POST /calls/{callSid}/hangup`` ``{"afterSpeech"}``
 * ``GET /calls/{callSid}/events`` — Server-Sent Events (``api_events.py``)
 
@@ -49,7 +49,6 @@ from starlette.types import HTTPExceptionHandler, Message, Receive, Scope, Send
 
 from callspeak.api_events import DEFAULT_HEARTBEAT, DEFAULT_QUEUE_LIMIT, EventSubscription
 from callspeak.api_models import (
-    DEFAULT_MAX_TEXT_CHARS,
     CallList,
     ClearResponse,
     HangupRequest,
@@ -236,8 +235,7 @@ def check_access(
 
 
 def _max_text_chars(state: AppState) -> int:
-    # ``max_text_chars`` is being added to Settings separately; until then, the default.
-    return int(getattr(state.settings, "max_text_chars", DEFAULT_MAX_TEXT_CHARS))
+    return state.settings.max_text_chars
 
 
 class _ControlApi:

@@ -167,7 +167,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_dial_flags(dial)
 
     demo = sub.add_parser("demo", help="start a server and place one emulated call against it")
-    demo.add_argument("--wav", default="demo.wav", help="where to write what the caller heard")
+    demo.add_argument(
+        "--wav", default="demo.wav", help="where to write what the caller heard (default: demo.wav)"
+    )
     demo.add_argument("--say", help="text to speak instead of the greeting")
     _add_serve_flags(
         demo,

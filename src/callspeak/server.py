@@ -13,7 +13,8 @@ and embedders inject their own. Routes:
   ``<Connect><Stream url="wss://PUBLIC/twilio" statusCallback="https://PUBLIC/status">``. The URLs
   come from ``CALLSPEAK_PUBLIC_URL``, never from request headers.
 * ``POST /status`` — Twilio's call and stream status callbacks, logged; answers 204.
-* ``GET /healthz`` — ``{"status": "ok"|"degraded", "voice": …, "calls": n}``.
+* ``GET /healthz`` — ``{"status": "ok"|"degraded", "voice": …, "missing": […], "calls": n}``
+  (``missing``: fallback voices asked for that could not be built or started).
 * ``GET /metrics`` — Prometheus text format.
 * ``/calls…``, ``/openapi.json``, ``/docs`` — the control API (see ``api.py``).
 

@@ -16,7 +16,8 @@ Timeouts are ours, enforced with :func:`asyncio.timeout_at`:
 
 Both raise a retryable :class:`TTSError`; aiohttp itself only bounds connecting (and waiting for a
 free pooled connection) with ``connect_timeout``, reported as such only when it is the shorter of
-the two (with both at their default of 5 s the first-byte deadline, started first, ends it).
+the two (at the class's defaults, 5 s each, the first-byte deadline, started first, ends it; it
+does too in ``callspeak serve``, where it is ``CALLSPEAK_DEEPGRAM_FIRST_BYTE_TIMEOUT``, 2 s).
 
 ``warm_up()`` — the session calls it as the call's stream is accepted, before ``start`` — takes a
 pooled connection in the background (opening it, TCP and TLS, when none is idle; no request; on
