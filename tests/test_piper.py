@@ -13,6 +13,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 from callspeak.audio.format import TWILIO_FORMAT
 from callspeak.audio.mulaw import decode
 from callspeak.tts.base import TTSError
+from callspeak.tts.fallback import FallbackService
 from callspeak.tts.piper import (
     PIECE_MAX_CHARS,
     PiperService,
@@ -22,6 +23,8 @@ from callspeak.tts.piper import (
     priority,
     split_first_clause,
 )
+from callspeak.tts.priority_pool import PriorityPool
+from tests.test_session import Harness, start_json
 
 
 async def test_speaks_mulaw_at_8khz_sentence_by_sentence(piper: PiperService) -> None:
@@ -295,6 +298,49 @@ async def test_speech_under_way_that_has_run_dry_is_the_most_urgent() -> None:
     provider = _PiperProvider(engine)  # type: ignore[arg-type]
     assert [c async for c in provider.stream("And the rest.", continuation=True, ahead=0.0)]
     assert engine.asked[0][1] == 0.0
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["alone", "in-a-fallback-chain"])
+async def test_the_next_sentence_of_a_speaking_call_goes_before_new_calls_first_words(
+    chained: bool,
+) -> None:
+    """A call is speaking "One. Two. Three." when a new call asks for its first words, while
+    "Two." renders on the only worker. "Three." was asked for once "Two." had reached the event
+    loop — by then the worker had taken the new call's words, and the speaking call waited a
+    whole render (seconds, under load: the caller of the twenty-calls test heard 1-3 s of
+    silence, and hung up in it). The session names each next sentence ahead, and the worker
+    that renders "Two." queues "Three." as it finishes (also behind the fallback chain, which
+    ``callspeak serve`` always puts the voice in)."""
+    service = PiperService(workers=1)
+    service._pool = PriorityPool(1)  # no model: render_sentence is stood in for below
+    loop = asyncio.get_running_loop()
+    rendered: list[str] = []
+    new_call: list[asyncio.Future[bytes]] = []
+
+    def first_words() -> None:
+        words = service.synthesize_sentence("Welcome, new caller.", priority=priority(0.0))
+        new_call.append(asyncio.ensure_future(words))
+
+    def render_sentence(sentence: str) -> bytes:
+        if sentence == "Two.":
+            loop.call_soon_threadsafe(first_words)
+            deadline = time.monotonic() + 5
+            while service._pool is not None and not service._pool.queued:  # queued meanwhile
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        rendered.append(sentence)
+        return b"\xff" * 800
+
+    service.render_sentence = render_sentence  # type: ignore[method-assign]
+    try:
+        voice = FallbackService([service], apology=b"sorry") if chained else service
+        async with Harness(voice.open(), greeting=None) as h:
+            h.transport.push(start_json(say="One. Two. Three."))
+            await h.transport.wait_for(lambda ms: len(h.marks()) == 3)
+            await asyncio.gather(*new_call)
+    finally:
+        await service.aclose()
+    assert rendered == ["One.", "Two.", "Three.", "Welcome, new caller."]
 
 
 async def test_after_piper_fails_mid_text_the_next_voice_says_only_the_rest() -> None:

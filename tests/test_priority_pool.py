@@ -83,6 +83,47 @@ async def test_shutdown_fails_queued_jobs_and_lets_the_running_one_finish() -> N
     assert ran == []
 
 
+async def test_a_deferred_job_queued_by_the_job_before_it_runs_before_waiting_ones() -> None:
+    """The next piece of a call's speech, queued by the worker that renders the piece before it
+    as that one finishes, is the job that worker takes next: asked for by the event loop once
+    the first was done, it came a moment after the worker had taken another job."""
+    pool = PriorityPool(1)
+    gate = threading.Event()
+    order: list[str] = []
+    try:
+        follow = pool.defer(lambda: order.append("next piece"))
+
+        def piece() -> None:
+            gate.wait()
+            order.append("piece")
+            follow.queue((0.0, 9.0))
+
+        running = asyncio.ensure_future(pool.run(piece, priority=(0.0, 1.0)))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(
+            pool.run(lambda: order.append("first words"), priority=(1.0, 0.0))
+        )
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(running, waiting, follow.future)
+        assert order == ["piece", "next piece", "first words"]
+        follow.queue((0.0, 0.0))  # once only: nothing runs again
+        dropped = pool.defer(lambda: order.append("dropped"))
+        dropped.future.cancel()
+        await asyncio.sleep(0)
+        dropped.queue((0.0, 0.0))  # cancelled before it was queued: never runs
+        assert await pool.run(lambda: 42) == 42
+        assert order == ["piece", "next piece", "first words"]
+        forgotten = pool.defer(lambda: order.append("forgotten"))
+    finally:
+        pool.shutdown()
+    # Never queued when the pool shut down: failed, as the jobs still queued are.
+    with pytest.raises(RuntimeError, match="shut down"):
+        await forgotten.future
+    with pytest.raises(RuntimeError, match="shut down"):
+        pool.defer(lambda: None)
+
+
 async def test_shutdown_waits_once_for_all_busy_workers_not_once_each() -> None:
     """Four workers each stuck in a long render: shutdown is bounded by its timeout, not by four
     times it (on a many-core host Piper's close took workers × 5 s)."""

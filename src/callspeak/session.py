@@ -77,7 +77,14 @@ from callspeak.protocol import (
 )
 from callspeak.speech import SpeechStatus, Utterance, mark_name, parse_mark_name
 from callspeak.tasks import start_task, wait_cancelled
-from callspeak.tts.base import APOLOGY, TTSError, TTSProvider, aclose_stream, warm_up
+from callspeak.tts.base import (
+    APOLOGY,
+    TTSError,
+    TTSProvider,
+    aclose_stream,
+    prefetch,
+    warm_up,
+)
 from callspeak.tts.sentences import group_sentences, split_sentences
 
 __all__ = [
@@ -898,6 +905,10 @@ class CallSession:
                 # How long the caller can wait for this sentence without a gap: what is sent
                 # and not yet played, plus what is produced and not yet sent.
                 ahead = self._pacer.lead(self._clock.now()) + frames.qsize() * FRAME_SECONDS
+                if index + 1 < len(utterance.sentences):
+                    # Named now, so that a voice with a shared queue has the next sentence
+                    # queued as this one is done (see prefetch in TTSProvider).
+                    prefetch(self._provider, utterance.sentences[index + 1])
                 stream = self._provider.stream(sentence, continuation=index > 0, ahead=ahead)
                 try:
                     async for chunk in stream:

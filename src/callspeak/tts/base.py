@@ -33,6 +33,7 @@ __all__ = [
     "aclose_stream",
     "at_capacity",
     "rest_remaining",
+    "prefetch",
     "warm_up",
     "worth_trying",
 ]
@@ -159,6 +160,12 @@ class TTSProvider(Protocol):
     it. The session calls it once the call's stream is accepted, before its ``start``. It must be
     idempotent and must not raise; a failure is the first :meth:`stream`'s to report.
 
+    Optional: ``prefetch(text: str) -> None``, for an engine with a queue of work shared by
+    calls (the local voice): ``text`` will be asked for, as a continuation, right after the text
+    the next :meth:`stream` is for — the session names each sentence of an utterance so before
+    asking for the one before it — so the engine can have it queued by the time it is needed.
+    A hint, which must not raise; the stream that asks for something else drops it.
+
     Optional: ``stream_min_chars: int``, for an engine limited in how many texts it may be asked
     for a minute (the WebSocket voice's flushes): the session asks it for texts of at least that
     many characters, short sentences grouped, each group one mark (see
@@ -263,6 +270,19 @@ def warm_up(provider: TTSProvider) -> None:
         method()
     except Exception:
         _log.exception("warming up the voice %s failed", getattr(provider, "name", "?"))
+
+
+def prefetch(provider: TTSProvider, text: str) -> None:
+    """Call ``provider.prefetch(text)`` if it has one (optional: see :class:`TTSProvider`).
+    Raises nothing: a failure is logged, and the text is asked for as usual when its turn
+    comes."""
+    method = getattr(provider, "prefetch", None)
+    if method is None:
+        return
+    try:
+        method(text)
+    except Exception:
+        _log.exception("prefetching with the voice %s failed", getattr(provider, "name", "?"))
 
 
 async def aclose_stream(stream: AsyncIterator[bytes]) -> None:

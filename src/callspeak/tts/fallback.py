@@ -56,6 +56,7 @@ from callspeak.tts.base import (
     TTSService,
     aclose_stream,
     at_capacity,
+    prefetch,
     rest_remaining,
     warm_up,
     worth_trying,
@@ -169,6 +170,7 @@ class _FallbackProvider:
         self._apology = apology
         self._on_failure = on_failure
         self._first = 0  # index of the engine the current utterance stays on
+        self._following: str | None = None  # see prefetch()
 
     @property
     def name(self) -> str:
@@ -183,9 +185,15 @@ class _FallbackProvider:
         """The largest any voice of the chain asks for (any of them may speak the text)."""
         return max(getattr(provider, "stream_min_chars", 0) for _, provider in self._chain)
 
+    def prefetch(self, text: str) -> None:
+        """Kept for the next stream, which names it to each voice it asks (see
+        :class:`~callspeak.tts.base.TTSProvider`)."""
+        self._following = text
+
     async def stream(
         self, text: str, *, continuation: bool = False, ahead: float = 0.0
     ) -> AsyncIterator[bytes]:
+        following, self._following = self._following, None
         if not continuation:
             self._first = 0  # a new utterance tries the preferred voice
         failures: list[TTSError] = []
@@ -226,6 +234,8 @@ class _FallbackProvider:
             waited = rested > 0
             while True:
                 yielded = False
+                if following is not None:
+                    prefetch(provider, following)
                 attempt = self._converted(provider, text, continuation, left.now())
                 try:
                     async for chunk in attempt:

@@ -8,7 +8,11 @@ worker so that synthesis competes for CPU with other synthesis and not with the 
 Text is spoken sentence by sentence: the first audio of an utterance is ready as soon as its first
 sentence (or, for a long one, its first clause) is synthesised. The shared pool puts speech that
 continues what a caller is hearing before any call's first words (see :func:`priority`), so a call
-that is speaking never runs dry while other calls start.
+that is speaking never runs dry while other calls start. For that, the next sentence of an
+utterance (which the session names ahead, see :meth:`_PiperProvider.prefetch`) is queued by the
+worker that renders the one before it, as it finishes: asked for by the event loop once that
+sentence had arrived, it came a moment after the worker had taken a new call's first words, and
+waited a whole sentence's rendering for a worker (under load, seconds: the caller heard silence).
 
 Rendered sentences are kept in a bounded LRU cache (greetings and menu prompts repeat across
 calls); :meth:`PiperService.prerender` fills it at start-up. A first sentence found in the cache is
@@ -24,7 +28,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,7 @@ from callspeak.audio.mulaw import float_to_mulaw
 from callspeak.audio.resample import resample_once
 from callspeak.tts.base import TTSError, TTSProvider
 from callspeak.tts.left_to_play import LeftToPlay
-from callspeak.tts.priority_pool import Priority, PriorityPool
+from callspeak.tts.priority_pool import Deferred, Priority, PriorityPool
 from callspeak.tts.sentences import chunk_text, split_sentences
 
 __all__ = [
@@ -267,8 +271,18 @@ class PiperService:
         """The rendered audio of ``sentence`` if it is in the cache, else ``None``."""
         return self._cache.get(sentence)
 
-    async def synthesize_sentence(self, sentence: str, *, priority: Priority) -> bytes:
+    async def synthesize_sentence(
+        self,
+        sentence: str,
+        *,
+        priority: Priority,
+        then: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         """Render one sentence on the pool; a cache hit returns without queueing.
+
+        ``then`` is called with the audio as soon as it is rendered: on the worker, before it
+        takes its next job (or here, on a cache hit). It queues what follows (see
+        :meth:`defer_sentence`), and must not raise.
 
         Any engine failure (ONNX Runtime's own errors derive from :class:`Exception` only) is
         raised as a non-retryable :class:`~callspeak.tts.base.TTSError` naming its cause;
@@ -276,13 +290,51 @@ class PiperService:
         """
         cached = self._cache.get(sentence)
         if cached is not None:
+            if then is not None:
+                then(cached)
             return cached
         if self._closed:  # a call still ending as the server stops
             raise TTSError("piper", "the voice is closed (the server is stopping)", retryable=False)
         if self._pool is None:
             raise RuntimeError("PiperService.start() was not awaited")
+
+        def render() -> bytes:
+            audio = self.render_sentence(sentence)
+            if then is not None:
+                then(audio)
+            return audio
+
+        return await self._result(self._pool.run(render, priority=priority))
+
+    def defer_sentence(
+        self, sentence: str, *, then: Callable[[bytes], None]
+    ) -> Deferred[bytes] | None:
+        """A job rendering ``sentence``, made now and queued later (see
+        :meth:`~callspeak.tts.priority_pool.PriorityPool.defer`), calling ``then`` as
+        :meth:`synthesize_sentence` does; None when it is cached, or the voice is closed (the
+        next :meth:`synthesize_sentence` says so)."""
+        if self._pool is None or self._closed or self._cache.get(sentence) is not None:
+            return None
+
+        def render() -> bytes:
+            audio = self.render_sentence(sentence)
+            then(audio)
+            return audio
+
         try:
-            return await self._pool.run(lambda: self.render_sentence(sentence), priority=priority)
+            return self._pool.defer(render)
+        except RuntimeError:  # the pool shut down meanwhile
+            return None
+
+    async def deferred_result(self, job: Deferred[bytes]) -> bytes:
+        """The audio of a :meth:`defer_sentence` job, errors raised as
+        :meth:`synthesize_sentence` raises them."""
+        return await self._result(job.future)
+
+    @staticmethod
+    async def _result(pending: Awaitable[bytes]) -> bytes:
+        try:
+            return await pending
         except TTSError:
             raise
         except Exception as exc:
@@ -306,11 +358,39 @@ class PiperService:
             await pool.aclose()  # not on the loop: a sentence being synthesised ends first
 
 
+class _Then:
+    """What a piece queues once it is rendered (the next text's first piece), which may be
+    known only later: :meth:`done` is called with its audio (on a worker), :meth:`set` with what
+    to do then (on the loop) — whichever comes second runs it. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._audio: bytes | None = None
+        self._then: Callable[[bytes], None] | None = None
+
+    def done(self, audio: bytes) -> None:
+        with self._lock:
+            self._audio, then = audio, self._then
+        if then is not None:
+            then(audio)
+
+    def set(self, then: Callable[[bytes], None]) -> None:
+        with self._lock:
+            self._then, audio = then, self._audio
+        if audio is not None:
+            then(audio)
+
+
 class _PiperProvider:
     """One call's view of the shared Piper engine."""
 
     def __init__(self, service: PiperService) -> None:
         self._service = service
+        #: The text the session will ask for after the next stream (see :meth:`prefetch`).
+        self._following: str | None = None
+        #: That text's first piece: its job — queued by the worker that renders the last piece
+        #: of the text before it, as it finishes — and what that job queues in turn.
+        self._next: tuple[str, Deferred[bytes], _Then] | None = None
 
     @property
     def name(self) -> str:
@@ -320,10 +400,16 @@ class _PiperProvider:
     def audio_format(self) -> AudioFormat:
         return TWILIO_FORMAT
 
-    async def stream(
-        self, text: str, *, continuation: bool = False, ahead: float = 0.0
-    ) -> AsyncIterator[bytes]:
-        pieces = [
+    def prefetch(self, text: str) -> None:
+        """``text`` will be asked for, as a continuation, right after the text :meth:`stream` is
+        asked for now (it is the same utterance's next sentence): its first piece is queued by
+        the worker that renders the last piece of this one, the moment it finishes (see the
+        module docstring)."""
+        self._following = text
+
+    def _pieces(self, text: str) -> list[str]:
+        """``text`` as the pieces it is rendered in: its sentences, a long one in pieces."""
+        return [
             piece
             for sentence in split_sentences(text)
             for piece in (
@@ -332,31 +418,87 @@ class _PiperProvider:
                 else chunk_text(sentence, PIECE_MAX_CHARS)
             )
         ]
+
+    def _drop_next(self) -> None:
+        self._following = None
+        nxt, self._next = self._next, None
+        if nxt is not None:
+            nxt[1].future.cancel()  # not run if still to queue or queued; kept if rendered
+
+    async def stream(
+        self, text: str, *, continuation: bool = False, ahead: float = 0.0
+    ) -> AsyncIterator[bytes]:
+        following, self._following = self._following, None
+        pieces = self._pieces(text)
+        # The first piece, made ahead when this text was named by prefetch() (as the next
+        # continuation: anything else is not that text, and is not made twice).
+        ready, self._next = self._next, None
+        if ready is not None and (
+            not (continuation and pieces and ready[0] == pieces[0]) or ready[1].future.cancelled()
+        ):
+            ready[1].future.cancel()
+            ready = None
         # Nothing playing yet: split a long first sentence so its first clause is heard sooner —
-        # unless the whole sentence is cached (a pre-rendered greeting), which is sooner still.
-        if ahead <= 0 and pieces and self._service.cached(pieces[0]) is None:
+        # unless the whole sentence is cached (a pre-rendered greeting), which is sooner still,
+        # or is being made already.
+        if ahead <= 0 and pieces and ready is None and self._service.cached(pieces[0]) is None:
             pieces[:1] = split_first_clause(pieces[0])
         # What the caller has left to hear shrinks while a piece renders and while the audio
         # yielded waits to be sent: each piece's deadline from now, not from the stream's start.
         left = LeftToPlay(ahead)
         yielded = False
         for index, piece in enumerate(pieces):
+            continuing = continuation or yielded
+            then: _Then | None = None
+            if index == len(pieces) - 1 and following is not None:
+                then = ready[2] if index == 0 and ready is not None else _Then()
+                self._make_next(following, left.now(), then)
             try:
-                audio = await self._service.synthesize_sentence(
-                    piece, priority=priority(left.now(), continuing=continuation or yielded)
-                )
+                if index == 0 and ready is not None:
+                    # Queued when the text before it was rendered; if not yet (that ended
+                    # otherwise than rendered), queued now. Either way it is awaited here.
+                    ready[1].queue(priority(left.now(), continuing=True))
+                    audio = await self._service.deferred_result(ready[1])
+                elif then is not None:
+                    audio = await self._service.synthesize_sentence(
+                        piece, priority=priority(left.now(), continuing=continuing), then=then.done
+                    )
+                else:  # (the call of every stand-in engine of the tests)
+                    audio = await self._service.synthesize_sentence(
+                        piece, priority=priority(left.now(), continuing=continuing)
+                    )
             except TTSError as exc:
+                self._drop_next()
                 if not yielded:
                     raise
                 # The pieces yielded were heard whole: a fallback voice says only the rest.
                 raise exc.copy(unspoken=" ".join(pieces[index:])) from exc.__cause__
+            except BaseException:
+                self._drop_next()  # (closed early: the text after it is not coming)
+                raise
             if audio:
                 left.add(len(audio) / TWILIO_FORMAT.sample_rate)
                 yielded = True
                 yield audio
 
+    def _make_next(self, following: str, left: float, after: _Then) -> None:
+        """Make the job of ``following``'s first piece (kept for the stream that asks for it),
+        queued once the piece ``after`` is for is rendered: due when the caller runs out of
+        audio — ``left`` seconds from now, plus that piece's length."""
+        pieces = self._pieces(following)
+        then = _Then()
+        job = self._service.defer_sentence(pieces[0], then=then.done) if pieces else None
+        if job is None:
+            return
+        self._next = (pieces[0], job, then)
+        due = time.monotonic() + left
+        after.set(lambda audio: job.queue((0.0, due + len(audio) / TWILIO_FORMAT.sample_rate)))
+
     async def clear(self) -> None:
-        """Nothing to drop: cancelling the stream skips the sentences still queued."""
+        """Nothing to drop but the next text's first piece, made ahead: cancelling the stream
+        skips the sentences still queued."""
+        self._drop_next()
 
     async def aclose(self) -> None:
-        """Nothing per call to release."""
+        """Nothing per call to release but the next text's first piece, made ahead."""
+        self._drop_next()

@@ -13,6 +13,11 @@ Contract: :meth:`PriorityPool.run` is awaited on the event loop; the callable ru
 thread and must not touch the loop. :meth:`PriorityPool.shutdown` stops the workers after the jobs
 they are running (queued jobs are cancelled); :meth:`PriorityPool.aclose` does so without
 blocking the event loop.
+
+A job can also be made now and queued later (:meth:`PriorityPool.defer`): a caller that knows
+what it will need next has the job queued, from the worker thread, by the job before it — so the
+worker that finishes one piece of a call's speech finds the next in the queue, rather than
+taking a new call's first words in the moment before the event loop could ask for it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Priority", "PriorityPool"]
+__all__ = ["Deferred", "Priority", "PriorityPool"]
 
 T = TypeVar("T")
 
@@ -45,6 +50,27 @@ class _Job(Generic[T]):
     loop: asyncio.AbstractEventLoop | None = field(compare=False)
 
 
+class Deferred(Generic[T]):
+    """A job of a :class:`PriorityPool` made but not queued yet (see :meth:`PriorityPool.defer`).
+
+    :attr:`future` gets its result. :meth:`queue` queues it, from any thread, once (later calls
+    do nothing). Cancelling the future drops it: a worker never runs it. A pool that shuts down
+    first fails it, as a queued job."""
+
+    def __init__(self, pool: PriorityPool, job: _Job[T]) -> None:
+        self._pool = pool
+        self._job = job
+
+    @property
+    def future(self) -> asyncio.Future[T]:
+        assert self._job.future is not None
+        return self._job.future
+
+    def queue(self, priority: Priority) -> None:
+        """Queue the job at ``priority`` (safe from a worker thread: nothing touches the loop)."""
+        self._pool._queue_deferred(self._job, priority)
+
+
 class PriorityPool:
     """``workers`` threads taking jobs from one priority queue."""
 
@@ -58,6 +84,8 @@ class PriorityPool:
         # run() checks and queues under it, shutdown() closes and empties under it: a job is
         # either refused or queued before the emptying, never left after the workers have gone.
         self._closing = threading.Lock()
+        #: Deferred jobs not queued yet, by id (a job is not hashable); under ``_closing``.
+        self._deferred: dict[int, _Job[Any]] = {}
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
             for i in range(workers)
@@ -84,6 +112,30 @@ class PriorityPool:
             self._queue.put(_Job(priority, next(self._seq), fn, future, loop))
         return await future
 
+    def defer(self, fn: Callable[[], T]) -> Deferred[T]:
+        """A job for ``fn`` that :meth:`Deferred.queue` queues later (from the event loop)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        job = _Job((0.0, 0.0), 0, fn, future, loop)
+        with self._closing:
+            if self._closed:
+                raise RuntimeError("the synthesis pool is shut down")
+            self._deferred[id(job)] = job
+        # Cancelled before it was queued: forgotten (not held until the pool shuts down).
+        future.add_done_callback(lambda _: self._forget_deferred(job))
+        return Deferred(self, job)
+
+    def _forget_deferred(self, job: _Job[Any]) -> None:
+        with self._closing:
+            self._deferred.pop(id(job), None)
+
+    def _queue_deferred(self, job: _Job[Any], priority: Priority) -> None:
+        with self._closing:
+            if self._deferred.pop(id(job), None) is None:
+                return  # queued already, cancelled, or failed by shutdown
+            job.priority, job.seq = priority, next(self._seq)
+            self._queue.put(job)
+
     def shutdown(self, *, timeout: float = 5.0) -> None:
         """Fail the queued jobs (their callers get a RuntimeError) and stop the workers; blocks
         up to ``timeout`` in all for the running jobs to end (one deadline for every worker: a
@@ -93,11 +145,14 @@ class PriorityPool:
             if self._closed:
                 return
             self._closed = True
+            # (Deferred jobs not queued yet fail too: their callers would wait for good.)
+            failed, self._deferred = list(self._deferred.values()), {}
             while True:  # emptied first: the sentinels sort after them, and workers would run them
                 try:
-                    job = self._queue.get_nowait()
+                    failed.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            for job in failed:
                 if job.future is not None and job.loop is not None:
                     # An error, not a cancellation: nobody cancelled the task waiting on it,
                     # which would otherwise end as if it had been (no error to report).
