@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -758,6 +760,99 @@ async def test_closing_during_a_warm_up_leaves_its_connect_to_the_service(
     await asyncio.wait_for(service.aclose(), 2)
     assert connecting.cancelled() and connect_tasks() == []
     assert service.slots.in_use == 0
+
+
+@pytest.mark.parametrize("opened_by", ["stream", "warm-up"])
+async def test_a_call_hanging_up_as_its_socket_opens_logs_no_failure(
+    ws_url: str, fake: FakeDeepgram, caplog: pytest.LogCaptureFixture, opened_by: str
+) -> None:
+    """The call ends while its socket (the warm-up's, or a stream's own) is still opening: the
+    connect, left to end by itself, closes the socket it opens. That is no failure to warn of
+    (before, aclose() cancelled a warm-up, which logged nothing)."""
+    held = HeldConnect()
+    service = make(ws_url, connect=held, max_concurrent=1)
+    provider = service.open()
+    if opened_by == "warm-up":
+        provider.warm_up()
+    speaking = asyncio.ensure_future(collect(provider.stream("Hi.")))
+    await until(lambda: held.dials == 1)
+    with caplog.at_level(logging.DEBUG, logger="callspeak.tts.deepgram_ws"):
+        await provider.aclose()  # the caller hung up
+        held.go.set()
+        with pytest.raises(TTSError, match="closed"):
+            await speaking
+        await until(lambda: service.slots.in_use == 0)  # the connect has ended
+        await asyncio.sleep(0)  # (its done callback has run)
+    assert [r.getMessage() for r in caplog.records if "failed" in r.getMessage()] == []
+    await service.aclose()
+
+
+async def test_a_connect_starting_after_its_call_ended_spends_no_recheck_of_the_key(
+    ws_url: str, fake: FakeDeepgram
+) -> None:
+    """A call hangs up as its stream's connect is created, before that connect has run its
+    first step (Python 3.11 starts a task on the next loop iteration): the connect, no longer
+    cancelled by aclose(), must not take the refused key's due re-check — and make every call
+    wait ``auth_recheck`` more to learn the key is good again — to open no socket at all."""
+    clock = SettableClock()
+    service = make(ws_url, key="granted-later", auth_recheck=60, clock=clock)
+    with pytest.raises(TTSAuthError):
+        await collect(service.open().stream("Hi."))
+    fake.api_key = "granted-later"
+    clock.now += 60  # the re-check is due
+    quitter = service.open()
+    speaking = asyncio.ensure_future(collect(quitter.stream("Bye.")))
+    await asyncio.sleep(0)  # its stream has created the connect, and waits for it
+    speaking.cancel()  # the call ends: its speaker is cancelled, its voice closed
+    await quitter.aclose()
+    with contextlib.suppress(asyncio.CancelledError, TTSError):
+        await speaking
+    # (On 3.12 the connect began at once, and took the re-check: its handshake, accepted,
+    # tells the service the key is good again, though nobody needs that socket now.)
+    await until(lambda: connect_tasks() == [])
+    provider = service.open()
+    assert await collect(provider.stream("Hi.")) == fake.audio_for("Hi.")  # re-checked: good
+    await provider.aclose()
+    await service.aclose()
+
+
+class Marker:
+    """Something only a caller's frame refers to."""
+
+
+@pytest.mark.parametrize("opened_by", ["stream", "warm-up"])
+async def test_a_connect_failing_leaves_no_cycle_for_the_collector(
+    ws_url: str, caplog: pytest.LogCaptureFixture, opened_by: str
+) -> None:
+    """A connect fails, and the stream waiting for it raises its error: the frame that waited,
+    in that error's traceback, must not hold the connect's task, which holds the error — a
+    cycle that keeps the voice, and every frame up to the one that caught the error (the
+    fallback chain's, with the call's), until the collector runs."""
+
+    async def unreachable(url: str, **kwargs: Any) -> ClientConnection:
+        await asyncio.sleep(0.01)  # the stream waits for this connect meanwhile
+        raise OSError("network unreachable")
+
+    async def speak_and_fall_back(
+        provider: DeepgramWebSocketProvider, kept: list[weakref.ref[Marker]]
+    ) -> None:
+        marker = Marker()  # (what a caller's frame holds: the chain, the call)
+        kept.append(weakref.ref(marker))
+        with contextlib.suppress(TTSError):
+            await collect(provider.stream("Hi."))
+
+    caplog.set_level(logging.ERROR, logger="callspeak.tts.deepgram_ws")  # (records hold errors)
+    provider = make(ws_url, connect=unreachable, max_reconnects=0).open()
+    if opened_by == "warm-up":
+        provider.warm_up()
+    kept: list[weakref.ref[Marker]] = []
+    gc.disable()
+    try:
+        await speak_and_fall_back(provider, kept)
+        assert kept[0]() is None  # freed by reference counting, as the caller returned
+    finally:
+        gc.enable()
+    await provider.aclose()
 
 
 async def test_closing_while_a_stream_waits_for_the_warm_up_gives_that_stream_a_tts_error(

@@ -406,9 +406,13 @@ class DeepgramWebSocketProvider:
             self._warming = None
         if task.cancelled() or (error := task.exception()) is None:
             return
+        if self._closed:
+            # The call ended while it connected: nobody needs the socket (closed once open, as
+            # it should be), and any attempt that failed on the way was logged as it failed.
+            return
         if ahead:
             logger.warning("deepgram-ws: opening the socket ahead of speech failed: %s", error)
-        elif not self._closed:  # (the stream that waited for it raised it, or was cancelled)
+        else:  # (the stream that waited for it raised it, or was cancelled)
             logger.debug("deepgram-ws: opening a socket failed: %s", error)
 
     async def clear(self) -> None:
@@ -550,8 +554,10 @@ class DeepgramWebSocketProvider:
 
     # -- connection ----------------------------------------------------------------------
     async def _connect(self) -> ClientConnection:
-        # Before the key's re-check is taken: a rest, or every slot taken, would waste it (the
-        # next is an interval on).
+        # Before the key's re-check is taken: a closed provider (a connect that starts after its
+        # call ended: on Python 3.11, a task's first step comes an iteration later), a rest, or
+        # every slot taken, would waste it (the next is an interval on).
+        self._check_open()
         self._raise_if_resting()
         self._take_slot()
         self._connecting = True
@@ -612,6 +618,7 @@ class DeepgramWebSocketProvider:
             except ValueError as exc:  # e.g. a redirect websockets will not follow
                 raise TTSError(_NAME, f"cannot connect: {exc}", retryable=False) from None
             else:
+                svc.mark_accepted()  # (the key is good, whoever needs the socket now)
                 if self._closed:  # closed while connecting: this socket is nobody's
                     # Closed with a close handshake, not aborted: Deepgram counted it open,
                     # and its slot is given back (by _connect) once Deepgram has seen it close.
@@ -621,7 +628,6 @@ class DeepgramWebSocketProvider:
                         ws.transport.abort()  # cut short: not left open, unowned
                         raise
                     raise TTSError(_NAME, "provider closed while connecting", retryable=False)
-                svc.mark_accepted()
                 self._ws, self._opened_at, self.request_id = ws, svc.clock(), None
                 self._in_utterance, self._pending_clears = False, 0
                 written, self._written_on = self._written_on, None
@@ -735,10 +741,11 @@ class DeepgramWebSocketProvider:
         return ws
 
     async def _connected(self) -> ClientConnection:
-        """The socket warm_up() is still opening (its error if that fails), or a new one —
-        within twice ``connect_timeout`` in all, however many attempts that covers: a caller
-        waits in silence meanwhile. Past it, a :class:`TTSError` that is not retryable hands the
-        text to the fallback voice; a warm-up's connect goes on, for the next utterance."""
+        """The socket a connect under way (warm_up()'s, or an earlier stream's) is opening (its
+        error if that fails), or a new one — within twice ``connect_timeout`` in all, however
+        many attempts that covers: a caller waits in silence meanwhile. Past it, a
+        :class:`TTSError` that is not retryable hands the text to the fallback voice; the
+        connect goes on, for the next utterance."""
         limit = 2 * self._svc.connect_timeout
         budget = asyncio.timeout(limit)
         try:
@@ -755,7 +762,13 @@ class DeepgramWebSocketProvider:
                 await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
                 if self._closed:  # (the connect, if still under way, closes its socket)
                     raise TTSError(_NAME, "provider closed while connecting", retryable=False)
-                return warming.result()
+                try:
+                    return warming.result()
+                finally:
+                    # This frame is in the traceback of what the connect raised: holding its
+                    # task, which holds that error, would be a cycle keeping the call's voices
+                    # (and the frames up to where the error is caught) for the collector.
+                    del warming, either
         except TimeoutError:
             if not budget.expired():
                 raise
