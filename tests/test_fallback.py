@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import struct
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from callspeak.emulator import CallReport, DialOptions, dial
 from callspeak.server import create_app
 from callspeak.testing.asgi_server import serve_asgi
 from callspeak.testing.fake_deepgram import FakeDeepgram
-from callspeak.tts.base import TTSAuthError, TTSError, TTSService
+from callspeak.tts.base import TTSAuthError, TTSError, TTSProvider, TTSService
 from callspeak.tts.deepgram_rest import DeepgramRestService
 from callspeak.tts.deepgram_ws import DeepgramWebSocketService
 from callspeak.tts.fallback import FallbackService, load_apology
@@ -1095,3 +1098,33 @@ async def test_the_next_voice_is_told_what_the_caller_has_left_now(
     (told,) = backup.providers[0].aheads
     # Time only takes from it: at most what was left, and less only by how late the loop ran
     assert left - 0.3 <= told <= left + 0.01
+
+
+@pytest.mark.parametrize("then", ["the next voice speaks", "the apology plays"])
+async def test_a_voice_failing_leaves_no_cycle_for_the_collector(then: str) -> None:
+    """A failure the chain caught is kept (for the apology's causes) in the chain's frame, which
+    is in that failure's traceback: unless dropped as the stream ends, a cycle that keeps the
+    call's voices until the collector runs (one pass walks every call's leftovers at once)."""
+    primary = ScriptedProvider([retryable(), retryable()])
+    backup: TTSService = (
+        FakeService("backup")
+        if then == "the next voice speaks"
+        else ScriptedService(ScriptedProvider([retryable(), retryable()]))
+    )
+    chain = FallbackService([ScriptedService(primary), backup], apology=b"sorry")
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        provider = chain.open()
+        kept = weakref.ref(provider)
+        with contextlib.suppress(TTSError):
+            assert await collect_from(provider, TEXT)
+        del provider
+        assert kept() is None  # freed by reference counting, the stream over
+    finally:
+        if was_on:
+            gc.enable()
+
+
+async def collect_from(provider: TTSProvider, text: str) -> bytes:
+    return b"".join([c async for c in provider.stream(text)])

@@ -260,6 +260,8 @@ class _FallbackProvider:
                     _log_failure(provider.name, exc, yielded=yielded, retrying=again, last=last)
                     if self._on_failure is not None:
                         self._on_failure(provider.name, exc)
+                    _drop_tracebacks(exc)
+                    _drop_tracebacks(raised)  # (not exc's cause when it was not a TTSError)
                     if yielded and exc.unspoken is not None:
                         text = exc.unspoken  # what was heard whole is not said again
                     if not again:
@@ -401,6 +403,19 @@ def _resting_error(name: str, rest: float) -> TTSError:
         status=429,
         retry_after=rest,
     )
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    """Forget the tracebacks of ``exc`` and the exceptions it was raised from or during: a
+    failure is kept for the apology's causes (its text), and its traceback holds the frames that
+    raised it — this chain's, the voice's, which often holds the error itself in a local — in
+    cycles that would keep the call's voices until the collector runs."""
+    seen: set[int] = set()
+    pending: BaseException | None = exc
+    while pending is not None and id(pending) not in seen:
+        seen.add(id(pending))
+        pending.__traceback__ = None
+        pending = pending.__cause__ or pending.__context__
 
 
 def _log_failure(
