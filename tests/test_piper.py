@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -171,6 +173,9 @@ class SlowEngine:
     def cached(self, sentence: str) -> bytes | None:
         return None
 
+    def defer_sentence(self, sentence: str, *, then: object) -> None:
+        return None  # nothing made ahead: each piece is asked for in turn
+
     async def synthesize_sentence(self, sentence: str, *, priority: tuple[float, float]) -> bytes:
         self.deadlines.append(priority[1])
         await asyncio.sleep(0.1)
@@ -243,7 +248,6 @@ async def test_a_long_sentence_already_rendered_is_served_whole() -> None:
 async def test_starting_twice_at_once_starts_one_pool_of_workers() -> None:
     """The pool was kept only once the model had loaded: a second start() meanwhile made a
     second pool, whose workers nothing stopped."""
-    import threading
 
     def workers() -> set[threading.Thread]:
         return {t for t in threading.enumerate() if t.name.startswith("callspeak-synth")}
@@ -266,6 +270,9 @@ class TimedEngine:
 
     def cached(self, sentence: str) -> bytes | None:
         return None
+
+    def defer_sentence(self, sentence: str, *, then: object) -> None:
+        return None  # nothing made ahead: each piece is asked for in turn
 
     async def synthesize_sentence(self, sentence: str, *, priority: tuple[float, float]) -> bytes:
         self.asked.append((sentence, priority[0], priority[1] - time.monotonic()))
@@ -341,6 +348,142 @@ async def test_the_next_sentence_of_a_speaking_call_goes_before_new_calls_first_
     finally:
         await service.aclose()
     assert rendered == ["One.", "Two.", "Three.", "Welcome, new caller."]
+
+
+@pytest.mark.parametrize(
+    ("text", "continuation", "ahead"),
+    [
+        ("Hello there my dear caller, this is the first sentence.", False, 0.0),
+        ("One. Two.", True, 1.0),
+    ],
+    ids=["after-a-first-clause", "in-a-group-of-sentences"],
+)
+async def test_the_next_piece_of_a_text_goes_before_new_calls_first_words(
+    text: str, continuation: bool, ahead: float
+) -> None:
+    """As the next sentence, the next piece of one text: the rest of a first sentence split at
+    its clause (a caller with only that clause to hear), the next sentence of a text the session
+    grouped for a pay-per-text voice or the rest another voice left. Asked for by the event loop
+    once the piece before it had arrived, it came after the worker had taken a new call's first
+    words, and waited a whole render."""
+    service = PiperService(workers=1)
+    service._pool = PriorityPool(1)  # no model: render_sentence is stood in for below
+    loop = asyncio.get_running_loop()
+    rendered: list[str] = []
+    new_call: list[asyncio.Future[bytes]] = []
+    provider = service.open()
+    pieces = provider._pieces(text)  # type: ignore[attr-defined]
+    if ahead <= 0:
+        pieces[:1] = split_first_clause(pieces[0])
+    assert len(pieces) == 2
+
+    def first_words() -> None:
+        words = service.synthesize_sentence("Welcome, new caller.", priority=priority(0.0))
+        new_call.append(asyncio.ensure_future(words))
+
+    def render_sentence(sentence: str) -> bytes:
+        if sentence == pieces[0]:
+            loop.call_soon_threadsafe(first_words)
+            deadline = time.monotonic() + 5
+            while service._pool is not None and not service._pool.queued:  # queued meanwhile
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        rendered.append(sentence)
+        return b"\xff" * 800
+
+    service.render_sentence = render_sentence  # type: ignore[method-assign]
+    try:
+        chunks = [c async for c in provider.stream(text, continuation=continuation, ahead=ahead)]
+        assert len(chunks) == 2
+        await asyncio.gather(*new_call)
+    finally:
+        await provider.aclose()
+        await service.aclose()
+    assert rendered == [*pieces, "Welcome, new caller."]
+
+
+async def test_a_stream_closed_at_a_yield_drops_the_next_sentence_made_ahead() -> None:
+    """Closed early while its audio waits to be taken (the session's producer cancelled while
+    its frame queue was full, a socket closed under a send): the next sentence is not coming.
+    Its job, queued as this one was rendered, was left to run — speech nobody hears, before
+    every new call's first words — until the voice's clear() or aclose() came round."""
+    service = PiperService(workers=1)
+    pool = service._pool = PriorityPool(1)  # no model: render_sentence is stood in for below
+    loop = asyncio.get_running_loop()
+    gate = threading.Event()
+    rendered: list[str] = []
+    busy: list[asyncio.Future[object]] = []
+
+    def another_call() -> None:  # more urgent: it keeps the worker until the stream is closed
+        busy.append(asyncio.ensure_future(pool.run(gate.wait, priority=(0.0, -1.0))))
+
+    def render_sentence(sentence: str) -> bytes:
+        if sentence == "One.":
+            loop.call_soon_threadsafe(another_call)
+            deadline = time.monotonic() + 5
+            while not pool.queued:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        rendered.append(sentence)
+        return b"\xff" * 800
+
+    service.render_sentence = render_sentence  # type: ignore[method-assign]
+    provider = service.open()
+    try:
+        provider.prefetch("Two.")  # type: ignore[attr-defined]
+        stream = provider.stream("One.")
+        assert await anext(stream)
+        await stream.aclose()  # type: ignore[attr-defined]
+        gate.set()
+        await asyncio.gather(*busy)
+        await pool.run(lambda: None, priority=(2.0, 0.0))  # after anything queued
+        assert rendered == ["One."]
+    finally:
+        gate.set()
+        await provider.aclose()
+        await service.aclose()
+
+
+@pytest.mark.parametrize("named_ahead", [False, True], ids=["same-text", "next-text"])
+async def test_a_piece_made_ahead_is_due_when_the_one_before_it_has_played(
+    named_ahead: bool,
+) -> None:
+    """The piece "One." waited 0.3 s for a worker, its caller with nothing left to play, and
+    is 0.2 s of audio: "Two." is due 0.2 s after "One." came, when the caller has heard it.
+    Queued by the worker, it was due 0.2 s after "One." was asked for — a tenth of a second
+    before it came: the wait taken off the audio, as the stream's own reckoning no longer does
+    (see test_the_second_clause_of_first_words_is_due_when_the_first_has_played), and the job
+    put before other calls' speech due sooner than it."""
+    service = PiperService(workers=1)
+    pool = service._pool = PriorityPool(1)  # no model: render_sentence is stood in for below
+    queued: list[tuple[float, float]] = []  # (due in, class) of each job made ahead, as queued
+    queue_deferred = pool._queue_deferred
+
+    def record(job: Any, priority: tuple[float, float]) -> None:
+        queued.append((priority[1] - time.monotonic(), priority[0]))
+        queue_deferred(job, priority)
+
+    def render_sentence(sentence: str) -> bytes:
+        if sentence == "One.":
+            time.sleep(0.3)
+        return b"\xff" * 1600  # 0.2 s
+
+    pool._queue_deferred = record  # type: ignore[method-assign]
+    service.render_sentence = render_sentence  # type: ignore[method-assign]
+    provider = service.open()
+    try:
+        if named_ahead:
+            provider.prefetch("Two.")  # type: ignore[attr-defined]
+            assert [c async for c in provider.stream("One.", continuation=True)]
+            assert [c async for c in provider.stream("Two.", continuation=True, ahead=0.2)]
+        else:
+            assert [c async for c in provider.stream("One. Two.", continuation=True)]
+    finally:
+        await provider.aclose()
+        await service.aclose()
+    due_in, klass = queued[0]
+    assert klass == 0.0  # speech under way
+    assert due_in == pytest.approx(0.2, abs=0.05)
 
 
 async def test_after_piper_fails_mid_text_the_next_voice_says_only_the_rest() -> None:

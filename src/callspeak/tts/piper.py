@@ -8,11 +8,13 @@ worker so that synthesis competes for CPU with other synthesis and not with the 
 Text is spoken sentence by sentence: the first audio of an utterance is ready as soon as its first
 sentence (or, for a long one, its first clause) is synthesised. The shared pool puts speech that
 continues what a caller is hearing before any call's first words (see :func:`priority`), so a call
-that is speaking never runs dry while other calls start. For that, the next sentence of an
-utterance (which the session names ahead, see :meth:`_PiperProvider.prefetch`) is queued by the
-worker that renders the one before it, as it finishes: asked for by the event loop once that
-sentence had arrived, it came a moment after the worker had taken a new call's first words, and
-waited a whole sentence's rendering for a worker (under load, seconds: the caller heard silence).
+that is speaking never runs dry while other calls start. For that, the next piece of a text (the
+rest of a first sentence split at its clause, the next sentence of a text of several) and the
+next sentence of an utterance (which the session names ahead, see
+:meth:`_PiperProvider.prefetch`) are queued by the worker that renders the piece before them, as
+it finishes: asked for by the event loop once that piece had arrived, they came a moment after
+the worker had taken a new call's first words, and waited a whole rendering for a worker (under
+load, seconds: the caller heard silence).
 
 Rendered sentences are kept in a bounded LRU cache (greetings and menu prompts repeat across
 calls); :meth:`PiperService.prerender` fills it at start-up. A first sentence found in the cache is
@@ -388,8 +390,8 @@ class _PiperProvider:
         self._service = service
         #: The text the session will ask for after the next stream (see :meth:`prefetch`).
         self._following: str | None = None
-        #: That text's first piece: its job — queued by the worker that renders the last piece
-        #: of the text before it, as it finishes — and what that job queues in turn.
+        #: That text's first piece: its text, its job — queued by the worker that renders the
+        #: last piece of the text before it, as it finishes — and what that job queues in turn.
         self._next: tuple[str, Deferred[bytes], _Then] | None = None
 
     @property
@@ -432,71 +434,103 @@ class _PiperProvider:
         pieces = self._pieces(text)
         # The first piece, made ahead when this text was named by prefetch() (as the next
         # continuation: anything else is not that text, and is not made twice).
-        ready, self._next = self._next, None
-        if ready is not None and (
-            not (continuation and pieces and ready[0] == pieces[0]) or ready[1].future.cancelled()
+        made, self._next = self._next, None
+        if made is not None and (
+            not (continuation and pieces and made[0] == pieces[0]) or made[1].future.cancelled()
         ):
-            ready[1].future.cancel()
-            ready = None
+            made[1].future.cancel()
+            made = None
         # Nothing playing yet: split a long first sentence so its first clause is heard sooner —
         # unless the whole sentence is cached (a pre-rendered greeting), which is sooner still,
         # or is being made already.
-        if ahead <= 0 and pieces and ready is None and self._service.cached(pieces[0]) is None:
+        if ahead <= 0 and pieces and made is None and self._service.cached(pieces[0]) is None:
             pieces[:1] = split_first_clause(pieces[0])
         # What the caller has left to hear shrinks while a piece renders and while the audio
         # yielded waits to be sent: each piece's deadline from now, not from the stream's start.
         left = LeftToPlay(ahead)
         yielded = False
-        for index, piece in enumerate(pieces):
-            continuing = continuation or yielded
-            then: _Then | None = None
-            if index == len(pieces) - 1 and following is not None:
-                then = ready[2] if index == 0 and ready is not None else _Then()
-                self._make_next(following, left.now(), then)
-            try:
-                if index == 0 and ready is not None:
-                    # Queued when the text before it was rendered; if not yet (that ended
-                    # otherwise than rendered), queued now. Either way it is awaited here.
-                    ready[1].queue(priority(left.now(), continuing=True))
-                    audio = await self._service.deferred_result(ready[1])
-                elif then is not None:
-                    audio = await self._service.synthesize_sentence(
-                        piece, priority=priority(left.now(), continuing=continuing), then=then.done
+        # ``made``: the piece being asked for, if made ahead; ``upcoming``: the one after it in
+        # this text, made ahead as it is asked for — queued, as the next text's first piece is,
+        # by the worker that renders the piece before it (the piece after a first clause, or
+        # the next sentence of a group, asked for by the event loop, waited a whole render too).
+        upcoming: tuple[str, Deferred[bytes], _Then] | None = None
+        try:
+            for index, piece in enumerate(pieces):
+                continuing = continuation or yielded
+                then = made[2] if made is not None else _Then()
+                if index + 1 < len(pieces):
+                    upcoming = self._make_ahead(
+                        pieces[index + 1], left.now(), then, continuing=continuing
                     )
-                else:  # (the call of every stand-in engine of the tests)
-                    audio = await self._service.synthesize_sentence(
-                        piece, priority=priority(left.now(), continuing=continuing)
-                    )
-            except TTSError as exc:
-                self._drop_next()
-                if not yielded:
-                    raise
-                # The pieces yielded were heard whole: a fallback voice says only the rest.
-                raise exc.copy(unspoken=" ".join(pieces[index:])) from exc.__cause__
-            except BaseException:
-                self._drop_next()  # (closed early: the text after it is not coming)
-                raise
-            if audio:
-                left.add(len(audio) / TWILIO_FORMAT.sample_rate)
-                yielded = True
-                yield audio
+                elif following is not None:
+                    following_pieces = self._pieces(following)
+                    if following_pieces:
+                        self._next = self._make_ahead(following_pieces[0], left.now(), then)
+                chained = upcoming is not None or self._next is not None
+                try:
+                    if made is not None:
+                        # Queued when the piece before it was rendered; if not yet (that ended
+                        # otherwise than rendered), queued now. Either way it is awaited here.
+                        made[1].queue(priority(left.now(), continuing=True))
+                        audio = await self._service.deferred_result(made[1])
+                    elif chained:
+                        audio = await self._service.synthesize_sentence(
+                            piece,
+                            priority=priority(left.now(), continuing=continuing),
+                            then=then.done,
+                        )
+                    else:  # (the call of every stand-in engine of the tests)
+                        audio = await self._service.synthesize_sentence(
+                            piece, priority=priority(left.now(), continuing=continuing)
+                        )
+                except TTSError as exc:
+                    if not yielded:
+                        raise
+                    # The pieces yielded were heard whole: a fallback voice says only the rest.
+                    raise exc.copy(unspoken=" ".join(pieces[index:])) from exc.__cause__
+                made, upcoming = upcoming, None
+                if audio:
+                    left.add(len(audio) / TWILIO_FORMAT.sample_rate)
+                    yielded = True
+                    yield audio
+        except BaseException:
+            # Failed, or closed early — cancelled, or at a yield: what follows is not coming.
+            for ahead_of_time in (made, upcoming):
+                if ahead_of_time is not None:
+                    ahead_of_time[1].future.cancel()
+            self._drop_next()
+            raise
 
-    def _make_next(self, following: str, left: float, after: _Then) -> None:
-        """Make the job of ``following``'s first piece (kept for the stream that asks for it),
-        queued once the piece ``after`` is for is rendered: due when the caller runs out of
-        audio — ``left`` seconds from now, plus that piece's length."""
-        pieces = self._pieces(following)
+    def _make_ahead(
+        self, piece: str, left: float, after: _Then, *, continuing: bool = True
+    ) -> tuple[str, Deferred[bytes], _Then] | None:
+        """Make the job of ``piece`` (the next piece of the text, or the first of the text
+        after it), queued once the piece ``after`` is for is rendered: due when the caller runs
+        out of audio — ``left`` seconds from now or, if that piece came later, when it came,
+        plus that piece's length (see :func:`priority`: speech under way, unless nothing was
+        heard yet and that piece was silent). None when there is nothing to make (``piece`` is
+        cached, the voice is closed)."""
         then = _Then()
-        job = self._service.defer_sentence(pieces[0], then=then.done) if pieces else None
+        job = self._service.defer_sentence(piece, then=then.done)
         if job is None:
-            return
-        self._next = (pieces[0], job, then)
-        due = time.monotonic() + left
-        after.set(lambda audio: job.queue((0.0, due + len(audio) / TWILIO_FORMAT.sample_rate)))
+            return None
+        runs_out = time.monotonic() + left
+
+        def queue(audio: bytes) -> None:  # (on the worker that rendered that piece, as a rule)
+            if audio or continuing:
+                # A caller who ran dry waiting for that piece hears it from now: the time it
+                # waited is not taken off its audio (as LeftToPlay does not).
+                start = max(runs_out, time.monotonic())
+                job.queue((0.0, start + len(audio) / TWILIO_FORMAT.sample_rate))
+            else:
+                job.queue((1.0, runs_out))
+
+        after.set(queue)
+        return (piece, job, then)
 
     async def clear(self) -> None:
         """Nothing to drop but the next text's first piece, made ahead: cancelling the stream
-        skips the sentences still queued."""
+        skips the sentences still queued, and drops the pieces it made ahead."""
         self._drop_next()
 
     async def aclose(self) -> None:

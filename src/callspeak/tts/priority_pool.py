@@ -11,8 +11,8 @@ with other synthesis, never with the event loop that paces every call's audio.
 
 Contract: :meth:`PriorityPool.run` is awaited on the event loop; the callable runs on a worker
 thread and must not touch the loop. :meth:`PriorityPool.shutdown` stops the workers after the jobs
-they are running (queued jobs are cancelled); :meth:`PriorityPool.aclose` does so without
-blocking the event loop.
+they are running (queued jobs, and deferred ones not queued yet, fail with a RuntimeError);
+:meth:`PriorityPool.aclose` does so without blocking the event loop.
 
 A job can also be made now and queued later (:meth:`PriorityPool.defer`): a caller that knows
 what it will need next has the job queued, from the worker thread, by the job before it — so the
@@ -54,8 +54,9 @@ class Deferred(Generic[T]):
     """A job of a :class:`PriorityPool` made but not queued yet (see :meth:`PriorityPool.defer`).
 
     :attr:`future` gets its result. :meth:`queue` queues it, from any thread, once (later calls
-    do nothing). Cancelling the future drops it: a worker never runs it. A pool that shuts down
-    first fails it, as a queued job."""
+    do nothing). Cancelling the future before a worker takes the job drops it: no worker runs it
+    (one already running it finishes, and its result is dropped). A pool that shuts down first
+    fails it, as a queued job."""
 
     def __init__(self, pool: PriorityPool, job: _Job[T]) -> None:
         self._pool = pool
@@ -113,7 +114,8 @@ class PriorityPool:
         return await future
 
     def defer(self, fn: Callable[[], T]) -> Deferred[T]:
-        """A job for ``fn`` that :meth:`Deferred.queue` queues later (from the event loop)."""
+        """A job for ``fn``, made now (on the event loop), that :meth:`Deferred.queue` queues
+        later (from any thread: the worker running the job before it)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         job = _Job((0.0, 0.0), 0, fn, future, loop)
