@@ -307,6 +307,33 @@ async def test_speech_under_way_that_has_run_dry_is_the_most_urgent() -> None:
     assert engine.asked[0][1] == 0.0
 
 
+def new_call_arrives_during(
+    service: PiperService, piece: str, rendered: list[str]
+) -> list[asyncio.Future[bytes]]:
+    """Stand in for the service's renderer (each piece 800 bytes, noted in ``rendered``): as
+    ``piece`` renders, a new call asks for its first words and they are queued before the render
+    ends. Returns where the new call's render will be."""
+    loop = asyncio.get_running_loop()
+    new_call: list[asyncio.Future[bytes]] = []
+
+    def first_words() -> None:
+        words = service.synthesize_sentence("Welcome, new caller.", priority=priority(0.0))
+        new_call.append(asyncio.ensure_future(words))
+
+    def render_sentence(sentence: str) -> bytes:
+        if sentence == piece:
+            loop.call_soon_threadsafe(first_words)
+            deadline = time.monotonic() + 5
+            while service._pool is not None and not service._pool.queued:  # queued meanwhile
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+        rendered.append(sentence)
+        return b"\xff" * 800
+
+    service.render_sentence = render_sentence  # type: ignore[method-assign]
+    return new_call
+
+
 @pytest.mark.parametrize("chained", [False, True], ids=["alone", "in-a-fallback-chain"])
 async def test_the_next_sentence_of_a_speaking_call_goes_before_new_calls_first_words(
     chained: bool,
@@ -320,25 +347,8 @@ async def test_the_next_sentence_of_a_speaking_call_goes_before_new_calls_first_
     ``callspeak serve`` always puts the voice in)."""
     service = PiperService(workers=1)
     service._pool = PriorityPool(1)  # no model: render_sentence is stood in for below
-    loop = asyncio.get_running_loop()
     rendered: list[str] = []
-    new_call: list[asyncio.Future[bytes]] = []
-
-    def first_words() -> None:
-        words = service.synthesize_sentence("Welcome, new caller.", priority=priority(0.0))
-        new_call.append(asyncio.ensure_future(words))
-
-    def render_sentence(sentence: str) -> bytes:
-        if sentence == "Two.":
-            loop.call_soon_threadsafe(first_words)
-            deadline = time.monotonic() + 5
-            while service._pool is not None and not service._pool.queued:  # queued meanwhile
-                assert time.monotonic() < deadline
-                time.sleep(0.001)
-        rendered.append(sentence)
-        return b"\xff" * 800
-
-    service.render_sentence = render_sentence  # type: ignore[method-assign]
+    new_call = new_call_arrives_during(service, "Two.", rendered)
     try:
         voice = FallbackService([service], apology=b"sorry") if chained else service
         async with Harness(voice.open(), greeting=None) as h:
@@ -368,30 +378,13 @@ async def test_the_next_piece_of_a_text_goes_before_new_calls_first_words(
     words, and waited a whole render."""
     service = PiperService(workers=1)
     service._pool = PriorityPool(1)  # no model: render_sentence is stood in for below
-    loop = asyncio.get_running_loop()
     rendered: list[str] = []
-    new_call: list[asyncio.Future[bytes]] = []
     provider = service.open()
     pieces = provider._pieces(text)  # type: ignore[attr-defined]
     if ahead <= 0:
         pieces[:1] = split_first_clause(pieces[0])
     assert len(pieces) == 2
-
-    def first_words() -> None:
-        words = service.synthesize_sentence("Welcome, new caller.", priority=priority(0.0))
-        new_call.append(asyncio.ensure_future(words))
-
-    def render_sentence(sentence: str) -> bytes:
-        if sentence == pieces[0]:
-            loop.call_soon_threadsafe(first_words)
-            deadline = time.monotonic() + 5
-            while service._pool is not None and not service._pool.queued:  # queued meanwhile
-                assert time.monotonic() < deadline
-                time.sleep(0.001)
-        rendered.append(sentence)
-        return b"\xff" * 800
-
-    service.render_sentence = render_sentence  # type: ignore[method-assign]
+    new_call = new_call_arrives_during(service, pieces[0], rendered)
     try:
         chunks = [c async for c in provider.stream(text, continuation=continuation, ahead=ahead)]
         assert len(chunks) == 2
