@@ -361,9 +361,10 @@ class PiperService:
 
 
 class _Then:
-    """What a piece queues once it is rendered (the next text's first piece), which may be
-    known only later: :meth:`done` is called with its audio (on a worker), :meth:`set` with what
-    to do then (on the loop) — whichever comes second runs it. Thread-safe."""
+    """What a piece queues once it is rendered (the piece after it, in its text or the next),
+    which may be known only later: :meth:`done` is called with its audio (on a worker),
+    :meth:`set` with what to do then (on the loop) — whichever comes second runs it.
+    Thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
