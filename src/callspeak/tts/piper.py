@@ -299,13 +299,7 @@ class PiperService:
             raise TTSError("piper", "the voice is closed (the server is stopping)", retryable=False)
         if self._pool is None:
             raise RuntimeError("PiperService.start() was not awaited")
-
-        def render() -> bytes:
-            audio = self.render_sentence(sentence)
-            if then is not None:
-                then(audio)
-            return audio
-
+        render = self._renderer(sentence, then)
         return await self._result(self._pool.run(render, priority=priority))
 
     def defer_sentence(
@@ -317,16 +311,21 @@ class PiperService:
         next :meth:`synthesize_sentence` says so)."""
         if self._pool is None or self._closed or self._cache.get(sentence) is not None:
             return None
+        try:
+            return self._pool.defer(self._renderer(sentence, then))
+        except RuntimeError:  # the pool shut down meanwhile
+            return None
+
+    def _renderer(self, sentence: str, then: Callable[[bytes], None] | None) -> Callable[[], bytes]:
+        """The job of a worker: render ``sentence``, then call ``then`` with its audio."""
 
         def render() -> bytes:
             audio = self.render_sentence(sentence)
-            then(audio)
+            if then is not None:
+                then(audio)
             return audio
 
-        try:
-            return self._pool.defer(render)
-        except RuntimeError:  # the pool shut down meanwhile
-            return None
+        return render
 
     async def deferred_result(self, job: Deferred[bytes]) -> bytes:
         """The audio of a :meth:`defer_sentence` job, errors raised as
