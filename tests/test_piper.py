@@ -176,7 +176,9 @@ class SlowEngine:
     def defer_sentence(self, sentence: str, *, then: object) -> None:
         return None  # nothing made ahead: each piece is asked for in turn
 
-    async def synthesize_sentence(self, sentence: str, *, priority: tuple[float, float]) -> bytes:
+    async def synthesize_sentence(
+        self, sentence: str, *, priority: tuple[float, float], then: object = None
+    ) -> bytes:
         self.deadlines.append(priority[1])
         await asyncio.sleep(0.1)
         return b"\xff" * 8000
@@ -211,7 +213,9 @@ class RecordingEngine(SlowEngine):
     def cached(self, sentence: str) -> bytes | None:
         return b"\xff" * 8000 if sentence in self.cache else None
 
-    async def synthesize_sentence(self, sentence: str, *, priority: tuple[float, float]) -> bytes:
+    async def synthesize_sentence(
+        self, sentence: str, *, priority: tuple[float, float], then: object = None
+    ) -> bytes:
         self.pieces.append(sentence)
         return b"\xff" * 8000
 
@@ -274,7 +278,9 @@ class TimedEngine:
     def defer_sentence(self, sentence: str, *, then: object) -> None:
         return None  # nothing made ahead: each piece is asked for in turn
 
-    async def synthesize_sentence(self, sentence: str, *, priority: tuple[float, float]) -> bytes:
+    async def synthesize_sentence(
+        self, sentence: str, *, priority: tuple[float, float], then: object = None
+    ) -> bytes:
         self.asked.append((sentence, priority[0], priority[1] - time.monotonic()))
         if len(self.asked) - 1 == self.fail_at:
             raise TTSError("piper", "synthesis failed: Fail: boom", retryable=False)

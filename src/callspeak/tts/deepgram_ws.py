@@ -853,11 +853,14 @@ class DeepgramWebSocketProvider:
             except ConnectionClosed as exc:
                 await self._drop()
                 code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
+                request_fault = code in REQUEST_FAULT_CLOSE_CODES
                 error = self._error(
-                    f"socket closed mid-utterance: code {code} {reason!r}", code=str(code)
+                    f"socket closed mid-utterance: code {code} {reason!r}",
+                    code=str(code),
+                    kind="request" if request_fault else None,  # (None: derived)
                 )
-                if code in REQUEST_FAULT_CLOSE_CODES:  # (its metric's kind: the request's fault)
-                    error = error.copy(retryable=False, _kind="request")
+                if request_fault:
+                    error.retryable = False
                 raise error from None
             if isinstance(message, bytes):
                 if message:

@@ -473,15 +473,11 @@ class _PiperProvider:
                         # otherwise than rendered), queued now. Either way it is awaited here.
                         made[1].queue(priority(left.now(), continuing=True))
                         audio = await self._service.deferred_result(made[1])
-                    elif chained:
+                    else:
                         audio = await self._service.synthesize_sentence(
                             piece,
                             priority=priority(left.now(), continuing=continuing),
-                            then=then.done,
-                        )
-                    else:  # (the call of every stand-in engine of the tests)
-                        audio = await self._service.synthesize_sentence(
-                            piece, priority=priority(left.now(), continuing=continuing)
+                            then=then.done if chained else None,
                         )
                 except TTSError as exc:
                     if not yielded:
