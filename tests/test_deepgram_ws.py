@@ -963,6 +963,33 @@ async def test_a_failed_warm_up_is_logged_and_the_first_stream_tries_afresh(
     await provider.aclose()
 
 
+async def test_warm_ups_of_two_calls_for_the_last_slot_warn_once_about_the_limit(
+    ws_url: str, fake: FakeDeepgram, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two calls warm up in the same instant for the one slot left. On Python 3.11 a connect's
+    first step comes an iteration after warm_up() returns, so both found the slot free, and the
+    second connect failed with a warning of its own ("opening the socket ahead of speech
+    failed: ... the limit ... is reached") — one per call at capacity, where the limit's own
+    warning comes once a minute."""
+    service = make(ws_url, max_concurrent=1)
+    first, second = service.open(), service.open()
+    with caplog.at_level(logging.WARNING, logger="callspeak"):
+        first.warm_up()
+        second.warm_up()
+        async with asyncio.timeout(5):
+            while fake.ws_connections < 1:  # noqa: ASYNC110 (the fake's accepts announce nothing)
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # any second connect has ended by now
+        assert second.at_capacity()
+    assert not [r.message for r in caplog.records if "ahead of speech failed" in r.message]
+    assert len([r for r in caplog.records if "CALLSPEAK_DEEPGRAM_MAX_CONCURRENT" in r.message]) == 1
+    assert fake.ws_connections == 1
+    assert await collect(first.stream("Hi.")) == fake.audio_for("Hi.")
+    await first.aclose()
+    await second.aclose()
+    await service.aclose()
+
+
 def returning_once_the_fake_read_two(
     fake: FakeDeepgram, read: list[list[str]]
 ) -> Callable[..., Awaitable[ClientConnection]]:

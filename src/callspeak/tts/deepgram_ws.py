@@ -410,7 +410,12 @@ class DeepgramWebSocketProvider:
             # The call ended while it connected: nobody needs the socket (closed once open, as
             # it should be), and any attempt that failed on the way was logged as it failed.
             return
-        if ahead:
+        if isinstance(error, TTSError) and error.code == CONCURRENCY_LIMIT:
+            # Another call took the last slot between this call's check and its connect's
+            # first step (an iteration later on Python 3.11): the limit's own once-a-minute
+            # warning, as when the check itself finds every slot taken — not one per call.
+            self._svc.slots.note_full()
+        elif ahead:
             logger.warning("deepgram-ws: opening the socket ahead of speech failed: %s", error)
         else:  # (the stream that waited for it raised it, or was cancelled)
             logger.debug("deepgram-ws: opening a socket failed: %s", error)
