@@ -164,38 +164,6 @@ async def test_a_closed_voice_answers_with_a_tts_error_and_is_not_healthy() -> N
             pass
 
 
-class SlowVoice:
-    """Stands in for Piper's own voice: each render takes 0.2 s (0.1 s of silence at 8 kHz)."""
-
-    renders = 0
-
-    def synthesize(self, sentence: str, config: object) -> Any:
-        SlowVoice.renders += 1
-        time.sleep(0.2)
-        yield type("Chunk", (), {"audio_float_array": np.zeros(800, np.float32)})()
-
-
-async def test_render_costs_are_learnt_from_renders_not_from_cache_hits() -> None:
-    """Five calls ask for the same greeting (not pre-rendered) at once: one renders it, four
-    find it cached when their job runs, in no time — each learnt as a render: the rate fell to
-    a third of the true one, and first words went before speech that had no time to spare."""
-    service = PiperService(workers=1)
-    service._pool = PriorityPool(1, cost=service._render_cost)
-    service._voice = service._solo_voice = SlowVoice()  # no model: renders stood in for
-    service._sample_rate = 8000
-    SlowVoice.renders = 0
-    greeting = "Thanks for calling, how can I help?"
-    try:
-        await asyncio.gather(
-            *(service.synthesize_sentence(greeting, priority=priority(0.0)) for _ in range(5))
-        )
-    finally:
-        await service.aclose()
-    assert SlowVoice.renders == 1
-    rate = service._render_cost.rate
-    assert rate is not None and rate >= 0.2 / (len(greeting) + RenderCost.OVERHEAD)
-
-
 class SlowEngine:
     """Stands in for PiperService behind a provider: each piece takes 0.1 s to render and is
     one second of audio; it notes the deadline each piece was given."""
@@ -206,7 +174,7 @@ class SlowEngine:
     def cached(self, sentence: str) -> bytes | None:
         return None
 
-    def defer_sentence(self, sentence: str, *, then: object, due: float) -> None:
+    def defer_sentence(self, sentence: str, *, then: object) -> None:
         return None  # nothing made ahead: each piece is asked for in turn
 
     async def synthesize_sentence(
@@ -308,7 +276,7 @@ class TimedEngine:
     def cached(self, sentence: str) -> bytes | None:
         return None
 
-    def defer_sentence(self, sentence: str, *, then: object, due: float) -> None:
+    def defer_sentence(self, sentence: str, *, then: object) -> None:
         return None  # nothing made ahead: each piece is asked for in turn
 
     async def synthesize_sentence(

@@ -6,7 +6,6 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -106,99 +105,15 @@ async def test_first_words_wait_for_a_deadline_the_other_worker_cannot_meet() ->
         pool.shutdown()
 
 
-def sleeper(ended: dict[str, float], name: str, seconds: float) -> Callable[[], None]:
-    """A job that takes ``seconds`` (its padded estimate, in these tests) and notes its end."""
-
-    def fn() -> None:
-        time.sleep(seconds)
-        ended[name] = time.monotonic()
-
-    return fn
-
-
-@pytest.mark.parametrize("busy_size", [0.0, None], ids=["past-its-estimate", "cost-unknown"])
-async def test_a_busy_worker_past_its_estimate_is_not_counted_free(
-    busy_size: float | None,
-) -> None:
-    """Two workers; one runs a job past its estimate, or of unknown cost. The other frees with
-    a deadline job (0.3 s, due in 0.7 s) and first words (0.6 s) queued: together on this
-    worker the deadline is missed. The busy worker was counted free from now, so the first
-    words went first and the deadline job ran late (seen: 0.22 s)."""
-    pool = PriorityPool(2, cost=RenderCost(0.01))  # padded 0.015 s/char: 0.3 s for size 0
-    long_gate, gate = threading.Event(), threading.Event()
-    ended: dict[str, float] = {}
-    busy = asyncio.ensure_future(pool.run(long_gate.wait, size=busy_size))
+async def test_the_pool_learns_what_a_job_of_a_size_costs() -> None:
+    cost = RenderCost()
+    pool = PriorityPool(1, cost=cost)
     try:
-        await asyncio.sleep(0.05)
-        blocker = asyncio.ensure_future(pool.run(gate.wait))
-        await asyncio.sleep(0.4)  # the busy worker is past its 0.3 s (or had no estimate)
-        due = time.monotonic() + 0.7
-        deadline_job = pool.run(sleeper(ended, "deadline", 0.3), priority=(0.0, due), size=0)
-        first_words = pool.run(sleeper(ended, "first words", 0.6), priority=(1.0, 0.0), size=20)
-        jobs = [asyncio.ensure_future(deadline_job), asyncio.ensure_future(first_words)]
-        await asyncio.sleep(0.02)
-        gate.set()
-        await asyncio.gather(blocker, *jobs)
-    finally:
-        long_gate.set()
-        await busy
-        pool.shutdown()
-    assert ended["deadline"] < ended["first words"]
-    assert ended["deadline"] <= due
-
-
-async def test_a_deferred_job_still_to_be_queued_counts_as_work_to_come() -> None:
-    """One worker renders call A's piece (0.6 s), and queues A's next piece (0.9 s, due at
-    2 s) as it ends. The other frees with call B's deadline job (1.2 s, due at 2.15 s) and first
-    words (2.4 s) queued: counting only the queued jobs, B's fits on the first worker at 0.6 s,
-    so the first words went first — then A's next piece, due earlier, took that worker and B's
-    job ran 0.56 s late."""
-    pool = PriorityPool(2, cost=RenderCost(0.02))  # padded 0.03 s/char
-    gate = threading.Event()
-    ended: dict[str, float] = {}
-    t0 = time.monotonic()
-    a_next = pool.defer(sleeper(ended, "A next", 0.9), size=10, due=t0 + 2.0)
-
-    def a_piece() -> None:
-        sleeper(ended, "A", 0.6)()
-        a_next.queue((0.0, t0 + 2.0))  # from the worker, as Piper's renders queue theirs
-
-    a_now = asyncio.ensure_future(pool.run(a_piece, size=0))
-    try:
-        await asyncio.sleep(0.01)
-        blocker = asyncio.ensure_future(pool.run(gate.wait))
-        await asyncio.sleep(0.01)
-        due_b = t0 + 2.15
-        b_job = pool.run(sleeper(ended, "B", 1.2), priority=(0.0, due_b), size=20)
-        first_words = pool.run(sleeper(ended, "first words", 2.4), priority=(1.0, 0.0), size=60)
-        jobs = [asyncio.ensure_future(b_job), asyncio.ensure_future(first_words)]
-        await asyncio.sleep(0.02)
-        gate.set()
-        await asyncio.gather(a_now, blocker, *jobs, a_next.future)
+        await pool.run(lambda: time.sleep(0.2), size=80)
+        await pool.run(lambda: None)  # no size: nothing to learn from
     finally:
         pool.shutdown()
-    assert ended["A next"] <= t0 + 2.0
-    assert ended["B"] <= due_b
-
-
-async def test_a_deferred_job_without_an_expected_deadline_keeps_first_words_back() -> None:
-    """Its deadline unknown until it is queued: nothing can be promised about it."""
-    pool = PriorityPool(1, cost=RenderCost(0.001))
-    try:
-        pending = pool.defer(lambda: None, size=10)
-        due = time.monotonic() + 60
-        order = await run_behind_a_busy_worker(
-            pool, [("continuation", (0.0, due), 10), ("first words", (1.0, 0.0), 10)]
-        )
-        assert order == ["continuation", "first words"]
-        pending.future.cancel()
-        await asyncio.sleep(0)  # (forgotten, from its done callback)
-        order = await run_behind_a_busy_worker(
-            pool, [("continuation", (0.0, due), 10), ("first words", (1.0, 0.0), 10)]
-        )
-        assert order == ["first words", "continuation"]
-    finally:
-        pool.shutdown()
+    assert cost.rate is not None and 0.2 / 100 <= cost.rate < 1.0 / 100
 
 
 async def test_cancelled_job_is_skipped_and_errors_propagate() -> None:

@@ -7,15 +7,15 @@ worker so that synthesis competes for CPU with other synthesis and not with the 
 
 Text is spoken sentence by sentence: the first audio of an utterance is ready as soon as its first
 sentence (or, for a long one, its first clause) is synthesised. The shared pool puts speech that
-continues what a caller is hearing before any call's first words, unless it can still be ready
-in time after them (:func:`priority`, :mod:`callspeak.tts.slack`: render costs learnt, padded),
-so a call that is speaking does not run dry while other calls start. For that, the next piece
-of a text (the rest of a first sentence split at its clause, the next sentence of a text of
-several) and the next sentence of an utterance (which the session names ahead, see
-:meth:`_PiperProvider.prefetch`) are queued by the worker that renders the piece before them,
-as it finishes: asked for by the event loop once that piece had arrived, they came a moment
-after the worker had taken a new call's first words, and waited a whole rendering for a worker
-(under load, seconds: the caller heard silence).
+continues what a caller is hearing before any call's first words unless it can afford to wait
+(see :func:`priority`), so a call that is speaking never runs dry while other calls start. For
+that, the next piece of a text (the
+rest of a first sentence split at its clause, the next sentence of a text of several) and the
+next sentence of an utterance (which the session names ahead, see
+:meth:`_PiperProvider.prefetch`) are queued by the worker that renders the piece before them, as
+it finishes: asked for by the event loop once that piece had arrived, they came a moment after
+the worker had taken a new call's first words, and waited a whole rendering for a worker (under
+load, seconds: the caller heard silence).
 
 Rendered sentences are kept in a bounded LRU cache (greetings and menu prompts repeat across
 calls); :meth:`PiperService.prerender` fills it at start-up. A first sentence found in the cache is
@@ -44,7 +44,6 @@ from callspeak.tts.base import TTSError, TTSProvider
 from callspeak.tts.left_to_play import LeftToPlay
 from callspeak.tts.priority_pool import Deferred, Priority, PriorityPool
 from callspeak.tts.sentences import chunk_text, split_sentences
-from callspeak.tts.slack import RenderCost
 
 __all__ = [
     "PIECE_MAX_CHARS",
@@ -56,8 +55,7 @@ __all__ = [
 
 
 def priority(ahead: float, *, continuing: bool = False) -> Priority:
-    """Where a piece of speech goes in the shared synthesis queue (see
-    :class:`~callspeak.tts.priority_pool.PriorityPool`: class 0 is a deadline).
+    """Where a piece of speech goes in the shared synthesis queue (lower runs first).
 
     Speech that continues what a caller is hearing (``ahead`` > 0 seconds of their audio still
     to play, or ``continuing``: a later piece or sentence of speech under way) has a deadline:
@@ -167,11 +165,7 @@ class PiperService:
         self._voice: Any = None
         self._solo_voice: Any = None
         self._running = 0
-        #: Guards ``_running`` and ``_render_cost`` (observed by every worker).
         self._running_lock = threading.Lock()
-        #: What a render costs, learnt from real renders (the pool reads it to decide whether a
-        #: new call's first words can go before speech under way).
-        self._render_cost = RenderCost()
         self._syn_config: Any = None
         self._pool: PriorityPool | None = None
         #: Held while starting: a second start() meanwhile waits, rather than start a second
@@ -198,7 +192,7 @@ class PiperService:
         async with self._starting:
             if self._pool is not None:
                 return
-            pool = PriorityPool(self._workers, cost=self._render_cost)
+            pool = PriorityPool(self._workers)
             try:
                 await pool.run(self._load)
             except BaseException:
@@ -264,7 +258,6 @@ class PiperService:
         with self._running_lock:
             self._running += 1
             voice = self._solo_voice if self._running == 1 else self._voice
-        started = time.monotonic()
         try:
             pieces = [
                 chunk.audio_float_array for chunk in voice.synthesize(sentence, self._syn_config)
@@ -276,8 +269,6 @@ class PiperService:
             return b""
         audio = np.concatenate(pieces).astype(np.float32, copy=False)
         mulaw = float_to_mulaw(resample_once(audio, self._sample_rate, TWILIO_FORMAT.sample_rate))
-        with self._running_lock:  # (a cache hit, above, is not learnt from: no render)
-            self._render_cost.observe(len(sentence), time.monotonic() - started)
         self._cache.put(sentence, mulaw)
         return mulaw
 
@@ -316,17 +307,16 @@ class PiperService:
         return await self._result(job)
 
     def defer_sentence(
-        self, sentence: str, *, then: Callable[[bytes], None], due: float
+        self, sentence: str, *, then: Callable[[bytes], None]
     ) -> Deferred[bytes] | None:
         """A job rendering ``sentence``, made now and queued later (see
-        :meth:`~callspeak.tts.priority_pool.PriorityPool.defer`; ``due``: the earliest deadline
-        it may be queued with), calling ``then`` as :meth:`synthesize_sentence` does; None when
-        it is cached, or the voice is closed (the next :meth:`synthesize_sentence` says so)."""
+        :meth:`~callspeak.tts.priority_pool.PriorityPool.defer`), calling ``then`` as
+        :meth:`synthesize_sentence` does; None when it is cached, or the voice is closed (the
+        next :meth:`synthesize_sentence` says so)."""
         if self._pool is None or self._closed or self._cache.get(sentence) is not None:
             return None
-        render = self._renderer(sentence, then)
         try:
-            return self._pool.defer(render, size=len(sentence), due=due)
+            return self._pool.defer(self._renderer(sentence, then), size=len(sentence))
         except RuntimeError:  # the pool shut down meanwhile
             return None
 
@@ -521,10 +511,10 @@ class _PiperProvider:
         heard yet and that piece was silent). None when there is nothing to make (``piece`` is
         cached, the voice is closed)."""
         then = _Then()
-        runs_out = time.monotonic() + left
-        job = self._service.defer_sentence(piece, then=then.done, due=runs_out)
+        job = self._service.defer_sentence(piece, then=then.done)
         if job is None:
             return None
+        runs_out = time.monotonic() + left
 
         def queue(audio: bytes) -> None:  # (on the worker that rendered that piece, as a rule)
             if audio or continuing:

@@ -2,19 +2,16 @@
 
 Why not ``ThreadPoolExecutor``: its queue is FIFO. When twenty calls start at once, the second
 sentence of a call that is already speaking would wait behind nineteen first sentences and the
-caller would hear a gap. Here a job carries a priority, and urgent ones run first. A job whose
-awaiting coroutine was cancelled before a worker took it is skipped, so a hang-up frees the CPU
-it had queued.
+caller would hear a gap. Here a job carries a priority; lower runs first, ties in submission order.
+A job whose awaiting coroutine was cancelled before a worker took it is skipped, so a hang-up frees
+the CPU it had queued.
 
 Priorities of class 0, ``(0.0, due)``, are deadlines: ``due`` is a time on the monotonic clock
-by which the job should be done (a caller runs out of audio then); the default, ``(0.0, 0.0)``,
-is a deadline long past: the most urgent of all. The other classes have none, and among
-themselves lower runs first, ties in submission order. A free worker takes the earliest
-deadline first, except that the first job of the other classes goes before them when every
-deadline still holds after it (:mod:`callspeak.tts.slack`, from the sizes given with the jobs
-and the cost per size the pool is given: Piper's, learnt from its renders) — counting, as work
-to come, the deferred jobs not queued yet, and a busy worker past its estimate as busy for as
-long again. A job without a size, or while no cost is known, never goes before a deadline.
+by which the job should be done (a caller runs out of audio then). Every other class has none.
+A free worker takes the earliest deadline first, except that the first job of the other classes
+goes before them when they can all still be done in time after it (:mod:`callspeak.tts.slack`:
+costs learnt from the sizes given to :meth:`PriorityPool.run` and how long those jobs took). A
+job without a size, or while nothing was learnt, never goes before a deadline.
 
 Worker threads run at a lower CPU priority (nice +10 on Linux): synthesis competes for the CPU
 with other synthesis, never with the event loop that paces every call's audio.
@@ -49,7 +46,7 @@ __all__ = ["Deferred", "Priority", "PriorityPool"]
 T = TypeVar("T")
 
 
-#: (class, key): class 0 is a deadline at ``key``; other classes, lower first (see above).
+#: Lower runs first; compared element by element.
 Priority = tuple[float, float]
 
 
@@ -62,8 +59,6 @@ class _Job(Generic[T]):
     loop: asyncio.AbstractEventLoop | None = field(compare=False)
     #: Characters (or any unit of work :class:`RenderCost` learns); None: unknown.
     size: float | None = field(default=None, compare=False)
-    #: A deferred job not queued yet: the deadline it is expected to get (None: unknown).
-    expected_due: float | None = field(default=None, compare=False)
 
     @property
     def due(self) -> float | None:
@@ -98,7 +93,7 @@ class Deferred(Generic[T]):
 
 
 class PriorityPool:
-    """``workers`` threads taking jobs from one queue, the most urgent first."""
+    """``workers`` threads taking jobs from one priority queue."""
 
     def __init__(
         self,
@@ -108,9 +103,8 @@ class PriorityPool:
         nice: int = 10,
         cost: RenderCost | None = None,
     ) -> None:
-        """``cost``: what a job of a size costs (the pool reads it; its owner teaches it: Piper
-        from its real renders, not cache hits). Without one, none is known: deadline jobs always
-        go first."""
+        """``cost``: what jobs cost, learnt as they run (a new :class:`RenderCost` by default;
+        given one that knows a rate, the pool starts from it)."""
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         self._nice = nice
@@ -127,8 +121,8 @@ class PriorityPool:
         self._others: list[_Job[Any]] = []
         #: Deferred jobs not queued yet, by id (a job is not hashable).
         self._deferred: dict[int, _Job[Any]] = {}
-        #: Each busy worker's job: when it started (monotonic) and its estimated cost.
-        self._busy: dict[int, tuple[float, float | None]] = {}
+        #: When each busy worker is expected to finish its job (monotonic), by worker.
+        self._busy_until: dict[int, float] = {}
         self._threads = [
             threading.Thread(target=self._work, args=(i,), name=f"{name}-{i}", daemon=True)
             for i in range(workers)
@@ -160,16 +154,12 @@ class PriorityPool:
             self._push(_Job(priority, next(self._seq), fn, future, loop, size))
         return await future
 
-    def defer(
-        self, fn: Callable[[], T], *, size: float | None = None, due: float | None = None
-    ) -> Deferred[T]:
+    def defer(self, fn: Callable[[], T], *, size: float | None = None) -> Deferred[T]:
         """A job for ``fn``, made now (on the event loop), that :meth:`Deferred.queue` queues
-        later (from any thread: the worker running the job before it). ``due``: the earliest
-        deadline it may be queued with (None: unknown): until it is queued, it is counted as
-        work to come when first words would go before the deadlines."""
+        later (from any thread: the worker running the job before it)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        job = _Job((0.0, 0.0), 0, fn, future, loop, size, due)
+        job = _Job((0.0, 0.0), 0, fn, future, loop, size)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the synthesis pool is shut down")
@@ -241,32 +231,21 @@ class PriorityPool:
         return heapq.heappop(self._deadlines)
 
     def _fits_first(self, job: _Job[Any], worker: int) -> bool:
-        """Whether every deadline holds with ``job`` run first (under the lock): the queued
-        ones, and the deferred jobs not queued yet (queued, as a rule, by a running job as it
-        ends: counted from now, at the earliest deadline they may get)."""
+        """Whether every queued deadline holds with ``job`` run first (under the lock)."""
         estimate = self._cost.estimate
         cost = None if job.size is None else estimate(job.size)
         if cost is None:
             return False
         deadlines: list[tuple[float, float]] = []
-        for other, due in [
-            *((queued, queued.due) for queued in self._deadlines),
-            *((deferred, deferred.expected_due) for deferred in self._deferred.values()),
-        ]:
-            if other.dropped():
+        for queued in sorted(self._deadlines):
+            if queued.dropped():
                 continue
-            other_cost = None if other.size is None else estimate(other.size)
-            if other_cost is None or due is None:
+            queued_cost = None if queued.size is None else estimate(queued.size)
+            if queued_cost is None or queued.due is None:
                 return False
-            deadlines.append((due, other_cost))
-        deadlines.sort()
-        now = time.monotonic()
-        others = [
-            _expected_free(started, busy_cost, now)
-            for w, (started, busy_cost) in self._busy.items()
-            if w != worker
-        ]
-        return fits_first(cost, now=now, deadlines=deadlines, busy_until=others)
+            deadlines.append((queued.due, queued_cost))
+        others = [t for w, t in self._busy_until.items() if w != worker]
+        return fits_first(cost, now=time.monotonic(), deadlines=deadlines, busy_until=others)
 
     def _work(self, worker: int) -> None:
         _lower_priority(self._nice)
@@ -276,8 +255,9 @@ class PriorityPool:
                     if self._closed:
                         return
                     self._ready.wait()
+                started = time.monotonic()
                 cost = None if job.size is None else self._cost.estimate(job.size)
-                self._busy[worker] = (time.monotonic(), cost)
+                self._busy_until[worker] = started + (cost or 0.0)
             assert job.fn is not None and job.future is not None and job.loop is not None
             result: Any = None
             error: BaseException | None = None
@@ -286,21 +266,13 @@ class PriorityPool:
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
                 error = exc
             with self._lock:
-                del self._busy[worker]
+                del self._busy_until[worker]
+                if job.size is not None and error is None:
+                    self._cost.observe(job.size, time.monotonic() - started)
             try:
                 job.loop.call_soon_threadsafe(_settle, job.future, result, error)
             except RuntimeError:  # the loop closed while the job ran: nobody is waiting
                 pass
-
-
-def _expected_free(started: float, cost: float | None, now: float) -> float:
-    """When a worker busy since ``started`` with a job of estimated ``cost`` will be free: at the
-    estimate's end, or — past it — after as long again as it has run (a render that began alone
-    on every core slows once another begins); never, as far as a deadline can tell, when its
-    job's cost is unknown."""
-    if cost is None:
-        return float("inf")
-    return max(started + cost, now + (now - started))
 
 
 def _settle(future: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:

@@ -42,11 +42,10 @@ def fits_first(
     deadline finishing ``margin`` before it.
 
     ``deadlines`` are (due, cost) pairs, in order of due (earliest first: the order the pool
-    runs them in); ``busy_until`` is when each of the other workers is expected to finish the
-    job it is running (``inf`` for one that cannot be counted on; a worker that is idle is
-    ``now``). Each deadline job is given to the worker free first, as the pool would. False as
-    soon as one would finish late — also when it is late already without the new job (the pool
-    then runs the most urgent first).
+    runs them in); ``busy_until`` is when each of the other workers finishes the job it is
+    running (a time before ``now`` counts as now). Each deadline job is given to the worker free
+    first, as the pool would. False as soon as one would finish late — also when it is late
+    already without the new job (the pool then runs the most urgent first).
     """
     free = [now + cost, *(max(now, t) for t in busy_until)]
     heapq.heapify(free)
@@ -59,25 +58,18 @@ def fits_first(
 
 
 class RenderCost:
-    """Seconds a job of a given size (characters) takes, learnt from renders done.
+    """Seconds a job of a given size (characters) takes, learnt from jobs done.
 
     A render costs about ``rate`` x (characters + :attr:`OVERHEAD`): a short sentence costs more
     per character than a long one (the engine's fixed work per call). The rate is a moving
-    average of what renders took, so it follows the machine's load; it rises at once and falls
-    slowly, as an estimate too low lets a speaking caller run dry: a lone render on every core
-    is faster than the renders side by side the estimate is asked about, and must not pull it
-    down. Unknown (None) until one was observed: the pool then runs deadline jobs first, as it
-    always did. Only real renders are to be observed (a cache hit is no measure of one).
-
-    Not thread-safe: observe from one thread at a time (Piper: under its own lock).
+    average of what renders took, so it follows the machine's load. Unknown (None) until one
+    was observed: the pool then runs deadline jobs first, as it always did.
     """
 
     #: Characters' worth of fixed work per render.
     OVERHEAD = 20.0
-    #: Weight of a new observation above the average (renders got slower: followed at once)…
-    RISE = 0.5
-    #: … and below it (one fast render is not the rule).
-    FALL = 0.1
+    #: Weight of the newest observation in the moving average.
+    WEIGHT = 0.25
 
     def __init__(self, rate: float | None = None) -> None:
         """``rate``: seconds per character to start from (None: unknown until observed)."""
@@ -90,11 +82,7 @@ class RenderCost:
     def observe(self, size: float, seconds: float) -> None:
         """A job of ``size`` characters took ``seconds``."""
         rate = max(0.0, seconds) / (max(0.0, size) + self.OVERHEAD)
-        if self._rate is None:
-            self._rate = rate
-        else:
-            weight = self.RISE if rate > self._rate else self.FALL
-            self._rate += weight * (rate - self._rate)
+        self._rate = rate if self._rate is None else self._rate + self.WEIGHT * (rate - self._rate)
 
     def estimate(self, size: float) -> float | None:
         """Padded seconds (x :data:`SAFETY`) a job of ``size`` characters will take; None
