@@ -6,7 +6,7 @@ process. Time to first audio = from the caller's `start` message to the first `m
 received, measured by the emulator. Prints medians and tails; the machine is noisy, so compare
 figures from one run only.
 
-    .venv/bin/python bench/time_to_first_audio.py [--rounds 5] [--only-speaking] [--speakers 1]
+    .venv/bin/python bench/time_to_first_audio.py [--rounds 5]
 """
 
 from __future__ import annotations
@@ -24,18 +24,12 @@ from callspeak import eventloop  # noqa: E402
 from callspeak.emulator import DialOptions, dial  # noqa: E402
 
 
-async def first_audio(url: str, say: str | None, duration: float) -> float | None:
-    """Seconds from ``start`` to the first audio of a call of ``duration`` s; None if none."""
+async def one(url: str, say: str | None, duration: float) -> float:
     params = {"say": say} if say else {}
     report = await dial(DialOptions(url=url, parameters=params, duration=duration))
-    return report.first_audio_at
-
-
-async def one(url: str, say: str | None, duration: float) -> float:
-    heard = await first_audio(url, say, duration)
-    if heard is None:
+    if report.first_audio_at is None:
         raise RuntimeError("a call heard nothing")
-    return heard
+    return report.first_audio_at
 
 
 def row(name: str, values: list[float]) -> str:
@@ -76,56 +70,42 @@ async def measure(port: int, rounds: int) -> list[str]:
     return lines
 
 
-async def measure_speaking(port: int, rounds: int, speakers: int = 1) -> list[str]:
-    """``speakers`` calls speaking five sentences each while 20 new calls arrive at once: how
-    long each went silent mid-utterance (its sentences share the synthesis pool with the new
-    calls' first words), and the new calls' time to first audio. New texts each round (no
-    cache)."""
+async def measure_speaking(port: int, rounds: int) -> list[str]:
+    """A call speaking five sentences while 20 new calls arrive at once: how long it went
+    silent mid-utterance (its sentences queue behind the new calls' first words on the shared
+    synthesis pool), and the new calls' time to first audio. New texts each round (no cache)."""
     url = f"ws://127.0.0.1:{port}/twilio"
     silences: list[float] = []
     longest: list[float] = []
     arriving: list[float] = []
-    unheard = silent = 0
+    unheard = 0
     for r in range(rounds):
-        texts = [
-            " ".join(
-                f"Round {r}, speaker {s}, sentence {k}: the caller keeps listening while others "
-                "arrive."
-                for k in range(5)
-            )
-            for s in range(speakers)
-        ]
+        text = " ".join(
+            f"Round {r}, sentence {k}: the caller keeps listening while others arrive."
+            for k in range(5)
+        )
         # Ends after 3 s of quiet, not 1: a long silence mid-utterance is measured, not hung up in.
-        speaking = [
-            asyncio.ensure_future(
-                dial(DialOptions(url=url, parameters={"say": text}, quiet_seconds=3.0))
-            )
-            for text in texts
-        ]
-        await asyncio.sleep(0.6 * speakers)  # their first sentences are playing
-        # (20 s: under load the last of them waits seconds, while the speaking calls go first)
-        for heard in await asyncio.gather(
+        speaking = asyncio.ensure_future(
+            dial(DialOptions(url=url, parameters={"say": text}, quiet_seconds=3.0))
+        )
+        await asyncio.sleep(0.6)  # its first sentence is playing
+        # (20 s: under load the last of them waits seconds, while the speaking call goes first)
+        arriving += await asyncio.gather(
             *(
-                first_audio(url, f"Round {r}, caller {n}, your code is {n} {r} {n}.", 20.0)
+                one(url, f"Round {r}, caller {n}, your code is {n} {r} {n}.", 20.0)
                 for n in range(20)
             )
-        ):
-            if heard is None:
-                silent += 1
-            else:
-                arriving.append(heard)
-        for report in await asyncio.gather(*speaking):
-            gaps = [g.seconds for g in report.gaps()]
-            silences.append(sum(gaps))
-            longest.append(max(gaps, default=0.0))
-            unheard += 5 - len(report.marks)
-    name = "speaking call" if speakers == 1 else f"{speakers} speaking calls"
+        )
+        report = await speaking
+        gaps = [g.seconds for g in report.gaps()]
+        silences.append(sum(gaps))
+        longest.append(max(gaps, default=0.0))
+        unheard += 5 - len(report.marks)
     return [
-        row(f"{name}, 20 arriving: its silence in all", silences),
-        row(f"{name}, 20 arriving: its longest silence", longest),
-        row(f"{name}, 20 arriving: theirs to first audio", arriving),
-        f"{name}, 20 arriving: sentences not heard {unheard} of {5 * rounds * speakers}",
-        f"{name}, 20 arriving: theirs with no audio in 20 s {silent} of {20 * rounds}",
+        row("speaking call, 20 arriving: its silence in all", silences),
+        row("speaking call, 20 arriving: its longest silence", longest),
+        row("speaking call, 20 arriving: theirs to first audio", arriving),
+        f"speaking call, 20 arriving: sentences not heard {unheard} of {5 * rounds}",
     ]
 
 
@@ -133,19 +113,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
-        "--only-speaking", action="store_true", help="only the speaking calls' rows"
-    )
-    parser.add_argument(
-        "--speakers", type=int, default=1, help="calls speaking while 20 arrive (default 1)"
+        "--only-speaking", action="store_true", help="only the speaking call's rows"
     )
     args = parser.parse_args()
     if args.only_speaking:
         with callspeak_server({"CALLSPEAK_TTS": "piper"}) as port:
-            print("\n".join(eventloop.run(measure_speaking(port, args.rounds, args.speakers))))
+            print("\n".join(eventloop.run(measure_speaking(port, args.rounds))))
         return
     with callspeak_server({"CALLSPEAK_TTS": "piper"}) as port:
         lines = eventloop.run(measure(port, args.rounds))
-        lines += eventloop.run(measure_speaking(port, args.rounds, args.speakers))
+        lines += eventloop.run(measure_speaking(port, args.rounds))
     with callspeak_server({"CALLSPEAK_TTS": "piper", "CALLSPEAK_PIPER_CACHE_MB": "0"}) as port:
         lines[1:1] = eventloop.run(measure_uncached(port, args.rounds))
     print("time to first audio, offline voice (Piper joe, 8 kHz μ-law), 2-core machine")

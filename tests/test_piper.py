@@ -26,7 +26,6 @@ from callspeak.tts.piper import (
     split_first_clause,
 )
 from callspeak.tts.priority_pool import PriorityPool
-from callspeak.tts.slack import RenderCost
 from tests.test_session import Harness, start_json
 
 
@@ -351,11 +350,9 @@ async def test_the_next_sentence_of_a_speaking_call_goes_before_new_calls_first_
     whole render (seconds, under load: the caller of the twenty-calls test heard 1-3 s of
     silence, and hung up in it). The session names each next sentence ahead, and the worker
     that renders "Two." queues "Three." as it finishes (also behind the fallback chain, which
-    ``callspeak serve`` always puts the voice in). Each sentence is 0.1 s of audio: the caller
-    has too little left for the first words to fit before "Three." (its deadline)."""
+    ``callspeak serve`` always puts the voice in)."""
     service = PiperService(workers=1)
-    # no model: render_sentence is stood in for below; renders cost ~0.1 s, as when idle here
-    service._pool = PriorityPool(1, cost=RenderCost(0.001))
+    service._pool = PriorityPool(1)  # no model: render_sentence is stood in for below
     rendered: list[str] = []
     new_call = new_call_arrives_during(service, "Two.", rendered)
     try:
@@ -373,7 +370,7 @@ async def test_the_next_sentence_of_a_speaking_call_goes_before_new_calls_first_
     ("text", "continuation", "ahead"),
     [
         ("Hello there my dear caller, this is the first sentence.", False, 0.0),
-        ("One. Two.", True, 0.05),
+        ("One. Two.", True, 1.0),
     ],
     ids=["after-a-first-clause", "in-a-group-of-sentences"],
 )
@@ -384,11 +381,9 @@ async def test_the_next_piece_of_a_text_goes_before_new_calls_first_words(
     its clause (a caller with only that clause to hear), the next sentence of a text the session
     grouped for a pay-per-text voice or the rest another voice left. Asked for by the event loop
     once the piece before it had arrived, it came after the worker had taken a new call's first
-    words, and waited a whole render. (The caller has a fraction of a second left to hear: the
-    first words do not fit before; see the next test for a caller with time to spare.)"""
+    words, and waited a whole render."""
     service = PiperService(workers=1)
-    # no model: render_sentence is stood in for below; renders cost ~0.1 s, as when idle here
-    service._pool = PriorityPool(1, cost=RenderCost(0.001))
+    service._pool = PriorityPool(1)  # no model: render_sentence is stood in for below
     rendered: list[str] = []
     provider = service.open()
     pieces = provider._pieces(text)  # type: ignore[attr-defined]
@@ -404,27 +399,6 @@ async def test_the_next_piece_of_a_text_goes_before_new_calls_first_words(
         await provider.aclose()
         await service.aclose()
     assert rendered == [*pieces, "Welcome, new caller."]
-
-
-async def test_new_calls_first_words_go_before_speech_with_time_to_spare() -> None:
-    """A call with 10 s of audio still to hear when a new call asks for its first words: its
-    next sentence went first all the same, and the new caller waited a render for nothing
-    (measured: new callers' median first audio +30 % while one call spoke five sentences). Now
-    the first words go first, as the speaking call's next sentence is still ready in time."""
-    service = PiperService(workers=1)
-    # no model: render_sentence is stood in for below; renders cost ~0.1 s, as when idle here
-    service._pool = PriorityPool(1, cost=RenderCost(0.001))
-    rendered: list[str] = []
-    provider = service.open()
-    new_call = new_call_arrives_during(service, "One.", rendered)
-    try:
-        chunks = [c async for c in provider.stream("One. Two.", continuation=True, ahead=10.0)]
-        assert len(chunks) == 2
-        await asyncio.gather(*new_call)
-    finally:
-        await provider.aclose()
-        await service.aclose()
-    assert rendered == ["One.", "Welcome, new caller.", "Two."]
 
 
 async def test_a_stream_closed_at_a_yield_drops_the_next_sentence_made_ahead() -> None:

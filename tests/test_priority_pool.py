@@ -10,7 +10,6 @@ import time
 import pytest
 
 from callspeak.tts.priority_pool import PriorityPool
-from callspeak.tts.slack import RenderCost
 
 
 async def test_lower_priority_value_runs_first_ties_in_order() -> None:
@@ -30,90 +29,6 @@ async def test_lower_priority_value_runs_first_ties_in_order() -> None:
         assert order == ["cont", "first-a", "first-b"]
     finally:
         pool.shutdown()
-
-
-async def run_behind_a_busy_worker(
-    pool: PriorityPool, jobs: list[tuple[str, tuple[float, float], float | None]]
-) -> list[str]:
-    """Queue ``jobs`` (name, priority, size) while the only worker is busy, then free it: the
-    order they ran in."""
-    gate = threading.Event()
-    order: list[str] = []
-    blocker = asyncio.ensure_future(pool.run(gate.wait))
-    await asyncio.sleep(0.05)
-    queued = [
-        asyncio.ensure_future(pool.run(lambda n=name: order.append(n), priority=p, size=size))
-        for name, p, size in jobs
-    ]
-    await asyncio.sleep(0.05)
-    gate.set()
-    await asyncio.gather(blocker, *queued)
-    return order
-
-
-@pytest.mark.parametrize(
-    ("due_in", "rate", "size", "first"),
-    [
-        (10.0, 0.001, 40, "first words"),  # 0.09 s each, padded: room to spare
-        (0.3, 0.001, 40, "continuation"),  # ends within the margin of its deadline
-        (10.0, 0.1, 40, "continuation"),  # 9 s each, padded: no room
-        (10.0, None, 40, "continuation"),  # nothing learnt yet: no estimate to go by
-        (10.0, 0.001, None, "continuation"),  # a job of unknown size
-    ],
-    ids=["room", "due-soon", "costly", "cost-unknown", "size-unknown"],
-)
-async def test_first_words_go_before_a_deadline_only_when_it_still_holds(
-    due_in: float, rate: float | None, size: float | None, first: str
-) -> None:
-    """A continuation due 10 s from now went before a new call's first words, which waited for
-    nothing: new callers' median first audio +30 % with one call speaking. Now first words go
-    first when the continuation is still done in time after them (estimated, padded)."""
-    pool = PriorityPool(1, cost=RenderCost(rate))
-    try:
-        due = time.monotonic() + 0.1 + due_in  # (the blocker's 0.1 s)
-        order = await run_behind_a_busy_worker(
-            pool, [("continuation", (0.0, due), size), ("first words", (1.0, 0.0), size)]
-        )
-    finally:
-        pool.shutdown()
-    assert order[0] == first and len(order) == 2
-
-
-async def test_first_words_wait_for_a_deadline_the_other_worker_cannot_meet() -> None:
-    """Two workers, one busy for 5 s more (its estimate): the deadline job has only this one."""
-    cost = RenderCost(0.01)
-    pool = PriorityPool(2, cost=cost)
-    long_gate, gate = threading.Event(), threading.Event()
-    order: list[str] = []
-    assert cost.estimate(313) == pytest.approx(5.0, abs=0.01)
-    busy = asyncio.ensure_future(pool.run(long_gate.wait, size=313))
-    try:
-        blocker = asyncio.ensure_future(pool.run(gate.wait))
-        await asyncio.sleep(0.05)
-        due = time.monotonic() + 2.0
-        queued = [
-            asyncio.ensure_future(pool.run(lambda n=name: order.append(n), priority=p, size=80))
-            for name, p in [("continuation", (0.0, due)), ("first words", (1.0, 0.0))]
-        ]
-        await asyncio.sleep(0.05)
-        gate.set()
-        await asyncio.gather(blocker, *queued)
-        assert order == ["continuation", "first words"]
-    finally:
-        long_gate.set()
-        await busy
-        pool.shutdown()
-
-
-async def test_the_pool_learns_what_a_job_of_a_size_costs() -> None:
-    cost = RenderCost()
-    pool = PriorityPool(1, cost=cost)
-    try:
-        await pool.run(lambda: time.sleep(0.2), size=80)
-        await pool.run(lambda: None)  # no size: nothing to learn from
-    finally:
-        pool.shutdown()
-    assert cost.rate is not None and 0.2 / 100 <= cost.rate < 1.0 / 100
 
 
 async def test_cancelled_job_is_skipped_and_errors_propagate() -> None:

@@ -7,9 +7,8 @@ worker so that synthesis competes for CPU with other synthesis and not with the 
 
 Text is spoken sentence by sentence: the first audio of an utterance is ready as soon as its first
 sentence (or, for a long one, its first clause) is synthesised. The shared pool puts speech that
-continues what a caller is hearing before any call's first words unless it can afford to wait
-(see :func:`priority`), so a call that is speaking never runs dry while other calls start. For
-that, the next piece of a text (the
+continues what a caller is hearing before any call's first words (see :func:`priority`), so a call
+that is speaking never runs dry while other calls start. For that, the next piece of a text (the
 rest of a first sentence split at its clause, the next sentence of a text of several) and the
 next sentence of an utterance (which the session names ahead, see
 :meth:`_PiperProvider.prefetch`) are queued by the worker that renders the piece before them, as
@@ -57,14 +56,12 @@ __all__ = [
 def priority(ahead: float, *, continuing: bool = False) -> Priority:
     """Where a piece of speech goes in the shared synthesis queue (lower runs first).
 
-    Speech that continues what a caller is hearing (``ahead`` > 0 seconds of their audio still
-    to play, or ``continuing``: a later piece or sentence of speech under way) has a deadline:
-    when that audio runs out. A call that is speaking must never run dry because others started,
-    so the pool runs first words before it only when every such deadline still holds after them
-    (:mod:`callspeak.tts.slack`); under overload it is the new calls' first audio that waits,
-    not the middle of a sentence. A call mid-speech that has already run dry (``ahead`` 0) is the
-    most urgent of all. First words have no deadline (they are late already): among themselves,
-    first come, first served.
+    Two classes, earliest deadline first within each. Speech that continues what a caller is
+    hearing (``ahead`` > 0 seconds of their audio still to play, or ``continuing``: a later
+    piece or sentence of speech under way) comes before every caller who is waiting for first
+    words: a call that is speaking must never run dry because others started — under overload it
+    is the new calls' first audio that waits, not the middle of a sentence. A call mid-speech
+    that has already run dry (``ahead`` 0) is the most urgent of all, not sent behind the others.
     """
     now = time.monotonic()
     if ahead > 0 or continuing:
@@ -303,8 +300,7 @@ class PiperService:
         if self._pool is None:
             raise RuntimeError("PiperService.start() was not awaited")
         render = self._renderer(sentence, then)
-        job = self._pool.run(render, priority=priority, size=len(sentence))
-        return await self._result(job)
+        return await self._result(self._pool.run(render, priority=priority))
 
     def defer_sentence(
         self, sentence: str, *, then: Callable[[bytes], None]
@@ -316,7 +312,7 @@ class PiperService:
         if self._pool is None or self._closed or self._cache.get(sentence) is not None:
             return None
         try:
-            return self._pool.defer(self._renderer(sentence, then), size=len(sentence))
+            return self._pool.defer(self._renderer(sentence, then))
         except RuntimeError:  # the pool shut down meanwhile
             return None
 
